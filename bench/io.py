@@ -1,0 +1,83 @@
+"""Atomic file writes and JSON-lines logs.
+
+Whole files (configs, statuses, checkpoints) are written to a temporary file in the same
+folder and renamed over the target, so a reader never sees half a file. Logs are appended
+line by line; a run that resumes first trims its logs back to its checkpoint's step, which
+also drops a line cut short by a kill.
+"""
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _clean(obj):
+    """JSON has no NaN: store non-finite floats as null."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    return obj
+
+
+def dumps(obj) -> str:
+    return json.dumps(_clean(obj), allow_nan=False)
+
+
+def write_json(path: Path, obj) -> None:
+    atomic_write_bytes(path, (json.dumps(_clean(obj), indent=2, allow_nan=False) + "\n").encode())
+
+
+def read_json(path: Path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def append_jsonl(path: Path, rows: list[dict]) -> None:
+    if not rows:
+        return
+    with open(path, "a") as f:
+        f.write("".join(dumps(r) + "\n" for r in rows))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Every complete row of a JSON-lines file (a torn last line is ignored)."""
+    rows = []
+    if not Path(path).exists():
+        return rows
+    with open(path) as f:
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows
+
+
+def trim_jsonl(path: Path, max_step: int) -> None:
+    """Keep only rows with step <= max_step (atomically): what a resumed run will not redo."""
+    if Path(path).exists():
+        rows = [r for r in read_jsonl(path) if r.get("step", 0) <= max_step]
+        atomic_write_bytes(path, "".join(dumps(r) + "\n" for r in rows).encode())
