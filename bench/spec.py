@@ -60,7 +60,7 @@ class Param:
 
         def fail(why: str):
             raise HyperparameterError(
-                f"method {method!r}: hyperparameter {key}={raw!r} {why}; allowed: {kind.__name__} "
+                f"method {method!r}: hyperparameter {key}={raw} {why}; allowed: {kind.__name__} "
                 f"in {self.describe_range()} (default {self.default!r})"
             )
 

@@ -182,7 +182,8 @@ def value_at(steps, curve, at: float) -> float:
 def values_at_fractions(steps, values, budget: float, fractions=(0.25, 0.5, 0.75, 1.0)) -> list[dict]:
     """Metric at fixed fractions of the budget: per fraction, the seed mean and standard deviation
     (ddof 1; NaN with one seed) of each seed's curve linearly interpolated at fraction * budget.
-    Points where a seed has no value are dropped for every seed (as in the speed-up)."""
+    Points where a seed has no value are dropped for every seed (as in the speed-up). `status`
+    says why a mean is NaN: "before first evaluation", "after last complete evaluation", "no data"."""
     steps, values = complete_points(steps, values, budget)
     rows = []
     for f in fractions:
@@ -190,11 +191,20 @@ def values_at_fractions(steps, values, budget: float, fractions=(0.25, 0.5, 0.75
         per_seed = np.array([value_at(steps, v, at) for v in values]) if values.size else np.array([])
         finite = per_seed[np.isfinite(per_seed)] if per_seed.size else per_seed
         ok = per_seed.size > 0 and finite.size == per_seed.size
+        if ok:
+            status = "ok"
+        elif steps.size == 0:
+            status = "no data"
+        elif at < steps[0]:
+            status = "before first evaluation"
+        else:
+            status = "after last complete evaluation"
         rows.append({
             "fraction": float(f),
             "step": float(at),
             "mean": float(per_seed.mean()) if ok else float("nan"),
             "std": float(per_seed.std(ddof=1)) if ok and per_seed.size > 1 else float("nan"),
             "n_seeds": int(per_seed.size) if ok else 0,
+            "status": status,
         })
     return rows

@@ -267,19 +267,27 @@ class _Checker:
                 self.fail(key, why)
 
 
+@dataclass(frozen=True)
+class ListOf:
+    """Schema type: a TOML array whose items are each of one of `types`."""
+
+    types: tuple
+
+
 def _is(value, t) -> bool:
     if t is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if t is int:
         return isinstance(value, int) and not isinstance(value, bool)
-    if isinstance(t, tuple) and t[0] is list:
-        return isinstance(value, list) and all(any(_is(v, u) for u in t[1]) for v in value)
+    if isinstance(t, ListOf):
+        return isinstance(value, list) and all(any(_is(v, u) for u in t.types) for v in value)
     return isinstance(value, t)
 
 
 def _tdesc(t) -> str:
-    if isinstance(t, tuple) and t[0] is list:
-        return "a list of " + " or ".join(_tdesc(u) for u in t[1])
+    if isinstance(t, ListOf):
+        names = {str: "strings", int: "integers", float: "numbers", bool: "booleans", dict: "tables"}
+        return "a list of " + " or ".join(names.get(u, u.__name__) for u in t.types)
     return {str: "a string", int: "an integer", float: "a number", bool: "true or false", dict: "a table"}.get(t, t.__name__)
 
 
@@ -334,15 +342,15 @@ def parse_slurm_time(value: int | str) -> int:
 
 SUITE_SCHEMA = {"name": (str, False, None), "description": (str, False, None)}
 GRID_SCHEMA = {
-    "methods": ((list, (str, dict)), True, _nonempty),
-    "datasets": ((list, (str, dict)), True, _nonempty),
-    "archs": ((list, (str,)), True, _nonempty),
-    "seeds": ((list, (int,)), True, _nonempty),
+    "methods": (ListOf((str, dict)), True, _nonempty),
+    "datasets": (ListOf((str, dict)), True, _nonempty),
+    "archs": (ListOf((str,)), True, _nonempty),
+    "seeds": (ListOf((int,)), True, _nonempty),
 }
 BUDGET_SCHEMA = {"iters": (int, True, _positive), "batch_size": (int, True, _positive)}
 EVAL_SCHEMA = {
     "every": (int, True, _positive),
-    "metrics": ((list, (str,)), True, _nonempty),
+    "metrics": (ListOf((str,)), True, _nonempty),
     "num_images": (int, False, _positive),
     "sampler": (str, False, None),
     "sampler_steps": (int, False, _positive),
@@ -356,7 +364,7 @@ EVAL_SCHEMA = {
 REPORT_SCHEMA = {
     "metric": (str, False, None),
     "baseline": (str, False, None),
-    "fractions": ((list, (float,)), False,
+    "fractions": (ListOf((float,)), False,
                   lambda v: None if v and all(0 < f <= 1 for f in v) else "must be fractions in (0, 1]"),
     "bootstrap": (int, False, _nonneg),
     "confidence": (float, False, lambda v: None if 0 < v < 1 else "must be in (0, 1)"),
@@ -380,7 +388,7 @@ SLURM_SCHEMA = {
     "mem_gb": (float, False, _positive),
     "array_parallelism": (int, False, _positive),
     "max_num_timeout": (int, False, _nonneg),
-    "setup": ((list, (str,)), False, None),
+    "setup": (ListOf((str,)), False, None),
     "additional": (dict, False, None),
 }
 TOP_LEVEL = ("suite", "grid", "budget", "train", "eval", "report", "cost", "slurm")
@@ -435,6 +443,14 @@ def parse_suite(data: dict, *, path: Path | None = None, source_text: str = "", 
         if fields is not None and k not in fields:
             known = ", ".join(f for f in fields if f not in GRID_KEYS)
             ck.fail(f"train.{k}", f"unknown training setting; known: {known}")
+        if validate and fields is not None:
+            from bench.errors import BenchError
+            from bench.train import TrainConfig
+
+            try:
+                TrainConfig.from_dict({k: train[k]}, where="[train]")
+            except BenchError as exc:
+                ck.fail(f"train.{k}", str(exc).removeprefix("[train]: "))
 
     # Seeds.
     seeds = list(grid["seeds"])

@@ -216,7 +216,7 @@ def train(cfg: TrainConfig, out_dir, progress=None) -> dict:
     model = build_model(cfg.arch, channels, resolution).to(memory_format=memory_format)
     ema = copy.deepcopy(model).requires_grad_(False)
     params = list(model.parameters())
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay, foreach=True)
     gen = torch.Generator().manual_seed(cfg.seed)  # t, noise and flips
     step, clocks = 0, {"train_seconds": 0.0, "eval_seconds": 0.0}
 

@@ -1,0 +1,175 @@
+"""The report (bench/report.py) on a hand-made results folder in bench.train's format."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from bench.report import build_report, evaluations_table, find_runs
+
+REPO = Path(__file__).resolve().parent.parent
+WORKLOAD = "synthetic-16_unet-tiny"
+STEPS = [100, 200, 300, 400]
+# Seed-mean curves (the seeds add -1, 0, +1):
+#   baseline [11, 9, 7, 6] -> F* = 6 at step 400
+#   fast     [9, 6, 5, 4]  -> reaches 6 exactly at step 200: speed-up 2
+#   slow     [12, 11, 10, 9] -> never reaches 6: "not reached"
+CURVES = {"baseline": [11, 9, 7, 6], "fast": [9, 6, 5, 4], "slow": [12, 11, 10, 9]}
+OFFSETS = {0: -1.0, 1: 0.0, 2: 1.0}
+PARAMS = {"baseline": ("baseline", {}, []), "fast": ("clts", {"mu": 0.3, "sigma": 0.25}, ["timesteps"]),
+          "slow": ("mdlrc", {"beta1_end": 0.5, "compensation": "variance"}, ["optimizer"])}
+
+
+def write_run(root: Path, label: str, seed: int, iters: int = 400, state: str = "done", curve=None, T: int = 10):
+    d = root / WORKLOAD / label / f"seed{seed}"
+    d.mkdir(parents=True)
+    method, params, slots = PARAMS[label]
+    cfg = {"method": method, "method_params": {}, "dataset": "synthetic", "resolution": None, "arch": "unet-tiny",
+           "iters": iters, "batch_size": 8, "lr": 1e-3, "warmup": 0, "schedule": "linear", "T": T, "target": "eps",
+           "seed": seed, "eval_every": 100, "eval": {"metrics": ["proxy_fd"]}, "method_label": label,
+           "method_slots": slots, "method_resolved_params": params, "method_source": f"source of {method}"}
+    (d / "config.json").write_text(json.dumps(cfg))
+    curve = CURVES[label] if curve is None else curve
+    last = iters if state == "done" else 200
+    evals = []
+    for step, v in zip(STEPS, curve):
+        if step > last:
+            break
+        evals.append({"step": step, "metric": "proxy_fd", "value": v + OFFSETS.get(seed, 0.0),
+                      "feature_extractor": "pixels-pca64", "num_gen": 64, "ref_split": "test", "num_ref": 256,
+                      "sampler": "ddim", "sampler_steps": 4, "eta": 0.0, "eval_seconds": 0.1})
+    (d / "evals.jsonl").write_text("".join(json.dumps(e) + "\n" for e in evals))
+    rows = []
+    for step in range(1, last + 1):
+        beta1 = 0.9 - 0.4 * step / iters if method == "mdlrc" else 0.9
+        rows.append({"step": step, "p": (step - 1) / iters, "loss": 1.0 / step,
+                     "lr": 1e-3, "beta1": beta1, "grad_norm": 1.0,
+                     # MSE per timestep quartile; null when the batch had no t in that quartile
+                     **{f"loss_q{k}": None if (k == 2 and step % 7 == 0) else
+                        (k + 1) * 0.1 * (1 + 100 / step) + 0.01 * seed for k in range(4)},
+                     "images_per_s": 100.0, "train_seconds": step * 0.01})
+    (d / "steps.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 4')  # torn last line
+    ps = [i / 10 for i in range(11)]
+    probs = [[1 / T] * T if method != "clts" else [(1 - p) / T + p * (1.0 if t == 3 else 0.0) for t in range(T)]
+             for p in ps]
+    (d / "method_trace.json").write_text(json.dumps({
+        "label": label, "progress": ps, "timestep_probs": probs, "loss_weights": [[1.0] * T for _ in ps],
+        "lr_scale": [1.0] * 11, "beta1": [0.9] * 11, "beta2": [0.999] * 11, "ema_decay": [0.99] * 11}))
+    status = {"state": state, "step": last, "reason": None, "train_seconds": 1.0, "eval_seconds": 0.5}
+    if state == "failed":
+        status["reason"] = "non-finite loss (nan) at step 200"
+    (d / "status.json").write_text(json.dumps(status))
+    (d / "machine.json").write_text(json.dumps({"platform": "Linux-test", "processor": "x86_64", "cpu_count": 2,
+                                                "torch": "2.x", "torch_threads": 2}))
+    return d
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    root = tmp_path_factory.mktemp("results") / "demo"
+    for label in ("baseline", "fast", "slow"):
+        for seed in (0, 1, 2):
+            write_run(root, label, seed)
+    # A fourth seed of `slow` diverged at step 200.
+    write_run(root, "slow", 3, state="failed")
+    (root / "suite.json").write_text(json.dumps({
+        "name": "demo", "description": "A hand-made suite.", "file": "suites/demo.toml",
+        "report": {"metric": "proxy_fd", "baseline": "baseline", "fractions": [0.25, 0.5, 1.0], "bootstrap": 500,
+                   "confidence": 0.95, "seed": 0}}))
+    report = build_report(root)
+    return root, report
+
+
+def test_tidy_evaluation_table(results):
+    root, report = results
+    df = pd.read_csv(report.parent / "evaluations.csv")
+    assert len(df) == 3 * 3 * 4 + 2  # three full methods x 3 seeds x 4 evaluations, plus the failed seed's 2
+    for col in ("workload", "method_label", "method", "seed", "step", "images_seen", "fraction", "metric", "value",
+                "feature_extractor", "num_gen", "sampler", "sampler_steps"):
+        assert col in df.columns
+    row = df[(df.method_label == "fast") & (df.seed == 2) & (df.step == 300)].iloc[0]
+    assert row.value == 6.0 and row.images_seen == 2400 and row.fraction == 0.75 and row.method == "clts"
+
+
+def test_speedup_numbers(results):
+    root, report = results
+    sp = pd.read_csv(report.parent / "speedup.csv").set_index("method_label")
+    assert sp.loc["baseline", "speedup"] == 1.0
+    assert sp.loc["baseline", "target"] == pytest.approx(6.0)
+    assert sp.loc["fast", "method_steps"] == pytest.approx(200)
+    assert sp.loc["fast", "speedup"] == pytest.approx(2.0)
+    assert sp.loc["fast", "ci_low"] <= 2.0 <= sp.loc["fast", "ci_high"]
+    # The failed seed of `slow` stops at step 200, so its seed-mean curve stops there too.
+    assert math.isnan(sp.loc["slow", "speedup"]) and not sp.loc["slow", "reached"]
+    assert sp.loc["slow", "seeds"] == 4
+    md = (report.parent / "speedup.md").read_text()
+    assert "not reached" in md and "2.00x" in md and "1 (reference)" in md
+    tex = (report.parent / "speedup.tex").read_text()
+    assert r"\begin{tabular}" in tex and r"\toprule" in tex and "proxy\\_fd" in tex
+
+
+def test_fractions_and_curves(results):
+    root, report = results
+    fr = pd.read_csv(report.parent / "fractions.csv")
+    b = fr[(fr.method_label == "baseline")].set_index("fraction")
+    assert b.loc[0.25, "mean"] == pytest.approx(11) and b.loc[0.5, "mean"] == pytest.approx(9)
+    assert b.loc[0.5, "std"] == pytest.approx(1.0)  # seeds 8, 9, 10
+    assert b.loc[1.0, "mean"] == pytest.approx(6)
+    cv = pd.read_csv(report.parent / "curves.csv")
+    assert set(cv[cv.method_label == "slow"].step) == {100, 200}
+
+
+def test_report_md_says_what_every_number_is(results):
+    root, report = results
+    assert report == root / "report" / "report.md"
+    text = report.read_text()
+    assert "A hand-made suite." in text
+    # The metric's protocol: feature extractor, N, reference, sampler.
+    assert "pixels-pca64" in text and "N = 64" in text and "256 reference images" in text
+    assert "ddim with 4 steps" in text
+    # Every label's hyperparameters, and the machine.
+    assert "beta1_end=0.5, compensation=variance" in text and "mu=0.3, sigma=0.25" in text
+    assert "Linux-test" in text and "2 CPUs" in text and "this report was built on" in text
+    # The failed run with its step and reason.
+    assert "## Failed runs" in text and "slow/seed3" in text and "non-finite loss" in text
+    # Every linked figure exists, as PNG and PDF.
+    figs = [line.split("](")[1].split(")")[0] for line in text.splitlines() if line.startswith("![")]
+    assert len(figs) == 4
+    for f in figs:
+        assert (report.parent / f).is_file()
+        assert (report.parent / f.replace(".png", ".pdf")).is_file()
+    names = " ".join(figs)
+    for kind in ("curves_", "timesteps_", "optimizer_", "loss_quartiles_"):
+        assert kind in names
+
+
+def test_find_runs_skips_report_and_torn_lines(results):
+    root, _ = results
+    runs = find_runs(root)
+    assert len(runs) == 10 and all(r["workload"] == WORKLOAD for r in runs)
+    assert len(evaluations_table(root, runs)) == 38
+
+
+def test_report_of_an_empty_or_unfinished_suite(tmp_path):
+    root = tmp_path / "empty"
+    root.mkdir()
+    text = build_report(root).read_text()
+    assert "no evaluations recorded yet" in text
+    write_run(tmp_path / "partial", "baseline", 0, state="running")
+    text = build_report(tmp_path / "partial").read_text()
+    assert "## Unfinished runs" in text and "running" in text
+
+
+def test_report_never_imports_torch(results):
+    root, _ = results
+    code = ("import sys; from bench.report import build_report; import bench.speedup; "
+            f"build_report({str(root)!r}, {str(root / 'report2')!r}); "
+            "bad = [m for m in sys.modules if m == 'torch' or m.startswith('torch.')]; "
+            "assert not bad, bad; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"

@@ -1,0 +1,355 @@
+"""The suite runner (bench/runner.py): layout, skipping and resuming, failure isolation, refusing
+to mix configurations, worker processes, submitit's local executor, and the smoke suite end to
+end with the real training loop.
+
+Most tests use `fake_train`, a stand-in with bench.train.train's contract (same files, same
+statuses, resumes from its checkpoint) that takes milliseconds; its failures are chosen with
+the FAKE_TRAIN_FAIL environment variable so that worker processes and submitit jobs see them.
+"""
+
+import io as _io
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench import io
+from bench.errors import DivergenceError
+from bench.runner import (ResultsConflictError, RichReporter, check_conflict, read_status, run_suite,
+                          slurm_parameters)
+from bench.suite import load_suite
+
+REPO = Path(__file__).resolve().parent.parent
+TRAIN_REF = f"{__name__}:fake_train"
+
+SUITE = """
+[suite]
+name = "rt"
+
+[grid]
+methods = {methods}
+datasets = ["synthetic"]
+archs = ["unet-tiny"]
+seeds = {seeds}
+
+[budget]
+iters = 8
+batch_size = 2
+
+[train]
+lr = {lr}
+ckpt_every = 2
+
+[eval]
+every = 4
+metrics = ["proxy_fd"]
+num_images = 8
+"""
+
+
+def make_suite(tmp_path, methods=("baseline", "clts"), seeds=(0, 1), lr=1e-3):
+    p = tmp_path / "rt.toml"
+    p.write_text(SUITE.format(methods=json.dumps(list(methods)), seeds=json.dumps(list(seeds)), lr=lr))
+    return load_suite(p)
+
+
+# ----------------------------------------------------------------------------------------------
+# The stand-in training function.
+
+
+def _behaviour(label: str) -> str:
+    for item in filter(None, os.environ.get("FAKE_TRAIN_FAIL", "").split(",")):
+        name, _, kind = item.partition(":")
+        if name == label:
+            return kind
+    return ""
+
+
+def fake_train(cfg, out_dir, progress=None):
+    """bench.train.train's contract in miniature: config.json, steps/evals JSON lines, status,
+    a 'checkpoint' holding the step, exact resume."""
+    from bench.train import run_record
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    record = run_record(cfg)
+    if not (out / "config.json").exists():
+        io.write_json(out / "config.json", record)
+    label = record["method_label"]
+    ckpt = out / "checkpoint.pt"
+    start = int(ckpt.read_text()) if ckpt.exists() else 0
+    if os.environ.get("FAKE_TRAIN_LOG"):
+        with open(os.environ["FAKE_TRAIN_LOG"], "a") as f:
+            f.write(f"{out.parent.name}/{out.name} {start}\n")
+    io.trim_jsonl(out / "steps.jsonl", start)
+    io.trim_jsonl(out / "evals.jsonl", start)
+    io.write_json(out / "status.json", {"state": "running", "step": start, "reason": None,
+                                        "train_seconds": 0.0, "eval_seconds": 0.0})
+    io.write_json(out / "method_trace.json", {"label": label, "progress": [0.0, 1.0],
+                                              "timestep_probs": [[0.5, 0.5], [0.5, 0.5]]})
+    kind = _behaviour(label)
+    speed = 2.0 if cfg.method == "clts" else 1.0
+    for step in range(start + 1, cfg.iters + 1):
+        if kind == "oom" and step == 3:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        if kind == "error" and step == 2:
+            raise ValueError("bad thing happened")
+        if kind == "kill" and step == 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+        if kind.startswith("interrupt@") and step == int(kind.split("@")[1]) + 1:
+            raise KeyboardInterrupt
+        loss = float("nan") if kind == "diverge" and step == 5 else 1.0 / step
+        row = {"step": step, "p": (step - 1) / cfg.iters, "loss": loss, "loss_q0": 0.1, "loss_q1": 0.2,
+               "loss_q2": None, "loss_q3": 0.4, "lr": cfg.lr, "beta1": 0.9, "grad_norm": 1.0,
+               "images_per_s": 10.0, "train_seconds": 0.01 * step}
+        io.append_jsonl(out / "steps.jsonl", [row])
+        if progress:
+            progress(step, cfg.iters, row)
+        if loss != loss:
+            io.write_json(out / "status.json", {"state": "failed", "step": step, "reason":
+                                                f"non-finite loss (nan) at step {step}", "train_seconds": 0.1,
+                                                "eval_seconds": 0.0})
+            raise DivergenceError(step, f"training diverged: loss nan at step {step}; lower lr")
+        if step % cfg.eval_every == 0 or step == cfg.iters:
+            rows = [{"step": step, "metric": "proxy_fd", "value": 10.0 / (1 + speed * step) + 0.01 * cfg.seed,
+                     "feature_extractor": "fake", "num_gen": 8, "ref_split": "test", "num_ref": 8,
+                     "sampler": "ddim", "sampler_steps": 2, "eta": 0.0, "eval_seconds": 0.0}]
+            io.append_jsonl(out / "evals.jsonl", rows)
+            if progress:
+                progress("eval", step, rows)
+        if step % cfg.ckpt_every == 0:
+            io.atomic_write_bytes(ckpt, str(step).encode())
+            io.write_json(out / "status.json", {"state": "running", "step": step, "reason": None,
+                                                "train_seconds": 0.01 * step, "eval_seconds": 0.0})
+    io.write_json(out / "status.json", {"state": "done", "step": cfg.iters, "reason": None,
+                                        "train_seconds": 0.08, "eval_seconds": 0.0})
+    return io.read_json(out / "status.json")
+
+
+@pytest.fixture
+def calls(tmp_path, monkeypatch):
+    """The list of (run, start step) of every fake_train call, across processes."""
+    log = tmp_path / "calls.log"
+    log.touch()
+    monkeypatch.setenv("FAKE_TRAIN_LOG", str(log))
+    monkeypatch.delenv("FAKE_TRAIN_FAIL", raising=False)
+    return lambda: [tuple(line.split()) for line in log.read_text().splitlines()]
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def test_runs_every_run_into_its_folder_then_skips_them(tmp_path, calls):
+    suite = make_suite(tmp_path)
+    events = []
+    res = run_suite(suite, results_root=tmp_path / "results", progress=events.append, train_fn=fake_train)
+    assert res.ok and len(res.outcomes) == 4
+    root = tmp_path / "results" / "rt" / "synthetic-16_unet-tiny"
+    for label in ("baseline", "clts"):
+        for seed in (0, 1):
+            d = root / label / f"seed{seed}"
+            assert read_status(d)["state"] == "done"
+            assert (d / "machine.json").exists() and (d / "config.json").exists()
+    assert json.loads((tmp_path / "results" / "rt" / "suite.json").read_text())["name"] == "rt"
+    assert [c[0] for c in calls()] == ["baseline/seed0", "clts/seed0", "baseline/seed1", "clts/seed1"]
+    kinds = [e["event"] for e in events]
+    assert kinds[0] == "suite_start" and kinds[-1] == "suite_end"
+    assert {"run_start", "step", "evaluating", "eval", "run_end"} <= set(kinds)
+    assert all(o.final["proxy_fd"] > 0 for o in res.outcomes)
+
+    again = run_suite(suite, results_root=tmp_path / "results", progress=False, train_fn=fake_train)
+    assert [o.action for o in again.outcomes] == ["skipped"] * 4 and again.ok
+    assert len(calls()) == 4  # nothing ran
+
+
+def test_interrupted_run_resumes_where_it_stopped(tmp_path, calls, monkeypatch):
+    suite = make_suite(tmp_path, seeds=[0])
+    monkeypatch.setenv("FAKE_TRAIN_FAIL", "clts:interrupt@4")
+    with pytest.raises(KeyboardInterrupt):
+        run_suite(suite, results_root=tmp_path / "r", progress=False, train_fn=fake_train)
+    d = tmp_path / "r" / "rt" / "synthetic-16_unet-tiny" / "clts" / "seed0"
+    assert read_status(d) ["state"] == "running" and read_status(d)["step"] == 4
+    monkeypatch.delenv("FAKE_TRAIN_FAIL")
+    res = run_suite(suite, results_root=tmp_path / "r", progress=False, train_fn=fake_train)
+    by = {o.key.split("/")[1]: o for o in res.outcomes}
+    assert by["baseline"].action == "skipped" and by["clts"].action == "resumed" and res.ok
+    assert calls() == [("baseline/seed0", "0"), ("clts/seed0", "0"), ("clts/seed0", "4")]
+    steps = [r["step"] for r in io.read_jsonl(d / "steps.jsonl")]
+    assert steps == list(range(1, 9))  # every step exactly once
+    assert [r["step"] for r in io.read_jsonl(d / "evals.jsonl")] == [4, 8]
+
+
+def test_a_failed_run_is_recorded_and_the_others_go_on(tmp_path, calls, monkeypatch):
+    suite = make_suite(tmp_path, methods=["baseline", "p2", "min_snr", "clts"], seeds=[0])
+    monkeypatch.setenv("FAKE_TRAIN_FAIL", "p2:oom,min_snr:diverge,clts:error")
+    res = run_suite(suite, results_root=tmp_path / "r", progress=False, train_fn=fake_train)
+    by = {o.key.split("/")[1]: o for o in res.outcomes}
+    assert by["baseline"].state == "done"
+    root = tmp_path / "r" / "rt" / "synthetic-16_unet-tiny"
+    p2 = read_status(root / "p2" / "seed0")
+    assert p2["state"] == "failed" and p2["step"] == 2 and p2["error"] == "oom"
+    assert "out of memory" in p2["reason"] and "batch_size" in p2["reason"]
+    ms = read_status(root / "min_snr" / "seed0")
+    assert ms["state"] == "failed" and ms["step"] == 5 and "non-finite" in ms["reason"]
+    cl = read_status(root / "clts" / "seed0")
+    assert cl["state"] == "failed" and cl["step"] == 1 and cl["reason"] == "ValueError: bad thing happened"
+    assert "Traceback" in (root / "clts" / "seed0" / "error.log").read_text()
+    assert not res.ok and len(res.by_state("failed")) == 3
+
+    # Again: the divergence is deterministic and stays recorded; the other failures are retried.
+    n = len(calls())
+    res = run_suite(suite, results_root=tmp_path / "r", progress=False, train_fn=fake_train)
+    rerun = {c[0] for c in calls()[n:]}
+    assert rerun == {"p2/seed0", "clts/seed0"}
+    assert {o.key.split("/")[1]: o.action for o in res.outcomes}["min_snr"] == "skipped"
+    n = len(calls())
+    monkeypatch.delenv("FAKE_TRAIN_FAIL")
+    res = run_suite(suite, results_root=tmp_path / "r", progress=False, train_fn=fake_train, retry_failed=True)
+    assert {c[0] for c in calls()[n:]} == {"p2/seed0", "clts/seed0", "min_snr/seed0"}
+    assert res.ok
+
+
+def test_results_of_another_config_are_never_mixed(tmp_path, calls):
+    suite = make_suite(tmp_path, methods=["baseline"], seeds=[0])
+    run_suite(suite, results_root=tmp_path / "r", progress=False, train_fn=fake_train)
+    changed = make_suite(tmp_path, methods=["baseline"], seeds=[0], lr=2e-3)
+    d = tmp_path / "r" / "rt" / "synthetic-16_unet-tiny" / "baseline" / "seed0"
+    assert "lr: 0.001 there, 0.002 requested" in check_conflict(changed.runs()[0], d)
+    before = (d / "config.json").read_text()
+    for dry in (False, True):
+        with pytest.raises(ResultsConflictError) as info:
+            run_suite(changed, results_root=tmp_path / "r", progress=False, train_fn=fake_train, dry_run=dry)
+        assert str(d) in str(info.value) and "lr" in str(info.value) and "Refusing to mix" in str(info.value)
+    assert len(calls()) == 1 and (d / "config.json").read_text() == before
+
+
+def test_dry_run_prints_the_plan_and_runs_nothing(tmp_path, calls):
+    suite = make_suite(tmp_path)
+    events = []
+    res = run_suite(suite, results_root=tmp_path / "r", dry_run=True, progress=events.append, train_fn=fake_train)
+    assert not (tmp_path / "r").exists() and calls() == []
+    plan = res.plan
+    for r in suite.runs():
+        assert r.key in plan
+    assert "images to train: 64" in plan and "estimated time" in plan
+    assert [o.action for o in res.outcomes] == ["planned"] * 4
+    assert any(e["event"] == "message" and e["text"] == plan for e in events)
+    only = run_suite(suite, results_root=tmp_path / "r", dry_run=True, progress=False, only="*/clts/*")
+    assert [o.key for o in only.outcomes] == ["synthetic-16_unet-tiny/clts/seed0", "synthetic-16_unet-tiny/clts/seed1"]
+
+
+def test_rich_display_and_summary_table(tmp_path, calls, monkeypatch):
+    from rich.console import Console
+
+    monkeypatch.setenv("FAKE_TRAIN_FAIL", "clts:error")
+    suite = make_suite(tmp_path, seeds=[0])
+    for live in (True, False):
+        buf = _io.StringIO()
+        console = Console(file=buf, force_terminal=live, width=160)
+        run_suite(suite, results_root=tmp_path / f"r{live}", progress=RichReporter(console, live=live),
+                  train_fn=fake_train)
+        out = buf.getvalue()
+        assert "suite rt" in out and "baseline" in out and "failed" in out and "bad thing happened" in out
+        assert "proxy_fd" in out  # the summary table's metric column
+
+
+def test_parallel_worker_processes_and_a_killed_worker(tmp_path, calls, monkeypatch):
+    monkeypatch.setenv("FAKE_TRAIN_FAIL", "clts:kill")
+    suite = make_suite(tmp_path, seeds=[0])
+    res = run_suite(suite, results_root=tmp_path / "r", jobs=2, progress=False, train_fn=TRAIN_REF)
+    by = {o.key.split("/")[1]: o for o in res.outcomes}
+    assert by["baseline"].state == "done" and by["baseline"].final["proxy_fd"] > 0
+    assert by["clts"].state == "failed" and "signal 9" in by["clts"].reason
+    st = read_status(tmp_path / "r" / "rt" / "synthetic-16_unet-tiny" / "clts" / "seed0")
+    assert st["state"] == "failed" and st["step"] == 1 and st["error"] == "oom"
+
+
+def test_submitit_local_executor_runs_the_job_array(tmp_path, calls, monkeypatch):
+    pytest.importorskip("submitit")
+    # submitit's LocalExecutor starts a fresh Python: it must find bench and this test module.
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO), str(Path(__file__).parent),
+                                                      os.environ.get("PYTHONPATH", "")]))
+    suite = make_suite(tmp_path, seeds=[0])
+    res = run_suite(suite, executor="submitit-local", results_root=tmp_path / "r", progress=False,
+                    train_fn=TRAIN_REF, slurm={"time": 5})
+    assert res.ok and [o.state for o in res.outcomes] == ["done", "done"]
+    assert sorted(c[0] for c in calls()) == ["baseline/seed0", "clts/seed0"]
+    assert any((tmp_path / "r" / "rt" / "_submitit").rglob("*_submitted.pkl"))
+    again = run_suite(suite, executor="submitit-local", results_root=tmp_path / "r", progress=False,
+                      train_fn=TRAIN_REF)
+    assert [o.action for o in again.outcomes] == ["skipped", "skipped"] and len(calls()) == 2
+
+
+def test_slurm_parameters_from_the_suite_table():
+    p = slurm_parameters({"partition": "gpu", "gpus": 1, "time": "48:00:00", "account": "", "cpus_per_task": 10,
+                          "mem_gb": 64, "array_parallelism": 18, "additional": {"exclude": "node1"}},
+                         "paper-cifar10", "slurm")
+    assert p == {"name": "diffbench-paper-cifar10", "timeout_min": 2880, "gpus_per_node": 1, "cpus_per_task": 10,
+                 "mem_gb": 64, "slurm_partition": "gpu", "slurm_array_parallelism": 18,
+                 "slurm_additional_parameters": {"exclude": "node1"}}
+    assert "gpus_per_node" not in slurm_parameters({"gpus": 1}, "x", "local")
+    with pytest.raises(Exception, match="unknown Slurm setting 'partion'"):
+        slurm_parameters({"partion": "gpu"}, "x", "slurm")
+    with pytest.raises(Exception, match="unknown executor"):
+        run_suite("smoke", executor="kubernetes")
+
+
+# ----------------------------------------------------------------------------------------------
+# End to end with the real training loop (seconds on a CPU).
+
+EXPLODE = '''
+import torch
+from bench.spec import Method
+
+
+class Explode(Method):
+    """A test method whose loss weights are infinite: training diverges at its first step."""
+
+    name = "explode"
+    slots = frozenset({"weighting"})
+    source = "tests/test_runner.py"
+
+    def loss_weights(self, t, p, schedule, target):
+        return torch.full(t.shape, float("inf"), dtype=torch.float64)
+'''
+
+
+def test_smoke_end_to_end(tmp_path):
+    pytest.importorskip("bench.evaluate", reason="the evaluator (bench/evaluate.py) is not there yet")
+    from bench.report import build_report
+
+    results = tmp_path / "results"
+    res = run_suite("smoke", results_root=results, progress=False)
+    assert res.ok, [(o.key, o.reason) for o in res.outcomes]
+    suite_dir = results / "smoke"
+    for o in res.outcomes:
+        d = Path(o.run_dir)
+        for f in ("config.json", "steps.jsonl", "evals.jsonl", "method_trace.json", "status.json", "machine.json"):
+            assert (d / f).is_file(), (d, f)
+        assert [r["step"] for r in io.read_jsonl(d / "evals.jsonl") if r["metric"] == "proxy_fd"] == [4, 8]
+    report = build_report(suite_dir)
+    text = report.read_text()
+    assert "proxy_fd" in text and "Speed-up over `baseline`" in text and "## Failed runs" in text
+    assert (report.parent / "evaluations.csv").is_file()
+    again = run_suite("smoke", results_root=results, progress=False)
+    assert [o.action for o in again.outcomes] == ["skipped"] * 4
+
+    # A diverging method fails alone; the other run of the suite finishes.
+    plugin = tmp_path / "explode.py"
+    plugin.write_text(EXPLODE)
+    text = (REPO / "suites" / "smoke.toml").read_text()
+    text = text.replace('name = "smoke"', 'name = "smoke-explode"')
+    text = text.replace('methods = ["baseline", "clts"]', 'methods = ["baseline", "explode"]')
+    text = text.replace("seeds = [0, 1]", "seeds = [0]")
+    text = text.replace("[train]\n", f"[train]\nplugins = [{json.dumps(str(plugin))}]\n")
+    path = tmp_path / "smoke-explode.toml"
+    path.write_text(text)
+    res = run_suite(path, results_root=results, progress=False)
+    by = {o.key.split("/")[1]: o for o in res.outcomes}
+    assert by["baseline"].state == "done"
+    assert by["explode"].state == "failed" and by["explode"].step == 1 and "non-finite" in by["explode"].reason
+    text = build_report(results / "smoke-explode").read_text()
+    assert "explode/seed0" in text.split("## Failed runs")[1]

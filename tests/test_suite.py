@@ -1,0 +1,206 @@
+"""Suite files (bench/suite.py): the shipped suites, the grid, validation errors, the dry-run plan."""
+
+from pathlib import Path
+
+import pytest
+
+from bench.errors import ConfigError
+from bench.suite import (SuiteError, available_suites, describe_plan, estimate_cost, eval_steps, load_suite,
+                         parse_slurm_time)
+
+REPO = Path(__file__).resolve().parent.parent
+SHIPPED = ["mini", "smoke", "paper-cifar10", "ablation-clts", "ablation-mdlrc"]
+
+VALID = """
+[suite]
+name = "t"
+
+[grid]
+methods = ["baseline", {name = "min_snr", gamma = 3.0}]
+datasets = ["synthetic"]
+archs = ["unet-tiny"]
+seeds = [0, 1]
+
+[budget]
+iters = 10
+batch_size = 4
+
+[train]
+lr = 1e-3
+
+[eval]
+every = 5
+metrics = ["proxy_fd"]
+num_images = 16
+"""
+
+
+def write(tmp_path, text, name="t.toml"):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_suites_load_and_validate(name):
+    suite = load_suite(name)
+    assert suite.name == name
+    runs = suite.runs()
+    assert len(runs) == len(suite.methods) * len(suite.workloads) * len(suite.seeds)
+    assert len({r.key for r in runs}) == len(runs)
+    # One budget per workload: equal images seen for every method.
+    for w in suite.workloads:
+        images = {r.config["iters"] * r.config["batch_size"] for r in runs if r.workload == w.name}
+        assert len(images) == 1
+    assert suite.report["baseline"] == "baseline"
+    assert set(available_suites()) >= set(SHIPPED)
+
+
+def test_mini_is_the_cpu_default():
+    s = load_suite("mini")
+    assert [m.label for m in s.methods] == ["baseline", "p2", "min_snr", "clts", "mdlrc", "combined"]
+    assert [w.name for w in s.workloads] == ["fashion-mnist-16_unet-tiny"]
+    assert len(s.seeds) >= 2
+    assert len(eval_steps(s.iters, s.eval_every)) >= 4
+    assert s.eval["metrics"] == ["proxy_fd"] and s.report["metric"] == "proxy_fd"
+    assert s.eval["sampler_steps"] <= 20 and s.eval["num_images"] <= 512
+    # The dry-run estimate stays within the 15 minutes the default promises.
+    assert estimate_cost(s).total_s < 15 * 60
+
+
+def test_paper_cifar10_matches_methods_md():
+    s = load_suite("paper-cifar10")
+    cfg = s.runs()[0].config
+    assert (cfg["dataset"], cfg["resolution"], cfg["arch"], cfg["flip"]) == ("cifar10", 32, "ddpm-unet", True)
+    assert (cfg["lr"], cfg["warmup"], cfg["grad_clip"], cfg["batch_size"], cfg["ema_decay"], cfg["iters"]) == \
+        (2e-4, 5000, 1.0, 128, 0.9999, 800_000)
+    assert (cfg["schedule"], cfg["T"], cfg["target"], cfg["weight_decay"]) == ("linear", 1000, "eps", 0.0)
+    assert cfg["eval"]["metrics"] == ["fid"] and cfg["eval"]["num_images"] == 50_000
+    assert {m.name for m in s.methods} == {"baseline", "p2", "min_snr", "clts", "mdlrc", "combined"}
+    assert s.slurm["partition"] and s.slurm["gpus"] == 1 and parse_slurm_time(s.slurm["time"]) == 48 * 60
+
+
+def test_ablations_cover_their_hyperparameters():
+    clts = load_suite("ablation-clts")
+    varied = {k for m in clts.methods for k in m.params}
+    assert {"mu", "sigma", "ramp"} <= varied
+    mdlrc = load_suite("ablation-mdlrc")
+    assert {"beta1_end", "compensation"} <= {k for m in mdlrc.methods for k in m.params}
+    rules = {m.params.get("compensation", "variance") for m in mdlrc.methods if m.name == "mdlrc"}
+    assert rules == {"none", "variance", "demon"}
+    assert "baseline" in {m.label for m in clts.methods} & {m.label for m in mdlrc.methods}
+
+
+def test_grid_layout_labels_and_configs(tmp_path):
+    s = load_suite(write(tmp_path, VALID))
+    runs = s.runs()
+    assert [r.key for r in runs] == [
+        "synthetic-16_unet-tiny/baseline/seed0", "synthetic-16_unet-tiny/min_snr-gamma3/seed0",
+        "synthetic-16_unet-tiny/baseline/seed1", "synthetic-16_unet-tiny/min_snr-gamma3/seed1"]
+    r = runs[1]
+    assert r.run_dir("results") == Path("results/t/synthetic-16_unet-tiny/min_snr-gamma3/seed0")
+    assert r.config["method"] == "min_snr" and r.config["method_params"] == {"gamma": 3.0}
+    assert r.config["eval_every"] == 5 and r.config["eval"] == {"metrics": ["proxy_fd"], "num_images": 16}
+    assert r.config["lr"] == 1e-3 and r.config["seed"] == 0 and r.config["resolution"] is None
+    # A shared dict is never mutated through a run's config.
+    r.config["eval"]["num_images"] = 1
+    assert s.eval["num_images"] == 16
+
+
+def test_default_report_settings(tmp_path):
+    s = load_suite(write(tmp_path, VALID))
+    assert s.report["metric"] == "proxy_fd" and s.report["baseline"] == "baseline"
+    assert s.report["fractions"] == [0.25, 0.5, 0.75, 1.0]
+    no_base = VALID.replace('"baseline", ', "")
+    assert load_suite(write(tmp_path, no_base, "nb.toml")).baseline is None
+
+
+BAD = [
+    # (replace this, with this, key named in the message, reason fragment)
+    ('[suite]', '[suit]\n[suite]', "'suit'", "unknown table"),
+    ('num_images = 16', 'num_images = 16\nnum_imgs = 3', "'eval.num_imgs'", "unknown key in [eval]"),
+    ('iters = 10', 'iters = "10"', "'budget.iters'", "must be an integer"),
+    ('iters = 10', 'iters = 0', "'budget.iters'", "must be > 0"),
+    ('iters = 10\n', '', "'budget.iters'", "missing"),
+    ('"baseline", {', '"baseline", "nosuch", {', "'grid.methods[1]'", "unknown method 'nosuch'"),
+    ('gamma = 3.0', 'gamma = -1.0', "'grid.methods[1]'", "out of range"),
+    ('gamma = 3.0', 'gama = 3.0', "'grid.methods[1]'", "no hyperparameter 'gama'"),
+    ('gamma = 3.0', 'gamma = "big"', "'grid.methods[1]'", "gamma"),
+    ('{name = "min_snr", gamma = 3.0}', '{gamma = 3.0}', "'grid.methods[1]'", "needs name"),
+    ('{name = "min_snr", gamma = 3.0}', '"baseline"', "'grid.methods[1]'", "already in the grid"),
+    ('seeds = [0, 1]', 'seeds = [0, 0]', "'grid.seeds'", "repeats a seed"),
+    ('seeds = [0, 1]', 'seeds = []', "'grid.seeds'", "must not be empty"),
+    ('seeds = [0, 1]', 'seeds = [0, 1.5]', "'grid.seeds'", "a list of integers"),
+    ('datasets = ["synthetic"]', 'datasets = ["nosuch"]', "'grid.datasets[0].name'", "unknown dataset"),
+    ('datasets = ["synthetic"]', 'datasets = [{name = "synthetic", res = 8}]', "'grid.datasets[0].res'",
+     "unknown key"),
+    ('lr = 1e-3', 'lr = 1e-3\nlearning_rate = 1', "'train.learning_rate'", "unknown training setting"),
+    ('lr = 1e-3', 'lr = 1e-3\niters = 5', "'train.iters'", "set by [budget]"),
+    ('lr = 1e-3', 'lr = "fast"', "train.lr", "must be float"),
+    ('lr = 1e-3', 'lr = -1.0', "lr=-1.0", "must be > 0"),
+    ('num_images = 16', 'num_images = 16\n[report]\nmetric = "fid"', "'report.metric'",
+     "not among [eval] metrics"),
+    ('num_images = 16', 'num_images = 16\n[report]\nbaseline = "p2"', "'report.baseline'",
+     "not a method label"),
+    ('num_images = 16', 'num_images = 16\n[slurm]\ntime = "soon"', "'slurm.time'",
+     "not a Slurm time"),
+    ('num_images = 16', 'num_images = 16\n[slurm]\ngpu = 1', "'slurm.gpu'", "unknown key"),
+    ('[budget]', '[budget]\nx = [', "", "not valid TOML"),
+]
+
+
+@pytest.mark.parametrize("old,new,key,reason", BAD, ids=[b[3] + " " + b[2] for b in BAD])
+def test_invalid_suites_name_file_key_and_reason(tmp_path, old, new, key, reason):
+    assert old in VALID
+    path = write(tmp_path, VALID.replace(old, new, 1), "bad.toml")
+    with pytest.raises(SuiteError) as info:
+        load_suite(path)
+    msg = str(info.value)
+    assert str(path) in msg, msg
+    assert key in msg, msg
+    assert reason in msg, msg
+    assert "\n" not in msg.strip() or "not valid TOML" in msg
+    assert isinstance(info.value, ConfigError)
+
+
+def test_unknown_suite_name_lists_the_shipped_ones():
+    with pytest.raises(SuiteError, match="unknown suite 'nosuch'.*mini"):
+        load_suite("nosuch")
+    with pytest.raises(SuiteError, match="no such suite file"):
+        load_suite("/nonexistent/x.toml")
+
+
+def test_eval_steps_and_slurm_time():
+    assert eval_steps(600, 150) == [150, 300, 450, 600]
+    assert eval_steps(10, 4) == [4, 8, 10]
+    assert eval_steps(10, 0) == [10]
+    assert parse_slurm_time(90) == 90
+    assert parse_slurm_time("90") == 90
+    assert parse_slurm_time("01:30:00") == 90
+    assert parse_slurm_time("1-00:00:00") == 1440
+    assert parse_slurm_time("10:30") == 11  # MM:SS rounds up
+    with pytest.raises(ValueError):
+        parse_slurm_time("tomorrow")
+
+
+def test_cost_estimate_by_hand():
+    s = load_suite("smoke")
+    est = estimate_cost(s)
+    _, c = est.runs[0]
+    # 8 iterations x batch 8 = 64 images at 450 img/s; evaluations at 4 and 8, 32 images each,
+    # 2 sampler steps: 128 network evaluations at 450 x 2.5 per second; 3 s startup + 2 x 1 s.
+    assert (c.train_images, c.eval_points, c.sample_images, c.network_evals) == (64, 2, 64, 128)
+    assert c.train_s == pytest.approx(64 / 450)
+    assert c.sample_s == pytest.approx(128 / (450 * 2.5))
+    assert c.overhead_s == pytest.approx(5.0)
+    assert est.train_images == 4 * 64 and est.sample_images == 4 * 64
+    assert est.total_s == pytest.approx(4 * (64 / 450 + 128 / 1125 + 5))
+
+
+def test_plan_lists_every_run_and_the_totals():
+    s = load_suite("smoke")
+    text = describe_plan(s, {s.runs()[0].key: "done"}, jobs=2)
+    for r in s.runs():
+        assert r.key in text
+    assert "done" in text and "images to train: 256" in text and "images to sample: 256" in text
+    assert "estimated time" in text and "2 parallel jobs" in text

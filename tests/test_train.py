@@ -1,0 +1,263 @@
+"""The training loop: determinism, exact resume after a kill, logs, and bad input."""
+
+import gzip
+import json
+import os
+import pickle
+import signal
+import struct
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from bench import io
+from bench.data import load_dataset
+from bench.errors import CheckpointError, ConfigError, DatasetError, DivergenceError
+from bench.models import build_model
+from bench.train import TrainConfig, train
+from conftest import REPO, needs_fashion
+
+SMALL = dict(dataset="synthetic", arch="unet-tiny", iters=12, batch_size=8, ckpt_every=4, warmup=3)
+
+
+def weights(run_dir):
+    ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    return ckpt["model"], ckpt["ema"]
+
+
+def assert_same_state(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def strip_timing(rows):
+    return [{k: v for k, v in r.items() if k not in ("images_per_s", "train_seconds")} for r in rows]
+
+
+@pytest.mark.parametrize("method", ["combined", "min_snr"])
+def test_interrupted_run_resumes_bit_for_bit(tmp_path, method):
+    cfg = TrainConfig(method=method, **SMALL)
+    train(cfg, tmp_path / "whole")
+
+    class Killed(Exception):
+        pass
+
+    def die(step, total, row):
+        if step == 7:  # after the checkpoint at 4, before the one at 8
+            raise Killed
+
+    with pytest.raises(Killed):
+        train(cfg, tmp_path / "parts", progress=die)
+    assert io.read_json(tmp_path / "parts" / "status.json")["step"] == 4
+    status = train(cfg, tmp_path / "parts")
+    assert status["state"] == "done" and status["step"] == 12
+    for a, b in zip(weights(tmp_path / "whole"), weights(tmp_path / "parts")):
+        assert_same_state(a, b)
+    rows_whole = io.read_jsonl(tmp_path / "whole" / "steps.jsonl")
+    rows_parts = io.read_jsonl(tmp_path / "parts" / "steps.jsonl")
+    assert [r["step"] for r in rows_parts] == list(range(1, 13))
+    assert strip_timing(rows_whole) == strip_timing(rows_parts)
+
+
+def test_sigkill_and_rerun_equals_uninterrupted(tmp_path):
+    """A real kill -9 of the command-line process between checkpoints."""
+    args = [sys.executable, "run_bench.py", "train", "--method", "clts", "--dataset", "synthetic", "--iters", "60",
+            "--batch-size", "8", "--ckpt-every", "5", "--seed", "3"]
+    subprocess.run(args + ["--out", str(tmp_path / "whole")], cwd=REPO, check=True, capture_output=True)
+    proc = subprocess.Popen(args + ["--out", str(tmp_path / "killed")], cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    status = tmp_path / "killed" / "status.json"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if io.read_json(status)["step"] >= 20:
+                break
+        except (FileNotFoundError, json.JSONDecodeError):
+            pass
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = io.read_json(status)["step"]
+    assert 20 <= killed_at < 60, "the kill landed outside the run"
+    subprocess.run(args + ["--out", str(tmp_path / "killed")], cwd=REPO, check=True, capture_output=True)
+    for a, b in zip(weights(tmp_path / "whole"), weights(tmp_path / "killed")):
+        assert_same_state(a, b)
+    rows = io.read_jsonl(tmp_path / "killed" / "steps.jsonl")
+    assert [r["step"] for r in rows] == list(range(1, 61))
+
+
+def test_same_seed_same_result_and_seeds_differ(tmp_path):
+    cfg = TrainConfig(method="p2", **{**SMALL, "iters": 4})
+    train(cfg, tmp_path / "a")
+    train(cfg, tmp_path / "b")
+    train(TrainConfig(method="p2", **{**SMALL, "iters": 4, "seed": 1}), tmp_path / "c")
+    assert_same_state(weights(tmp_path / "a")[0], weights(tmp_path / "b")[0])
+    wa, wc = weights(tmp_path / "a")[0], weights(tmp_path / "c")[0]
+    assert any(not torch.equal(wa[k], wc[k]) for k in wa)
+
+
+def test_logs_config_and_method_hooks(tmp_path):
+    cfg = TrainConfig(method="mdlrc", method_params={"compensation": "demon"}, **SMALL)
+    train(cfg, tmp_path)
+    record = io.read_json(tmp_path / "config.json")
+    assert record["method_label"] == "mdlrc-compensationdemon" and record["iters"] == 12
+    rows = io.read_jsonl(tmp_path / "steps.jsonl")
+    for r in rows:
+        p = r["p"]
+        beta1 = 0.9 - 0.4 * p
+        assert r["beta1"] == pytest.approx(beta1)
+        warm = min(1.0, r["step"] / 3)
+        assert r["lr"] == pytest.approx(2e-4 * warm * 0.1 / (1 - beta1))
+        quartiles = [r[f"loss_q{i}"] for i in range(4)]
+        assert any(q is not None for q in quartiles) and r["grad_norm"] > 0
+    trace = io.read_json(tmp_path / "method_trace.json")
+    assert trace["progress"][0] == 0 and trace["progress"][-1] == 1 and len(trace["timestep_probs"][0]) == 1000
+    assert io.read_json(tmp_path / "status.json")["state"] == "done"
+
+
+def test_clts_steers_sampled_timesteps(tmp_path):
+    """Late in a clts run, the quartile t in [750, 1000) is sampled far less than t in [250, 500)."""
+    counts = np.zeros(4)
+    cfg = TrainConfig(method="clts", **{**SMALL, "iters": 20, "batch_size": 32})
+    torch.manual_seed(0)
+    train(cfg, tmp_path)
+    for r in io.read_jsonl(tmp_path / "steps.jsonl")[10:]:
+        counts += [r[f"loss_q{i}"] is not None for i in range(4)]
+    assert counts[1] >= counts[3]
+
+
+def test_divergence_is_recorded(tmp_path):
+    cfg = TrainConfig(method="baseline", **{**SMALL, "lr": 1e30, "warmup": 0, "grad_clip": 0.0})
+    with pytest.raises(DivergenceError):
+        train(cfg, tmp_path)
+    status = io.read_json(tmp_path / "status.json")
+    assert status["state"] == "failed" and "non-finite loss" in status["reason"]
+
+
+def test_corrupt_checkpoint_refused_without_loss(tmp_path):
+    cfg = TrainConfig(**{**SMALL, "iters": 4})
+    train(cfg, tmp_path)
+    (tmp_path / "status.json").unlink()
+    (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="unreadable.*delete it to restart"):
+        train(cfg, tmp_path)
+    assert (tmp_path / "checkpoint.pt").read_bytes() == b"not a checkpoint"  # nothing overwritten
+    assert len(io.read_jsonl(tmp_path / "steps.jsonl")) == 4
+
+
+def test_different_config_in_same_folder_refused(tmp_path):
+    train(TrainConfig(**{**SMALL, "iters": 4}), tmp_path)
+    with pytest.raises(ConfigError, match="different config.*iters"):
+        train(TrainConfig(**{**SMALL, "iters": 8}), tmp_path)
+
+
+@pytest.mark.parametrize("d,match", [
+    ({"iters": "ten"}, "key 'iters' must be int"),
+    ({"lr_max": 1}, "unknown key 'lr_max'"),
+    ({"schedule": "sqrt"}, "schedule='sqrt' is not one of linear, cosine"),
+    ({"ema_decay": 1.5}, r"ema_decay=1.5 must be in \[0, 1\)"),
+    ({"method": "p3"}, "unknown method 'p3'"),
+    ({"dataset": "mnist"}, "unknown dataset 'mnist'"),
+])
+def test_malformed_config(d, match):
+    with pytest.raises((ConfigError, Exception), match=match):
+        TrainConfig.from_dict(d)
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    cases = [
+        (["train", "--method", "nope"], "unknown method 'nope'; known methods: baseline"),
+        (["train", "--method", "p2", "--set", "gamma=-3", "--dataset", "synthetic"], "gamma=-3 is out of range"),
+        (["train", "--dataset", "imagenet-1k"], "unknown dataset"),
+        (["describe", "clts", "--progress", "2"], "outside [0, 1]"),
+    ]
+    for argv, needle in cases:
+        out = subprocess.run([sys.executable, "run_bench.py", *argv, "--out", str(tmp_path / "x")]
+                             if argv[0] == "train" else [sys.executable, "run_bench.py", *argv],
+                             cwd=REPO, capture_output=True, text=True)
+        assert out.returncode == 2, (argv, out.stderr)
+        assert needle in out.stderr and out.stderr.startswith("error: ") and out.stderr.count("\n") == 1, out.stderr
+    assert not (tmp_path / "x").exists()  # nothing half-written
+
+
+def test_missing_dataset_lists_every_source(tmp_path, monkeypatch):
+    from bench import data
+
+    module = data.dataset_info("fashion-mnist")
+    monkeypatch.setattr(module, "DEBIAN_DIR", tmp_path / "nowhere")
+    import torchvision.datasets
+
+    class NoNetwork:
+        def __init__(self, *a, **k):
+            raise OSError("no network")
+
+    monkeypatch.setattr(torchvision.datasets, "FashionMNIST", NoNetwork)
+    load_dataset.cache_clear()
+    with pytest.raises(DatasetError) as err:
+        load_dataset("fashion-mnist", "train", str(tmp_path / "empty"))
+    msg = str(err.value)
+    assert "--data-dir" in msg and "apt-get install dataset-fashion-mnist" in msg and "torchvision download" in msg
+    load_dataset.cache_clear()
+
+
+def write_idx(path, array):
+    header = struct.pack(">BBBB", 0, 0, 8, array.ndim) + struct.pack(f">{array.ndim}i", *array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def test_fashion_mnist_from_data_dir(tmp_path):
+    rng = np.random.default_rng(0)
+    imgs, labels = rng.integers(0, 256, (5, 28, 28)), rng.integers(0, 10, 5)
+    write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", imgs)
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", labels)
+    x, y = load_dataset("fashion-mnist", "test", str(tmp_path))
+    assert x.shape == (5, 1, 28, 28) and x.dtype == torch.uint8
+    assert np.array_equal(x[:, 0].numpy(), imgs) and np.array_equal(y.numpy(), labels)
+    x16, _ = load_dataset("fashion-mnist", "test", str(tmp_path), 16)
+    assert x16.shape == (5, 1, 16, 16)
+    load_dataset.cache_clear()
+
+
+def test_cifar10_tiny_set_in_torchvision_format(tmp_path):
+    base = tmp_path / "cifar-10-batches-py"
+    base.mkdir()
+    rng = np.random.default_rng(0)
+    batches = {}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        data = rng.integers(0, 256, (4, 3072), dtype=np.uint8)
+        labels = rng.integers(0, 10, 4).tolist()
+        batches[name] = (data, labels)
+        with open(base / name, "wb") as f:
+            pickle.dump({"data": data, "labels": labels}, f)
+    with open(base / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": [f"c{i}" for i in range(10)]}, f)
+    x, y = load_dataset("cifar10", "train", str(tmp_path))
+    assert x.shape == (20, 3, 32, 32) and x.dtype == torch.uint8
+    assert np.array_equal(x[0].numpy().reshape(-1), batches["data_batch_1"][0][0])
+    xt, yt = load_dataset("cifar10", "test", str(tmp_path))
+    assert xt.shape == (4, 3, 32, 32) and yt.tolist() == batches["test_batch"][1]
+    load_dataset.cache_clear()
+
+
+def test_ddpm_unet_parameter_count_and_forward():
+    model = build_model("ddpm-unet", 3, 32)
+    n = sum(p.numel() for p in model.parameters())
+    assert abs(n - 35.7e6) / 35.7e6 < 0.01, n
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 32, 32), torch.tensor([0, 999]))
+    assert out.shape == (2, 3, 32, 32) and torch.isfinite(out).all()
+
+
+@needs_fashion
+@pytest.mark.parametrize("method", ["baseline", "p2", "min_snr", "clts", "mdlrc", "combined"])
+def test_every_method_trains_on_fashion_mnist(tmp_path, method):
+    cfg = TrainConfig(method=method, dataset="fashion-mnist", arch="unet-tiny", iters=3, batch_size=16, flip=True)
+    assert train(cfg, tmp_path)["state"] == "done"
+    rows = io.read_jsonl(tmp_path / "steps.jsonl")
+    assert len(rows) == 3 and all(np.isfinite(r["loss"]) for r in rows)
