@@ -35,7 +35,7 @@ def cmd_list(args) -> None:
         table.add_column(col)
     for name, cls in sorted(load_plugins(args.plugins).items()):
         params = "\n".join(f"{k} = {p.default!r}  {p.describe_range()}  {p.doc}" for k, p in cls.params.items())
-        table.add_row(name, ", ".join(sorted(cls.slots)) or "-", params or "-", cls.source)
+        table.add_row(name, ", ".join(sorted(cls().slots)) or "-", params or "-", cls.source)
     console.print(table)
     table = Table(title="Datasets")
     for col in ("name", "channels", "resolution", "source"):

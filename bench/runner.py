@@ -268,7 +268,12 @@ def execute_run(run: RunSpec | dict, run_dir: str | os.PathLike, train_fn: str |
                 traceback.format_exception(type(exc), exc, exc.__traceback__)).encode())
         except OSError:
             pass
-        write_failed(run_dir, step, reason, kind)
+        now = read_status(run_dir) or {}
+        if now.get("state") == "failed" and kind == "divergence":
+            # bench.train recorded the divergence itself: keep its reason and step, add the kind.
+            io.write_json(run_dir / "status.json", {**now, "error": kind})
+        else:
+            write_failed(run_dir, step, reason, kind)
     status = read_status(run_dir) or {}
     return RunOutcome(run.key, str(run_dir), status.get("state", "failed"), action, status.get("step"),
                       status.get("reason"), time.time() - start, final_metrics(run_dir)).as_dict()

@@ -50,6 +50,8 @@ class Param:
     def describe_range(self) -> str:
         if self.choices:
             return "one of " + ", ".join(map(str, self.choices))
+        if self.kind in (str, bool):
+            return f"any {self.kind.__name__}"
         lo = "-inf" if self.low is None else f"{self.low:g}"
         hi = "inf" if self.high is None else f"{self.high:g}"
         return f"{'(' if self.low_open or self.low is None else '['}{lo}, {hi}{')' if self.high_open or self.high is None else ']'}"

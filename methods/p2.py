@@ -1,4 +1,3 @@
-import torch
 
 from bench.spec import Method, Param, weight_from_eps
 

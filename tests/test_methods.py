@@ -9,13 +9,13 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import REPO
 from scipy import stats
 
 from bench.describe import describe
 from bench.diffusion import make_schedule
 from bench.errors import HyperparameterError, UnknownMethodError
 from bench.registry import get_method, load_plugins, method_label
-from conftest import REPO
 
 T = 1000
 SCHEDULES = [("linear", False), ("cosine", False), ("linear", True), ("cosine", True)]

@@ -13,13 +13,13 @@ import time
 import numpy as np
 import pytest
 import torch
+from conftest import REPO, needs_fashion
 
 from bench import io
 from bench.data import load_dataset
 from bench.errors import CheckpointError, ConfigError, DatasetError, DivergenceError
 from bench.models import build_model
 from bench.train import TrainConfig, train
-from conftest import REPO, needs_fashion
 
 SMALL = dict(dataset="synthetic", arch="unet-tiny", iters=12, batch_size=8, ckpt_every=4, warmup=3)
 
