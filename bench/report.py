@@ -238,7 +238,7 @@ def speedup_display(df: pd.DataFrame) -> pd.DataFrame:
         rows.append({
             "method": r["method_label"],
             "seeds": int(r["seeds"]),
-            f"iters to F*": _num(r["method_steps"], 6) if r["method_steps"] is not None and np.isfinite(
+            "iters to F*": _num(r["method_steps"], 6) if r["method_steps"] is not None and np.isfinite(
                 r["method_steps"]) else "not reached",
             "speed-up": sp,
             f"{int(round(r['confidence'] * 100))}% CI": ci,
@@ -453,20 +453,36 @@ def _machine_lines(runs: list[dict]) -> list[str]:
 
 
 def _protocol_lines(evals: pd.DataFrame) -> list[str]:
+    """What every metric is: feature extractor (and its weights' hash), N generated and reference
+    images, the reference split, the sampler, and when it was evaluated."""
     lines = []
     if evals.empty:
         return ["- no evaluations recorded yet"]
-    cols = [c for c in ("feature_extractor", "num_gen", "num_ref", "ref_split", "sampler", "sampler_steps", "eta")
-            if c in evals]
+    cols = [c for c in ("feature_extractor", "weights_sha1", "num_gen", "num_ref", "ref_split", "sampler",
+                        "sampler_steps", "eta", "noise_seed") if c in evals]
     for metric, g in evals.groupby("metric", sort=True):
-        combos = g[cols].astype(str).drop_duplicates() if cols else pd.DataFrame()
+        combos = g[cols].drop_duplicates() if cols else pd.DataFrame([{}])
         for _, c in combos.iterrows():
-            d = c.to_dict()
+            d = {k: (None if (isinstance(v, float) and not math.isfinite(v)) else v) for k, v in c.to_dict().items()}
+
+            def show(key, default="?"):
+                v = d.get(key)
+                if v is None:
+                    return default
+                return str(int(v)) if isinstance(v, float) and v.is_integer() and key != "eta" else str(v)
+
+            features = show("feature_extractor")
+            if d.get("weights_sha1"):
+                features += f" (weights sha1 {str(d['weights_sha1'])[:12]})"
+            sampler = f"sampler {show('sampler')} with {show('sampler_steps')} steps"
+            if d.get("eta") is not None:
+                sampler += f", eta {show('eta')}"
+            if d.get("noise_seed") is not None:
+                sampler += f", fixed noise (seed {show('noise_seed')})"
             lines.append(
                 f"- **{metric}** ({'lower' if lower_is_better(metric) else 'higher'} is better): features "
-                f"{d.get('feature_extractor', '?')}; N = {d.get('num_gen', '?')} generated images (EMA weights) "
-                f"against {d.get('num_ref', '?')} reference images of the {d.get('ref_split', '?')} split; "
-                f"sampler {d.get('sampler', '?')} with {d.get('sampler_steps', '?')} steps, eta {d.get('eta', '?')}")
+                f"{features}; N = {show('num_gen')} generated images (EMA weights) against {show('num_ref')} "
+                f"reference images of the {show('ref_split')} split; {sampler}")
         steps = sorted(int(s) for s in g.step.dropna().unique())
         shown = ", ".join(map(str, steps[:12])) + (", ..." if len(steps) > 12 else "")
         lines.append(f"  evaluated at iterations {shown}")

@@ -25,7 +25,6 @@ from __future__ import annotations
 import fnmatch
 import importlib
 import json
-import multiprocessing
 import os
 import platform
 import socket
@@ -235,8 +234,37 @@ def execute_run(run: RunSpec | dict, run_dir: str | os.PathLike, train_fn: str |
     if not should_run(status, retry_failed):
         return RunOutcome(run.key, str(run_dir), status["state"], "skipped", status.get("step"),
                           status.get("reason"), 0.0, final_metrics(run_dir)).as_dict()
-    action = "resumed" if (run_dir / "checkpoint.pt").exists() else "ran"
     run_dir.mkdir(parents=True, exist_ok=True)
+    lock = _try_lock(run_dir)
+    if lock is None:
+        status = read_status(run_dir) or {}
+        return RunOutcome(run.key, str(run_dir), status.get("state", "running"), "skipped", status.get("step"),
+                          "running in another process (its folder is locked)", 0.0, final_metrics(run_dir)).as_dict()
+    try:
+        return _execute_locked(run, run_dir, train_fn, retry_failed, progress)
+    finally:
+        lock.close()
+
+
+def _try_lock(run_dir: Path):
+    """An exclusive lock on the run folder (released when the process ends), or None if taken."""
+    import fcntl
+
+    f = open(run_dir / ".lock", "a")
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        return None
+    return f
+
+
+def _execute_locked(run: RunSpec, run_dir: Path, train_fn, retry_failed: bool, progress) -> dict:
+    status = read_status(run_dir)  # again: another process may have finished it meanwhile
+    if not should_run(status, retry_failed):
+        return RunOutcome(run.key, str(run_dir), status["state"], "skipped", status.get("step"),
+                          status.get("reason"), 0.0, final_metrics(run_dir)).as_dict()
+    action = "resumed" if (run_dir / "checkpoint.pt").exists() else "ran"
     start = time.time()
     try:
         from bench.train import TrainConfig
@@ -310,27 +338,41 @@ class RunJob:
         return DelayedSubmission(self)
 
 
-def _worker_main(run: dict, run_dir: str, train_fn: str, retry_failed: bool, threads: int) -> None:
-    """Entry point of a local worker process (spawned: nothing inherited but arguments)."""
-    import sys
-
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ[var] = str(threads)
-    Path(run_dir).mkdir(parents=True, exist_ok=True)
-    log = open(Path(run_dir) / "worker.log", "a")
-    os.dup2(log.fileno(), 1)
-    os.dup2(log.fileno(), 2)
-    sys.stdout = sys.stderr = log
+def _worker_main(payload_path: str) -> int:
+    """Entry point of a local worker process: ``python -m bench.runner worker PAYLOAD.json``."""
+    payload = json.loads(Path(payload_path).read_text())
     from bench.perf import tune_allocator
 
     tune_allocator()
     try:
         import torch
 
-        torch.set_num_threads(threads)
+        torch.set_num_threads(int(payload["threads"]))
     except ImportError:
         pass
-    execute_run(run, run_dir, train_fn, retry_failed)
+    execute_run(payload["run"], payload["run_dir"], payload["train_fn"], payload["retry_failed"])
+    return 0
+
+
+def _start_worker(run: RunSpec, run_dir: Path, train_fn: str, retry_failed: bool, threads: int):
+    """A fresh Python process for one run (nothing inherited but the environment and sys.path);
+    its output goes to the run's worker.log."""
+    import subprocess
+    import sys
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    payload = run_dir / ".worker.json"
+    io.write_json(payload, {"run": run.to_dict(), "run_dir": str(run_dir), "train_fn": train_fn,
+                            "retry_failed": retry_failed, "threads": threads})
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
+               PYTHONPATH=os.pathsep.join(p for p in [str(Path(__file__).resolve().parent.parent), *sys.path] if p))
+    log = open(run_dir / "worker.log", "ab")
+    try:
+        return subprocess.Popen([sys.executable, "-m", "bench.runner", "worker", str(payload)], stdout=log,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+    finally:
+        log.close()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -377,6 +419,13 @@ class CallbackReporter(Reporter):
         self.fn({"event": "suite_end", "suite": result.suite, "outcomes": [o.as_dict() for o in result.outcomes]})
 
 
+def escape(text: str) -> str:
+    """Text shown through rich, with its markup characters escaped."""
+    from rich.markup import escape as _escape
+
+    return _escape(str(text))
+
+
 def _fmt_eval(rows: list[dict]) -> str:
     return ", ".join(f"{r.get('metric')}={r.get('value'):.4g}" for r in rows
                      if isinstance(r.get("value"), (int, float)))
@@ -414,9 +463,9 @@ class RichReporter(Reporter):
     def run_start(self, run):
         with self.lock:
             if self.progress:
-                self.tasks[run.key] = self.progress.add_task(f"  {run.key}", total=run.config["iters"])
+                self.tasks[run.key] = self.progress.add_task(f"  {escape(run.key)}", total=run.config["iters"])
             else:
-                self.console.print(f"start {run.key}")
+                self.console.print(f"start {escape(run.key)}")
 
     def run_step(self, run, step, iters):
         with self.lock:
@@ -426,15 +475,15 @@ class RichReporter(Reporter):
                 now = time.time()
                 if now - self._last_line.get(run.key, 0) > 30:
                     self._last_line[run.key] = now
-                    self.console.print(f"  {run.key}: step {step}/{iters}")
+                    self.console.print(f"  {escape(run.key)}: step {step}/{iters}")
 
     def run_eval(self, run, step, rows, evaluating=False):
         with self.lock:
-            text = f"evaluating at step {step}..." if evaluating else f"eval @ {step}: {_fmt_eval(rows)}"
+            text = escape(f"evaluating at step {step}..." if evaluating else f"eval @ {step}: {_fmt_eval(rows)}")
             if self.progress and run.key in self.tasks:
-                self.progress.update(self.tasks[run.key], description=f"  {run.key}  [dim]{text}[/dim]")
+                self.progress.update(self.tasks[run.key], description=f"  {escape(run.key)}  [dim]{text}[/dim]")
             elif not self.progress and not evaluating:
-                self.console.print(f"  {run.key}: {text}")
+                self.console.print(f"  {escape(run.key)}: {text}")
 
     def run_end(self, run, outcome):
         with self.lock:
@@ -444,12 +493,12 @@ class RichReporter(Reporter):
                     self.progress.remove_task(task)
                 self.progress.advance(self.suite_task)
             colour = {"done": "green", "failed": "red"}.get(outcome.state, "yellow")
-            extra = f": {outcome.reason}" if outcome.state == "failed" and outcome.reason else ""
-            self.console.print(f"[{colour}]{outcome.state}[/{colour}] {run.key} ({outcome.action}, "
+            extra = f": {escape(outcome.reason)}" if outcome.state == "failed" and outcome.reason else ""
+            self.console.print(f"[{colour}]{outcome.state}[/{colour}] {escape(run.key)} ({outcome.action}, "
                                f"{format_duration(outcome.seconds)}){extra}")
 
     def message(self, text):
-        self.console.print(text)
+        self.console.print(text, markup=False, highlight=False, soft_wrap=True)
 
     def suite_end(self, result):
         if self.progress:
@@ -461,21 +510,34 @@ class RichReporter(Reporter):
 
 
 def summary_table(result: SuiteResult, metric: str | None = None):
+    """A rich table of every run: state, last step, final metric, time, and the reason of a failure."""
     from rich.table import Table
 
     metrics = [metric] if metric else sorted({m for o in result.outcomes for m in o.final})
-    table = Table(title=f"suite {result.suite}: {len(result.by_state('done'))}/{len(result.outcomes)} done, "
-                        f"{len(result.by_state('failed'))} failed  ({result.suite_dir})")
-    for col in ("workload", "method", "seed", "state", "step", *metrics, "this time", "note"):
-        table.add_column(col, justify="right" if col in ("seed", "step", "this time") or col in metrics else "left")
+    workloads = sorted({o.key.split("/")[0] for o in result.outcomes})
+    title = (f"suite {result.suite}: {len(result.by_state('done'))}/{len(result.outcomes)} done, "
+             f"{len(result.by_state('failed'))} failed")
+    if len(workloads) == 1:
+        title += f" ({workloads[0]})"
+    table = Table(title=title, caption=f"results in {result.suite_dir}")
+    if len(workloads) > 1:
+        table.add_column("workload", no_wrap=True)
+    table.add_column("method", no_wrap=True)
+    for col in ("seed", "state", "step", *metrics, "time"):
+        table.add_column(col, justify="left" if col == "state" else "right", no_wrap=True)
+    table.add_column("note", ratio=1, overflow="fold")
     for o in result.outcomes:
         workload, label, seed = o.key.split("/")
         colour = {"done": "green", "failed": "red"}.get(o.state, "yellow")
         vals = [f"{o.final[m]:.4g}" if isinstance(o.final.get(m), (int, float)) else "-" for m in metrics]
-        note = o.reason or ("" if o.action in ("ran", "resumed") else o.action)
-        table.add_row(workload, label, seed.removeprefix("seed"), f"[{colour}]{o.state}[/{colour}]",
-                      "-" if o.step is None else str(o.step), *vals,
-                      format_duration(o.seconds) if o.seconds else "-", note)
+        note = escape(o.reason or ("" if o.action in ("ran", "resumed") else o.action))
+        if o.action == "resumed":
+            note = ("resumed; " + note).strip("; ")
+        cells = [workload] if len(workloads) > 1 else []
+        cells += [label, seed.removeprefix("seed"), f"[{colour}]{o.state}[/{colour}]",
+                  "-" if o.step is None else str(o.step), *vals,
+                  format_duration(o.seconds) if o.seconds else "-", note]
+        table.add_row(*cells)
     return table
 
 
@@ -674,32 +736,31 @@ def _run_inline(todo, dirs, train_fn, retry_failed, reporter, outcomes):
 
 
 def _run_workers(todo, dirs, train_fn, retry_failed, reporter, outcomes, jobs):
-    ctx = multiprocessing.get_context("spawn")
     threads = max(1, (os.cpu_count() or 1) // jobs)
     ref = _train_fn_ref(train_fn)
     pending = list(todo)
     active: dict[str, tuple[RunSpec, Any, float]] = {}
+    resumed: set[str] = set()
     with FilePoller(reporter) as poller:
         try:
             while pending or active:
                 while pending and len(active) < jobs:
                     run = pending.pop(0)
-                    proc = ctx.Process(target=_worker_main, name=f"diffbench {run.key}",
-                                       args=(run.to_dict(), str(dirs[run.key]), ref, retry_failed, threads))
+                    if (dirs[run.key] / "checkpoint.pt").exists():
+                        resumed.add(run.key)
                     reporter.run_start(run)
-                    proc.start()
+                    proc = _start_worker(run, dirs[run.key], ref, retry_failed, threads)
                     active[run.key] = (run, proc, time.time())
                     poller.add(run, dirs[run.key])
                 time.sleep(0.2)
                 for key, (run, proc, started) in list(active.items()):
-                    if proc.is_alive():
+                    code = proc.poll()
+                    if code is None:
                         continue
-                    proc.join()
                     del active[key]
                     poller.remove(run)
                     status = read_status(dirs[key])
-                    if proc.exitcode != 0 and (not status or status.get("state") not in ("done", "failed")):
-                        code = proc.exitcode
+                    if code != 0 and (not status or status.get("state") not in ("done", "failed")):
                         why = (f"worker process killed by signal {-code}"
                                + (" (SIGKILL: most often the system ran out of memory)" if code == -9 else "")
                                if code < 0 else f"worker process exited with code {code}")
@@ -708,16 +769,19 @@ def _run_workers(todo, dirs, train_fn, retry_failed, reporter, outcomes, jobs):
                         status = read_status(dirs[key])
                     status = status or {}
                     out = RunOutcome(key, str(dirs[key]), status.get("state", "failed"),
-                                     "resumed" if (dirs[key] / "checkpoint.pt").exists() else "ran",
+                                     "resumed" if key in resumed else "ran",
                                      status.get("step"), status.get("reason"), time.time() - started,
                                      final_metrics(dirs[key]))
                     outcomes[key] = out
                     reporter.run_end(run, out)
         finally:
             for run, proc, _ in active.values():  # interrupted: stop our workers, runs stay resumable
-                if proc.is_alive():
+                if proc.poll() is None:
                     proc.terminate()
-                proc.join(timeout=10)
+                try:
+                    proc.wait(timeout=10)
+                except Exception:  # noqa: BLE001
+                    proc.kill()
 
 
 def slurm_parameters(settings: dict, suite_name: str, cluster: str) -> dict:
@@ -746,6 +810,29 @@ def slurm_parameters(settings: dict, suite_name: str, cluster: str) -> dict:
     return p
 
 
+SLURM_ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING",
+                "REQUEUE_HOLD", "REQUEUE_FED", "STAGE_OUT", "SIGNALING"}
+
+
+def _queued_slurm_job(run_dir: Path) -> bool:
+    """Whether the run's last submitted Slurm job (job.json) is still pending or running."""
+    import subprocess
+
+    info = None
+    try:
+        info = io.read_json(run_dir / "job.json")
+    except (FileNotFoundError, json.JSONDecodeError):
+        return False
+    if info.get("cluster") != "slurm":
+        return False
+    try:
+        out = subprocess.run(["squeue", "-h", "-j", str(info["job_id"]), "-o", "%T"], capture_output=True,
+                             text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return any(line.strip() in SLURM_ACTIVE for line in out.stdout.splitlines())
+
+
 def _run_submitit(suite, todo, dirs, train_fn, retry_failed, reporter, outcomes, cluster, settings, suite_dir,
                   wait):
     try:
@@ -754,6 +841,17 @@ def _run_submitit(suite, todo, dirs, train_fn, retry_failed, reporter, outcomes,
         raise ConfigError("the Slurm executor needs submitit: pip install submitit") from None
     if not todo:
         return
+    if cluster == "slurm":
+        queued = [r for r in todo if _queued_slurm_job(dirs[r.key])]
+        for run in queued:
+            job = io.read_json(dirs[run.key] / "job.json")["job_id"]
+            outcomes[run.key] = RunOutcome(run.key, str(dirs[run.key]), "submitted", "skipped",
+                                           reason=f"already queued or running as Slurm job {job}")
+        todo = [r for r in todo if r not in queued]
+        if queued:
+            reporter.message(f"{len(queued)} runs are already queued or running on Slurm: not submitted again")
+        if not todo:
+            return
     folder = suite_dir / "_submitit"
     executor = submitit.AutoExecutor(folder=str(folder / "%j"), cluster=cluster)
     executor.update_parameters(**slurm_parameters(settings, suite.name, cluster))
@@ -762,6 +860,9 @@ def _run_submitit(suite, todo, dirs, train_fn, retry_failed, reporter, outcomes,
     with executor.batch():
         for run in todo:
             jobs.append((run, executor.submit(RunJob(run.to_dict(), str(dirs[run.key]), ref, retry_failed))))
+    for run, job in jobs:
+        io.write_json(dirs[run.key] / "job.json", {"job_id": str(job.job_id), "cluster": cluster,
+                                                   "submitted": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
     ids = ", ".join(sorted({str(j.job_id).split("_")[0] for _, j in jobs}))
     reporter.message(f"submitted {len(jobs)} runs as job array {ids} ({cluster}); logs in {folder}")
     if not wait:
@@ -770,6 +871,16 @@ def _run_submitit(suite, todo, dirs, train_fn, retry_failed, reporter, outcomes,
                                            reason=f"job {job.job_id}")
         return
     started = time.time()
+    try:
+        _wait_jobs(jobs, dirs, reporter, outcomes, cluster, started)
+    except KeyboardInterrupt:
+        if cluster == "slurm":
+            reporter.message("stopped waiting; the jobs keep running on the cluster. Run the same command again "
+                             "to follow them (queued runs are not submitted twice), or build the report later")
+        raise
+
+
+def _wait_jobs(jobs, dirs, reporter, outcomes, cluster, started):
     with FilePoller(reporter, interval=2.0) as poller:
         for run, _ in jobs:
             reporter.run_start(run)
@@ -799,3 +910,11 @@ def _run_submitit(suite, todo, dirs, train_fn, retry_failed, reporter, outcomes,
                 reporter.run_end(run, out)
             if remaining:
                 time.sleep(1.0)
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) == 3 and sys.argv[1] == "worker":
+        sys.exit(_worker_main(sys.argv[2]))
+    sys.exit("usage: python -m bench.runner worker PAYLOAD.json (internal: one run of a suite)")

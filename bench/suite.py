@@ -358,9 +358,9 @@ EVAL_SCHEMA = {
     "batch_size": (int, False, _positive),
     "ref_split": (str, False, None),
     "num_ref": (int, False, _positive),
-    "feature_extractor": (str, False, None),
-    "seed": (int, False, _nonneg),
 }
+#: [eval] keys that the workload sets (the evaluator's reference data is the training data set)
+EVAL_WORKLOAD_KEYS = ("dataset", "data_dir", "resolution")
 REPORT_SCHEMA = {
     "metric": (str, False, None),
     "baseline": (str, False, None),
@@ -422,7 +422,16 @@ def parse_suite(data: dict, *, path: Path | None = None, source_text: str = "", 
         ck.fail("suite.name", f"{name!r} is not a folder-safe name (letters, digits, '.', '_', '-')")
     grid = ck.table(data, "grid", GRID_SCHEMA, required=True)
     budget = ck.table(data, "budget", BUDGET_SCHEMA, required=True)
-    ev = ck.table(data, "eval", EVAL_SCHEMA, required=True)
+    ev_schema = dict(EVAL_SCHEMA)
+    if validate:
+        # Every other key of the evaluator's spec (bench/evaluate.py), checked by its resolve_spec.
+        for k, default in _evaluator_keys().items():
+            kind = object if default is None else float if isinstance(default, float) else type(default)
+            ev_schema.setdefault(k, (kind, False, None))
+    for k in EVAL_WORKLOAD_KEYS:
+        if isinstance(data.get("eval"), dict) and k in data["eval"]:
+            ck.fail(f"eval.{k}", "is set by [grid] datasets (the evaluation uses the workload's data set)")
+    ev = ck.table(data, "eval", ev_schema, required=True)
     report = {**REPORT_DEFAULTS, **ck.table(data, "report", REPORT_SCHEMA)}
     report["fractions"] = [float(f) for f in report["fractions"]]
     report["confidence"] = float(report["confidence"])
@@ -433,6 +442,12 @@ def parse_suite(data: dict, *, path: Path | None = None, source_text: str = "", 
     train = data.get("train", {})
     if not isinstance(train, dict):
         ck.fail("train", f"must be a table [train], got {_tname(train)}")
+    plugins = train.get("plugins", [])
+    if "plugins" in train and isinstance(plugins, list) and path is not None:
+        # Plugin paths are relative to the suite file, so a suite works from any folder.
+        plugins = [p if not isinstance(p, str) or Path(p).is_absolute() else str((path.parent / p).resolve())
+                   for p in plugins]
+        train = {**train, "plugins": plugins}
     fields = _train_fields()
     for k in train:
         if k in GRID_KEYS:
@@ -493,9 +508,12 @@ def parse_suite(data: dict, *, path: Path | None = None, source_text: str = "", 
 
         for key, mname, params in raw_methods:
             try:
-                label = get_method(mname, params, plugins).label
+                method = get_method(mname, params, plugins)
             except BenchError as exc:
                 ck.fail(key, str(exc))
+            label = method.label
+            # Store hyperparameters typed as the method parsed them (gamma = 3 -> 3.0), as the CLI does.
+            params = {k: method.hp.get(k, v) for k, v in params.items()}
             if label in labels:
                 ck.fail(key, f"method label {label!r} is already in the grid as {labels[label]}; "
                              "every grid entry must differ in name or hyperparameters")
@@ -561,24 +579,45 @@ def _validate_runs(suite: Suite, ck: _Checker) -> None:
             msg = str(exc)
             raise SuiteError(msg if msg.startswith(ck.file) else f"{ck.file}: run {run.key}: {msg}") from None
     check = _evaluator_check()
-    if check is not None:
-        try:
-            check(suite.eval)
-        except BenchError as exc:
-            ck.fail("eval", str(exc))
+    if check is None:
+        return
+    try:
+        spec = check(suite.eval)
+    except BenchError as exc:
+        ck.fail("eval", str(exc).removeprefix("eval: "))
+    try:
+        from bench.sampling import check_sampler_args
+    except ImportError:
+        return
+    if isinstance(spec, dict) and {"sampler", "sampler_steps", "eta"} <= set(spec):
+        for T in sorted({r.config.get("T", 1000) for r in suite.runs()}):
+            try:
+                check_sampler_args(spec["sampler"], spec["sampler_steps"], spec["eta"], T,
+                                   spec.get("ddpm_variance", "large"), spec.get("timestep_spacing", "trailing"))
+            except BenchError as exc:
+                ck.fail("eval.sampler_steps", f"{str(exc).removeprefix('eval: ')} (T = {T})")
 
 
 def _evaluator_check():
-    """The evaluator's own spec check, when bench.evaluate provides one."""
+    """The evaluator's own spec check (bench.evaluate.resolve_spec), when there is one."""
     try:
         import bench.evaluate as ev
     except ImportError:
         return None
-    for name in ("validate_spec", "check_spec"):
+    for name in ("resolve_spec", "validate_spec", "check_spec"):
         fn = getattr(ev, name, None)
         if callable(fn):
             return fn
     return None
+
+
+def _evaluator_keys() -> dict:
+    """The evaluator's spec keys with their defaults (bench.evaluate.DEFAULTS), less the workload's."""
+    try:
+        import bench.evaluate as ev
+    except ImportError:
+        return {}
+    return {k: v for k, v in getattr(ev, "DEFAULTS", {}).items() if k not in EVAL_WORKLOAD_KEYS}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -702,7 +741,7 @@ def describe_plan(suite: Suite, states: dict[str, str] | None = None, jobs: int 
     lines += ["",
               f"images to train: {est.train_images:,}; images to sample: {est.sample_images:,} "
               f"({est.network_evals:,} network evaluations)",
-              f"estimated time on {device}: {format_duration(est.total_s)} for all runs "
+              f"estimated time on {device}: {format_duration(est.total_s)} ({est.total_s:,.0f} s) for all runs "
               f"(sampling {format_duration(sample_s)}); still to run: {format_duration(todo_s)}"
               + (f", about {format_duration(todo_s / jobs)} with {jobs} parallel jobs" if jobs > 1 else ""),
               "model: iters x batch / train_images_per_s + sampled images x sampler steps / "

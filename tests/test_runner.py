@@ -11,7 +11,6 @@ import io as _io
 import json
 import os
 import signal
-import sys
 from pathlib import Path
 
 import pytest
@@ -283,6 +282,37 @@ def test_submitit_local_executor_runs_the_job_array(tmp_path, calls, monkeypatch
     assert [o.action for o in again.outcomes] == ["skipped", "skipped"] and len(calls()) == 2
 
 
+def test_a_run_locked_by_another_process_is_left_alone(tmp_path, calls):
+    import fcntl
+
+    suite = make_suite(tmp_path, methods=["baseline"], seeds=[0])
+    d = tmp_path / "r" / "rt" / "synthetic-16_unet-tiny" / "baseline" / "seed0"
+    d.mkdir(parents=True)
+    with open(d / ".lock", "a") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        res = run_suite(suite, results_root=tmp_path / "r", progress=False, train_fn=fake_train)
+    assert calls() == [] and res.outcomes[0].action == "skipped"
+    assert "another process" in res.outcomes[0].reason
+    assert run_suite(suite, results_root=tmp_path / "r", progress=False, train_fn=fake_train).ok
+
+
+def test_a_queued_slurm_job_is_not_submitted_twice(tmp_path, monkeypatch):
+    from bench.runner import _queued_slurm_job
+
+    d = tmp_path / "run"
+    io.write_json(d / "job.json", {"job_id": "123_4", "cluster": "slurm"})
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    squeue = fake_bin / "squeue"
+    squeue.write_text("#!/bin/sh\necho RUNNING\n")
+    squeue.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake_bin}{os.pathsep}{os.environ['PATH']}")
+    assert _queued_slurm_job(d)
+    squeue.write_text("#!/bin/sh\nexit 0\n")  # finished jobs are not listed
+    assert not _queued_slurm_job(d)
+    assert not _queued_slurm_job(tmp_path / "never-submitted")
+
+
 def test_slurm_parameters_from_the_suite_table():
     p = slurm_parameters({"partition": "gpu", "gpus": 1, "time": "48:00:00", "account": "", "cpus_per_task": 10,
                           "mem_gb": 64, "array_parallelism": 18, "additional": {"exclude": "node1"}},
@@ -317,7 +347,17 @@ class Explode(Method):
 '''
 
 
-def test_smoke_end_to_end(tmp_path):
+@pytest.fixture
+def isolated_registry(monkeypatch):
+    """Plugins a test loads leave the method registry as it was afterwards."""
+    from bench import registry
+
+    registry.load_plugins()
+    monkeypatch.setattr(registry, "_loaded", dict(registry._loaded))
+    monkeypatch.setattr(registry, "_loaded_paths", set(registry._loaded_paths))
+
+
+def test_smoke_end_to_end(tmp_path, isolated_registry):
     pytest.importorskip("bench.evaluate", reason="the evaluator (bench/evaluate.py) is not there yet")
     from bench.report import build_report
 

@@ -16,7 +16,7 @@ VALID = """
 name = "t"
 
 [grid]
-methods = ["baseline", {name = "min_snr", gamma = 3.0}]
+methods = ["baseline", {name = "min_snr", gamma = 3}]
 datasets = ["synthetic"]
 archs = ["unet-tiny"]
 seeds = [0, 1]
@@ -100,11 +100,36 @@ def test_grid_layout_labels_and_configs(tmp_path):
     r = runs[1]
     assert r.run_dir("results") == Path("results/t/synthetic-16_unet-tiny/min_snr-gamma3/seed0")
     assert r.config["method"] == "min_snr" and r.config["method_params"] == {"gamma": 3.0}
+    assert isinstance(r.config["method_params"]["gamma"], float)  # typed as the method parses it
     assert r.config["eval_every"] == 5 and r.config["eval"] == {"metrics": ["proxy_fd"], "num_images": 16}
     assert r.config["lr"] == 1e-3 and r.config["seed"] == 0 and r.config["resolution"] is None
     # A shared dict is never mutated through a run's config.
     r.config["eval"]["num_images"] = 1
     assert s.eval["num_images"] == 16
+
+
+@pytest.fixture
+def isolated_registry(monkeypatch):
+    """Plugins a test loads leave the method registry as it was afterwards."""
+    from bench import registry
+
+    registry.load_plugins()
+    monkeypatch.setattr(registry, "_loaded", dict(registry._loaded))
+    monkeypatch.setattr(registry, "_loaded_paths", set(registry._loaded_paths))
+
+
+def test_plugin_paths_are_relative_to_the_suite_file(tmp_path, isolated_registry):
+    (tmp_path / "plugins").mkdir()
+    (tmp_path / "plugins" / "halfweight.py").write_text(
+        "import torch\nfrom bench.spec import Method\n\n\n"
+        "class HalfWeight(Method):\n    name = 'halfweight'\n    slots = frozenset({'weighting'})\n\n"
+        "    def loss_weights(self, t, p, schedule, target):\n"
+        "        return torch.full(t.shape, 0.5, dtype=torch.float64)\n")
+    text = VALID.replace('"baseline", {', '"baseline", "halfweight", {').replace(
+        "lr = 1e-3", 'lr = 1e-3\nplugins = ["plugins/halfweight.py"]')
+    s = load_suite(write(tmp_path, text))
+    assert [m.label for m in s.methods] == ["baseline", "halfweight", "min_snr-gamma3"]
+    assert s.runs()[0].config["plugins"] == [str(tmp_path / "plugins" / "halfweight.py")]
 
 
 def test_default_report_settings(tmp_path):
@@ -123,11 +148,11 @@ BAD = [
     ('iters = 10', 'iters = 0', "'budget.iters'", "must be > 0"),
     ('iters = 10\n', '', "'budget.iters'", "missing"),
     ('"baseline", {', '"baseline", "nosuch", {', "'grid.methods[1]'", "unknown method 'nosuch'"),
-    ('gamma = 3.0', 'gamma = -1.0', "'grid.methods[1]'", "out of range"),
-    ('gamma = 3.0', 'gama = 3.0', "'grid.methods[1]'", "no hyperparameter 'gama'"),
-    ('gamma = 3.0', 'gamma = "big"', "'grid.methods[1]'", "gamma"),
-    ('{name = "min_snr", gamma = 3.0}', '{gamma = 3.0}', "'grid.methods[1]'", "needs name"),
-    ('{name = "min_snr", gamma = 3.0}', '"baseline"', "'grid.methods[1]'", "already in the grid"),
+    ('gamma = 3', 'gamma = -1.0', "'grid.methods[1]'", "out of range"),
+    ('gamma = 3', 'gama = 3.0', "'grid.methods[1]'", "no hyperparameter 'gama'"),
+    ('gamma = 3', 'gamma = "big"', "'grid.methods[1]'", "gamma"),
+    ('{name = "min_snr", gamma = 3}', '{gamma = 3.0}', "'grid.methods[1]'", "needs name"),
+    ('{name = "min_snr", gamma = 3}', '"baseline"', "'grid.methods[1]'", "already in the grid"),
     ('seeds = [0, 1]', 'seeds = [0, 0]', "'grid.seeds'", "repeats a seed"),
     ('seeds = [0, 1]', 'seeds = []', "'grid.seeds'", "must not be empty"),
     ('seeds = [0, 1]', 'seeds = [0, 1.5]', "'grid.seeds'", "a list of integers"),
@@ -146,6 +171,10 @@ BAD = [
      "not a Slurm time"),
     ('num_images = 16', 'num_images = 16\n[slurm]\ngpu = 1', "'slurm.gpu'", "unknown key"),
     ('[budget]', '[budget]\nx = [', "", "not valid TOML"),
+    ('num_images = 16', 'num_images = 16\nsampler_steps = 2000', "'eval.sampler_steps'", "1..1000"),
+    ('num_images = 16', 'num_images = 16\nsampler = "euler"', "'eval'", "unknown sampler 'euler'"),
+    ('num_images = 16', 'num_images = 16\nnoise_seed = "x"', "'eval.noise_seed'", "must be an integer"),
+    ('num_images = 16', 'num_images = 16\ndataset = "cifar10"', "'eval.dataset'", "set by [grid] datasets"),
 ]
 
 

@@ -261,3 +261,16 @@ def test_every_method_trains_on_fashion_mnist(tmp_path, method):
     assert train(cfg, tmp_path)["state"] == "done"
     rows = io.read_jsonl(tmp_path / "steps.jsonl")
     assert len(rows) == 3 and all(np.isfinite(r["loss"]) for r in rows)
+
+
+def test_plugin_method_trains_with_its_ema_slot(tmp_path):
+    from test_methods import PLUGIN
+
+    (tmp_path / "plug").mkdir()
+    (tmp_path / "plug" / "warm_ema.py").write_text(PLUGIN)
+    cfg = TrainConfig(method="warm_ema", method_params={"start": 0.5}, plugins=[str(tmp_path / "plug")],
+                      **{**SMALL, "iters": 4})
+    train(cfg, tmp_path / "run")
+    rows = io.read_jsonl(tmp_path / "run" / "steps.jsonl")
+    assert [r["ema_decay"] for r in rows] == pytest.approx([0.5 + (0.999 - 0.5) * s / 4 for s in range(4)])
+    assert io.read_json(tmp_path / "run" / "config.json")["method_label"] == "warm_ema-start0.5"

@@ -1,0 +1,205 @@
+"""The evaluation hook: sample from a model with fixed noise and score the samples.
+
+``Evaluator(spec).evaluate(model, schedule, target, step) -> list[dict]`` is called by
+bench/train.py on the EMA model every ``eval_every`` iterations and at the end; the caller
+appends the rows to the run's evals.jsonl.
+
+Spec keys (all optional; unknown keys are an error):
+
+====================  =================  =====================================================
+key                   default            meaning
+====================  =================  =====================================================
+dataset               "fashion-mnist"    reference data (bench/data.py name)
+data_dir              None               where the dataset lies (bench/data.py)
+resolution            None               image size (None: the dataset's own)
+metrics               proxy_fd,          any of "proxy_fd", "proxy_kid" (bench/proxy.py: fast,
+                      proxy_kid          CPU default) and "fid", "kid" (bench/fid.py, Inception)
+num_images            1000               generated images per evaluation (num_gen)
+num_ref               None               reference images (None: as many as num_images); a
+                                         fixed random subset (seed 0) of the split
+ref_split             "train"            "train" or "test"
+sampler               "ddim"             "ddim" or "ddpm" (ancestral)
+sampler_steps         50                 None: 50 for ddim, T for ddpm
+eta                   0.0                DDIM's eta (0 deterministic, 1 ancestral-like)
+batch_size            500                sampling batch (the samples do not depend on it)
+noise_seed            0                  image i always gets the noise of (noise_seed, i)
+cache_dir             "results/.cache"   proxy weights and reference statistics
+clip_x0               True               clamp x0_hat to [-1, 1] at every sampling step
+timestep_spacing      "trailing"         which timesteps a short sampler visits
+ddpm_variance         "large"            ddpm sigma^2: "large" = beta (DDPM paper), "small" =
+                                         posterior variance (then ddpm equals ddim with eta 1)
+inception             None               Inception weights path (else the lookup in bench/fid.py)
+device                None               feature device (None: the model's device)
+proxy_seed            0                  seed of the proxy classifier's training
+kid_subsets           100                KID: number of subsets
+kid_subset_size       1000               KID: largest subset size
+verbose               False              print what is loaded or computed to stderr
+====================  =================  =====================================================
+
+Each row is flat: step, metric, value, feature_extractor, num_gen, ref_split, num_ref,
+sampler, sampler_steps, eta (None for ddpm), eval_seconds; and also dataset, resolution,
+noise_seed, weights_sha1 (of the feature extractor), sample_seconds and setup_seconds.
+eval_seconds is the wall time of the whole evaluate() call, the same on every row of that
+call (do not add it up over rows); setup_seconds is the part spent once per process (loading
+Inception, training or loading the proxy, reference statistics), non-zero on the first call.
+KID values are raw (not multiplied by 1000).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from bench.errors import ConfigError
+from bench.sampling import SAMPLERS, check_sampler_args, sample, to_uint8
+
+METRICS = ("proxy_fd", "proxy_kid", "fid", "kid")
+DEFAULTS = {
+    "dataset": "fashion-mnist",
+    "data_dir": None,
+    "resolution": None,
+    "metrics": ["proxy_fd", "proxy_kid"],
+    "num_images": 1000,
+    "num_ref": None,
+    "ref_split": "train",
+    "sampler": "ddim",
+    "sampler_steps": 50,
+    "eta": 0.0,
+    "batch_size": 500,
+    "noise_seed": 0,
+    "cache_dir": "results/.cache",
+    "clip_x0": True,
+    "timestep_spacing": "trailing",
+    "ddpm_variance": "large",
+    "inception": None,
+    "device": None,
+    "proxy_seed": 0,
+    "kid_subsets": 100,
+    "kid_subset_size": 1000,
+    "verbose": False,
+}
+
+
+def resolve_spec(spec: dict | None) -> dict:
+    """Defaults filled in and every value checked; raises ConfigError with one line."""
+    spec = dict(spec or {})
+    unknown = sorted(set(spec) - set(DEFAULTS))
+    if unknown:
+        raise ConfigError(f"eval: unknown key {unknown[0]!r}; known keys: {', '.join(DEFAULTS)}")
+    out = {**DEFAULTS, **{k: v for k, v in spec.items() if v is not None or k in ("resolution", "data_dir")}}
+    metrics = out["metrics"]
+    if isinstance(metrics, str):
+        metrics = [m.strip() for m in metrics.split(",") if m.strip()]
+    metrics = list(dict.fromkeys(metrics))
+    bad = [m for m in metrics if m not in METRICS]
+    if bad or not metrics:
+        raise ConfigError(f"eval: unknown metric {bad[0] if bad else '(none given)'!r}; use any of {', '.join(METRICS)}")
+    out["metrics"] = metrics
+    for key in ("num_images", "batch_size", "kid_subsets", "kid_subset_size"):
+        if not isinstance(out[key], int) or isinstance(out[key], bool) or out[key] < 2:
+            raise ConfigError(f"eval: {key} must be an integer >= 2, got {out[key]!r}")
+    if out["num_ref"] is not None and (not isinstance(out["num_ref"], int) or out["num_ref"] < 2):
+        raise ConfigError(f"eval: num_ref must be an integer >= 2 or null, got {out['num_ref']!r}")
+    if out["ref_split"] not in ("train", "test"):
+        raise ConfigError(f"eval: ref_split must be train or test, got {out['ref_split']!r}")
+    if out["sampler"] not in SAMPLERS:
+        raise ConfigError(f"eval: unknown sampler {out['sampler']!r}; use one of {', '.join(SAMPLERS)}")
+    if "sampler_steps" in spec and spec["sampler_steps"] is None:
+        out["sampler_steps"] = None
+    # Steps are checked against T at evaluation time; here against a generous bound.
+    check_sampler_args(out["sampler"], out["sampler_steps"], out["eta"], 10**9, out["ddpm_variance"],
+                       out["timestep_spacing"])
+    return out
+
+
+class Evaluator:
+    """Samples ``num_images`` images with fixed noise and computes the configured metrics."""
+
+    def __init__(self, spec: dict | None = None):
+        self.spec = resolve_spec(spec)
+        self._prepared: dict = {}
+        self.last_images: torch.Tensor | None = None  # uint8 [N, C, H, W] of the last evaluation
+
+    # -- one-time setup ------------------------------------------------------------------------
+    def _ref_images(self) -> torch.Tensor:
+        from bench.data import load_dataset
+
+        s = self.spec
+        images, _ = load_dataset(s["dataset"], split=s["ref_split"], data_dir=s["data_dir"], resolution=s["resolution"])
+        return images
+
+    def prepare(self, device=None) -> float:
+        """Load feature extractors and reference statistics (cached on disk and in this object).
+        Returns the seconds spent; evaluate() calls it, so calling it first is optional."""
+        from bench.fid import get_inception, reference_stats
+
+        t0 = time.perf_counter()
+        s = self.spec
+        device = torch.device(s["device"] or device or "cpu")
+        images = self._ref_images()
+        num_ref = s["num_ref"] if s["num_ref"] is not None else s["num_images"]
+        if "shape" not in self._prepared:
+            self._prepared["shape"] = tuple(images.shape[1:])
+        if {"proxy_fd", "proxy_kid"} & set(s["metrics"]) and "proxy" not in self._prepared:
+            from bench.proxy import get_proxy
+
+            ext = get_proxy(s["dataset"], s["resolution"], data_dir=s["data_dir"], cache_dir=s["cache_dir"],
+                            seed=s["proxy_seed"], verbose=s["verbose"])
+            ref = reference_stats(ext, s["dataset"], s["ref_split"], num=num_ref, data_dir=s["data_dir"],
+                                  cache_dir=s["cache_dir"], images=images, verbose=s["verbose"])
+            self._prepared["proxy"] = (ext, ref)
+        if {"fid", "kid"} & set(s["metrics"]) and "inception" not in self._prepared:
+            ext = get_inception(s["inception"], device, verbose=s["verbose"])
+            ref = reference_stats(ext, s["dataset"], s["ref_split"], num=num_ref, data_dir=s["data_dir"],
+                                  cache_dir=s["cache_dir"], images=images, verbose=s["verbose"])
+            self._prepared["inception"] = (ext, ref)
+        return time.perf_counter() - t0
+
+    # -- the hook -----------------------------------------------------------------------------
+    def evaluate(self, model, schedule, target: str, step: int) -> list[dict]:
+        from bench.fid import feature_stats, frechet_distance, kernel_distance
+        from bench.sampling import _model_device
+
+        t0 = time.perf_counter()
+        s = self.spec
+        model_device = _model_device(model)
+        setup_seconds = self.prepare(model_device)
+        steps = check_sampler_args(s["sampler"], s["sampler_steps"], s["eta"], schedule.T, s["ddpm_variance"],
+                                   s["timestep_spacing"])
+
+        t1 = time.perf_counter()
+        x = sample(model, schedule, target, s["num_images"], self._prepared["shape"], batch_size=s["batch_size"],
+                   sampler=s["sampler"], steps=steps, eta=s["eta"], noise_seed=s["noise_seed"], clip_x0=s["clip_x0"],
+                   spacing=s["timestep_spacing"], ddpm_variance=s["ddpm_variance"])
+        images = to_uint8(x)
+        self.last_images = images
+        sample_seconds = time.perf_counter() - t1
+
+        values = []  # (metric, value, extractor, ref)
+        for family, fd_name, kid_name in (("proxy", "proxy_fd", "proxy_kid"), ("inception", "fid", "kid")):
+            if family not in self._prepared:
+                continue
+            ext, ref = self._prepared[family]
+            feats = ext.features(images)
+            if fd_name in s["metrics"]:
+                mu, sigma = feature_stats(feats)
+                values.append((fd_name, frechet_distance(mu, sigma, ref.mu, ref.sigma), ext, ref))
+            if kid_name in s["metrics"]:
+                kid = kernel_distance(feats, ref.feats, num_subsets=s["kid_subsets"],
+                                      max_subset_size=s["kid_subset_size"], seed=0)
+                values.append((kid_name, kid, ext, ref))
+        eval_seconds = time.perf_counter() - t0
+
+        order = {m: k for k, m in enumerate(s["metrics"])}
+        values.sort(key=lambda v: order[v[0]])
+        return [{
+            "step": int(step), "metric": metric, "value": float(value), "feature_extractor": ext.name,
+            "num_gen": s["num_images"], "ref_split": s["ref_split"], "num_ref": int(ref.num),
+            "sampler": s["sampler"], "sampler_steps": steps,
+            "eta": float(s["eta"]) if s["sampler"] == "ddim" else None,
+            "eval_seconds": round(eval_seconds, 3),
+            "dataset": s["dataset"], "resolution": int(self._prepared["shape"][-1]), "noise_seed": s["noise_seed"],
+            "weights_sha1": ext.weights_sha1, "sample_seconds": round(sample_seconds, 3),
+            "setup_seconds": round(setup_seconds, 3),
+        } for metric, value, ext, ref in values]
