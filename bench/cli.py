@@ -137,12 +137,15 @@ def cmd_train(args) -> None:
                   f"eval {status['eval_seconds']:.1f} s; results in {out}")
 
 
-def cmd_run(args) -> None:
+def cmd_run(args) -> int:
     from bench.runner import run_suite
     from bench.suite import load_suite
 
     suite = load_suite(args.suite)
-    run_suite(suite, executor=args.executor, jobs=args.jobs, dry_run=args.dry_run, results_root=args.results)
+    result = run_suite(suite, executor=args.executor, jobs=args.jobs, dry_run=args.dry_run, results_root=args.results,
+                       slurm=parse_sets(args.slurm) or None, retry_failed=args.retry_failed, only=args.only or None,
+                       wait=not args.no_wait)
+    return 0 if args.dry_run or not args.no_wait and result.ok or args.no_wait else 1
 
 
 def cmd_report(args) -> None:
@@ -162,16 +165,19 @@ def cmd_fid(args) -> None:
     print(f"{cli_fid(args.path_a, args.path_b, weights=args.weights, batch_size=args.batch_size):.6f}")
 
 
-def cmd_default(args) -> None:
+def cmd_default(args) -> int:
     from bench.report import build_report
     from bench.runner import run_suite
     from bench.suite import load_suite
 
-    run_suite(load_suite("mini"), results_root=args.results)
+    result = run_suite(load_suite("mini"), results_root=args.results)
     print(build_report(Path(args.results) / "mini"))
+    return 0 if result.ok else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from bench.runner import EXECUTORS
+
     parser = argparse.ArgumentParser(prog="run_bench.py", description=__doc__)
     parser.add_argument("--plugins", action="append", default=[], metavar="PATH",
                         help="extra method plugin file or folder (repeatable)")
@@ -222,9 +228,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", parents=[plugin_opt], help="run a suite (name under suites/ or a TOML file)")
     p.add_argument("suite")
-    p.add_argument("--executor", default="local", choices=("local", "slurm"))
-    p.add_argument("--jobs", type=int, default=1)
-    p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--executor", default="local", choices=EXECUTORS,
+                   help="local; slurm (submitit job array); submitit-local/-debug run the Slurm path without a cluster")
+    p.add_argument("--jobs", type=int, default=1, help="parallel local worker processes")
+    p.add_argument("--dry-run", action="store_true", help="print the runs and their estimated cost")
+    p.add_argument("--only", action="append", default=[], metavar="GLOB",
+                   help="run keys to include, e.g. 'fashion-mnist-16_unet-tiny/clts/seed0' (repeatable)")
+    p.add_argument("--retry-failed", action="store_true", help="also retry runs that diverged")
+    p.add_argument("--slurm", action="append", default=[], metavar="KEY=VALUE",
+                   help="override the suite's [slurm] table: partition, gpus, time, account, ...")
+    p.add_argument("--no-wait", action="store_true", help="submit to Slurm and return")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("report", parents=[plugin_opt], help="tables and figures of a suite's results")
@@ -247,11 +260,10 @@ def main(argv=None) -> int:
             from bench.registry import load_plugins
 
             load_plugins(args.plugins)
-        (args.func if args.command else cmd_default)(args)
+        return (args.func if args.command else cmd_default)(args) or 0
     except BenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: finished work is saved; run the same command again to resume", file=sys.stderr)
         return 130
-    return 0

@@ -163,10 +163,10 @@ class Evaluator:
 
         t0 = time.perf_counter()
         s = self.spec
-        model_device = _model_device(model)
-        setup_seconds = self.prepare(model_device)
         steps = check_sampler_args(s["sampler"], s["sampler_steps"], s["eta"], schedule.T, s["ddpm_variance"],
                                    s["timestep_spacing"])
+        model_device = _model_device(model)
+        setup_seconds = self.prepare(model_device)
 
         t1 = time.perf_counter()
         x = sample(model, schedule, target, s["num_images"], self._prepared["shape"], batch_size=s["batch_size"],

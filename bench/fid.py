@@ -158,6 +158,7 @@ def _download_cleanfid(dest_dir: Path, timeout: float = 30.0) -> Path:
         with os.fdopen(fd, "wb") as f, urllib.request.urlopen(CLEANFID_URL, timeout=timeout) as r:
             while chunk := r.read(1 << 20):
                 f.write(chunk)
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, dest)
     finally:
         if os.path.exists(tmp):
@@ -425,7 +426,12 @@ def kernel_distance(feats1: np.ndarray, feats2: np.ndarray, num_subsets: int = 1
 # --------------------------------------------------------------------------- reference statistics
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 def _atomic_write(path: Path, write) -> None:
+    """Write a file through `write(fileobj)` to a temporary name in the same folder, then rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -434,6 +440,7 @@ def _atomic_write(path: Path, write) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; cache files are shared like any file
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

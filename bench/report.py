@@ -1,19 +1,19 @@
 """The report of a suite's results: tables (CSV, Markdown, LaTeX), figures (PNG, PDF), report.md.
 
 ``build_report(results/<suite>)`` reads every run folder (config.json, status.json, evals.jsonl,
-steps.jsonl, method_trace.json, machine.json) and the suite's suite.json, and writes
-``results/<suite>/report/``:
+steps.jsonl, method_trace.json, machine.json) and the suite's suite.json, and writes into
+``results/<suite>/``:
 
-- evaluations.csv            every evaluation, one tidy row per (run, step, metric)
-- speedup.{csv,md,tex}       speed-up of every method over the baseline (bench.speedup), per
-                             workload and metric, with the bootstrap interval over seeds
-- fractions.{csv,md,tex}     each metric at fixed fractions of the budget, mean and std over seeds
-- curves.csv                 the seed-mean and std curve of every method
-- figures/                   metric vs iterations with seed bands, timestep distribution over
-                             training, beta1 and lr over training, loss per timestep quartile
-- report.md                  all of the above, with what every number is (metric, feature
-                             extractor, N, sampler), every method label's hyperparameters, the
-                             machines the runs ran on, and the failed runs
+- report.md                       all of the below, with what every number is (metric, feature
+                                  extractor, N, sampler), every method label's hyperparameters,
+                                  the machines the runs ran on, and the failed runs
+- tables/evaluations.csv          every evaluation, one tidy row per (run, step, metric)
+- tables/speedup.{csv,md,tex}     speed-up of every method over the baseline (bench.speedup), per
+                                  workload and metric, with the bootstrap interval over seeds
+- tables/fractions.{csv,md,tex}   each metric at fixed fractions of the budget, mean and std
+- tables/curves.csv               the seed-mean and std curve of every method
+- figures/*.{png,pdf}             metric vs iterations with seed bands, timestep distribution over
+                                  training, beta1 and lr over training, loss per timestep quartile
 
 Reads files only: never imports torch (the report can be built on a laptop).
 """
@@ -33,8 +33,7 @@ import pandas as pd
 from bench.io import atomic_write_bytes, read_jsonl
 from bench.speedup import compute_speedup, complete_points, lower_is_better, values_at_fractions
 
-SKIP_DIRS = {"report", "_submitit"}
-REPORT_DIR = "report"
+SKIP_DIRS = {"report", "_submitit", "figures", "tables"}
 N_BINS = 100  # steps.jsonl is summarised in this many bins of the budget for the figures
 
 
@@ -531,9 +530,10 @@ def build_report(suite_dir: str | os.PathLike, out_dir: str | os.PathLike | None
         from bench.errors import ConfigError
 
         raise ConfigError(f"no results folder {suite_dir}; run the suite first")
-    out = Path(out_dir) if out_dir else suite_dir / REPORT_DIR
+    out = Path(out_dir) if out_dir else suite_dir
     fig_dir = out / "figures"
-    out.mkdir(parents=True, exist_ok=True)
+    tab_dir = out / "tables"
+    tab_dir.mkdir(parents=True, exist_ok=True)
     info = _read_json(suite_dir / "suite.json") or {}
     rep = info.get("report") or {}
     runs = find_runs(suite_dir)
@@ -551,10 +551,10 @@ def build_report(suite_dir: str | os.PathLike, out_dir: str | os.PathLike | None
                        confidence=float(rep.get("confidence", 0.95)), seed=int(rep.get("seed", 0)))
     fr = fractions_table(evals, runs, fractions)
     cv = curves_table(evals, runs)
-    _write_text(out / "evaluations.csv", evals.to_csv(index=False))
-    _write_text(out / "speedup.csv", sp.to_csv(index=False))
-    _write_text(out / "fractions.csv", fr.to_csv(index=False))
-    _write_text(out / "curves.csv", cv.to_csv(index=False))
+    _write_text(tab_dir / "evaluations.csv", evals.to_csv(index=False))
+    _write_text(tab_dir / "speedup.csv", sp.to_csv(index=False))
+    _write_text(tab_dir / "fractions.csv", fr.to_csv(index=False))
+    _write_text(tab_dir / "curves.csv", cv.to_csv(index=False))
 
     workloads = sorted({r["workload"] for r in runs})
     md_sp, tex_sp, md_fr, tex_fr = [], [], [], []
@@ -620,10 +620,10 @@ def build_report(suite_dir: str | os.PathLike, out_dir: str | os.PathLike | None
                 sec += [f"### {title}", "", f"![{title}]({_fig(stem)}.png) ([PDF]({_fig(stem)}.pdf))", ""]
         sections += sec
 
-    _write_text(out / "speedup.md", "\n".join(md_sp) or "_(no speed-up: no baseline or no evaluations)_\n")
-    _write_text(out / "fractions.md", "\n".join(md_fr) or "_(no evaluations)_\n")
-    _write_text(out / "speedup.tex", "\n".join(tex_sp))
-    _write_text(out / "fractions.tex", "\n".join(tex_fr))
+    _write_text(tab_dir / "speedup.md", "\n".join(md_sp) or "_(no speed-up: no baseline or no evaluations)_\n")
+    _write_text(tab_dir / "fractions.md", "\n".join(md_fr) or "_(no evaluations)_\n")
+    _write_text(tab_dir / "speedup.tex", "\n".join(tex_sp))
+    _write_text(tab_dir / "fractions.tex", "\n".join(tex_fr))
 
     states = {}
     for r in runs:
@@ -660,10 +660,12 @@ def build_report(suite_dir: str | os.PathLike, out_dir: str | os.PathLike | None
             "run": f"{r['workload']}/{r['label']}/seed{r['seed']}", "state": r["status"].get("state"),
             "step": r["status"].get("step")} for r in unfinished])), ""]
     lines += ["## Files", "",
-              "- [evaluations.csv](evaluations.csv): every evaluation, one tidy row per run, step and metric",
-              "- [curves.csv](curves.csv): seed-mean and sd curves",
-              "- [speedup.csv](speedup.csv), [speedup.md](speedup.md), [speedup.tex](speedup.tex)",
-              "- [fractions.csv](fractions.csv), [fractions.md](fractions.md), [fractions.tex](fractions.tex)",
+              "- [tables/evaluations.csv](tables/evaluations.csv): every evaluation, one tidy row per run, step "
+              "and metric",
+              "- [tables/curves.csv](tables/curves.csv): seed-mean and sd curves",
+              "- speed-up: [CSV](tables/speedup.csv), [Markdown](tables/speedup.md), [LaTeX](tables/speedup.tex)",
+              "- metric at fractions of the budget: [CSV](tables/fractions.csv), [Markdown](tables/fractions.md), "
+              "[LaTeX](tables/fractions.tex)",
               "- [figures/](figures/): PNG and PDF of every figure", ""]
     path = out / "report.md"
     _write_text(path, "\n".join(lines))

@@ -28,6 +28,7 @@ import json
 import os
 import platform
 import socket
+import subprocess
 import threading
 import time
 import traceback
@@ -786,14 +787,21 @@ def _run_workers(todo, dirs, train_fn, retry_failed, reporter, outcomes, jobs):
 
 def slurm_parameters(settings: dict, suite_name: str, cluster: str) -> dict:
     """submitit AutoExecutor parameters from a [slurm] table (plus overrides)."""
-    from bench.suite import parse_slurm_time
-
     known = {"partition", "gpus", "time", "account", "qos", "constraint", "cpus_per_task", "mem_gb",
              "array_parallelism", "max_num_timeout", "setup", "additional", "name"}
     unknown = sorted(set(settings) - known)
     if unknown:
         raise ConfigError(f"unknown Slurm setting {unknown[0]!r}; known: {', '.join(sorted(known))}")
     p: dict[str, Any] = {"name": settings.get("name") or f"diffbench-{suite_name}"}
+    try:
+        return _slurm_parameters(settings, p, cluster)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"Slurm settings: {exc}; e.g. time=48:00:00 gpus=1 mem_gb=64 partition=gpu") from None
+
+
+def _slurm_parameters(settings: dict, p: dict, cluster: str) -> dict:
+    from bench.suite import parse_slurm_time
+
     if "time" in settings:
         p["timeout_min"] = parse_slurm_time(settings["time"])
     if "gpus" in settings and cluster == "slurm":
@@ -801,10 +809,16 @@ def slurm_parameters(settings: dict, suite_name: str, cluster: str) -> dict:
     if "cpus_per_task" in settings:
         p["cpus_per_task"] = int(settings["cpus_per_task"])
     if "mem_gb" in settings:
-        p["mem_gb"] = settings["mem_gb"]
-    for key in ("partition", "account", "qos", "constraint", "array_parallelism", "max_num_timeout", "setup"):
+        p["mem_gb"] = float(settings["mem_gb"])
+    for key in ("partition", "account", "qos", "constraint"):
         if settings.get(key) not in (None, ""):
-            p[f"slurm_{key}"] = settings[key]
+            p[f"slurm_{key}"] = str(settings[key])
+    for key in ("array_parallelism", "max_num_timeout"):
+        if settings.get(key) not in (None, ""):
+            p[f"slurm_{key}"] = int(settings[key])
+    if settings.get("setup"):
+        setup = settings["setup"]
+        p["slurm_setup"] = [setup] if isinstance(setup, str) else list(setup)
     if settings.get("additional"):
         p["slurm_additional_parameters"] = dict(settings["additional"])
     return p
@@ -853,13 +867,19 @@ def _run_submitit(suite, todo, dirs, train_fn, retry_failed, reporter, outcomes,
         if not todo:
             return
     folder = suite_dir / "_submitit"
-    executor = submitit.AutoExecutor(folder=str(folder / "%j"), cluster=cluster)
-    executor.update_parameters(**slurm_parameters(settings, suite.name, cluster))
+    params = slurm_parameters(settings, suite.name, cluster)
     ref = _train_fn_ref(train_fn)
     jobs = []
-    with executor.batch():
-        for run in todo:
-            jobs.append((run, executor.submit(RunJob(run.to_dict(), str(dirs[run.key]), ref, retry_failed))))
+    try:
+        executor = submitit.AutoExecutor(folder=str(folder / "%j"), cluster=cluster)
+        executor.update_parameters(**params)
+        with executor.batch():
+            for run in todo:
+                jobs.append((run, executor.submit(RunJob(run.to_dict(), str(dirs[run.key]), ref, retry_failed))))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+        raise ConfigError(f"could not submit the job array through submitit ({cluster}): {type(exc).__name__}: "
+                          f"{str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}; "
+                          "run from a Slurm login node (srun and sbatch on PATH), or use --executor local") from None
     for run, job in jobs:
         io.write_json(dirs[run.key] / "job.json", {"job_id": str(job.job_id), "cluster": cluster,
                                                    "submitted": time.strftime("%Y-%m-%dT%H:%M:%S%z")})

@@ -14,7 +14,8 @@ so methods are compared at equal images seen. Layout of a suite file (see suites
     [eval]     every (iterations between evaluations), metrics, num_images, sampler, ...
                (everything but `every` is the evaluator's spec, TrainConfig.eval)
     [report]   metric, baseline, fractions, bootstrap, confidence, seed
-    [cost]     device, train_images_per_s, forward_ratio, startup_s, eval_overhead_s (dry-run model)
+    [cost]     device, train_images_per_s, forward_ratio, startup_s, eval_overhead_s, setup_s
+               (the dry-run's cost model)
     [slurm]    partition, gpus, time, account, qos, constraint, cpus_per_task, mem_gb,
                array_parallelism, max_num_timeout, setup, additional
 
@@ -34,8 +35,11 @@ Cost model of ``--dry-run`` (:func:`estimate_cost`), deliberately simple:
 - sampling: every evaluation generates ``num_images`` images with ``sampler_steps`` network
   evaluations each; one network evaluation without backward costs ``1 / forward_ratio`` of a
   training image (default 2.5, measured for unet-tiny on the CPU; 3 is the textbook figure);
-- fixed costs: ``startup_s`` per run (process start, data loading) and ``eval_overhead_s`` per
-  evaluation (feature extraction of the generated images, metric arithmetic).
+- fixed costs: ``startup_s`` per run (process start, data loading), ``eval_overhead_s`` per
+  evaluation (feature extraction of the generated images, metric arithmetic), and ``setup_s``
+  once per suite (the evaluator's first-time setup: training the proxy feature extractor or
+  computing reference statistics; cached under results/.cache afterwards, so counted only
+  while no run of the suite has finished).
 Evaluations happen every ``eval.every`` iterations and at the end (as bench.train does).
 """
 
@@ -376,6 +380,7 @@ COST_SCHEMA = {
     "forward_ratio": (float, False, _positive),
     "startup_s": (float, False, _nonneg),
     "eval_overhead_s": (float, False, _nonneg),
+    "setup_s": (float, False, _nonneg),
 }
 SLURM_SCHEMA = {
     "partition": (str, False, None),
@@ -683,6 +688,7 @@ def run_cost(suite: Suite, run: RunSpec) -> RunCost:
 @dataclass
 class CostEstimate:
     runs: list[tuple[RunSpec, RunCost]]
+    setup_s: float = 0.0  # once per suite (evaluator setup)
 
     @property
     def train_images(self) -> int:
@@ -698,11 +704,12 @@ class CostEstimate:
 
     @property
     def total_s(self) -> float:
-        return sum(c.total_s for _, c in self.runs)
+        return self.setup_s + sum(c.total_s for _, c in self.runs)
 
 
 def estimate_cost(suite: Suite, runs: list[RunSpec] | None = None) -> CostEstimate:
-    return CostEstimate([(r, run_cost(suite, r)) for r in (suite.runs() if runs is None else runs)])
+    return CostEstimate([(r, run_cost(suite, r)) for r in (suite.runs() if runs is None else runs)],
+                        float(suite.cost.get("setup_s", 0.0)))
 
 
 def format_duration(seconds: float) -> str:
@@ -729,7 +736,7 @@ def describe_plan(suite: Suite, states: dict[str, str] | None = None, jobs: int 
              ""]
     width = max(len(r.key) for r, _ in est.runs)
     lines.append(f"{'run':<{width}}  {'state':<8} {'train img':>12} {'sample img':>11} {'est. time':>10}")
-    todo_s = 0.0
+    todo_s = est.setup_s if not any(v == "done" for v in states.values()) else 0.0
     for r, c in est.runs:
         state = states.get(r.key, "todo")
         if state != "done":
@@ -742,10 +749,12 @@ def describe_plan(suite: Suite, states: dict[str, str] | None = None, jobs: int 
               f"images to train: {est.train_images:,}; images to sample: {est.sample_images:,} "
               f"({est.network_evals:,} network evaluations)",
               f"estimated time on {device}: {format_duration(est.total_s)} ({est.total_s:,.0f} s) for all runs "
-              f"(sampling {format_duration(sample_s)}); still to run: {format_duration(todo_s)}"
+              f"(sampling {format_duration(sample_s)}"
+              + (f", one-time evaluator setup {format_duration(est.setup_s)}" if est.setup_s else "")
+              + f"); still to run: {format_duration(todo_s)}"
               + (f", about {format_duration(todo_s / jobs)} with {jobs} parallel jobs" if jobs > 1 else ""),
               "model: iters x batch / train_images_per_s + sampled images x sampler steps / "
-              "(train_images_per_s x forward_ratio) + startup_s + eval points x eval_overhead_s "
+              "(train_images_per_s x forward_ratio) + startup_s + eval points x eval_overhead_s, + setup_s once "
               "(see bench/suite.py)"]
     return "\n".join(lines)
 

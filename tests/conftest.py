@@ -12,3 +12,13 @@ os.environ.setdefault("DIFFBENCH_CACHE", str(REPO / ".pytest_cache" / "diffbench
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 needs_fashion = pytest.mark.skipif(not (FASHION_DIR / "train-images-idx3-ubyte.gz").exists(),
                                    reason="Debian dataset-fashion-mnist not installed (./setup.sh installs it)")
+
+
+@pytest.fixture(autouse=True)
+def isolated_registry(monkeypatch):
+    """Plugins a test loads leave the method registry as it was afterwards."""
+    from bench import registry
+
+    registry.load_plugins()
+    monkeypatch.setattr(registry, "_loaded", dict(registry._loaded))
+    monkeypatch.setattr(registry, "_loaded_paths", set(registry._loaded_paths))

@@ -10,7 +10,7 @@ from bench import fid as F
 from bench.errors import BenchError
 from bench.sampling import save_pngs, to_uint8
 
-N_PER_SIDE = 40  # Inception runs at ~15 images/s on 2 CPU cores; 4 passes of 40 images
+N_PER_SIDE = 32  # Inception: ~15 images/s here, ~5 images/s in clean-fid's own route (no channels_last)
 
 
 def _have_weights() -> bool:
@@ -66,17 +66,13 @@ def test_in_memory_fid_equals_cleanfid_folder_route(setup):
                             num_workers=0, batch_size=16, device=torch.device("cpu"), verbose=False)
     assert ours > 10  # the two sets really differ
     assert abs(ours - theirs) < 1e-3, (ours, theirs)
-    # Our folder route (the CLI) gives the same number as the in-memory one.
-    assert abs(F.cli_fid(str(root / "A"), str(root / "B")) - ours) < 1e-6
+    # Our folder route (the CLI) reads the PNGs back to exactly the in-memory features.
+    assert np.array_equal(F.folder_features(ext, root / "A"), setup["fa"])
+    assert np.array_equal(F.folder_features(ext, root / "B"), setup["fb"])
     # KID: with equal set sizes <= 1000 every subset is the whole set, so the value is exact.
-    fa2 = cf.get_folder_features(str(root / "A"), model, num_workers=0, batch_size=16,
-                                 device=torch.device("cpu"), mode="clean", verbose=False)
-    fb2 = cf.get_folder_features(str(root / "B"), model, num_workers=0, batch_size=16,
-                                 device=torch.device("cpu"), mode="clean", verbose=False)
-    assert np.abs(fa2 - setup["fa"]).max() < 1e-3
-    kid_theirs = cf.kernel_distance(fa2, fb2)
+    kid_theirs = cf.kernel_distance(setup["fa"], setup["fb"])
     kid_ours = F.kernel_distance(setup["fa"], setup["fb"])
-    assert kid_ours > 0 and abs(kid_ours - kid_theirs) < 1e-4 * max(1.0, abs(kid_theirs)), (kid_ours, kid_theirs)
+    assert kid_ours > 0 and abs(kid_ours - kid_theirs) < 1e-4 * abs(kid_theirs), (kid_ours, kid_theirs)
 
 
 @needs_inception
@@ -113,7 +109,9 @@ def test_kid_matches_cleanfid_and_is_reproducible():
     a = rng.random((300, 32)).astype(np.float32)
     b = (rng.random((300, 32)) * 1.1).astype(np.float32)
     assert abs(F.kernel_distance(a, b) - cf_kid(a, b)) < 1e-4 * abs(cf_kid(a, b))
-    assert abs(F.kernel_distance(a, a[::-1].copy())) < 1e-9
+    # Two independent samples of one distribution: about 0, far below the shifted pair.
+    a2 = rng.random((300, 32)).astype(np.float32)
+    assert abs(F.kernel_distance(a, a2)) < 0.1 * F.kernel_distance(a, b)
     # Unequal sizes: random subsets, reproducible for a seed, and both code paths agree.
     c = rng.random((900, 32))
     k1 = F.kernel_distance(c, b, num_subsets=20, max_subset_size=100, seed=3)

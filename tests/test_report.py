@@ -86,7 +86,7 @@ def results(tmp_path_factory):
 
 def test_tidy_evaluation_table(results):
     root, report = results
-    df = pd.read_csv(report.parent / "evaluations.csv")
+    df = pd.read_csv(report.parent / "tables" / "evaluations.csv")
     assert len(df) == 3 * 3 * 4 + 2  # three full methods x 3 seeds x 4 evaluations, plus the failed seed's 2
     for col in ("workload", "method_label", "method", "seed", "step", "images_seen", "fraction", "metric", "value",
                 "feature_extractor", "num_gen", "sampler", "sampler_steps"):
@@ -97,7 +97,7 @@ def test_tidy_evaluation_table(results):
 
 def test_speedup_numbers(results):
     root, report = results
-    sp = pd.read_csv(report.parent / "speedup.csv").set_index("method_label")
+    sp = pd.read_csv(report.parent / "tables" / "speedup.csv").set_index("method_label")
     assert sp.loc["baseline", "speedup"] == 1.0
     assert sp.loc["baseline", "target"] == pytest.approx(6.0)
     assert sp.loc["fast", "method_steps"] == pytest.approx(200)
@@ -106,26 +106,26 @@ def test_speedup_numbers(results):
     # The failed seed of `slow` stops at step 200, so its seed-mean curve stops there too.
     assert math.isnan(sp.loc["slow", "speedup"]) and not sp.loc["slow", "reached"]
     assert sp.loc["slow", "seeds"] == 4
-    md = (report.parent / "speedup.md").read_text()
+    md = (report.parent / "tables" / "speedup.md").read_text()
     assert "not reached" in md and "2.00x" in md and "1 (reference)" in md
-    tex = (report.parent / "speedup.tex").read_text()
+    tex = (report.parent / "tables" / "speedup.tex").read_text()
     assert r"\begin{tabular}" in tex and r"\toprule" in tex and "proxy\\_fd" in tex
 
 
 def test_fractions_and_curves(results):
     root, report = results
-    fr = pd.read_csv(report.parent / "fractions.csv")
+    fr = pd.read_csv(report.parent / "tables" / "fractions.csv")
     b = fr[(fr.method_label == "baseline")].set_index("fraction")
     assert b.loc[0.25, "mean"] == pytest.approx(11) and b.loc[0.5, "mean"] == pytest.approx(9)
     assert b.loc[0.5, "std"] == pytest.approx(1.0)  # seeds 8, 9, 10
     assert b.loc[1.0, "mean"] == pytest.approx(6)
-    cv = pd.read_csv(report.parent / "curves.csv")
+    cv = pd.read_csv(report.parent / "tables" / "curves.csv")
     assert set(cv[cv.method_label == "slow"].step) == {100, 200}
 
 
 def test_report_md_says_what_every_number_is(results):
     root, report = results
-    assert report == root / "report" / "report.md"
+    assert report == root / "report.md"
     text = report.read_text()
     assert "A hand-made suite." in text
     # The metric's protocol: feature extractor, N, reference, sampler.
@@ -164,10 +164,10 @@ def test_report_of_an_empty_or_unfinished_suite(tmp_path):
     assert "## Unfinished runs" in text and "running" in text
 
 
-def test_report_never_imports_torch(results):
+def test_report_never_imports_torch(results, tmp_path):
     root, _ = results
     code = ("import sys; from bench.report import build_report; import bench.speedup; "
-            f"build_report({str(root)!r}, {str(root / 'report2')!r}); "
+            f"build_report({str(root)!r}, {str(tmp_path)!r}); "
             "bad = [m for m in sys.modules if m == 'torch' or m.startswith('torch.')]; "
             "assert not bad, bad; print('ok')")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)

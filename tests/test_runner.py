@@ -17,8 +17,7 @@ import pytest
 
 from bench import io
 from bench.errors import DivergenceError
-from bench.runner import (ResultsConflictError, RichReporter, check_conflict, read_status, run_suite,
-                          slurm_parameters)
+from bench.runner import ResultsConflictError, RichReporter, check_conflict, read_status, run_suite, slurm_parameters
 from bench.suite import load_suite
 
 REPO = Path(__file__).resolve().parent.parent
@@ -313,6 +312,20 @@ def test_a_queued_slurm_job_is_not_submitted_twice(tmp_path, monkeypatch):
     assert not _queued_slurm_job(tmp_path / "never-submitted")
 
 
+def test_slurm_without_a_cluster_is_a_clear_error(tmp_path, calls):
+    import shutil
+
+    from bench.errors import ConfigError
+
+    if shutil.which("srun"):
+        pytest.skip("this machine is a Slurm node")
+    suite = make_suite(tmp_path, seeds=[0])
+    with pytest.raises(ConfigError, match="could not submit.*Slurm login node"):
+        run_suite(suite, executor="slurm", results_root=tmp_path / "r", progress=False, train_fn=fake_train,
+                  slurm={"partition": "gpu", "time": "1:00:00"})
+    assert calls() == []
+
+
 def test_slurm_parameters_from_the_suite_table():
     p = slurm_parameters({"partition": "gpu", "gpus": 1, "time": "48:00:00", "account": "", "cpus_per_task": 10,
                           "mem_gb": 64, "array_parallelism": 18, "additional": {"exclude": "node1"}},
@@ -323,6 +336,11 @@ def test_slurm_parameters_from_the_suite_table():
     assert "gpus_per_node" not in slurm_parameters({"gpus": 1}, "x", "local")
     with pytest.raises(Exception, match="unknown Slurm setting 'partion'"):
         slurm_parameters({"partion": "gpu"}, "x", "slurm")
+    # Overrides from a command line arrive as strings.
+    p = slurm_parameters({"gpus": "2", "mem_gb": "32", "time": "90", "setup": "module load cuda"}, "x", "slurm")
+    assert (p["gpus_per_node"], p["mem_gb"], p["timeout_min"], p["slurm_setup"]) == (2, 32.0, 90, ["module load cuda"])
+    with pytest.raises(Exception, match="Slurm settings"):
+        slurm_parameters({"gpus": "two"}, "x", "slurm")
     with pytest.raises(Exception, match="unknown executor"):
         run_suite("smoke", executor="kubernetes")
 
@@ -347,15 +365,6 @@ class Explode(Method):
 '''
 
 
-@pytest.fixture
-def isolated_registry(monkeypatch):
-    """Plugins a test loads leave the method registry as it was afterwards."""
-    from bench import registry
-
-    registry.load_plugins()
-    monkeypatch.setattr(registry, "_loaded", dict(registry._loaded))
-    monkeypatch.setattr(registry, "_loaded_paths", set(registry._loaded_paths))
-
 
 def test_smoke_end_to_end(tmp_path, isolated_registry):
     pytest.importorskip("bench.evaluate", reason="the evaluator (bench/evaluate.py) is not there yet")
@@ -373,7 +382,7 @@ def test_smoke_end_to_end(tmp_path, isolated_registry):
     report = build_report(suite_dir)
     text = report.read_text()
     assert "proxy_fd" in text and "Speed-up over `baseline`" in text and "## Failed runs" in text
-    assert (report.parent / "evaluations.csv").is_file()
+    assert (report.parent / "tables" / "evaluations.csv").is_file()
     again = run_suite("smoke", results_root=results, progress=False)
     assert [o.action for o in again.outcomes] == ["skipped"] * 4
 

@@ -5,8 +5,15 @@ from pathlib import Path
 import pytest
 
 from bench.errors import ConfigError
-from bench.suite import (SuiteError, available_suites, describe_plan, estimate_cost, eval_steps, load_suite,
-                         parse_slurm_time)
+from bench.suite import (
+    SuiteError,
+    available_suites,
+    describe_plan,
+    estimate_cost,
+    eval_steps,
+    load_suite,
+    parse_slurm_time,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED = ["mini", "smoke", "paper-cifar10", "ablation-clts", "ablation-mdlrc"]
@@ -108,15 +115,6 @@ def test_grid_layout_labels_and_configs(tmp_path):
     assert s.eval["num_images"] == 16
 
 
-@pytest.fixture
-def isolated_registry(monkeypatch):
-    """Plugins a test loads leave the method registry as it was afterwards."""
-    from bench import registry
-
-    registry.load_plugins()
-    monkeypatch.setattr(registry, "_loaded", dict(registry._loaded))
-    monkeypatch.setattr(registry, "_loaded_paths", set(registry._loaded_paths))
-
 
 def test_plugin_paths_are_relative_to_the_suite_file(tmp_path, isolated_registry):
     (tmp_path / "plugins").mkdir()
@@ -217,13 +215,17 @@ def test_cost_estimate_by_hand():
     est = estimate_cost(s)
     _, c = est.runs[0]
     # 8 iterations x batch 8 = 64 images at 450 img/s; evaluations at 4 and 8, 32 images each,
-    # 2 sampler steps: 128 network evaluations at 450 x 2.5 per second; 3 s startup + 2 x 1 s.
+    # 2 sampler steps: 128 network evaluations at 450 x 2.5 per second; 3 s startup + 2 x 1 s
+    # (smoke.toml sets train_images_per_s 450 and startup_s 3; forward_ratio and eval_overhead_s
+    # are the defaults 2.5 and 1).
     assert (c.train_images, c.eval_points, c.sample_images, c.network_evals) == (64, 2, 64, 128)
     assert c.train_s == pytest.approx(64 / 450)
     assert c.sample_s == pytest.approx(128 / (450 * 2.5))
     assert c.overhead_s == pytest.approx(5.0)
     assert est.train_images == 4 * 64 and est.sample_images == 4 * 64
-    assert est.total_s == pytest.approx(4 * (64 / 450 + 128 / 1125 + 5))
+    # Plus the one-time evaluator setup of 5 s.
+    assert est.setup_s == 5.0
+    assert est.total_s == pytest.approx(4 * (64 / 450 + 128 / 1125 + 5) + 5)
 
 
 def test_plan_lists_every_run_and_the_totals():

@@ -1,0 +1,140 @@
+"""Benchmark of the evaluation paths: ``python -m bench.speed_eval [--num 1000]``.
+
+On the same images in one run it measures
+  1. our in-memory FID path (uint8 tensors -> clean-fid's resize -> Inception, channels_last),
+  2. clean-fid's own folder path (PNGs -> compute_fid(dir_a, dir_b, mode="clean") with
+     clean-fid's InceptionV3W on the same weights; num_workers=0, batch_size 32, clean-fid's default),
+  3. the proxy's feature extraction (bench/proxy.py),
+and checks that 1 and 2 give the same FID (< 1e-3). Set A is `num` test images and set B `num`
+training images of the dataset (real images stand in for generated ones: the cost is the same).
+Images/s counts every image passed through the network (2 * num per FID). Writing the PNGs for
+route 2 is timed separately. Prints a JSON report and writes it to --out if given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def _tune_allocator() -> bool:
+    try:
+        from bench.perf import tune_allocator
+    except ImportError:  # fall back to the same glibc call
+        import ctypes
+        import ctypes.util
+
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c"))
+            return bool(libc.mallopt(-3, 32 << 20) and libc.mallopt(-1, 1 << 30))
+        except (OSError, AttributeError, TypeError):
+            return False
+    return tune_allocator()
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(prog="python -m bench.speed_eval", description=__doc__.split("\n")[0])
+    ap.add_argument("--num", type=int, default=1000, help="images per set (default 1000)")
+    ap.add_argument("--dataset", default="fashion-mnist")
+    ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--batch-size", type=int, default=50, help="batch of our in-memory path")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--cache-dir", default="results/.cache", help="where the proxy classifier is cached")
+    ap.add_argument("--no-folder", action="store_true", help="skip clean-fid's folder route (the slow one)")
+    ap.add_argument("--out", default=None, help="write the JSON report here")
+    args = ap.parse_args(argv)
+
+    allocator = _tune_allocator()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from bench import fid as F
+    from bench.data import load_dataset
+    from bench.proxy import get_proxy
+    from bench.sampling import save_pngs
+
+    test_x, _ = load_dataset(args.dataset, "test", data_dir=args.data_dir)
+    train_x, _ = load_dataset(args.dataset, "train", data_dir=args.data_dir)
+    n = min(args.num, len(test_x), len(train_x))
+    a = test_x[:n]
+    b = train_x[F.select_subset(len(train_x), n, 0)] if n < len(train_x) else train_x
+    report = {"dataset": args.dataset, "num_per_set": n, "resolution": int(a.shape[-1]),
+              "threads": torch.get_num_threads(), "allocator_tuned": allocator, "torch": torch.__version__,
+              "machine": platform.processor() or platform.machine()}
+
+    t = time.perf_counter()
+    ext = F.InceptionExtractor(batch_size=args.batch_size)
+    report["inception_weights"] = ext.source
+    report["inception_load_seconds"] = round(time.perf_counter() - t, 2)
+
+    # 1. Our in-memory path.
+    t = time.perf_counter()
+    fa, fb = ext.features(a), ext.features(b)
+    t_feat = time.perf_counter() - t
+    t = time.perf_counter()
+    fid_ours = F.fid_from_feats(fa, fb)
+    t_fd = time.perf_counter() - t
+    report["in_memory"] = {"fid": fid_ours, "seconds": round(t_feat + t_fd, 2), "frechet_seconds": round(t_fd, 3),
+                           "images_per_s": round(2 * n / (t_feat + t_fd), 2)}
+    print(f"in-memory: FID {fid_ours:.4f}, {2 * n / (t_feat + t_fd):.1f} images/s", file=sys.stderr)
+
+    # Fréchet distance: our eigenvalue route vs clean-fid's scipy sqrtm on the same statistics.
+    from cleanfid.fid import frechet_distance as cf_frechet
+
+    mu1, s1 = F.feature_stats(fa)
+    mu2, s2 = F.feature_stats(fb)
+    t = time.perf_counter()
+    fd_sqrtm = float(cf_frechet(mu1, s1, mu2, s2))
+    report["frechet"] = {"eigen": F.frechet_distance(mu1, s1, mu2, s2), "scipy_sqrtm": fd_sqrtm,
+                         "sqrtm_seconds": round(time.perf_counter() - t, 3), "eigen_seconds": round(t_fd, 3)}
+
+    # 2. clean-fid's folder path on the same images, as PNGs.
+    if not args.no_folder:
+        from cleanfid import fid as cf
+        from cleanfid.inception_torchscript import InceptionV3W
+
+        with tempfile.TemporaryDirectory(prefix="speed_eval_") as tmp:
+            tmp = Path(tmp)
+            t = time.perf_counter()
+            save_pngs(a, tmp / "a")
+            save_pngs(b, tmp / "b")
+            t_png = time.perf_counter() - t
+            F.export_cleanfid_layout(ext.weights, tmp / "w")
+            model = InceptionV3W(str(tmp / "w"), download=False).eval()
+            t = time.perf_counter()
+            fid_cf = float(cf.compute_fid(str(tmp / "a"), str(tmp / "b"), mode="clean", custom_feat_extractor=model,
+                                          num_workers=0, batch_size=32, device=torch.device("cpu"), verbose=False))
+            t_cf = time.perf_counter() - t
+        report["cleanfid_folder"] = {"fid": fid_cf, "seconds": round(t_cf, 2), "png_write_seconds": round(t_png, 2),
+                                     "images_per_s": round(2 * n / t_cf, 2)}
+        report["fid_abs_diff"] = abs(fid_ours - fid_cf)
+        report["fid_match"] = report["fid_abs_diff"] < 1e-3
+        report["speedup"] = round(t_cf / (t_feat + t_fd), 2)
+        print(f"clean-fid folder: FID {fid_cf:.4f}, {2 * n / t_cf:.1f} images/s; |diff| {report['fid_abs_diff']:.2e}",
+              file=sys.stderr)
+
+    # 3. The proxy.
+    px = get_proxy(args.dataset, int(a.shape[-1]), data_dir=args.data_dir, cache_dir=args.cache_dir)
+    px.features(a[:16])  # warm-up
+    t = time.perf_counter()
+    pa, pb = px.features(a), px.features(b)
+    t_px = time.perf_counter() - t
+    report["proxy"] = {"name": px.name, "test_accuracy": px.info["test_accuracy"],
+                       "train_seconds": px.info["train_seconds"], "images_per_s": round(2 * n / t_px, 1),
+                       "proxy_fd": F.fid_from_feats(pa, pb)}
+    print(json.dumps(report, indent=2))
+    if args.out:
+        F._atomic_write(Path(args.out), lambda f: f.write((json.dumps(report, indent=2) + "\n").encode()))
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""The evaluation hook that bench/train.py calls."""
+
+import math
+
+import pytest
+import torch
+
+from bench.diffusion import make_schedule
+from bench.errors import ConfigError
+from bench.evaluate import DEFAULTS, Evaluator, resolve_spec
+from bench.models import build_model
+
+ROW_KEYS = {"step", "metric", "value", "feature_extractor", "num_gen", "ref_split", "num_ref", "sampler",
+            "sampler_steps", "eta", "eval_seconds"}
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return build_model("unet-tiny", 1, 16).eval()
+
+
+@pytest.fixture(scope="module")
+def schedule():
+    return make_schedule("linear", 1000)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """One cache folder for the module: the synthetic proxy is trained once."""
+    return tmp_path_factory.mktemp("eval-cache")
+
+
+def _spec(cache, **kw):
+    return {"dataset": "synthetic", "metrics": ["proxy_fd", "proxy_kid"], "num_images": 24, "batch_size": 16,
+            "sampler_steps": 4, "cache_dir": str(cache), **kw}
+
+
+def test_rows_and_fixed_noise(cache, model, schedule):
+    ev = Evaluator(_spec(cache))
+    state = torch.get_rng_state()
+    rows = ev.evaluate(model, schedule, "eps", step=100)
+    assert torch.equal(torch.get_rng_state(), state)  # training's RNG stream is not disturbed
+    assert [r["metric"] for r in rows] == ["proxy_fd", "proxy_kid"]
+    for r in rows:
+        assert ROW_KEYS <= set(r)
+        assert r["step"] == 100 and r["num_gen"] == 24 and r["num_ref"] == 24 and r["ref_split"] == "train"
+        assert r["sampler"] == "ddim" and r["sampler_steps"] == 4 and r["eta"] == 0.0
+        assert r["feature_extractor"] == "synthetic-cnn-v1-r16" and len(r["weights_sha1"]) == 40
+        assert math.isfinite(r["value"]) and r["eval_seconds"] > 0
+        assert r["eval_seconds"] >= r["sample_seconds"] and r["eval_seconds"] >= r["setup_seconds"]
+    assert rows[0]["value"] > 0
+    assert ev.last_images.dtype == torch.uint8 and ev.last_images.shape == (24, 1, 16, 16)
+
+    # Fixed noise: the same model gives the same numbers, whatever the batch size.
+    again = ev.evaluate(model, schedule, "eps", step=200)
+    assert [r["value"] for r in again] == [r["value"] for r in rows]
+    assert again[0]["setup_seconds"] < 0.5  # the extractor and reference statistics are kept
+    other_bs = Evaluator(_spec(cache, batch_size=7)).evaluate(model, schedule, "eps", step=100)
+    for a, b in zip(other_bs, rows):
+        assert abs(a["value"] - b["value"]) <= 1e-4 * abs(b["value"]) + 1e-9
+    # Another noise seed gives other images.
+    seeded = Evaluator(_spec(cache, noise_seed=1))
+    seeded.evaluate(model, schedule, "eps", step=100)
+    assert not torch.equal(seeded.last_images, ev.last_images)
+
+
+def test_model_mode_restored_and_ddpm_rows(cache, model, schedule):
+    model.train()
+    try:
+        rows = Evaluator(_spec(cache, sampler="ddpm", sampler_steps=3, metrics=["proxy_fd"], num_ref=40,
+                               ref_split="test")).evaluate(model, schedule, "v", step=1)
+        assert model.training
+    finally:
+        model.eval()
+    assert len(rows) == 1 and rows[0]["sampler"] == "ddpm" and rows[0]["eta"] is None
+    assert rows[0]["num_ref"] == 40 and rows[0]["ref_split"] == "test"
+
+
+def test_a_better_model_scores_better(cache, schedule):
+    """An exact x0 'model' that always predicts real training images beats random outputs."""
+    from bench.data import load_dataset
+
+    real, _ = load_dataset("synthetic", "train")
+    bank = real[:24].float() / 127.5 - 1
+
+    class Oracle(torch.nn.Module):
+        def forward(self, x, t):
+            return bank[torch.arange(len(x)) % len(bank)]
+
+    class Junk(torch.nn.Module):
+        def forward(self, x, t):
+            return torch.sin(7 * x)
+
+    ev = Evaluator(_spec(cache, metrics=["proxy_fd"], num_images=24))
+    good = ev.evaluate(Oracle(), schedule, "x0", step=0)[0]["value"]
+    bad = ev.evaluate(Junk(), schedule, "x0", step=0)[0]["value"]
+    assert good < bad / 5, (good, bad)
+
+
+def test_spec_checks():
+    assert resolve_spec({})["metrics"] == DEFAULTS["metrics"]
+    assert resolve_spec({"metrics": "fid, kid"})["metrics"] == ["fid", "kid"]
+    assert resolve_spec({"sampler": "ddpm", "sampler_steps": None})["sampler_steps"] is None
+    for bad in ({"metric": ["fid"]}, {"metrics": ["is"]}, {"metrics": []}, {"sampler": "euler"},
+                {"ref_split": "val"}, {"num_images": 1}, {"eta": 2.0}, {"sampler_steps": 0},
+                {"ddpm_variance": "huge"}, {"timestep_spacing": "odd"}):
+        with pytest.raises(ConfigError):
+            resolve_spec(bad)
+
+
+def test_steps_beyond_T_fail_at_evaluation(cache, model):
+    short = make_schedule("linear", 100)
+    with pytest.raises(ConfigError, match="sampler_steps"):
+        Evaluator(_spec(cache, sampler_steps=200)).evaluate(model, short, "eps", step=1)
+
+
+@pytest.mark.slow
+def test_inception_metrics(cache, model, schedule):
+    from bench.fid import WeightsError, get_inception
+
+    try:
+        get_inception()
+    except WeightsError:
+        pytest.skip("no offline Inception weights")
+    rows = Evaluator(_spec(cache, metrics=["fid", "kid", "proxy_fd"], num_images=12, num_ref=12)).evaluate(
+        model, schedule, "eps", step=5)
+    assert [r["metric"] for r in rows] == ["fid", "kid", "proxy_fd"]
+    assert rows[0]["feature_extractor"] == "inception-v3-tf" and rows[0]["value"] > 0
+    assert rows[0]["weights_sha1"] != rows[2]["weights_sha1"]
+    assert all(r["num_ref"] == 12 and r["num_gen"] == 12 for r in rows)
