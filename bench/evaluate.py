@@ -19,11 +19,12 @@ num_ref               None               reference images (None: as many as num_
                                          fixed random subset (seed 0) of the split
 ref_split             "train"            "train" or "test"
 sampler               "ddim"             "ddim" or "ddpm" (ancestral)
-sampler_steps         50                 None: 50 for ddim, T for ddpm
+sampler_steps         25                 None: 50 for ddim, T for ddpm
 eta                   0.0                DDIM's eta (0 deterministic, 1 ancestral-like)
-batch_size            500                sampling batch (the samples do not depend on it)
+batch_size            250                sampling batch (the samples do not depend on it)
 noise_seed            0                  image i always gets the noise of (noise_seed, i)
-cache_dir             "results/.cache"   proxy weights and reference statistics
+cache_dir             None               proxy weights and reference statistics (None: $DIFFBENCH_CACHE/eval,
+                                         by default ~/.cache/diffbench/eval, shared by every results folder)
 clip_x0               True               clamp x0_hat to [-1, 1] at every sampling step
 timestep_spacing      "trailing"         which timesteps a short sampler visits
 ddpm_variance         "large"            ddpm sigma^2: "large" = beta (DDPM paper), "small" =
@@ -35,6 +36,11 @@ kid_subsets           100                KID: number of subsets
 kid_subset_size       1000               KID: largest subset size
 verbose               False              print what is loaded or computed to stderr
 ====================  =================  =====================================================
+
+The defaults are the fastest sensible setting on a CPU: 1000 images by 25 deterministic DDIM
+steps take about 30 s with unet-tiny at 28x28 on 2 cores (~800 network evaluations of one image
+per second), and the proxy metrics about 0.2 s more; Inception FID adds about 65 s per
+evaluation (15 images/s) plus the reference statistics once.
 
 Each row is flat: step, metric, value, feature_extractor, num_gen, ref_split, num_ref,
 sampler, sampler_steps, eta (None for ddpm), eval_seconds; and also dataset, resolution,
@@ -64,11 +70,11 @@ DEFAULTS = {
     "num_ref": None,
     "ref_split": "train",
     "sampler": "ddim",
-    "sampler_steps": 50,
+    "sampler_steps": 25,
     "eta": 0.0,
-    "batch_size": 500,
+    "batch_size": 250,
     "noise_seed": 0,
-    "cache_dir": "results/.cache",
+    "cache_dir": None,
     "clip_x0": True,
     "timestep_spacing": "trailing",
     "ddpm_variance": "large",
@@ -96,6 +102,10 @@ def resolve_spec(spec: dict | None) -> dict:
     if bad or not metrics:
         raise ConfigError(f"eval: unknown metric {bad[0] if bad else '(none given)'!r}; use any of {', '.join(METRICS)}")
     out["metrics"] = metrics
+    if out["cache_dir"] is None:
+        from bench.data import cache_dir
+
+        out["cache_dir"] = str(cache_dir() / "eval")
     for key in ("num_images", "batch_size", "kid_subsets", "kid_subset_size"):
         if not isinstance(out[key], int) or isinstance(out[key], bool) or out[key] < 2:
             raise ConfigError(f"eval: {key} must be an integer >= 2, got {out[key]!r}")

@@ -10,6 +10,12 @@ between generated and reference images in that space. They are not comparable to
 and are only comparable among themselves for the same feature extractor name and weights
 (recorded in every row). Measured on Fashion-MNIST: >= 90% test accuracy at 28x28 and 16x16.
 
+Feature scale: the features are multiplied by a fixed factor, computed once from the trained
+weights and recorded with them, that makes the mean of ||f||^2 / d over the first 5000 training
+images equal to 1. Without it the features' inner products (x.y / d about 2.5) would put KID's
+cubic kernel (x.y / d + 1)^3 far from the regime it was designed for (Inception: about 0.13).
+The factor is part of the feature space (and of the reference-statistics cache key).
+
 Architecture (suite's own choice, "cnn-v1"): three conv3x3-BN-ReLU stages of width 32, 64, 128,
 each followed by 2x2 max pooling (the last with ceil mode), flatten, Linear(.., 128), ReLU
 (the features), dropout 0.2, Linear(128, classes). Training: AdamW (lr 3e-3, weight decay 5e-4),
@@ -125,6 +131,19 @@ def train_proxy(train_images: torch.Tensor, train_labels: torch.Tensor, *, seed:
     return model.eval()
 
 
+SCALE_IMAGES = 5000
+
+
+@torch.inference_mode()
+def feature_scale(model: ProxyCNN, train_images: torch.Tensor) -> float:
+    """1 / sqrt(mean ||f||^2 / d) over the first SCALE_IMAGES training images (deterministic)."""
+    model.eval()
+    x = train_images[:SCALE_IMAGES]
+    f = torch.cat([model.features(_prep(x[lo:lo + 1000])).double() for lo in range(0, len(x), 1000)])
+    ms = float((f * f).sum(1).mean() / f.shape[1])
+    return 1.0 / math.sqrt(ms) if ms > 0 else 1.0
+
+
 def _state_bytes(model: nn.Module) -> bytes:
     buf = io.BytesIO()
     torch.save(model.state_dict(), buf)
@@ -134,11 +153,11 @@ def _state_bytes(model: nn.Module) -> bytes:
 class ProxyExtractor:
     """Penultimate-layer features of the cached proxy classifier for uint8 images [N, C, H, W]."""
 
-    preprocess = "x / 127.5 - 1, no resize"
-
     def __init__(self, model: ProxyCNN, info: dict):
         self.model = model.eval()
         self.info = info
+        self.scale = float(info["feature_scale"])
+        self.preprocess = f"x / 127.5 - 1, no resize; features x {self.scale:.9g}"
         self.name = info["name"]
         self.weights_sha1 = info["weights_sha1"]
         self.resolution = info["resolution"]
@@ -154,7 +173,7 @@ class ProxyExtractor:
                              f"got {list(images.shape)}")
         out = [self.model.features(_prep(images[lo:lo + batch_size])).float().cpu().numpy()
                for lo in range(0, len(images), batch_size)]
-        return np.concatenate(out)
+        return np.concatenate(out) * np.float32(self.scale)
 
 
 def proxy_paths(cache_dir, dataset: str, resolution: int, seed: int) -> tuple[Path, Path]:
@@ -187,6 +206,9 @@ def get_proxy(dataset: str, resolution: int | None = None, *, data_dir=None, cac
                 model = ProxyCNN(info["in_ch"], info["resolution"], info["num_classes"])
                 model.load_state_dict(torch.load(io.BytesIO(data), map_location="cpu", weights_only=True))
                 model = model.to(memory_format=torch.channels_last)
+                if "feature_scale" not in info:  # a record written before the scale existed
+                    info["feature_scale"] = feature_scale(model, train_x)
+                    _atomic_write(json_path, lambda f: f.write((json.dumps(info, indent=2) + "\n").encode()))
                 _LOADED[key] = ProxyExtractor(model, info)
                 return _LOADED[key]
             if verbose:
@@ -203,6 +225,7 @@ def get_proxy(dataset: str, resolution: int | None = None, *, data_dir=None, cac
             "in_ch": int(train_x.shape[1]), "num_classes": int(train_y.max()) + 1, "seed": seed,
             "epochs": default_epochs(res), "train_images": len(train_x), "test_accuracy": acc,
             "train_seconds": round(train_seconds, 2), "threads": torch.get_num_threads(),
+            "feature_scale": feature_scale(model, train_x),
             "torch": torch.__version__, "weights_sha1": hashlib.sha1(data).hexdigest()}
     if dataset == "fashion-mnist" and acc < 0.9:
         warnings.warn(f"proxy classifier for {dataset} at {res}px reached only {acc:.3f} test accuracy (< 0.90)")

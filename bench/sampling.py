@@ -115,6 +115,13 @@ def _model_device(model: torch.nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def _wants_channels_last(model: torch.nn.Module) -> bool:
+    for p in model.parameters():
+        if p.ndim == 4:
+            return p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+    return False
+
+
 def _step_coefficients(ab: float, ab_prev: float, sampler: str, eta: float, ddpm_variance: str):
     """Coefficients of x_prev = c_x0 * x0_hat + c_eps * eps_hat + sigma * z (all Python floats).
 
@@ -187,6 +194,7 @@ def sample_batch(model, schedule, target: str, indices, shape, *, sampler: str =
     ts = timestep_sequence(schedule.T, steps, spacing)
     ab_table = schedule.alphas_bar.double().tolist()
     stochastic = sampler == "ddpm" or eta > 0
+    channels_last = _wants_channels_last(model)  # feed a channels_last model (bench.train's default) in kind
 
     gens = image_generators(noise_seed, indices)
     x = draw_noise(gens, shape, device)
@@ -195,7 +203,7 @@ def sample_batch(model, schedule, target: str, indices, shape, *, sampler: str =
         ab = ab_table[t]
         ab_prev = ab_table[t_prev] if t_prev >= 0 else 1.0
         tt = torch.full((B,), t, dtype=torch.long, device=device)
-        out = model(x, tt).float()
+        out = model(x.contiguous(memory_format=torch.channels_last) if channels_last else x, tt).float()
         x0_hat, eps_hat = schedule.predict_x0_eps(target, x, tt, out)
         if clip_x0:
             x0_hat = x0_hat.clamp(-1.0, 1.0)
@@ -216,7 +224,7 @@ def sample_batch(model, schedule, target: str, indices, shape, *, sampler: str =
     return (x.clamp(-1.0, 1.0) if clip_x0 else x).float().cpu()
 
 
-def sample(model, schedule, target: str, num_images: int, shape, *, batch_size: int = 500,
+def sample(model, schedule, target: str, num_images: int, shape, *, batch_size: int = 250,
            start_index: int = 0, **kwargs) -> torch.Tensor:
     """Generate images start_index .. start_index + num_images - 1 in batches of `batch_size`.
 

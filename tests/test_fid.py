@@ -117,6 +117,12 @@ def test_kid_matches_cleanfid_and_is_reproducible():
     k1 = F.kernel_distance(c, b, num_subsets=20, max_subset_size=100, seed=3)
     assert k1 == F.kernel_distance(c, b, num_subsets=20, max_subset_size=100, seed=3)
     assert k1 > 0
+    # Whole-set kernels (small sets) and per-subset kernels (large sets) give the same value.
+    F.KID_PRECOMPUTE_LIMIT, saved = 0, F.KID_PRECOMPUTE_LIMIT
+    try:
+        assert abs(F.kernel_distance(c, b, num_subsets=20, max_subset_size=100, seed=3) - k1) < 1e-12
+    finally:
+        F.KID_PRECOMPUTE_LIMIT = saved
 
 
 # --------------------------------------------------------------------------- weights

@@ -91,6 +91,20 @@ def test_cache_is_keyed_by_resolution_and_checked(tmp_path, monkeypatch):
     assert fixed.weights_sha1 == e16.weights_sha1
     assert np.array_equal(fixed.features(x[:50]), feats)
 
+    # Features are scaled so that mean ||f||^2 / d over the training images is 1 (KID's kernel
+    # regime); a record written without the scale gets it added, with the same value.
+    train_x, _ = load_dataset("synthetic", "train")
+    f = fixed.features(train_x)
+    assert abs(float((f.astype(np.float64) ** 2).sum(1).mean()) / f.shape[1] - 1) < 1e-4
+    js = tmp_path / "proxy" / "synthetic-cnn-v1-r16-seed0.json"
+    rec = json.loads(js.read_text())
+    scale = rec.pop("feature_scale")
+    js.write_text(json.dumps(rec))
+    monkeypatch.setattr(P, "_LOADED", {})
+    old = P.get_proxy("synthetic", cache_dir=tmp_path)
+    assert abs(old.scale - scale) < 1e-9 and json.loads(js.read_text())["feature_scale"] == old.scale
+    assert str(round(scale, 6))[:6] in old.preprocess  # part of the reference-statistics key
+
     with pytest.raises(ValueError, match="takes"):
         e16.features(x[:5, :, :8, :8])
     with pytest.raises(ValueError, match="uint8"):

@@ -8,7 +8,6 @@ with d = ab s^2 + 1 - ab, and the MSE-optimal predictors are the conditional mea
 (test_closed_form_predictor_is_the_regression_optimum checks them by least squares).
 """
 
-import io
 import math
 
 import numpy as np
@@ -17,8 +16,16 @@ import torch
 from torch import nn
 
 from bench.diffusion import make_schedule
-from bench.sampling import (draw_noise, image_generators, image_seed, sample, sample_batch, save_pngs,
-                            timestep_sequence, to_uint8)
+from bench.sampling import (
+    draw_noise,
+    image_generators,
+    image_seed,
+    sample,
+    sample_batch,
+    save_pngs,
+    timestep_sequence,
+    to_uint8,
+)
 
 MU, S = 0.3, 0.5
 
@@ -245,6 +252,14 @@ def test_to_uint8_matches_a_png_written_by_save_image(tmp_path):
     grey = np.array(Image.open(paths[1]))
     rgb = np.array(Image.open(paths[3]))
     assert np.array_equal(grey, u[1, 0].numpy()) and np.array_equal(rgb, u[1].permute(1, 2, 0).numpy())
+
+
+def test_channels_last_model_gives_the_same_images(linear):
+    conv = TinyConv(ch=3)
+    a = sample(conv, linear, "eps", 6, (3, 8, 8), steps=10, eta=1.0)
+    conv = conv.to(memory_format=torch.channels_last)
+    b = sample(conv, linear, "eps", 6, (3, 8, 8), steps=10, eta=1.0, batch_size=4)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
 
 
 def test_model_mode_is_restored(linear):
