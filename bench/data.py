@@ -23,6 +23,11 @@ def cache_dir() -> Path:
     return Path(os.environ.get("DIFFBENCH_CACHE", Path.home() / ".cache" / "diffbench"))
 
 
+def eval_cache_dir(path=None) -> Path:
+    """Where proxy classifiers and reference statistics live: `path`, else $DIFFBENCH_CACHE/eval."""
+    return Path(path) if path else cache_dir() / "eval"
+
+
 @functools.cache
 def registry() -> dict:
     out = {}

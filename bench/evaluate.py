@@ -103,9 +103,9 @@ def resolve_spec(spec: dict | None) -> dict:
         raise ConfigError(f"eval: unknown metric {bad[0] if bad else '(none given)'!r}; use any of {', '.join(METRICS)}")
     out["metrics"] = metrics
     if out["cache_dir"] is None:
-        from bench.data import cache_dir
+        from bench.data import eval_cache_dir
 
-        out["cache_dir"] = str(cache_dir() / "eval")
+        out["cache_dir"] = str(eval_cache_dir())
     for key in ("num_images", "batch_size", "kid_subsets", "kid_subset_size"):
         if not isinstance(out[key], int) or isinstance(out[key], bool) or out[key] < 2:
             raise ConfigError(f"eval: {key} must be an integer >= 2, got {out[key]!r}")

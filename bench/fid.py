@@ -48,6 +48,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from bench.data import eval_cache_dir
 from bench.errors import BenchError, ConfigError
 
 INCEPTION_NAME = "inception-v3-tf"
@@ -62,7 +63,6 @@ FID_HELPER_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"
 KNOWN_FILES = {FID_HELPER_FILENAME: (FID_HELPER_SIZE, FID_HELPER_SHA1)}
 PREPROCESS = "clean-fid clean: RGB, PIL bicubic float resize to 299, (x-128)/128"
 STATS_FORMAT = 1
-DEFAULT_CACHE_DIR = "results/.cache"
 
 
 class WeightsError(BenchError):
@@ -485,11 +485,11 @@ def stats_path(cache_dir, key: dict) -> Path:
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     name = (f"{key['dataset']}-{key['split']}-r{key['resolution']}-n{key['num']}-{key['extractor']}-"
             f"{key['weights_sha1'][:10]}-{digest}.npz")
-    return Path(cache_dir) / "fid_stats" / name.replace("/", "_").replace(":", "_")
+    return eval_cache_dir(cache_dir) / "fid_stats" / name.replace("/", "_").replace(":", "_")
 
 
 def reference_stats(extractor, dataset: str, split: str = "train", *, num: int | None = None,
-                    resolution: int | None = None, data_dir=None, cache_dir=DEFAULT_CACHE_DIR,
+                    resolution: int | None = None, data_dir=None, cache_dir=None,
                     subset_seed: int = 0, images=None, verbose: bool = False) -> RefStats:
     """Statistics of `num` images (None: all) of a dataset split in `extractor`'s feature space,
     read from the cache when an entry with exactly this key exists, else computed and cached.
@@ -570,7 +570,7 @@ def _side_features(extractor, spec: str, opts: dict) -> np.ndarray:
     if ":" in spec:
         dataset, split = spec.rsplit(":", 1)
         st = reference_stats(extractor, dataset, split, num=opts.get("num"), resolution=opts.get("resolution"),
-                             data_dir=opts.get("data_dir"), cache_dir=opts.get("cache_dir", DEFAULT_CACHE_DIR),
+                             data_dir=opts.get("data_dir"), cache_dir=opts.get("cache_dir"),
                              verbose=opts.get("verbose", False))
         return st.feats
     raise ConfigError(f"{spec!r} is neither a folder nor a dataset statistic written dataset:split (e.g. fashion-mnist:train)")

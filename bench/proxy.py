@@ -40,11 +40,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bench.data import eval_cache_dir
 from bench.errors import ConfigError
 
 PROXY_VERSION = "cnn-v1"
 FEATURE_DIM = 128
-DEFAULT_CACHE_DIR = "results/.cache"
 SHORT_NAMES = {"fashion-mnist": "fmnist"}
 
 
@@ -178,14 +178,14 @@ class ProxyExtractor:
 
 def proxy_paths(cache_dir, dataset: str, resolution: int, seed: int) -> tuple[Path, Path]:
     stem = f"{proxy_name(dataset, resolution)}-seed{seed}"
-    folder = Path(cache_dir) / "proxy"
+    folder = eval_cache_dir(cache_dir) / "proxy"
     return folder / f"{stem}.pt", folder / f"{stem}.json"
 
 
 _LOADED: dict = {}
 
 
-def get_proxy(dataset: str, resolution: int | None = None, *, data_dir=None, cache_dir=DEFAULT_CACHE_DIR,
+def get_proxy(dataset: str, resolution: int | None = None, *, data_dir=None, cache_dir=None,
               seed: int = 0, retrain: bool = False, verbose: bool = False) -> ProxyExtractor:
     """The proxy extractor for (dataset, resolution, seed): from memory, from the cache (weights
     checked against the recorded SHA-1), or trained now and cached."""

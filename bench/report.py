@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 
 from bench.io import atomic_write_bytes, read_jsonl
-from bench.speedup import compute_speedup, complete_points, lower_is_better, values_at_fractions
+from bench.speedup import complete_points, compute_speedup, lower_is_better, values_at_fractions
 
 SKIP_DIRS = {"report", "_submitit", "figures", "tables"}
 N_BINS = 100  # steps.jsonl is summarised in this many bins of the budget for the figures

@@ -453,8 +453,14 @@ class RichReporter(Reporter):
         self.console.print(f"[bold]suite {suite.name}[/bold]: {total} runs, {total - len(todo)} already finished, "
                            f"{len(todo)} to run")
         if self.live and todo:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
-                TimeRemainingColumn
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
 
             self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                      TimeElapsedColumn(), TimeRemainingColumn(), console=self.console)

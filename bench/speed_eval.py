@@ -46,7 +46,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--batch-size", type=int, default=50, help="batch of our in-memory path")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    ap.add_argument("--cache-dir", default="results/.cache", help="where the proxy classifier is cached")
+    ap.add_argument("--cache-dir", default=None, help="where the proxy classifier is cached (default $DIFFBENCH_CACHE/eval)")
     ap.add_argument("--no-folder", action="store_true", help="skip clean-fid's folder route (the slow one)")
     ap.add_argument("--out", default=None, help="write the JSON report here")
     args = ap.parse_args(argv)

@@ -50,10 +50,11 @@ import json
 import math
 import os
 import re
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from bench.errors import ConfigError
 
@@ -583,46 +584,26 @@ def _validate_runs(suite: Suite, ck: _Checker) -> None:
         except BenchError as exc:
             msg = str(exc)
             raise SuiteError(msg if msg.startswith(ck.file) else f"{ck.file}: run {run.key}: {msg}") from None
-    check = _evaluator_check()
-    if check is None:
-        return
+    from bench.evaluate import resolve_spec
+    from bench.sampling import check_sampler_args
+
     try:
-        spec = check(suite.eval)
+        spec = resolve_spec(suite.eval)
     except BenchError as exc:
         ck.fail("eval", str(exc).removeprefix("eval: "))
-    try:
-        from bench.sampling import check_sampler_args
-    except ImportError:
-        return
-    if isinstance(spec, dict) and {"sampler", "sampler_steps", "eta"} <= set(spec):
-        for T in sorted({r.config.get("T", 1000) for r in suite.runs()}):
-            try:
-                check_sampler_args(spec["sampler"], spec["sampler_steps"], spec["eta"], T,
-                                   spec.get("ddpm_variance", "large"), spec.get("timestep_spacing", "trailing"))
-            except BenchError as exc:
-                ck.fail("eval.sampler_steps", f"{str(exc).removeprefix('eval: ')} (T = {T})")
-
-
-def _evaluator_check():
-    """The evaluator's own spec check (bench.evaluate.resolve_spec), when there is one."""
-    try:
-        import bench.evaluate as ev
-    except ImportError:
-        return None
-    for name in ("resolve_spec", "validate_spec", "check_spec"):
-        fn = getattr(ev, name, None)
-        if callable(fn):
-            return fn
-    return None
+    for T in sorted({r.config.get("T", 1000) for r in suite.runs()}):
+        try:
+            check_sampler_args(spec["sampler"], spec["sampler_steps"], spec["eta"], T,
+                               spec["ddpm_variance"], spec["timestep_spacing"])
+        except BenchError as exc:
+            ck.fail("eval.sampler_steps", f"{str(exc).removeprefix('eval: ')} (T = {T})")
 
 
 def _evaluator_keys() -> dict:
     """The evaluator's spec keys with their defaults (bench.evaluate.DEFAULTS), less the workload's."""
-    try:
-        import bench.evaluate as ev
-    except ImportError:
-        return {}
-    return {k: v for k, v in getattr(ev, "DEFAULTS", {}).items() if k not in EVAL_WORKLOAD_KEYS}
+    from bench.evaluate import DEFAULTS
+
+    return {k: v for k, v in DEFAULTS.items() if k not in EVAL_WORKLOAD_KEYS}
 
 
 # ----------------------------------------------------------------------------------------------
