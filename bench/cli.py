@@ -142,7 +142,7 @@ def cmd_run(args) -> int:
     from bench.suite import load_suite
 
     suite = load_suite(args.suite)
-    result = run_suite(suite, executor=args.executor, jobs=args.jobs, dry_run=args.dry_run, results_root=args.results,
+    result = run_suite(suite, executor=args.executor, jobs=args.jobs or suite.jobs, dry_run=args.dry_run, results_root=args.results,
                        slurm=parse_sets(args.slurm) or None, retry_failed=args.retry_failed, only=args.only or None,
                        wait=not args.no_wait)
     return 0 if args.dry_run or not args.no_wait and result.ok or args.no_wait else 1
@@ -172,7 +172,8 @@ def cmd_default(args) -> int:
     from bench.runner import run_suite
     from bench.suite import load_suite
 
-    result = run_suite(load_suite("mini"), results_root=args.results)
+    suite = load_suite("mini")
+    result = run_suite(suite, jobs=suite.jobs, results_root=args.results)
     print(build_report(Path(args.results) / "mini"))
     return 0 if result.ok else 1
 
@@ -232,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("suite")
     p.add_argument("--executor", default="local", choices=EXECUTORS,
                    help="local; slurm (submitit job array); submitit-local/-debug run the Slurm path without a cluster")
-    p.add_argument("--jobs", type=int, default=1, help="parallel local worker processes")
+    p.add_argument("--jobs", type=int, help="parallel local worker processes (default: the suite's [suite] jobs, else 1)")
     p.add_argument("--dry-run", action="store_true", help="print the runs and their estimated cost")
     p.add_argument("--only", action="append", default=[], metavar="GLOB",
                    help="run keys to include, e.g. 'fashion-mnist-16_unet-tiny/clts/seed0' (repeatable)")

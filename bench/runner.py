@@ -742,8 +742,26 @@ def _run_inline(todo, dirs, train_fn, retry_failed, reporter, outcomes):
         reporter.run_end(run, out)
 
 
+def _prepare_evaluators(todo, reporter):
+    """Train proxy classifiers and reference statistics once, before parallel workers race to."""
+    from bench.evaluate import Evaluator
+    from bench.train import TrainConfig, evaluator_spec
+
+    seen = set()
+    for run in todo:
+        cfg = TrainConfig.from_dict(run.config)
+        key = json.dumps(evaluator_spec(cfg), sort_keys=True)
+        if cfg.eval and key not in seen:
+            seen.add(key)
+            reporter.message(f"preparing evaluation on {cfg.dataset} (feature extractor and reference statistics; "
+                             "cached after the first time)")
+            Evaluator(evaluator_spec(cfg)).prepare()
+
+
 def _run_workers(todo, dirs, train_fn, retry_failed, reporter, outcomes, jobs):
     threads = max(1, (os.cpu_count() or 1) // jobs)
+    if train_fn is None:
+        _prepare_evaluators(todo, reporter)
     ref = _train_fn_ref(train_fn)
     pending = list(todo)
     active: dict[str, tuple[RunSpec, Any, float]] = {}

@@ -150,6 +150,7 @@ class Suite:
     cost: dict
     slurm: dict
     source_text: str = ""
+    jobs: int = 1  # default parallel local runs (`run --jobs` overrides)
     _runs: list[RunSpec] = field(default_factory=list, repr=False)
 
     @property
@@ -345,7 +346,7 @@ def parse_slurm_time(value: int | str) -> int:
     return minutes
 
 
-SUITE_SCHEMA = {"name": (str, False, None), "description": (str, False, None)}
+SUITE_SCHEMA = {"name": (str, False, None), "description": (str, False, None), "jobs": (int, False, _positive)}
 GRID_SCHEMA = {
     "methods": (ListOf((str, dict)), True, _nonempty),
     "datasets": (ListOf((str, dict)), True, _nonempty),
@@ -561,7 +562,7 @@ def parse_suite(data: dict, *, path: Path | None = None, source_text: str = "", 
     suite = Suite(name=name, path=path, description=head.get("description", ""), methods=methods,
                   workloads=workloads, seeds=seeds, iters=budget["iters"], batch_size=budget["batch_size"],
                   train=dict(train), eval_every=eval_every, eval=ev, report=report, cost=cost, slurm=slurm,
-                  source_text=source_text)
+                  source_text=source_text, jobs=head.get("jobs", 1))
     if validate:
         _validate_runs(suite, ck)
     return suite

@@ -139,6 +139,12 @@ def run_record(cfg: TrainConfig) -> dict:
             "method_resolved_params": dict(method.hp), "method_source": method.source}
 
 
+def evaluator_spec(cfg: TrainConfig) -> dict:
+    """The evaluation spec of a run: its `eval` table, on the run's own data and resolution."""
+    resolution = cfg.resolution or dataset_info(cfg.dataset).RESOLUTION
+    return {"dataset": cfg.dataset, "data_dir": cfg.data_dir, "resolution": resolution, **cfg.eval}
+
+
 def _set_status(out: Path, state: str, step: int, clocks: dict, reason: str | None = None) -> None:
     io.write_json(out / "status.json", {"state": state, "step": step, "reason": reason, **clocks})
 
@@ -242,7 +248,7 @@ def train(cfg: TrainConfig, out_dir, progress=None) -> dict:
     if cfg.eval:
         from bench.evaluate import Evaluator
 
-        evaluator = Evaluator({"dataset": cfg.dataset, "data_dir": cfg.data_dir, "resolution": resolution, **cfg.eval})
+        evaluator = Evaluator(evaluator_spec(cfg))
 
     def save_checkpoint():
         state = {"format": CHECKPOINT_FORMAT, "step": step, "model": model.state_dict(), "ema": ema.state_dict(),
