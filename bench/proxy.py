@@ -190,7 +190,7 @@ def get_proxy(dataset: str, resolution: int | None = None, *, data_dir=None, cac
     """The proxy extractor for (dataset, resolution, seed): from memory, from the cache (weights
     checked against the recorded SHA-1), or trained now and cached."""
     from bench.data import load_dataset
-    from bench.fid import _atomic_write
+    from bench.io import atomic_write
 
     train_x, train_y = load_dataset(dataset, split="train", data_dir=data_dir, resolution=resolution)
     res = int(train_x.shape[-1])
@@ -208,7 +208,7 @@ def get_proxy(dataset: str, resolution: int | None = None, *, data_dir=None, cac
                 model = model.to(memory_format=torch.channels_last)
                 if "feature_scale" not in info:  # a record written before the scale existed
                     info["feature_scale"] = feature_scale(model, train_x)
-                    _atomic_write(json_path, lambda f: f.write((json.dumps(info, indent=2) + "\n").encode()))
+                    atomic_write(json_path, lambda f: f.write((json.dumps(info, indent=2) + "\n").encode()))
                 _LOADED[key] = ProxyExtractor(model, info)
                 return _LOADED[key]
             if verbose:
@@ -229,8 +229,8 @@ def get_proxy(dataset: str, resolution: int | None = None, *, data_dir=None, cac
             "torch": torch.__version__, "weights_sha1": hashlib.sha1(data).hexdigest()}
     if dataset == "fashion-mnist" and acc < 0.9:
         warnings.warn(f"proxy classifier for {dataset} at {res}px reached only {acc:.3f} test accuracy (< 0.90)")
-    _atomic_write(pt_path, lambda f: f.write(data))
-    _atomic_write(json_path, lambda f: f.write((json.dumps(info, indent=2) + "\n").encode()))
+    atomic_write(pt_path, lambda f: f.write(data))
+    atomic_write(json_path, lambda f: f.write((json.dumps(info, indent=2) + "\n").encode()))
     if verbose:
         print(f"proxy: trained {info['name']} in {train_seconds:.0f}s, test accuracy {acc:.4f}", file=sys.stderr)
     _LOADED[key] = ProxyExtractor(model, info)

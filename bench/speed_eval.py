@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -23,20 +25,20 @@ from pathlib import Path
 
 import torch
 
+from bench.io import atomic_write_bytes
+from bench.perf import tune_allocator
 
-def _tune_allocator() -> bool:
-    try:
-        from bench.perf import tune_allocator
-    except ImportError:  # fall back to the same glibc call
-        import ctypes
-        import ctypes.util
 
-        try:
-            libc = ctypes.CDLL(ctypes.util.find_library("c"))
-            return bool(libc.mallopt(-3, 32 << 20) and libc.mallopt(-1, 1 << 30))
-        except (OSError, AttributeError, TypeError):
-            return False
-    return tune_allocator()
+def folder_route(tmp: Path) -> tuple[float, float]:
+    """clean-fid's own compute_fid on the PNG folders tmp/a and tmp/b (weights in tmp/w)."""
+    from cleanfid import fid as cf
+    from cleanfid.inception_torchscript import InceptionV3W
+
+    model = InceptionV3W(str(tmp / "w"), download=False).eval()
+    t = time.perf_counter()
+    value = float(cf.compute_fid(str(tmp / "a"), str(tmp / "b"), mode="clean", custom_feat_extractor=model,
+                                 num_workers=0, batch_size=32, device=torch.device("cpu"), verbose=False))
+    return value, time.perf_counter() - t
 
 
 def main(argv=None) -> dict:
@@ -49,9 +51,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--cache-dir", default=None, help="where the proxy classifier is cached (default $DIFFBENCH_CACHE/eval)")
     ap.add_argument("--no-folder", action="store_true", help="skip clean-fid's folder route (the slow one)")
     ap.add_argument("--out", default=None, help="write the JSON report here")
+    ap.add_argument("--folder-route", metavar="DIR", help=argparse.SUPPRESS)  # the child process of route 2
     args = ap.parse_args(argv)
+    if args.folder_route:
+        print(json.dumps(folder_route(Path(args.folder_route))))
+        return {}
 
-    allocator = _tune_allocator()
+    allocator = tune_allocator()
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -97,9 +103,6 @@ def main(argv=None) -> dict:
 
     # 2. clean-fid's folder path on the same images, as PNGs.
     if not args.no_folder:
-        from cleanfid import fid as cf
-        from cleanfid.inception_torchscript import InceptionV3W
-
         with tempfile.TemporaryDirectory(prefix="speed_eval_") as tmp:
             tmp = Path(tmp)
             t = time.perf_counter()
@@ -107,12 +110,12 @@ def main(argv=None) -> dict:
             save_pngs(b, tmp / "b")
             t_png = time.perf_counter() - t
             F.export_cleanfid_layout(ext.weights, tmp / "w")
-            model = InceptionV3W(str(tmp / "w"), download=False).eval()
-            t = time.perf_counter()
-            fid_cf = float(cf.compute_fid(str(tmp / "a"), str(tmp / "b"), mode="clean", custom_feat_extractor=model,
-                                          num_workers=0, batch_size=32, device=torch.device("cpu"), verbose=False))
-            t_cf = time.perf_counter() - t
-        report["cleanfid_folder"] = {"fid": fid_cf, "seconds": round(t_cf, 2), "png_write_seconds": round(t_png, 2),
+            # clean-fid as a user runs it: a fresh process with the allocator left alone.
+            child = subprocess.run([sys.executable, "-m", "bench.speed_eval", "--folder-route", str(tmp)],
+                                   env={**os.environ, "DIFFBENCH_NO_MALLOPT": "1"}, capture_output=True, text=True,
+                                   check=True)
+            fid_cf, t_cf = json.loads(child.stdout.strip().splitlines()[-1])
+        report["cleanfid_folder"] = {"allocator_tuned": False, "fid": fid_cf, "seconds": round(t_cf, 2), "png_write_seconds": round(t_png, 2),
                                      "images_per_s": round(2 * n / t_cf, 2)}
         report["fid_abs_diff"] = abs(fid_ours - fid_cf)
         report["fid_match"] = report["fid_abs_diff"] < 1e-3
@@ -131,7 +134,7 @@ def main(argv=None) -> dict:
                        "proxy_fd": F.fid_from_feats(pa, pb)}
     print(json.dumps(report, indent=2))
     if args.out:
-        F._atomic_write(Path(args.out), lambda f: f.write((json.dumps(report, indent=2) + "\n").encode()))
+        atomic_write_bytes(Path(args.out), (json.dumps(report, indent=2) + "\n").encode())
     return report
 
 

@@ -4,7 +4,8 @@ Measures, in one process, on unet-tiny at batch 128 (Fashion-MNIST 28x28 by defa
   (a) the harness's median step time against a minimal hand-written loop of the same model,
       batch, optimizer, gradient clipping and EMA update (target ratio <= 1.05);
   (b) every method's median step time against the baseline's (target <= 1.03).
-Measurements alternate between contenders in rounds, so drift in machine load hits all alike.
+Measurements alternate between contenders in rounds (order rotated each round), so drift in
+machine load hits all alike.
 """
 
 import argparse
@@ -78,8 +79,10 @@ def main():
     images, _ = load_dataset(args.dataset, "train", None, args.resolution)
     res = {k: [] for k in ["minimal"] + METHODS}
     with tempfile.TemporaryDirectory() as workdir:
+        names = list(res)
         for r in range(args.rounds):
-            for name in res:
+            # Rotate the order every round, so drift within a round does not favour anyone.
+            for name in names[r % len(names):] + names[: r % len(names)]:
                 if name == "minimal":
                     times = minimal_loop(images, args.steps, args.batch, args.arch, seed=r)
                 else:
