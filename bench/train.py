@@ -69,7 +69,7 @@ class TrainConfig:
     seed: int = 0
     # Bookkeeping.
     ckpt_every: int = 500
-    eval_every: int = 0  # 0: evaluate only at the end when `eval` is set
+    eval_every: int = 0  # 0: evaluate only at the end, and only when `eval` is set
     eval: dict = field(default_factory=dict)  # the Evaluator's spec (bench/evaluate.py)
     channels_last: bool = True
     threads: int = 0  # 0: torch's default
@@ -245,7 +245,7 @@ def train(cfg: TrainConfig, out_dir, progress=None) -> dict:
     _set_status(out, "running", step, clocks)
 
     evaluator = None
-    if cfg.eval:
+    if cfg.eval or cfg.eval_every:
         from bench.evaluate import Evaluator
 
         evaluator = Evaluator(evaluator_spec(cfg))

@@ -1,0 +1,75 @@
+"""Evaluation inside training: on the EMA weights, at the right steps, never repeated or lost
+across a resume, and reachable from the command line."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from bench import io
+from bench.sampling import save_pngs
+from bench.train import TrainConfig, train
+from conftest import REPO
+
+EVAL = {"metrics": ["proxy_fd", "proxy_kid"], "num_images": 16, "num_ref": 64, "sampler_steps": 2, "batch_size": 16}
+CFG = dict(dataset="synthetic", iters=12, batch_size=8, warmup=0, eval_every=4, ckpt_every=100, eval=EVAL)
+
+
+def eval_rows(run_dir):
+    return [(r["step"], r["metric"], r["value"]) for r in io.read_jsonl(run_dir / "evals.jsonl")]
+
+
+def test_resumed_run_neither_repeats_nor_loses_evaluations(tmp_path):
+    cfg = TrainConfig(method="clts", **CFG)
+    train(cfg, tmp_path / "whole")
+
+    class Killed(Exception):
+        pass
+
+    def die(step, total, row=None):
+        if step == 10:  # after the evaluation (and checkpoint) at 8
+            raise Killed
+
+    with pytest.raises(Killed):
+        train(cfg, tmp_path / "resumed", progress=die)
+    assert [s for s, m, _ in eval_rows(tmp_path / "resumed") if m == "proxy_fd"] == [4, 8]
+    train(cfg, tmp_path / "resumed")
+    whole, resumed = eval_rows(tmp_path / "whole"), eval_rows(tmp_path / "resumed")
+    assert [(s, m) for s, m, _ in resumed] == [(s, m) for s in (4, 8, 12) for m in ("proxy_fd", "proxy_kid")]
+    assert resumed == whole  # same EMA weights, same fixed noise: the same numbers
+    row = io.read_jsonl(tmp_path / "resumed" / "evals.jsonl")[0]
+    assert row["num_gen"] == 16 and row["sampler"] == "ddim" and row["sampler_steps"] == 2
+    assert row["feature_extractor"] and row["ref_split"] in ("train", "test") and row["num_ref"] == 64
+    status = io.read_json(tmp_path / "resumed" / "status.json")
+    assert status["eval_seconds"] > 0 and status["train_seconds"] > 0
+
+
+def test_cli_train_eval_every_writes_curves(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "run_bench.py", "train", "--method", "min_snr", "--dataset", "synthetic",
+                           "--iters", "6", "--batch-size", "8", "--eval-every", "3", "--eval-metrics", "proxy_fd",
+                           "--eval-images", "16", "--out", str(out)], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    rows = io.read_jsonl(out / "evals.jsonl")
+    assert [(r["step"], r["metric"]) for r in rows] == [(3, "proxy_fd"), (6, "proxy_fd")]
+    assert all(np.isfinite(r["value"]) and r["num_gen"] == 16 for r in rows)
+
+
+def test_cli_fid_of_two_folders(tmp_path):
+    rng = np.random.default_rng(0)
+    import torch
+
+    for name, shift in (("a", 0), ("b", 60)):
+        images = torch.from_numpy(np.clip(rng.normal(100 + shift, 40, (10, 3, 32, 32)), 0, 255).astype(np.uint8))
+        save_pngs(images, tmp_path / name)
+    same = subprocess.run([sys.executable, "run_bench.py", "fid", str(tmp_path / "a"), str(tmp_path / "a")],
+                          cwd=REPO, capture_output=True, text=True)
+    diff = subprocess.run([sys.executable, "run_bench.py", "fid", str(tmp_path / "a"), str(tmp_path / "b")],
+                          cwd=REPO, capture_output=True, text=True)
+    assert same.returncode == 0 and diff.returncode == 0, same.stderr + diff.stderr
+    assert abs(float(same.stdout.strip().splitlines()[-1])) < 1e-3
+    assert float(diff.stdout.strip().splitlines()[-1]) > 1.0
+    missing = subprocess.run([sys.executable, "run_bench.py", "fid", str(tmp_path / "nope"), str(tmp_path / "a")],
+                             cwd=REPO, capture_output=True, text=True)
+    assert missing.returncode == 2 and missing.stderr.startswith("error: ")
