@@ -6,11 +6,11 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import REPO
 
 from bench import io
 from bench.sampling import save_pngs
 from bench.train import TrainConfig, train
-from conftest import REPO
 
 EVAL = {"metrics": ["proxy_fd", "proxy_kid"], "num_images": 16, "num_ref": 64, "sampler_steps": 2, "batch_size": 16}
 CFG = dict(dataset="synthetic", iters=12, batch_size=8, warmup=0, eval_every=4, ckpt_every=100, eval=EVAL)
