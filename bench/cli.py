@@ -60,7 +60,10 @@ def cmd_describe(args) -> None:
         raise ConfigError(f"--progress {args.progress} is outside [0, 1]; progress is iterations done / budget")
     method = get_method(args.method, parse_sets(args.set), args.plugins)
     schedule = make_schedule(args.schedule, args.T, args.zero_terminal_snr)
-    d = describe(method, args.progress, schedule, args.target)
+    from bench.train import TrainConfig
+
+    base = TrainConfig()  # the optimizer and EMA settings a run gets unless told otherwise
+    d = describe(method, args.progress, schedule, args.target, base.beta1, base.beta2, base.ema_decay)
     if args.json:
         print(json.dumps(d))
         return
