@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from bench.io import atomic_write_bytes, read_jsonl
+from bench.io import atomic_write, atomic_write_bytes, read_jsonl
 from bench.speedup import complete_points, compute_speedup, lower_is_better, values_at_fractions
 
 SKIP_DIRS = {"report", "_submitit", "figures", "tables"}
@@ -318,9 +318,7 @@ def _plt():
 def _save(fig, fig_dir: Path, stem: str) -> str:
     fig_dir.mkdir(parents=True, exist_ok=True)
     for ext in ("png", "pdf"):
-        tmp = fig_dir / f".{stem}.tmp.{ext}"
-        fig.savefig(tmp, dpi=150, bbox_inches="tight", format=ext)
-        os.replace(tmp, fig_dir / f"{stem}.{ext}")
+        atomic_write(fig_dir / f"{stem}.{ext}", lambda f, ext=ext: fig.savefig(f, dpi=150, bbox_inches="tight", format=ext))
     import matplotlib.pyplot as plt
 
     plt.close(fig)
