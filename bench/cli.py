@@ -148,7 +148,7 @@ def cmd_run(args) -> int:
     result = run_suite(suite, executor=args.executor, jobs=args.jobs or suite.jobs, dry_run=args.dry_run, results_root=args.results,
                        slurm=parse_sets(args.slurm) or None, retry_failed=args.retry_failed, only=args.only or None,
                        wait=not args.no_wait)
-    return 0 if args.dry_run or not args.no_wait and result.ok or args.no_wait else 1
+    return 0 if args.dry_run or args.no_wait or result.ok else 1
 
 
 def cmd_report(args) -> None:

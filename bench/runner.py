@@ -233,18 +233,20 @@ def execute_run(run: RunSpec | dict, run_dir: str | os.PathLike, train_fn: str |
     run_dir = Path(run_dir)
     status = read_status(run_dir)
     if not should_run(status, retry_failed):
-        return RunOutcome(run.key, str(run_dir), status["state"], "skipped", status.get("step"),
-                          status.get("reason"), 0.0, final_metrics(run_dir)).as_dict()
+        return _skipped(run, run_dir, status)
     run_dir.mkdir(parents=True, exist_ok=True)
     lock = _try_lock(run_dir)
     if lock is None:
-        status = read_status(run_dir) or {}
-        return RunOutcome(run.key, str(run_dir), status.get("state", "running"), "skipped", status.get("step"),
-                          "running in another process (its folder is locked)", 0.0, final_metrics(run_dir)).as_dict()
+        return _skipped(run, run_dir, read_status(run_dir) or {}, "running in another process (its folder is locked)")
     try:
         return _execute_locked(run, run_dir, train_fn, retry_failed, progress)
     finally:
         lock.close()
+
+
+def _skipped(run: RunSpec, run_dir: Path, status: dict, reason: str | None = None) -> dict:
+    return RunOutcome(run.key, str(run_dir), status.get("state", "running"), "skipped", status.get("step"),
+                      reason or status.get("reason"), 0.0, final_metrics(run_dir)).as_dict()
 
 
 def _try_lock(run_dir: Path):
@@ -263,8 +265,7 @@ def _try_lock(run_dir: Path):
 def _execute_locked(run: RunSpec, run_dir: Path, train_fn, retry_failed: bool, progress) -> dict:
     status = read_status(run_dir)  # again: another process may have finished it meanwhile
     if not should_run(status, retry_failed):
-        return RunOutcome(run.key, str(run_dir), status["state"], "skipped", status.get("step"),
-                          status.get("reason"), 0.0, final_metrics(run_dir)).as_dict()
+        return _skipped(run, run_dir, status)
     action = "resumed" if (run_dir / "checkpoint.pt").exists() else "ran"
     start = time.time()
     try:
@@ -692,9 +693,7 @@ def run_suite(suite: Suite | str | os.PathLike, executor: str = "local", jobs: i
     outcomes: dict[str, RunOutcome] = {}
     for r in runs:
         if r.key not in todo_keys:
-            s = statuses[r.key]
-            outcomes[r.key] = RunOutcome(r.key, str(dirs[r.key]), s["state"], "skipped", s.get("step"),
-                                         s.get("reason"), 0.0, final_metrics(dirs[r.key]))
+            outcomes[r.key] = _outcome(_skipped(r, dirs[r.key], statuses[r.key]))
     try:
         if executor == "local" and jobs == 1:
             _run_inline(todo, dirs, train_fn, retry_failed, reporter, outcomes)
