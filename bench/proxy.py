@@ -1,9 +1,26 @@
 """A fast proxy for FID: Fréchet distance and KID in the feature space of a small CNN classifier.
 
-The classifier is trained once by this file's deterministic code (fixed seed, fixed data order)
-on the dataset's training split at the evaluation resolution, then cached under
-``<cache_dir>/proxy/`` as a state_dict plus a JSON record (test accuracy, training time,
-settings, SHA-1 of the weights). Features are its penultimate layer (128-d, after ReLU).
+Shipped, pinned weights. The classifier is trained by this file's deterministic code (fixed
+seed, fixed data order), but "deterministic" holds only on one machine: different CPUs, thread
+counts and torch builds round floating-point sums differently, so training the same code on two
+machines ends with different weights, and then proxy_fd / proxy_kid differ between the machines
+for the same generated images. So the extractors the shipped suites use are trained once and
+committed under ``bench/proxy_weights/`` (``<name>-seed<seed>.pt``: the state_dict bytes;
+``.json``: the training record: test accuracy, feature scale, settings, SHA-1 and SHA-256 of the
+weights), and each .pt file's SHA-256 is pinned in SHIPPED below, like Inception's weights in
+bench/fid.py. Loading a shipped extractor needs no dataset; a file that does not match its pin is
+an error (restore it with ``git checkout bench/proxy_weights``), never a silent retraining, which
+would quietly change the feature space. Shipped: Fashion-MNIST at 12 (the embedded
+default's), 16 and 28 px, the synthetic test dataset at 16 px, all seed 0.
+
+Only a (dataset, resolution, seed) without a shipped extractor is trained here, on the dataset's
+training split at the evaluation resolution, and cached under ``<cache_dir>/proxy/`` with the
+same kind of record; its numbers are then only comparable with rows that carry the same
+weights_sha256 (recorded in every row). Features are the penultimate layer (128-d, after ReLU).
+
+To ship a new extractor: ``get_proxy(dataset, res, seed=seed, cache_dir=<tmp>, retrain=True)``,
+copy the two files from ``<tmp>/proxy/`` into bench/proxy_weights/, and pin the .pt's SHA-256
+(the record's weights_sha256) in SHIPPED.
 
 "proxy_fd" is the Fréchet distance and "proxy_kid" the KID (same estimators as bench/fid.py)
 between generated and reference images in that space. They are not comparable to FID numbers
@@ -46,6 +63,17 @@ from bench.errors import ConfigError
 PROXY_VERSION = "cnn-v1"
 FEATURE_DIM = 128
 SHORT_NAMES = {"fashion-mnist": "fmnist"}
+
+# Committed extractors: (dataset, resolution, proxy seed) -> SHA-256 of
+# WEIGHTS_DIR / "<proxy_name>-seed<seed>.pt". Pinned here, in code, rather than trusted from the
+# .json next to the weights, so an edited or damaged weight file cannot pass as the shipped one.
+WEIGHTS_DIR = Path(__file__).resolve().parent / "proxy_weights"
+SHIPPED = {
+    ("fashion-mnist", 12, 0): "fc8796d99774af9d94f03fea64d179c132cb52a4db1cd3a1bc90783a399f94a5",
+    ("fashion-mnist", 16, 0): "d2089fcfc46a7924d1e9b6db726190f53776c7dedda03e82492a023179d8a42f",
+    ("fashion-mnist", 28, 0): "c218088269c1fd3d2c0cf7daf305b69c30220f5865b4eeaaeca13456370fce83",
+    ("synthetic", 16, 0): "5912f59b1d68e9594cabe92fdce49ff43d19ff2cdc594d65ebb3495a426a6b2e",
+}
 
 
 def proxy_name(dataset: str, resolution: int) -> str:
@@ -151,18 +179,27 @@ def _state_bytes(model: nn.Module) -> bytes:
 
 
 class ProxyExtractor:
-    """Penultimate-layer features of the cached proxy classifier for uint8 images [N, C, H, W]."""
+    """Penultimate-layer features of a proxy classifier for uint8 images [N, C, H, W].
 
-    def __init__(self, model: ProxyCNN, info: dict):
+    `shipped`: the weights are the committed, pinned ones (comparable across machines); else they
+    were trained on this machine. `weights_sha256` (full hex) identifies the weights in result rows;
+    `weights_sha1` is kept for older code and reference-statistics keys.
+    """
+
+    def __init__(self, model: ProxyCNN, info: dict, shipped: bool = False):
         self.model = model.eval()
         self.info = info
         self.scale = float(info["feature_scale"])
         self.preprocess = f"x / 127.5 - 1, no resize; features x {self.scale:.9g}"
         self.name = info["name"]
         self.weights_sha1 = info["weights_sha1"]
+        self.weights_sha256 = info["weights_sha256"]
+        self.shipped = bool(shipped)
         self.resolution = info["resolution"]
         self.in_ch = info["in_ch"]
-        self.source = f"{self.name} (test accuracy {info['test_accuracy']:.4f}, sha1 {self.weights_sha1[:12]})"
+        origin = "shipped" if self.shipped else "trained here"
+        self.source = (f"{self.name} ({origin}, test accuracy {info['test_accuracy']:.4f}, "
+                       f"sha256 {self.weights_sha256[:12]})")
 
     @torch.inference_mode()
     def features(self, images, batch_size: int = 1000) -> np.ndarray:
@@ -177,9 +214,59 @@ class ProxyExtractor:
 
 
 def proxy_paths(cache_dir, dataset: str, resolution: int, seed: int) -> tuple[Path, Path]:
+    """Where an extractor trained on this machine is cached."""
     stem = f"{proxy_name(dataset, resolution)}-seed{seed}"
     folder = eval_cache_dir(cache_dir) / "proxy"
     return folder / f"{stem}.pt", folder / f"{stem}.json"
+
+
+def shipped_paths(dataset: str, resolution: int, seed: int) -> tuple[Path, Path]:
+    """Where a shipped extractor lies (WEIGHTS_DIR is read at call time, so tests can move it)."""
+    stem = f"{proxy_name(dataset, resolution)}-seed{seed}"
+    return WEIGHTS_DIR / f"{stem}.pt", WEIGHTS_DIR / f"{stem}.json"
+
+
+def _model_from_bytes(info: dict, data: bytes) -> ProxyCNN:
+    # Building the module draws its (then overwritten) initial weights from the global RNG; forked
+    # so that loading an extractor mid-training leaves the training's random stream untouched.
+    with torch.random.fork_rng(devices=[]):
+        model = ProxyCNN(info["in_ch"], info["resolution"], info["num_classes"])
+    model.load_state_dict(torch.load(io.BytesIO(data), map_location="cpu", weights_only=True))
+    return model.to(memory_format=torch.channels_last)
+
+
+def load_shipped(dataset: str, resolution: int, seed: int = 0) -> ProxyExtractor:
+    """The committed extractor for (dataset, resolution, seed), its bytes checked against SHIPPED.
+
+    Reads only the two files (no dataset): the input size comes from the record. Any mismatch is
+    a one-line ConfigError naming the file; retraining instead would silently give this machine a
+    different feature space from everyone else's.
+    """
+    pinned = SHIPPED[(dataset, int(resolution), int(seed))]
+    pt_path, json_path = shipped_paths(dataset, resolution, seed)
+    fix = "restore it with `git checkout bench/proxy_weights`"
+    try:
+        data = pt_path.read_bytes()
+        info = json.loads(json_path.read_text())
+    except (OSError, ValueError) as exc:
+        bad = pt_path if not pt_path.is_file() else json_path
+        raise ConfigError(f"shipped proxy extractor file {bad} is missing or unreadable "
+                          f"({type(exc).__name__}); {fix}") from None
+    got = hashlib.sha256(data).hexdigest()
+    if got != pinned:
+        raise ConfigError(f"shipped proxy weights {pt_path} have SHA-256 {got[:12]}..., not the pinned "
+                          f"{pinned[:12]}... (damaged or edited); {fix}")
+    expected = {"name": proxy_name(dataset, resolution), "version": PROXY_VERSION, "dataset": dataset,
+                "resolution": int(resolution), "seed": int(seed), "weights_sha256": pinned}
+    wrong = [k for k, v in expected.items() if info.get(k) != v]
+    if wrong or "feature_scale" not in info:
+        raise ConfigError(f"shipped proxy record {json_path} does not describe its weights "
+                          f"(field {(wrong or ['feature_scale'])[0]}); {fix}")
+    try:
+        model = _model_from_bytes(info, data)
+    except (KeyError, RuntimeError) as exc:
+        raise ConfigError(f"shipped proxy weights {pt_path} do not load ({type(exc).__name__}); {fix}") from None
+    return ProxyExtractor(model, info, shipped=True)
 
 
 _LOADED: dict = {}
@@ -187,27 +274,54 @@ _LOADED: dict = {}
 
 def get_proxy(dataset: str, resolution: int | None = None, *, data_dir=None, cache_dir=None,
               seed: int = 0, retrain: bool = False, verbose: bool = False) -> ProxyExtractor:
-    """The proxy extractor for (dataset, resolution, seed): from memory, from the cache (weights
-    checked against the recorded SHA-1), or trained now and cached."""
-    from bench.data import load_dataset
+    """The proxy extractor for (dataset, resolution, seed); resolution None: the dataset's own.
+
+    In order: from memory; the shipped extractor when SHIPPED has one (checked against its pinned
+    SHA-256; no dataset is loaded); from the cache (weights checked against the recorded hashes);
+    else trained now and cached. `retrain=True` skips memory, shipped and cache and trains into
+    the cache (for tests); it never writes to WEIGHTS_DIR. `data_dir` only says where to find the
+    dataset when one must be trained; a shipped extractor is used whatever it is.
+    """
+    from bench.data import dataset_info, load_dataset
     from bench.io import atomic_write
 
-    train_x, train_y = load_dataset(dataset, split="train", data_dir=data_dir, resolution=resolution)
-    res = int(train_x.shape[-1])
+    res = int(resolution) if resolution else int(dataset_info(dataset).RESOLUTION)
+    if not retrain and (dataset, res, seed) in SHIPPED:
+        pt_path, _ = shipped_paths(dataset, res, seed)
+        key = (str(pt_path.resolve()), seed)
+        if key not in _LOADED:
+            _LOADED[key] = load_shipped(dataset, res, seed)
+            if verbose:
+                print(f"proxy: {_LOADED[key].source}", file=sys.stderr)
+        return _LOADED[key]
+
     pt_path, json_path = proxy_paths(cache_dir, dataset, res, seed)
+    if pt_path.resolve().is_relative_to(WEIGHTS_DIR.resolve()):
+        raise ConfigError(f"the proxy cache {pt_path.parent} is inside {WEIGHTS_DIR}; shipped weights are "
+                          "never overwritten, pick another cache_dir")
     key = (str(pt_path.resolve()), seed)
     if not retrain and key in _LOADED:
         return _LOADED[key]
+    train = None  # (images, labels), loaded only when needed: Fashion-MNIST takes seconds
+
+    def train_split():
+        nonlocal train
+        if train is None:
+            train = load_dataset(dataset, split="train", data_dir=data_dir, resolution=res)
+        return train
+
     if not retrain and pt_path.is_file() and json_path.is_file():
         try:
             info = json.loads(json_path.read_text())
             data = pt_path.read_bytes()
-            if hashlib.sha1(data).hexdigest() == info["weights_sha1"] and info.get("version") == PROXY_VERSION:
-                model = ProxyCNN(info["in_ch"], info["resolution"], info["num_classes"])
-                model.load_state_dict(torch.load(io.BytesIO(data), map_location="cpu", weights_only=True))
-                model = model.to(memory_format=torch.channels_last)
-                if "feature_scale" not in info:  # a record written before the scale existed
-                    info["feature_scale"] = feature_scale(model, train_x)
+            sha256 = hashlib.sha256(data).hexdigest()
+            if (hashlib.sha1(data).hexdigest() == info["weights_sha1"] and info.get("version") == PROXY_VERSION
+                    and info.get("weights_sha256", sha256) == sha256):
+                model = _model_from_bytes(info, data)
+                if "feature_scale" not in info or "weights_sha256" not in info:  # a record from an older version
+                    if "feature_scale" not in info:
+                        info["feature_scale"] = feature_scale(model, train_split()[0])
+                    info["weights_sha256"] = sha256
                     atomic_write(json_path, lambda f: f.write((json.dumps(info, indent=2) + "\n").encode()))
                 _LOADED[key] = ProxyExtractor(model, info)
                 return _LOADED[key]
@@ -215,7 +329,8 @@ def get_proxy(dataset: str, resolution: int | None = None, *, data_dir=None, cac
                 print(f"proxy: cached {pt_path.name} does not match its record; retraining", file=sys.stderr)
         except (OSError, ValueError, KeyError, RuntimeError):
             pass
-    test_x, test_y = load_dataset(dataset, split="test", data_dir=data_dir, resolution=resolution)
+    train_x, train_y = train_split()
+    test_x, test_y = load_dataset(dataset, split="test", data_dir=data_dir, resolution=res)
     t0 = time.perf_counter()
     model = train_proxy(train_x, train_y, seed=seed, verbose=verbose)
     train_seconds = time.perf_counter() - t0
@@ -225,8 +340,8 @@ def get_proxy(dataset: str, resolution: int | None = None, *, data_dir=None, cac
             "in_ch": int(train_x.shape[1]), "num_classes": int(train_y.max()) + 1, "seed": seed,
             "epochs": default_epochs(res), "train_images": len(train_x), "test_accuracy": acc,
             "train_seconds": round(train_seconds, 2), "threads": torch.get_num_threads(),
-            "feature_scale": feature_scale(model, train_x),
-            "torch": torch.__version__, "weights_sha1": hashlib.sha1(data).hexdigest()}
+            "feature_scale": feature_scale(model, train_x), "torch": torch.__version__,
+            "weights_sha1": hashlib.sha1(data).hexdigest(), "weights_sha256": hashlib.sha256(data).hexdigest()}
     if dataset == "fashion-mnist" and acc < 0.9:
         warnings.warn(f"proxy classifier for {dataset} at {res}px reached only {acc:.3f} test accuracy (< 0.90)")
     atomic_write(pt_path, lambda f: f.write(data))
