@@ -8,8 +8,10 @@ steps.jsonl, method_trace.json, machine.json) and the suite's suite.json, and wr
                                   extractor, N, sampler), every method label's hyperparameters,
                                   the machines the runs ran on, and the failed runs
 - tables/evaluations.csv          every evaluation, one tidy row per (run, step, metric)
-- tables/speedup.{csv,md,tex}     speed-up of every method over the baseline (bench.speedup), per
-                                  workload and metric, with the bootstrap interval over seeds
+- tables/speedup.{csv,md,tex}     paired speed-up of every method over the baseline (bench.speedup) at
+                                  each target fraction, per workload and metric, with its interval,
+                                  the paired final-metric difference and the A/A control row
+- tables/training.csv             per method: mean learning-rate factor and share of clipped steps
 - tables/fractions.{csv,md,tex}   each metric at fixed fractions of the budget, mean and std
 - tables/curves.csv               the seed-mean and std curve of every method
 - figures/*.{png,pdf}             metric vs iterations with seed bands, timestep distribution over
@@ -31,7 +33,16 @@ import numpy as np
 import pandas as pd
 
 from bench.io import atomic_write, atomic_write_bytes, read_jsonl
-from bench.speedup import complete_points, compute_speedup, lower_is_better, values_at_fractions
+from bench.report_stats import (
+    final_values,
+    limits_lines,
+    speedup_display,
+    speedup_frame,
+    speedup_rows,
+    training_display,
+    training_facts,
+)
+from bench.speedup import complete_points, lower_is_better, values_at_fractions
 
 SKIP_DIRS = {"report", "_submitit", "figures", "tables"}
 N_BINS = 100  # steps.jsonl is summarised in this many bins of the budget for the figures
@@ -147,29 +158,6 @@ def _curves(df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, list[int]]:
     return wide.columns.to_numpy(dtype=float), wide.to_numpy(dtype=float), list(wide.index)
 
 
-def speedup_table(evals: pd.DataFrame, runs: list[dict], baseline: str | None, n_boot: int = 2000,
-                  confidence: float = 0.95, seed: int = 0) -> pd.DataFrame:
-    """Speed-up of every method over `baseline`, per workload and metric (see bench.speedup)."""
-    rows = []
-    if evals.empty or not baseline:
-        return pd.DataFrame(rows)
-    budgets = _budgets(runs)
-    for (workload, metric), g in evals.groupby(["workload", "metric"], sort=True):
-        base = g[g.method_label == baseline]
-        if base.empty:
-            continue
-        budget = budgets.get(workload)
-        lib = lower_is_better(metric)
-        bs, bv, _ = _curves(base)
-        for label in _method_order(g.method_label.unique(), baseline):
-            ms, mv, seeds = _curves(g[g.method_label == label])
-            s = compute_speedup(bs, bv, ms, mv, budget=budget, lower_is_better=lib, n_boot=n_boot,
-                                confidence=confidence, seed=seed, is_baseline=label == baseline)
-            rows.append({"workload": workload, "metric": metric, "method_label": label,
-                         "baseline": baseline, "budget_iters": budget, "seeds": len(seeds), **s.as_dict()})
-    return pd.DataFrame(rows)
-
-
 def fractions_table(evals: pd.DataFrame, runs: list[dict], fractions) -> pd.DataFrame:
     rows = []
     if evals.empty:
@@ -219,45 +207,6 @@ def _num(v, digits: int = 4) -> str:
     if v is None or (isinstance(v, float) and not math.isfinite(v)):
         return "-"
     return f"{v:.{digits}g}"
-
-
-def speedup_display(df: pd.DataFrame) -> pd.DataFrame:
-    """The speed-up table as people read it: 'not reached' instead of a number when not reached."""
-    rows = []
-    for _, r in df.iterrows():
-        base = r["method_label"] == r["baseline"]
-        if base:
-            sp, ci = "1 (reference)", ""
-        elif r["speedup"] is None or not np.isfinite(r["speedup"]):
-            sp = "not reached"
-            ci = _ci(r)
-        else:
-            sp = f"{r['speedup']:.2f}x"
-            ci = _ci(r)
-        rows.append({
-            "method": r["method_label"],
-            "seeds": int(r["seeds"]),
-            "iters to F*": _num(r["method_steps"], 6) if r["method_steps"] is not None and np.isfinite(
-                r["method_steps"]) else "not reached",
-            "speed-up": sp,
-            f"{int(round(r['confidence'] * 100))}% CI": ci,
-            "reached (bootstrap)": "" if base or r["reached_fraction"] is None or not np.isfinite(
-                r["reached_fraction"]) else f"{100 * r['reached_fraction']:.0f}%",
-            "best": _num(r["method_best"]),
-            "final": _num(r["method_final"]),
-        })
-    return pd.DataFrame(rows)
-
-
-def _ci(r) -> str:
-    lo, hi = r["ci_low"], r["ci_high"]
-    if lo is None or hi is None or not (np.isfinite(lo) and np.isfinite(hi)):
-        return ""
-
-    def f(v):
-        return "not reached" if v == 0 else f"{v:.2f}"
-
-    return f"[{f(lo)}, {f(hi)}]"
 
 
 def fractions_display(df: pd.DataFrame) -> pd.DataFrame:
@@ -330,7 +279,7 @@ def _safe(name: str) -> str:
 
 
 def figure_curves(evals: pd.DataFrame, workload: str, metric: str, target: float | None, order: list[str],
-                  fig_dir: Path) -> str | None:
+                  fig_dir: Path, target_label: str = "F* (headline target)") -> str | None:
     plt, sns = _plt()
     g = evals[(evals.workload == workload) & (evals.metric == metric)].dropna(subset=["value"])
     if g.empty:
@@ -339,7 +288,7 @@ def figure_curves(evals: pd.DataFrame, workload: str, metric: str, target: float
     sns.lineplot(data=g, x="step", y="value", hue="method_label", hue_order=[m for m in order if m in set(
         g.method_label)], errorbar="sd", marker="o", ax=ax)
     if target is not None and np.isfinite(target):
-        ax.axhline(target, color="grey", ls="--", lw=1, label="F* (baseline best)")
+        ax.axhline(target, color="grey", ls="--", lw=1, label=target_label)
     ax.set_xlabel("iterations")
     ax.set_ylabel(f"{metric} (mean ± sd over seeds)")
     ax.set_title(f"{workload}: {metric}")
@@ -455,8 +404,8 @@ def _protocol_lines(evals: pd.DataFrame) -> list[str]:
     lines = []
     if evals.empty:
         return ["- no evaluations recorded yet"]
-    cols = [c for c in ("feature_extractor", "weights_sha1", "num_gen", "num_ref", "ref_split", "sampler",
-                        "sampler_steps", "eta", "noise_seed") if c in evals]
+    cols = [c for c in ("feature_extractor", "weights_sha1", "weights_sha256", "weights_shipped", "num_gen", "num_ref",
+                        "ref_split", "sampler", "sampler_steps", "timestep_spacing", "eta", "noise_seed") if c in evals]
     for metric, g in evals.groupby("metric", sort=True):
         combos = g[cols].drop_duplicates() if cols else pd.DataFrame([{}])
         for _, c in combos.iterrows():
@@ -469,9 +418,15 @@ def _protocol_lines(evals: pd.DataFrame) -> list[str]:
                 return str(int(v)) if isinstance(v, float) and v.is_integer() and key != "eta" else str(v)
 
             features = show("feature_extractor")
-            if d.get("weights_sha1"):
+            if d.get("weights_sha256"):
+                where = {True: "shipped in bench/proxy_weights", False: "trained on this machine"}.get(
+                    d.get("weights_shipped"), "")
+                features += f" (weights sha256 {str(d['weights_sha256'])[:16]}{', ' + where if where else ''})"
+            elif d.get("weights_sha1"):
                 features += f" (weights sha1 {str(d['weights_sha1'])[:12]})"
             sampler = f"sampler {show('sampler')} with {show('sampler_steps')} steps"
+            if d.get("timestep_spacing"):
+                sampler += f" ({show('timestep_spacing')} spacing)"
             if d.get("eta") is not None:
                 sampler += f", eta {show('eta')}"
             if d.get("noise_seed") is not None:
@@ -502,7 +457,7 @@ def _method_table(runs: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(list(seen.values()))
 
 
-COMMON_KEYS = ("lr", "warmup", "grad_clip", "weight_decay", "beta1", "beta2", "ema_decay", "schedule", "T",
+COMMON_KEYS = ("lr", "warmup", "grad_clip", "weight_decay", "beta1", "beta2", "ema_decay", "ema_warmup", "schedule", "T",
                "target", "zero_terminal_snr", "flip", "eval_every")
 
 
@@ -545,43 +500,42 @@ def build_report(suite_dir: str | os.PathLike, out_dir: str | os.PathLike | None
     metrics = sorted(evals.metric.unique(), key=lambda m: (m != primary, m)) if not evals.empty else []
     order = _method_order(labels, baseline)
 
-    sp = speedup_table(evals, runs, baseline, n_boot=int(rep.get("bootstrap", 2000)),
-                       confidence=float(rep.get("confidence", 0.95)), seed=int(rep.get("seed", 0)))
+    sweep = info.get("lr_sweep") or {}
+    targets = [float(f) for f in rep.get("targets") or [0.5, 0.75, 1.0]]
+    headline = float(rep.get("headline", 0.75 if 0.75 in targets else targets[-1]))
+    stats_kw = dict(targets=targets, confidence=float(rep.get("confidence", 0.95)),
+                    n_boot=int(rep.get("bootstrap", 2000)), seed=int(rep.get("seed", 0)))
     fr = fractions_table(evals, runs, fractions)
     cv = curves_table(evals, runs)
     _write_text(tab_dir / "evaluations.csv", evals.to_csv(index=False))
-    _write_text(tab_dir / "speedup.csv", sp.to_csv(index=False))
     _write_text(tab_dir / "fractions.csv", fr.to_csv(index=False))
     _write_text(tab_dir / "curves.csv", cv.to_csv(index=False))
 
     workloads = sorted({r["workload"] for r in runs})
-    md_sp, tex_sp, md_fr, tex_fr = [], [], [], []
+    md_sp, tex_sp, md_fr, tex_fr, sp_frames, facts = [], [], [], [], [], []
     sections = []
     for w in workloads:
         sec = [f"## Workload {w}", ""]
         w_runs = [r for r in runs if r["workload"] == w]
+        w_evals = evals[evals.workload == w] if not evals.empty else evals
         budget = max((r["config"].get("iters") or 0) for r in w_runs)
         for metric in metrics:
             tag = f"{w} / {metric}"
-            sub = sp[(sp.workload == w) & (sp.metric == metric)] if not sp.empty else pd.DataFrame()
             target = None
-            if not sub.empty:
-                target = sub.target.iloc[0]
-                disp = speedup_display(sub)
-                md_sp += [f"### {tag}", "", to_markdown(disp), ""]
-                tex_sp.append(to_latex(disp, f"Speed-up over {baseline} ({metric}, {w})",
-                                       f"tab:speedup:{_safe(w)}:{_safe(metric)}"))
-                f_star = "-" if target is None or not np.isfinite(target) else f"{target:.4g}"
-                b_need = sub.baseline_steps.iloc[0]
-                sec += [f"### Speed-up over `{baseline}` ({metric})", "",
-                        f"F* = {f_star}: `{baseline}`'s best seed-mean {metric} within the budget of {budget} "
-                        f"iterations, reached at iteration {_num(b_need, 6)}. Speed-up = iterations `{baseline}` "
-                        f"needs to reach F* / iterations the method needs, each found by linear interpolation "
-                        f"between evaluations on the seed-mean curve; interval: percentile bootstrap over seeds "
-                        f"({int(rep.get('bootstrap', 2000))} resamples, seeds drawn with replacement per method, "
-                        f"fixed RNG seed {int(rep.get('seed', 0))}; a resample that never reaches F* counts as 0, "
-                        f"shown as 'not reached'). 'not reached': the seed-mean curve never gets to F* within "
-                        f"the budget.", "", to_markdown(disp), ""]
+            if baseline:
+                main = [label for label in order if label not in sweep or label == baseline]
+                rows = speedup_rows(w_evals, baseline, main, budget, metric, **stats_kw)
+                if rows:
+                    sp_frames.append(speedup_frame(rows, targets).assign(workload=w, metric=metric,
+                                                                         baseline=baseline, budget_iters=budget))
+                    target = rows[0][f"speedup@{headline:g}"].target
+                    disp = speedup_display(rows, targets, headline, final_values(w_evals, metric, budget))
+                    md_sp += [f"### {tag}", "", to_markdown(disp), ""]
+                    tex_sp.append(to_latex(disp, f"Paired speed-up over {baseline} ({metric}, {w})",
+                                           f"tab:speedup:{_safe(w)}:{_safe(metric)}"))
+                    sec += _speedup_text(rows, baseline, metric, budget, targets, headline, stats_kw)
+                    sec += [to_markdown(disp), ""]
+                    sec += _sweep_section(w_evals, baseline, sweep, metric, budget, order, stats_kw, headline)
             fsub = fr[(fr.workload == w) & (fr.metric == metric)] if not fr.empty else pd.DataFrame()
             if not fsub.empty:
                 disp = fractions_display(fsub)
@@ -592,7 +546,8 @@ def build_report(suite_dir: str | os.PathLike, out_dir: str | os.PathLike | None
                         "Linear interpolation between evaluations; 'no eval yet': before the first evaluation; "
                         "'not all seeds': past the last evaluation that every seed reached.",
                         "", to_markdown(disp), ""]
-            stem = figure_curves(evals, w, metric, target, order, fig_dir)
+            stem = figure_curves(evals, w, metric, target, order, fig_dir,
+                                 f"F*: baseline at {100 * headline:g}% of the budget (headline target)")
             if stem:
                 sec += [f"![{metric} vs iterations]({_fig(stem)}.png) ([PDF]({_fig(stem)}.pdf))", ""]
         traces = {}
@@ -616,7 +571,17 @@ def build_report(suite_dir: str | os.PathLike, out_dir: str | os.PathLike | None
         for title, stem in figs:
             if stem:
                 sec += [f"### {title}", "", f"![{title}]({_fig(stem)}.png) ([PDF]({_fig(stem)}.pdf))", ""]
+        fact = training_facts(w_runs, order)
+        facts.append(fact.assign(workload=w))
+        sec += ["### What this report does not show", ""]
+        sec += limits_lines(w_evals, w_runs, baseline, primary, budget, sweep) if primary else []
+        sec += ["", "Learning-rate factor (the optimizer slot's scale of the shared learning rate, mean over all "
+                "steps and seeds) and the share of steps whose gradient norm was clipped:", "",
+                to_markdown(training_display(fact)), ""]
         sections += sec
+    sp = pd.concat(sp_frames, ignore_index=True) if sp_frames else pd.DataFrame()
+    _write_text(tab_dir / "speedup.csv", sp.to_csv(index=False))
+    _write_text(tab_dir / "training.csv", pd.concat(facts, ignore_index=True).to_csv(index=False) if facts else "")
 
     _write_text(tab_dir / "speedup.md", "\n".join(md_sp) or "_(no speed-up: no baseline or no evaluations)_\n")
     _write_text(tab_dir / "fractions.md", "\n".join(md_fr) or "_(no evaluations)_\n")
@@ -668,6 +633,53 @@ def build_report(suite_dir: str | os.PathLike, out_dir: str | os.PathLike | None
     path = out / "report.md"
     _write_text(path, "\n".join(lines))
     return path
+
+
+def _speedup_text(rows, baseline, metric, budget, targets, headline, kw) -> list[str]:
+    """What the speed-up table's numbers are, with this suite's targets and seed counts."""
+    n = rows[0]["n_paired"]
+    f_stars = ", ".join(f"{_num(rows[0][f'speedup@{f:g}'].target)} at {100 * f:g}%" for f in targets)
+    how = ("a t-interval on log speed-up (n - 1 degrees of freedom)" if 3 <= n < 6 else
+           f"a paired bootstrap over seeds ({kw['n_boot']} resamples, RNG seed {kw['seed']})" if n >= 6 else
+           "no interval: fewer than 3 paired seeds (\"too few seeds\")")
+    return [f"### Paired speed-up over `{baseline}` ({metric})", "",
+            f"Seeds are paired: seed k of a method shares initialisation, data order, timestep draws' random "
+            f"numbers and noise with seed k of `{baseline}`. Target F*(f) = `{baseline}`'s {metric} at fraction f "
+            f"of the {budget}-iteration budget; each seed's target is its own baseline seed's value there, whose "
+            f"seed mean is F* ({f_stars}). Per seed, speed-up = iterations the baseline seed needs / iterations "
+            f"the method's seed needs to reach that target (linear interpolation between evaluations). The "
+            f"headline is read at F* = {100 * headline:g}% of the budget, where a method up to "
+            f"{1 / headline:.2f}x slower than the baseline still gets a number: the geometric mean over {n} "
+            f"paired seeds with {how}. '<= x': some seeds never reached the target and were counted at the "
+            f"budget's end, so the number is an upper bound. 'final - baseline': the paired difference of the "
+            f"final {metric} (negative is better), mean [interval]. The A/A row compares the baseline's seed "
+            f"halves as if they were two methods: the spread noise alone gives (its pairs are different seeds). "
+            f"Per-seed values are in tables/speedup.csv.", ""]
+
+
+def _sweep_section(evals, baseline, sweep, metric, budget, order, kw, headline) -> list[str]:
+    """The baseline at each learning rate of [grid] lr_sweep, and the methods against the best one."""
+    if not sweep or metric != evals.metric.iloc[0] and metric not in set(evals.metric):
+        return []
+    finals = final_values(evals, metric, budget)
+    g = evals[(evals.metric == metric) & (evals.step <= budget)]
+    means = {lab: g[g.method_label == lab].sort_values("step").groupby("seed").value.last().mean() for lab in sweep}
+    means = {k: v for k, v in means.items() if np.isfinite(v)}
+    if not means:
+        return []
+    pick = min if lower_is_better(metric) else max
+    best = pick(means, key=means.get)
+    table = pd.DataFrame([{"baseline run": lab, "lr": f"{lr:g}", "final (mean ± sd)": finals.get(lab, "-"),
+                           "best": "yes" if lab == best else ""} for lab, lr in sweep.items()])
+    out = [f"#### Learning-rate sweep of `{baseline}` ({metric})", "", to_markdown(table), ""]
+    if best == baseline:
+        return out + ["The shared learning rate is the best of the sweep: the table above is already against "
+                      "the best-tuned baseline.", ""]
+    main = [lab for lab in order if lab not in sweep or lab == best]
+    rows = speedup_rows(evals, best, main, budget, metric, **{**kw, "targets": [headline]})
+    disp = speedup_display(rows, [headline], headline, finals)
+    return out + [f"Against the best-tuned baseline `{best}` (every other method keeps the shared learning rate):",
+                  "", to_markdown(disp), ""]
 
 
 def _fig(stem: str) -> str:

@@ -1,31 +1,83 @@
-"""Speed-up of a method over the baseline, as ../shared/METHODS.md defines it.
+"""Speed-up of a method over the baseline: the suite's authoritative definition.
 
-For a method M and the baseline B on the same workload and iteration budget:
+../shared/METHODS.md ("Speed-up, the suite's definition") summarises this; where the two differ,
+this docstring is the definition. Everything here is a pure function of the metric curves.
 
-- the seed-mean curve of a run group is the mean over seeds of the metric at each evaluation
-  step (only steps where every seed has a finite value, and only steps within the budget);
-- F* is the best value of B's seed-mean curve (the minimum, for FID-like metrics);
-- the iterations a curve needs to reach F* are found by linear interpolation between the two
-  evaluation points around the first crossing of the level F* (a curve whose first evaluation
-  already reaches F* needs that first evaluation's step: there is no earlier point to
-  interpolate from);
-- speedup = iterations B needs / iterations M needs. A method that never reaches F* within
-  the budget is "not reached" (``speedup`` is None), never a made-up number;
-- the confidence interval is a percentile bootstrap over seeds: each replicate resamples B's
-  seeds and M's seeds with replacement (independently; seeds are not paired across methods),
-  recomputes F*, both crossings and the ratio. A replicate in which M does not reach F* counts
-  as speed-up 0 (B's iterations over infinitely many), so the interval stays honest; the
-  fraction of replicates that reached F* is reported beside it. The RNG is seeded, so the
-  interval is reproducible.
+Inputs. ``b_values[k]`` and ``m_values[k]`` are the metric curves of the baseline B and of the
+method M for the SAME training seed k (same initialisation, data order and noise), arrays
+[n_seeds, len(steps)] with NaN where a seed has no value. B and M may use different evaluation
+grids. Only evaluations at steps <= ``budget`` are used. Lower is better unless
+``lower_is_better=False``; higher-is-better metrics are negated internally and every value is
+reported back in the metric's own units.
 
-This module only needs numpy: never torch (the report runs on machines without it).
+Why paired: seed-to-seed spread is usually larger than the effect of a method, and most of it is
+shared by B_k and M_k (the same seed). Comparing seed k with seed k cancels that shared part, which
+an unpaired comparison (resampling B's and M's seeds independently) cannot do.
+
+1. Target at fraction f of the budget (0 < f <= 1). For each seed, target_k = B_k's value at
+   f * budget (linear interpolation between B_k's evaluations, ``value_at``). The reported target
+   is F*(f) = mean_k target_k, which equals the seed-mean curve's value at f * budget. Why
+   per-seed targets: seed k of M is asked to reach what seed k of B reached at f * budget, so the
+   baseline always reaches its own target, at or before f * budget, and a per-seed speed-up exists
+   even at f = 1 (with a seed-mean target, the better half of B's seeds would reach it and the
+   worse half would not). f = 1 is the paper's reading (B's final quality); f = 0.5 and 0.75 let a
+   method that is up to 1/f times slower than B still reach the target.
+2. Crossings. n_B,k = the first step at which B_k reaches target_k (<= f * budget); n_M,k = the
+   first step at which M_k reaches target_k within the budget, None = not reached. A crossing is
+   interpolated between the evaluation before it and the first evaluation at or past the target
+   (a curve already at the target at its first evaluation needs that first step: there is no
+   earlier point). Interpolation is linear in iterations, or linear in log-iterations when a run
+   group's evaluation grid (within the budget) is geometric: >= 3 points, consecutive ratio
+   constant within 1e-6 relative and > 1.0001. Why: on a geometric grid the curve is sampled as a
+   function of log-iterations, and linear interpolation over a wide gap (e.g. 2000 -> 4000) would
+   put every crossing late. Note: the target itself is always interpolated linearly (point 1),
+   so on a geometric grid with f * budget between two evaluations n_B,k can be slightly below
+   f * budget (log-interpolation lies below the chord); on the evaluations themselves it is exact.
+3. Per seed: s_k = n_B,k / n_M,k.
+4. Headline: the geometric mean of s_k over the paired seeds (speed-ups are ratios: 2x and 0.5x
+   must average to 1x). Interval on log s_k at level ``confidence``:
+   - n < 3 paired seeds: no interval ("too few seeds"); the point estimate is still given.
+     With fewer than 3 seeds a spread estimate is too unstable to print an interval.
+   - 3 <= n < 6: Student t interval, exp(mean(log s) +- t_{n-1} * sd / sqrt(n)) ("t").
+   - n >= 6: paired bootstrap over seeds ("bootstrap"): resample seed indices with replacement
+     (the pair (B_k, M_k) moves together), ``n_boot`` replicates from
+     ``numpy.random.default_rng(seed)``, percentile interval of the replicates' geometric means.
+     With enough seeds this does not lean on log s_k being normal. Deterministic given ``seed``.
+     (``n_boot <= 0`` falls back to the t interval.)
+5. Not reached. A seed whose M_k does not reach target_k is counted as needing its last
+   evaluation within the budget (the budget itself whenever M_k is evaluated there, the normal
+   case). M_k needs MORE than that, so s_k computed this way is an upper bound, and so are the
+   geometric mean and the interval: ``upper_bound=True``, with ``n_reached`` beside it. (The last
+   evaluation rather than the budget: a curve whose evaluations stop before the budget might still
+   reach the target between its last evaluation and the budget, and then n_B,k / budget would
+   not be an upper bound.) If no seed reaches, the number is still that upper bound, flagged; the
+   display says "not reached (<= x)". A number is never returned without saying it is a bound.
+6. Dropped seeds (``n_dropped``): a seed whose B_k or M_k has no finite evaluation within the
+   budget, whose B_k does not cover f * budget (its target is undefined), or whose crossing is at
+   a step <= 0 (ratio undefined) leaves the pairing. F*(f) is the mean over the paired seeds.
+7. Final-metric difference (``paired_difference``): d_k = M_k - B_k at the last evaluation within
+   the budget where every paired seed of both groups has a value (the later of the two groups'
+   last complete evaluations is cut to the earlier, interpolating linearly if the grids differ,
+   so both are compared at the same iteration). Raw values, method minus baseline, in the metric's
+   units (not negated: for FID a negative d is an improvement). Mean with a t interval (n >= 3)
+   or "too few seeds" (n < 3), plus the mean relative difference mean(d_k / B_k).
+8. A/A control: ``aa_split(n)`` splits B's seed order into a first and a second half (the middle
+   seed is left out when n is odd). The second half plays the method and the first half the
+   baseline, half1[i] paired with half2[i], with exactly the same statistics, e.g.
+   ``paired_speedup(steps, b[h1], steps, b[h2], ...)``. It shows what noise alone gives. With 4
+   seeds that is 2 pairs, so the A/A row says "too few seeds": that is the honest answer, not a
+   defect (the A/A pairs are different seeds, so they are not noise-matched like B_k and M_k).
+9. The baseline row: speed-up exactly 1, no interval (interval "none"; ``is_baseline=True``).
+
+This module needs numpy and scipy.stats only: never torch or pandas (the report runs without them).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
+from scipy import stats
 
 #: metrics for which a smaller value is better; any other metric is taken as higher-is-better
 LOWER_IS_BETTER = {"fid", "kid", "proxy_fd", "proxy_kid", "fd", "loss"}
@@ -57,6 +109,31 @@ def complete_points(steps, values, budget: float | None = None) -> tuple[np.ndar
     return steps[keep], values[:, keep]
 
 
+def _is_geometric(steps: np.ndarray) -> bool:
+    """A geometric grid: >= 3 positive points with a constant ratio (1e-6 relative) above 1.0001."""
+    if steps.size < 3 or steps[0] <= 0:
+        return False
+    ratios = steps[1:] / steps[:-1]
+    return bool(ratios[0] > 1.0001 and np.all(np.abs(ratios - ratios[0]) <= 1e-6 * ratios[0]))
+
+
+def _crossing(steps: np.ndarray, curve: np.ndarray, target: float, log_steps: bool = False) -> float | None:
+    """First crossing of `target` by a lower-is-better curve, interpolated linearly in steps or,
+    with `log_steps`, in log-steps; None when never reached."""
+    reached = np.flatnonzero(curve <= target)
+    if reached.size == 0:
+        return None
+    i = int(reached[0])
+    if i == 0:
+        return float(steps[0])  # no earlier point to interpolate from
+    v0, v1 = curve[i - 1], curve[i]
+    s0, s1 = steps[i - 1], steps[i]
+    frac = (v0 - target) / (v0 - v1)  # v0 > target >= v1, so the denominator is positive
+    if log_steps:
+        return float(s0 * (s1 / s0) ** frac)
+    return float(s0 + frac * (s1 - s0))
+
+
 def crossing_step(steps, curve, target: float, lower_is_better: bool = True) -> float | None:
     """Iterations a curve needs to reach `target`: the first evaluation at or past the target,
     linearly interpolated with the evaluation before it; None when it is never reached."""
@@ -64,110 +141,7 @@ def crossing_step(steps, curve, target: float, lower_is_better: bool = True) -> 
     curve = np.asarray(curve, dtype=float)
     if not lower_is_better:
         curve, target = -curve, -target
-    reached = np.flatnonzero(curve <= target)
-    if reached.size == 0:
-        return None
-    i = int(reached[0])
-    if i == 0:
-        return float(steps[0])
-    v0, v1 = curve[i - 1], curve[i]
-    s0, s1 = steps[i - 1], steps[i]
-    frac = (v0 - target) / (v0 - v1)
-    return float(s0 + frac * (s1 - s0))
-
-
-def _crossings_batch(steps: np.ndarray, curves: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """Vectorised crossing_step for lower-is-better curves [R, P] and targets [R]; NaN = never."""
-    reached = curves <= targets[:, None]
-    any_reached = reached.any(axis=1)
-    first = reached.argmax(axis=1)
-    out = np.full(curves.shape[0], np.nan)
-    rows = np.flatnonzero(any_reached & (first == 0))
-    out[rows] = steps[0]
-    rows = np.flatnonzero(any_reached & (first > 0))
-    if rows.size:
-        i = first[rows]
-        v0, v1 = curves[rows, i - 1], curves[rows, i]
-        s0, s1 = steps[i - 1], steps[i]
-        out[rows] = s0 + (v0 - targets[rows]) / (v0 - v1) * (s1 - s0)
-    return out
-
-
-@dataclass
-class Speedup:
-    """Speed-up of one method over the baseline on one workload and metric."""
-
-    target: float | None            # F*: the baseline's best seed-mean value within the budget
-    baseline_steps: float | None    # iterations the baseline needs to reach F*
-    method_steps: float | None      # iterations the method needs (None: not reached)
-    speedup: float | None           # baseline_steps / method_steps (None: not reached)
-    ci_low: float | None            # percentile bootstrap interval over seeds
-    ci_high: float | None
-    reached_fraction: float | None  # share of bootstrap replicates in which the method reached F*
-    n_boot: int
-    confidence: float
-    n_seeds_baseline: int
-    n_seeds_method: int
-    method_best: float | None       # the method's best seed-mean value within the budget
-    method_final: float | None      # the method's seed-mean value at its last complete evaluation
-
-    @property
-    def reached(self) -> bool:
-        return self.speedup is not None
-
-    def as_dict(self) -> dict:
-        return asdict(self) | {"reached": self.reached}
-
-
-def compute_speedup(baseline_steps, baseline_values, method_steps, method_values, *, budget: float | None = None,
-                    lower_is_better: bool = True, n_boot: int = 2000, confidence: float = 0.95,
-                    seed: int = 0, is_baseline: bool = False) -> Speedup:
-    """Speed-up of a method over the baseline.
-
-    ``*_values`` are arrays [seeds, len(steps)] of the metric (NaN where a seed has no value);
-    ``budget`` caps the evaluation points used (the suite's iteration budget). With
-    ``is_baseline`` the method is the baseline itself: speed-up exactly 1, no interval.
-    """
-    bs, bv = complete_points(baseline_steps, baseline_values, budget)
-    ms, mv = complete_points(method_steps, method_values, budget)
-    sign = 1.0 if lower_is_better else -1.0
-    empty = Speedup(None, None, None, None, None, None, None, n_boot, confidence,
-                    bv.shape[0], mv.shape[0], None, None)
-    if bs.size == 0:
-        return empty
-    b_mean = sign * bv.mean(axis=0)
-    target = float(b_mean.min())
-    b_need = crossing_step(bs, b_mean, target)
-    out = empty
-    out.target = sign * target
-    out.baseline_steps = b_need
-    if ms.size == 0:
-        return out
-    m_mean = sign * mv.mean(axis=0)
-    out.method_best = float(sign * m_mean.min())
-    out.method_final = float(sign * m_mean[-1])
-    if is_baseline:
-        out.method_steps, out.speedup = b_need, 1.0
-        return out
-    m_need = crossing_step(ms, m_mean, target)
-    out.method_steps = m_need
-    out.speedup = None if m_need is None else b_need / m_need
-    if n_boot <= 0:
-        return out
-    rng = np.random.default_rng(seed)
-    ib = rng.integers(0, bv.shape[0], size=(n_boot, bv.shape[0]))
-    im = rng.integers(0, mv.shape[0], size=(n_boot, mv.shape[0]))
-    b_rep = sign * bv[ib].mean(axis=1)      # [n_boot, P_b]
-    m_rep = sign * mv[im].mean(axis=1)      # [n_boot, P_m]
-    t_rep = b_rep.min(axis=1)
-    b_need_rep = bs[b_rep.argmin(axis=1)]   # the first minimum is the first crossing of its own level
-    m_need_rep = _crossings_batch(ms, m_rep, t_rep)
-    ratio = np.where(np.isnan(m_need_rep), 0.0, b_need_rep / np.where(np.isnan(m_need_rep), 1.0, m_need_rep))
-    alpha = (1.0 - confidence) / 2.0
-    out.ci_low = float(np.quantile(ratio, alpha))
-    out.ci_high = float(np.quantile(ratio, 1.0 - alpha))
-    out.reached_fraction = float(np.mean(~np.isnan(m_need_rep)))
-    return out
+    return _crossing(steps, curve, target)
 
 
 def value_at(steps, curve, at: float) -> float:
@@ -182,8 +156,8 @@ def value_at(steps, curve, at: float) -> float:
 def values_at_fractions(steps, values, budget: float, fractions=(0.25, 0.5, 0.75, 1.0)) -> list[dict]:
     """Metric at fixed fractions of the budget: per fraction, the seed mean and standard deviation
     (ddof 1; NaN with one seed) of each seed's curve linearly interpolated at fraction * budget.
-    Points where a seed has no value are dropped for every seed (as in the speed-up). `status`
-    says why a mean is NaN: "before first evaluation", "after last complete evaluation", "no data"."""
+    Points where a seed has no value are dropped for every seed. `status` says why a mean is NaN:
+    "before first evaluation", "after last complete evaluation", "no data"."""
     steps, values = complete_points(steps, values, budget)
     rows = []
     for f in fractions:
@@ -208,3 +182,245 @@ def values_at_fractions(steps, values, budget: float, fractions=(0.25, 0.5, 0.75
             "status": status,
         })
     return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# Paired statistics.
+
+
+@dataclass
+class PairedSpeedup:
+    """Paired speed-up of one method over the baseline at one fraction of the budget."""
+
+    fraction: float            # f
+    target: float | None       # F*(f), the seed-mean of the per-seed targets (metric units)
+    seeds: list                # the seed ids that entered the pairing
+    per_seed: list             # s_k per paired seed, None where not reached
+    n_paired: int
+    n_reached: int
+    n_dropped: int
+    speedup: float | None      # geometric mean (an upper bound when upper_bound)
+    ci_low: float | None
+    ci_high: float | None
+    interval: str              # "t", "bootstrap", "too few seeds", "none" (baseline), "no data"
+    upper_bound: bool
+    confidence: float
+    baseline_steps: list       # n_B,k per paired seed
+    method_steps: list         # n_M,k per paired seed (None = not reached)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class PairedDifference:
+    """Paired difference of the final metric, method minus baseline, in the metric's units."""
+
+    mean: float | None
+    ci_low: float | None
+    ci_high: float | None
+    relative_mean: float | None  # mean of d_k / B_k
+    n: int
+    interval: str                # "t", "too few seeds", "no data"
+    confidence: float
+    per_seed: list               # d_k per paired seed
+    step: float | None = None    # the iteration at which both are compared
+    seeds: list = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _seed_ids(seeds, n: int) -> list:
+    ids = list(range(n)) if seeds is None else list(seeds)
+    if len(ids) != n:
+        raise ValueError(f"{len(ids)} seed ids for {n} seeds")
+    return ids
+
+
+def _check_paired(steps_b, b_values, steps_m, m_values):
+    bs, bv = _as_curves(steps_b, b_values)
+    ms, mv = _as_curves(steps_m, m_values)
+    if bv.shape[0] != mv.shape[0]:
+        raise ValueError(f"paired seeds: baseline has {bv.shape[0]} seeds, method {mv.shape[0]}")
+    return bs, bv, ms, mv
+
+
+def _finite_in_budget(steps: np.ndarray, row: np.ndarray, budget: float):
+    keep = np.isfinite(row) & (steps <= budget)
+    return steps[keep], row[keep]
+
+
+def _seed_crossings(bs, b_row, ms, m_row, budget, at, log_b, log_m):
+    """(target_k, n_B,k, n_M,k or None, M_k's last step) for one seed of lower-is-better curves,
+    or None when the seed leaves the pairing (point 6 of the module docstring)."""
+    bs_k, bv_k = _finite_in_budget(bs, b_row, budget)
+    ms_k, mv_k = _finite_in_budget(ms, m_row, budget)
+    if bs_k.size == 0 or ms_k.size == 0:
+        return None
+    target = value_at(bs_k, bv_k, at)
+    if not np.isfinite(target):
+        return None
+    n_b = _crossing(bs_k, bv_k, target, log_b)
+    n_m = _crossing(ms_k, mv_k, target, log_m)
+    if n_b is None or n_b <= 0 or (n_m is not None and n_m <= 0):
+        return None
+    return target, n_b, n_m, float(ms_k[-1])
+
+
+def _t_interval(x: np.ndarray, confidence: float) -> tuple[float, float]:
+    half = stats.t.ppf(0.5 + confidence / 2, x.size - 1) * x.std(ddof=1) / np.sqrt(x.size)
+    return float(x.mean() - half), float(x.mean() + half)
+
+
+def _log_interval(log_s: np.ndarray, confidence: float, n_boot: int, seed: int):
+    """(low, high, kind) of the interval on log s_k (point 4 of the module docstring)."""
+    n = log_s.size
+    if n < 3:
+        return None, None, "too few seeds"
+    if n < 6 or n_boot <= 0:
+        return (*_t_interval(log_s, confidence), "t")
+    idx = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))  # pairs move together
+    reps = log_s[idx].mean(axis=1)
+    alpha = (1.0 - confidence) / 2.0
+    return float(np.quantile(reps, alpha)), float(np.quantile(reps, 1.0 - alpha)), "bootstrap"
+
+
+def paired_speedup(steps_b, b_values, steps_m, m_values, *, budget: float, fraction: float = 1.0, seeds=None,
+                   lower_is_better: bool = True, confidence: float = 0.95, n_boot: int = 2000, seed: int = 0,
+                   is_baseline: bool = False) -> PairedSpeedup:
+    """Paired speed-up of M over B at `fraction` of `budget` (see the module docstring).
+    With `is_baseline` the row is the baseline itself (the method curves are ignored): 1, no interval."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    bs, bv, ms, mv = _check_paired(steps_b, b_values, steps_m, m_values)
+    if is_baseline:
+        ms, mv = bs, bv
+    ids = _seed_ids(seeds, bv.shape[0])
+    sign = 1.0 if lower_is_better else -1.0  # curves are made lower-is-better, targets reported back
+    log_b, log_m = _is_geometric(bs[bs <= budget]), _is_geometric(ms[ms <= budget])
+    rows = [_seed_crossings(bs, sign * bv[k], ms, sign * mv[k], budget, fraction * budget, log_b, log_m)
+            for k in range(bv.shape[0])]
+    kept = [k for k, r in enumerate(rows) if r is not None]
+    out = PairedSpeedup(float(fraction), None, [ids[k] for k in kept], [], len(kept), 0,
+                        len(rows) - len(kept), None, None, None, "no data", False, float(confidence), [], [])
+    if not kept:
+        return out
+    target, n_b, n_m, m_last = (np.array([rows[k][j] if rows[k][j] is not None else np.nan for k in kept])
+                                for j in range(4))
+    reached = np.isfinite(n_m)
+    out.target = float(sign * target.mean())
+    out.baseline_steps = n_b.tolist()
+    out.method_steps = [float(x) if ok else None for x, ok in zip(n_m, reached)]
+    out.n_reached = int(reached.sum())
+    if is_baseline:
+        out.per_seed, out.speedup, out.interval = [1.0] * len(kept), 1.0, "none"
+        return out
+    # not reached: M_k needs more than its last evaluation, so this s_k is an upper bound
+    s = n_b / np.where(reached, n_m, m_last)
+    out.per_seed = [float(x) if ok else None for x, ok in zip(s, reached)]
+    out.upper_bound = bool(not reached.all())
+    log_s = np.log(s)
+    out.speedup = float(np.exp(log_s.mean()))
+    lo, hi, out.interval = _log_interval(log_s, confidence, n_boot, seed)
+    if lo is not None:
+        out.ci_low, out.ci_high = float(np.exp(lo)), float(np.exp(hi))
+    return out
+
+
+def _values_at(steps: np.ndarray, values: np.ndarray, at: float) -> np.ndarray:
+    """Every row of `values` [seeds, P] linearly interpolated at `at` (inside the grid)."""
+    j = int(np.clip(np.searchsorted(steps, at), 1, steps.size - 1)) if steps.size > 1 else 0
+    if steps.size == 1 or at == steps[j]:
+        return values[:, j]
+    w = (at - steps[j - 1]) / (steps[j] - steps[j - 1])
+    return values[:, j - 1] + w * (values[:, j] - values[:, j - 1])
+
+
+def paired_difference(steps_b, b_values, steps_m, m_values, *, budget: float, seeds=None,
+                      confidence: float = 0.95) -> PairedDifference:
+    """Paired difference of the final metric, M_k - B_k (point 7 of the module docstring)."""
+    bs, bv, ms, mv = _check_paired(steps_b, b_values, steps_m, m_values)
+    ids = _seed_ids(seeds, bv.shape[0])
+    in_b = (bs <= budget)
+    in_m = (ms <= budget)
+    kept = [k for k in range(bv.shape[0])
+            if np.isfinite(bv[k, in_b]).any() and np.isfinite(mv[k, in_m]).any()]
+    out = PairedDifference(None, None, None, None, 0, "no data", float(confidence), [], None, [])
+    bs, bv = complete_points(bs, bv[kept], budget)
+    ms, mv = complete_points(ms, mv[kept], budget)
+    if not kept or bs.size == 0 or ms.size == 0:
+        return out
+    at = min(bs[-1], ms[-1])  # compare both at the same iteration
+    if at < bs[0] or at < ms[0]:
+        return out
+    b_at, m_at = _values_at(bs, bv, at), _values_at(ms, mv, at)
+    d = m_at - b_at
+    out.n, out.step, out.seeds = int(d.size), float(at), [ids[k] for k in kept]
+    out.per_seed, out.mean = d.tolist(), float(d.mean())
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rel = float(np.mean(d / b_at))
+    out.relative_mean = rel if np.isfinite(rel) else None
+    out.interval = "t" if d.size >= 3 else "too few seeds"
+    if d.size >= 3:
+        out.ci_low, out.ci_high = _t_interval(d, confidence)
+    return out
+
+
+def aa_split(n: int) -> tuple[list[int], list[int]]:
+    """Two disjoint halves of the seed order for the A/A control; the middle seed of an odd n is left out."""
+    half = n // 2
+    return list(range(half)), list(range(n - half, n))
+
+
+def relative_improvement(steps, values, budget: float, last: float = 0.2,
+                         lower_is_better: bool = True) -> float | None:
+    """Relative improvement of the seed-mean curve over the last `last` fraction of the budget:
+    (mean at (1 - last) * budget - mean at the end) / |mean at (1 - last) * budget| for
+    lower-is-better metrics (positive = still improving), where the end is the last complete
+    evaluation within the budget (the budget itself on the suite's grids). None when the curve
+    does not cover (1 - last) * budget."""
+    steps, values = complete_points(steps, values, budget)
+    if steps.size == 0:
+        return None
+    mean = values.mean(axis=0)
+    start = value_at(steps, mean, (1.0 - last) * budget)
+    if not np.isfinite(start) or start == 0:
+        return None
+    gain = (start - mean[-1]) if lower_is_better else (mean[-1] - start)
+    return float(gain / abs(start))
+
+
+# ----------------------------------------------------------------------------------------------
+# Display.
+
+
+def format_speedup(s: PairedSpeedup) -> tuple[str, str]:
+    """(point, interval) as the report prints them. A bound is always printed as "<= x"; when at
+    least half of the paired seeds did not reach the target the point reads "not reached (<= x)"
+    and the interval cell only says how many seeds did not reach."""
+    if s.interval == "none":
+        return "1 (reference)", ""
+    if s.speedup is None:
+        return "no data", ""
+    n, missed = s.n_paired, s.n_paired - s.n_reached
+    if not s.upper_bound:
+        if s.ci_low is None:
+            return f"{s.speedup:.2f}x", f"too few seeds (n={n})"
+        return f"{s.speedup:.2f}x", f"[{s.ci_low:.2f}, {s.ci_high:.2f}] ({s.interval}, n={n})"
+    note = f"{missed} of {n} seeds not reached"
+    if 2 * missed >= n:
+        return f"not reached (<= {s.speedup:.2f}x)", note
+    if s.ci_low is None:
+        return f"<= {s.speedup:.2f}x", f"too few seeds (n={n}), {note}"
+    return f"<= {s.speedup:.2f}x", f"[<= {s.ci_low:.2f}, <= {s.ci_high:.2f}], {note}"
+
+
+def format_difference(d: PairedDifference, digits: int = 4) -> str:
+    """The paired final-metric difference as the report prints it, e.g. "-2.31 [-3.9, -0.7]"."""
+    if d.mean is None:
+        return "no data"
+    point = f"{d.mean:.{digits}g}"
+    if d.ci_low is None:
+        return f"{point} ({d.interval})"
+    return f"{point} [{d.ci_low:.{digits}g}, {d.ci_high:.{digits}g}]"

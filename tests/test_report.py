@@ -14,10 +14,10 @@ from bench.report import build_report, evaluations_table, find_runs
 REPO = Path(__file__).resolve().parent.parent
 WORKLOAD = "synthetic-16_unet-tiny"
 STEPS = [100, 200, 300, 400]
-# Seed-mean curves (the seeds add -1, 0, +1):
-#   baseline [11, 9, 7, 6] -> F* = 6 at step 400
-#   fast     [9, 6, 5, 4]  -> reaches 6 exactly at step 200: speed-up 2
-#   slow     [12, 11, 10, 9] -> never reaches 6: "not reached"
+# Seed-mean curves (the seeds add -1, 0, +1; seed k of every method has the same offset):
+#   baseline [11, 9, 7, 6] -> seed k's target at 100% is its own last value (5, 6, 7), reached at 400
+#   fast     [9, 6, 5, 4]  -> seed k reaches that target exactly at step 200: paired speed-up 2 per seed
+#   slow     [12, 11, 10, 9] -> never reaches it: "not reached", an upper bound of 400 / 400
 CURVES = {"baseline": [11, 9, 7, 6], "fast": [9, 6, 5, 4], "slow": [12, 11, 10, 9]}
 OFFSETS = {0: -1.0, 1: 0.0, 2: 1.0}
 PARAMS = {"baseline": ("baseline", {}, []), "fast": ("clts", {"mu": 0.3, "sigma": 0.25}, ["timesteps"]),
@@ -29,7 +29,7 @@ def write_run(root: Path, label: str, seed: int, iters: int = 400, state: str = 
     d.mkdir(parents=True)
     method, params, slots = PARAMS[label]
     cfg = {"method": method, "method_params": {}, "dataset": "synthetic", "resolution": None, "arch": "unet-tiny",
-           "iters": iters, "batch_size": 8, "lr": 1e-3, "warmup": 0, "schedule": "linear", "T": T, "target": "eps",
+           "iters": iters, "batch_size": 8, "lr": 1e-3, "warmup": 0, "grad_clip": 0.5, "schedule": "linear", "T": T, "target": "eps",
            "seed": seed, "eval_every": 100, "eval": {"metrics": ["proxy_fd"]}, "method_label": label,
            "method_slots": slots, "method_resolved_params": params, "method_source": f"source of {method}"}
     (d / "config.json").write_text(json.dumps(cfg))
@@ -41,13 +41,17 @@ def write_run(root: Path, label: str, seed: int, iters: int = 400, state: str = 
             break
         evals.append({"step": step, "metric": "proxy_fd", "value": v + OFFSETS.get(seed, 0.0),
                       "feature_extractor": "pixels-pca64", "num_gen": 64, "ref_split": "test", "num_ref": 256,
-                      "sampler": "ddim", "sampler_steps": 4, "eta": 0.0, "eval_seconds": 0.1})
+                      "sampler": "ddim", "sampler_steps": 4, "eta": 0.0, "eval_seconds": 0.1,
+                      "timestep_spacing": "linspace", "timesteps": "9,6,3,0", "noise_floor": 0.5,
+                      "noise_floor_source": "64 real train images"})
     (d / "evals.jsonl").write_text("".join(json.dumps(e) + "\n" for e in evals))
     rows = []
     for step in range(1, last + 1):
         beta1 = 0.9 - 0.4 * step / iters if method == "mdlrc" else 0.9
+        lr_scale = 1 - 0.5 * step / iters if method == "mdlrc" else 1.0
         rows.append({"step": step, "p": (step - 1) / iters, "loss": 1.0 / step,
-                     "lr": 1e-3, "beta1": beta1, "grad_norm": 1.0,
+                     "lr": 1e-3 * lr_scale, "lr_scale": lr_scale, "beta1": beta1,
+                     "grad_norm": 1.0 if step % 4 == 0 else 0.1,  # one step in four above grad_clip 0.5
                      # MSE per timestep quartile; null when the batch had no t in that quartile
                      **{f"loss_q{k}": None if (k == 2 and step % 7 == 0) else
                         (k + 1) * 0.1 * (1 + 100 / step) + 0.01 * seed for k in range(4)},
@@ -95,21 +99,56 @@ def test_tidy_evaluation_table(results):
     assert row.value == 6.0 and row.images_seen == 2400 and row.fraction == 0.75 and row.method == "clts"
 
 
-def test_speedup_numbers(results):
+def _at(sp, label, fraction):
+    return sp[(sp.method_label == label) & (sp.fraction == fraction)].iloc[0]
+
+
+def test_paired_speedup_numbers(results):
     root, report = results
-    sp = pd.read_csv(report.parent / "tables" / "speedup.csv").set_index("method_label")
-    assert sp.loc["baseline", "speedup"] == 1.0
-    assert sp.loc["baseline", "target"] == pytest.approx(6.0)
-    assert sp.loc["fast", "method_steps"] == pytest.approx(200)
-    assert sp.loc["fast", "speedup"] == pytest.approx(2.0)
-    assert sp.loc["fast", "ci_low"] <= 2.0 <= sp.loc["fast", "ci_high"]
-    # The failed seed of `slow` stops at step 200, so its seed-mean curve stops there too.
-    assert math.isnan(sp.loc["slow", "speedup"]) and not sp.loc["slow", "reached"]
-    assert sp.loc["slow", "seeds"] == 4
+    sp = pd.read_csv(report.parent / "tables" / "speedup.csv")
+    assert _at(sp, "baseline", 1.0).speedup == 1.0
+    assert _at(sp, "baseline", 1.0).target == pytest.approx(6.0)  # mean of the seeds' targets 5, 6, 7
+    # fast: every seed reaches its own baseline seed's target at 200 (f = 1: 400 / 200; f = 0.5: its
+    # first evaluation already is at the target 8 / 9 / 10, 200 / 100). At f = 0.75 the target is
+    # 6 / 7 / 8, crossed at 100 + (8 - 6) / (8 - 5) * 100 = 166.7 by seed 0: 300 / 166.7 = 1.8.
+    for f, want in ((0.5, 2.0), (0.75, 1.8), (1.0, 2.0)):
+        row = _at(sp, "fast", f)
+        assert row.speedup == pytest.approx(want) and row.n_paired == 3 and row.n_reached == 3
+        assert row.interval == "t" and row.ci_low == pytest.approx(want) and row.ci_high == pytest.approx(want)
+        assert not row.upper_bound
+    # Paired final difference: fast ends 2 below the baseline on every seed.
+    assert _at(sp, "fast", 1.0).final_diff_mean == pytest.approx(-2.0)
+    # slow never reaches: counted at its last evaluation (400), so 400 / 400 = 1 is an upper bound.
+    # Its fourth seed failed and has no baseline partner: 3 pairs.
+    slow = _at(sp, "slow", 1.0)
+    assert slow.upper_bound and slow.n_reached == 0 and slow.n_paired == 3 and slow.speedup == pytest.approx(1.0)
+    # A/A: 3 baseline seeds give one pair (seed 0 vs seed 2; seed 1 is left out): too few seeds.
+    aa = _at(sp, "A/A: baseline vs baseline", 0.5)
+    assert aa.n_paired == 1 and aa.interval == "too few seeds" and math.isnan(aa.ci_low)
     md = (report.parent / "tables" / "speedup.md").read_text()
-    assert "not reached" in md and "2.00x" in md and "1 (reference)" in md
+    for text in ("2.00x", "1.80x", "not reached (<= 1.00x)", "too few seeds", "1 (reference)", "(headline)"):
+        assert text in md, text
     tex = (report.parent / "tables" / "speedup.tex").read_text()
     assert r"\begin{tabular}" in tex and r"\toprule" in tex and "proxy\\_fd" in tex
+
+
+def test_report_states_its_limits(results):
+    root, report = results
+    text = report.read_text()
+    limits = text.split("### What this report does not show")[1]
+    # Baseline seed mean: 6.8 at 320 iterations, 6 at 400: (6.8 - 6) / 6.8 = 11.8% in the last 20%.
+    assert "improved by 11.8% over the last 20% of the budget" in limits
+    assert "visits t = 9, 6, 3, 0" in limits and "including t = 0" in limits
+    assert "is 0.5: what a perfect generator would score at N = 64" in limits
+    assert "not tuned per method" in limits and "lr_sweep" in limits
+    facts = pd.read_csv(report.parent / "tables" / "training.csv").set_index("method")
+    # slow: seeds 0-2 log steps 1..400 (factor 1 - s / 800, sum 299.75 each), the failed seed 3 steps 1..200
+    # (sum 174.875): (3 x 299.75 + 174.875) / 1400.
+    assert facts.loc["slow", "lr_factor_mean"] == pytest.approx((3 * 299.75 + 174.875) / 1400)
+    assert facts.loc["slow", "optimizer_slot"]
+    assert facts.loc["slow", "lr_factor_min"] == pytest.approx(0.5)
+    assert facts.loc["fast", "clipped_fraction"] == pytest.approx(0.25) and not facts.loc["fast", "optimizer_slot"]
+    assert "| 0.767 " in limits and "25.0% (clip 0.5)" in limits and "1 (no optimizer slot)" in limits
 
 
 def test_fractions_and_curves(results):

@@ -381,7 +381,8 @@ def test_smoke_end_to_end(tmp_path, isolated_registry):
         assert [r["step"] for r in io.read_jsonl(d / "evals.jsonl") if r["metric"] == "proxy_fd"] == [4, 8]
     report = build_report(suite_dir)
     text = report.read_text()
-    assert "proxy_fd" in text and "Speed-up over `baseline`" in text and "## Failed runs" in text
+    assert "proxy_fd" in text and "Paired speed-up over `baseline`" in text and "## Failed runs" in text
+    assert "too few seeds" in text and "### What this report does not show" in text
     assert (report.parent / "tables" / "evaluations.csv").is_file()
     again = run_suite("smoke", results_root=results, progress=False)
     assert [o.action for o in again.outcomes] == ["skipped"] * 4

@@ -1,0 +1,271 @@
+"""The report's statistics: paired speed-ups with their intervals, the A/A control, paired
+final-metric differences, and the training facts a reviewer checks (learning-rate factor,
+clipped steps, convergence of the baseline, the metric's noise floor, the sampler's timesteps).
+
+Every table here is built from logged files alone (evals.jsonl rows, steps.jsonl summaries,
+config.json) through bench.speedup's definitions: never imports torch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from bench.speedup import (
+    aa_split,
+    format_difference,
+    format_speedup,
+    lower_is_better,
+    paired_difference,
+    paired_speedup,
+    relative_improvement,
+)
+
+AA_LABEL = "A/A: baseline vs baseline"
+
+
+# ----------------------------------------------------------------------------------------------
+# Curves, aligned by seed.
+
+
+def seed_curves(df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """steps [P] and values [seeds, P] (NaN where a seed has no value) of one run group."""
+    wide = df.pivot_table(index="seed", columns="step", values="value", aggfunc="last").sort_index(axis=1)
+    return wide.columns.to_numpy(dtype=float), wide.to_numpy(dtype=float), list(wide.index)
+
+
+def _paired(base: tuple, meth: tuple) -> tuple:
+    """The rows of both groups for the seeds they share, in one order (the pairing)."""
+    bs, bv, b_seeds = base
+    ms, mv, m_seeds = meth
+    seeds = [s for s in b_seeds if s in m_seeds]
+    bi = [b_seeds.index(s) for s in seeds]
+    mi = [m_seeds.index(s) for s in seeds]
+    return bs, bv[bi], ms, mv[mi], seeds
+
+
+def _stats_row(base: tuple, meth: tuple, *, budget, targets, lib, confidence, n_boot, seed) -> dict:
+    bs, bv, ms, mv, seeds = _paired(base, meth)
+    row = {"seeds": seeds, "n_paired": len(seeds)}
+    for f in targets:
+        s = paired_speedup(bs, bv, ms, mv, budget=budget, fraction=f, seeds=seeds, lower_is_better=lib,
+                           confidence=confidence, n_boot=n_boot, seed=seed)
+        row[f"speedup@{f:g}"] = s
+    row["final_diff"] = paired_difference(bs, bv, ms, mv, budget=budget, seeds=seeds, confidence=confidence)
+    return row
+
+
+def speedup_rows(evals: pd.DataFrame, baseline: str, labels: list[str], budget: float, metric: str, *,
+                 targets, confidence: float = 0.95, n_boot: int = 2000, seed: int = 0) -> list[dict]:
+    """Per method label: paired speed-ups at every target fraction and the paired final
+    difference against `baseline`; then the A/A row (the baseline's seed halves)."""
+    g = evals[evals.metric == metric]
+    base_df = g[g.method_label == baseline]
+    if base_df.empty:
+        return []
+    lib = lower_is_better(metric)
+    base = seed_curves(base_df)
+    kw = dict(budget=budget, targets=targets, lib=lib, confidence=confidence, n_boot=n_boot, seed=seed)
+    rows = []
+    for label in labels:
+        sub = g[g.method_label == label]
+        if sub.empty:
+            continue
+        row = {"method_label": label, "is_baseline": label == baseline, **_stats_row(base, seed_curves(sub), **kw)}
+        rows.append(row)
+    # A/A: the second half of the baseline's seeds as if it were a method, paired with the first half.
+    bs, bv, b_seeds = base
+    first, second = aa_split(len(b_seeds))
+    if first:
+        half1 = (bs, bv[first], list(range(len(first))))
+        half2 = (bs, bv[second], list(range(len(second))))
+        aa = _stats_row(half1, half2, **kw)
+        aa["seeds"] = [f"{b_seeds[i]}|{b_seeds[j]}" for i, j in zip(first, second)]
+        rows.append({"method_label": AA_LABEL, "is_baseline": False, **aa})
+    return rows
+
+
+def speedup_frame(rows: list[dict], targets) -> pd.DataFrame:
+    """The machine-readable table (tables/speedup.csv): one row per method and target."""
+    out = []
+    for r in rows:
+        for f in targets:
+            s = r[f"speedup@{f:g}"]
+            d = r["final_diff"]
+            out.append({"method_label": r["method_label"], "fraction": f, **{
+                k: (json.dumps(v) if isinstance(v, list) else v) for k, v in s.as_dict().items() if k != "fraction"},
+                "final_diff_mean": d.mean, "final_diff_ci_low": d.ci_low, "final_diff_ci_high": d.ci_high,
+                "final_diff_relative": d.relative_mean, "final_diff_interval": d.interval})
+    return pd.DataFrame(out)
+
+
+def speedup_display(rows: list[dict], targets, headline: float, finals: dict[str, str]) -> pd.DataFrame:
+    """The table people read: speed-up at each target (the headline's column marked), its
+    interval, the paired final difference, and the final value (mean ± sd over seeds)."""
+    out = []
+    for r in rows:
+        line = {"method": r["method_label"], "paired seeds": r["n_paired"]}
+        for f in targets:
+            s = r[f"speedup@{f:g}"]
+            point, interval = ("1 (reference)", "") if r["is_baseline"] else format_speedup(s)
+            name = f"speed-up, F* at {100 * f:g}%" + (" (headline)" if f == headline else "")
+            line[name] = point
+            if f == headline:
+                line[f"{int(round(100 * s.confidence))}% interval (headline)"] = interval
+        line["final - baseline (paired)"] = "0 (reference)" if r["is_baseline"] else format_difference(r["final_diff"])
+        line["final (mean ± sd)"] = finals.get(r["method_label"], "")
+        out.append(line)
+    return pd.DataFrame(out)
+
+
+def final_values(evals: pd.DataFrame, metric: str, budget: float) -> dict[str, str]:
+    """Each label's metric at its last evaluation within the budget: mean ± sd over seeds."""
+    out = {}
+    g = evals[(evals.metric == metric) & (evals.step <= budget)]
+    for label, sub in g.groupby("method_label"):
+        last = sub.sort_values("step").groupby("seed").value.last()
+        out[label] = f"{last.mean():.4g} ± {last.std(ddof=1):.2g}" if len(last) > 1 else f"{last.mean():.4g}"
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Training facts from steps.jsonl.
+
+
+def step_summary(path: Path, grad_clip: float | None) -> dict:
+    """One pass over steps.jsonl: steps, clipped steps, mean and smallest learning-rate factor."""
+    n = clipped = 0
+    scale_sum, scale_min = 0.0, math.inf
+    if not Path(path).exists():
+        return {"steps": 0}
+    with open(path) as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            n += 1
+            if "clipped" in row:
+                clipped += bool(row["clipped"])
+            elif grad_clip and isinstance(row.get("grad_norm"), (int, float)):
+                clipped += row["grad_norm"] > grad_clip
+            scale = row.get("lr_scale", 1.0)
+            scale_sum += scale
+            scale_min = min(scale_min, scale)
+    if not n:
+        return {"steps": 0}
+    return {"steps": n, "clipped": clipped, "lr_scale_mean": scale_sum / n, "lr_scale_min": scale_min}
+
+
+def training_facts(runs: list[dict], order: list[str]) -> pd.DataFrame:
+    """Per method label: its slots, the mean (and smallest) learning-rate factor its optimizer slot
+    applied, and the share of steps whose gradient norm was clipped (over all its seeds)."""
+    acc: dict[str, dict] = {}
+    for r in runs:
+        cfg = r["config"]
+        s = step_summary(r["dir"] / "steps.jsonl", cfg.get("grad_clip"))
+        if not s["steps"]:
+            continue
+        a = acc.setdefault(r["label"], {"steps": 0, "clipped": 0, "scale": 0.0, "min": math.inf,
+                                        "slots": cfg.get("method_slots") or [], "lr": cfg.get("lr"),
+                                        "grad_clip": cfg.get("grad_clip")})
+        a["steps"] += s["steps"]
+        a["clipped"] += s["clipped"]
+        a["scale"] += s["lr_scale_mean"] * s["steps"]
+        a["min"] = min(a["min"], s["lr_scale_min"])
+    rows = []
+    for label in [x for x in order if x in acc] + sorted(set(acc) - set(order)):
+        a = acc[label]
+        rows.append({"method": label, "slots": ", ".join(a["slots"]) or "-", "lr": a["lr"],
+                     "optimizer_slot": "optimizer" in a["slots"], "lr_factor_mean": a["scale"] / a["steps"],
+                     "lr_factor_min": a["min"], "clipped_fraction": a["clipped"] / a["steps"],
+                     "grad_clip": a["grad_clip"], "steps": a["steps"]})
+    return pd.DataFrame(rows)
+
+
+def training_display(facts: pd.DataFrame) -> pd.DataFrame:
+    """training_facts as people read it."""
+    rows = []
+    for _, f in facts.iterrows():
+        opt = bool(f["optimizer_slot"])
+        rows.append({"method": f["method"], "slots": f["slots"], "lr": f"{f['lr']:g}",
+                     "mean lr factor": f"{f['lr_factor_mean']:.3f}" if opt else "1 (no optimizer slot)",
+                     "smallest lr factor": f"{f['lr_factor_min']:.3f}" if opt else "1",
+                     "clipped steps": f"{100 * f['clipped_fraction']:.1f}% (clip {f['grad_clip']:g})"
+                     if f["grad_clip"] else "no clipping"})
+    return pd.DataFrame(rows)
+
+
+# ----------------------------------------------------------------------------------------------
+# What the report does not show.
+
+
+def limits_lines(evals: pd.DataFrame, runs: list[dict], baseline: str | None, metric: str, budget: float,
+                 sweep: dict[str, float]) -> list[str]:
+    """The report's limits, each a sentence with its number: convergence, sampler, noise floor,
+    learning rate, clipping (the table beside it), and what the metric is."""
+    g = evals[evals.metric == metric]
+    lines = []
+    base = g[g.method_label == baseline] if baseline else g.iloc[0:0]
+    if not base.empty:
+        steps, values, seeds = seed_curves(base)
+        rel = relative_improvement(steps, values, budget, last=0.2, lower_is_better=lower_is_better(metric))
+        if rel is None:
+            lines.append("- **Convergence**: the baseline's curve does not cover the last 20% of the budget; "
+                         "where F* sits relative to convergence is unknown.")
+        else:
+            verdict = ("still improving quickly: F* is an early-training quality, not the converged one, and the "
+                       "speed-ups are for this stage of training" if rel > 0.1 else
+                       "flattening but not converged: a longer budget could change the ranking" if rel > 0.02
+                       else "nearly flat: F* is close to what this budget can reach")
+            lines.append(f"- **Convergence**: the baseline's seed-mean {metric} improved by {100 * rel:.1f}% over "
+                         f"the last 20% of the budget ({0.8 * budget:g} -> {budget:g} iterations): {verdict}.")
+    lines += _sampler_lines(g)
+    lines += _floor_lines(g, base)
+    lines += _lr_lines(runs, sweep)
+    return lines
+
+
+def _sampler_lines(g: pd.DataFrame) -> list[str]:
+    out = []
+    cols = [c for c in ("sampler", "sampler_steps", "timestep_spacing", "timesteps") if c in g]
+    if "timesteps" not in cols:
+        return ["- **Sampler**: the visited timesteps were not recorded (runs from before they were logged)."]
+    for _, c in g[cols].drop_duplicates().iterrows():
+        ts = [int(t) for t in str(c["timesteps"]).split(",") if t.strip()]
+        low = [t for t in ts if t < 100]
+        shown = ", ".join(map(str, ts)) if len(ts) <= 25 else f"{ts[0]}, {ts[1]}, ..., {ts[-2]}, {ts[-1]}"
+        out.append(f"- **Sampler**: {c['sampler']} with {len(ts)} steps, {c.get('timestep_spacing', '?')} spacing, "
+                   f"visits t = {shown}; {len(low)} of them below t = 100 (the low-noise steps that P2 and "
+                   f"Min-SNR down-weight), {'including' if 0 in ts else 'not including'} t = 0.")
+    return out
+
+
+def _floor_lines(g: pd.DataFrame, base: pd.DataFrame) -> list[str]:
+    if "noise_floor" not in g or g.noise_floor.dropna().empty:
+        return ["- **Noise floor**: not recorded (runs from before it was measured)."]
+    floor = float(g.noise_floor.dropna().iloc[0])
+    src = g.noise_floor_source.dropna().iloc[0] if "noise_floor_source" in g else "real images"
+    n_gen = int(g.num_gen.iloc[0]) if "num_gen" in g else None
+    text = (f"- **Noise floor**: {g.metric.iloc[0]} between {src} and the reference is {floor:.4g}: what a "
+            f"perfect generator would score at N = {n_gen}; differences between methods are read against it")
+    if not base.empty:
+        last = base.sort_values("step").groupby("seed").value.last().mean()
+        text += f" (the baseline ends at {last:.4g}, {last / floor:.1f}x the floor)" if floor > 0 else ""
+    return [text + "."]
+
+
+def _lr_lines(runs: list[dict], sweep: dict[str, float]) -> list[str]:
+    cfgs = [r["config"] for r in runs if r["config"] and r["label"] not in sweep or r["label"] == next(iter(sweep), None)]
+    lrs = sorted({c.get("lr") for c in cfgs if c.get("lr") is not None})
+    shown = ", ".join(f"{lr:g}" for lr in lrs) or "?"
+    text = (f"- **Learning rate**: {shown} for every method (times its own lr factor, table below), with the same "
+            "warm-up and gradient clipping; it was not tuned per method, so a method that needs another learning "
+            "rate is at a disadvantage.")
+    text += (" The baseline's learning-rate sweep is shown with the speed-up table." if sweep else
+             " Add `lr_sweep = [...]` to the suite's [grid] for a tuned baseline.")
+    return [text]
