@@ -26,7 +26,9 @@ noise_seed            0                  image i always gets the noise of (noise
 cache_dir             None               proxy weights and reference statistics (None: $DIFFBENCH_CACHE/eval,
                                          by default ~/.cache/diffbench/eval, shared by every results folder)
 clip_x0               True               clamp x0_hat to [-1, 1] at every sampling step
-timestep_spacing      "trailing"         which timesteps a short sampler visits
+timestep_spacing      "linspace"         which timesteps a short sampler visits: "linspace" (T-1 .. 0,
+                                         both ends), "leading" (ends at 0), "trailing" (starts at
+                                         T-1 but with few steps never visits small t: 10 steps stop at 99)
 ddpm_variance         "large"            ddpm sigma^2: "large" = beta (DDPM paper), "small" =
                                          posterior variance (then ddpm equals ddim with eta 1)
 inception             None               Inception weights path (else the lookup in bench/fid.py)
@@ -44,7 +46,11 @@ evaluation (15 images/s) plus the reference statistics once.
 
 Each row is flat: step, metric, value, feature_extractor, num_gen, ref_split, num_ref,
 sampler, sampler_steps, eta (None for ddpm), eval_seconds; and also dataset, resolution,
-noise_seed, weights_sha1 (of the feature extractor), sample_seconds and setup_seconds.
+noise_seed, weights_sha1 and weights_sha256 (of the feature extractor), weights_shipped (a
+pinned extractor from the repository, not one trained on this machine), timestep_spacing and
+timesteps (the sampler's visited timesteps, in order), noise_floor (the same metric between
+num_gen real images, disjoint from the reference set, and the reference: what a perfect
+generator would score at this N) with noise_floor_source, sample_seconds and setup_seconds.
 eval_seconds is the wall time of the whole evaluate() call, the same on every row of that
 call (do not add it up over rows); setup_seconds is the part spent once per process (loading
 Inception, training or loading the proxy, reference statistics), non-zero on the first call.
@@ -58,7 +64,7 @@ import time
 import torch
 
 from bench.errors import ConfigError
-from bench.sampling import SAMPLERS, check_sampler_args, sample, to_uint8
+from bench.sampling import SAMPLERS, check_sampler_args, sample, timestep_sequence, to_uint8
 
 METRICS = ("proxy_fd", "proxy_kid", "fid", "kid")
 DEFAULTS = {
@@ -76,7 +82,7 @@ DEFAULTS = {
     "noise_seed": 0,
     "cache_dir": None,
     "clip_x0": True,
-    "timestep_spacing": "trailing",
+    "timestep_spacing": "linspace",
     "ddpm_variance": "large",
     "inception": None,
     "device": None,
@@ -158,13 +164,63 @@ class Evaluator:
                             seed=s["proxy_seed"], verbose=s["verbose"])
             ref = reference_stats(ext, s["dataset"], s["ref_split"], num=num_ref, data_dir=s["data_dir"],
                                   cache_dir=s["cache_dir"], images=images, verbose=s["verbose"])
-            self._prepared["proxy"] = (ext, ref)
+            self._prepared["proxy"] = (ext, ref, self._noise_floor(ext, ref, images, num_ref))
         if {"fid", "kid"} & set(s["metrics"]) and "inception" not in self._prepared:
             ext = get_inception(s["inception"], device, verbose=s["verbose"])
             ref = reference_stats(ext, s["dataset"], s["ref_split"], num=num_ref, data_dir=s["data_dir"],
                                   cache_dir=s["cache_dir"], images=images, verbose=s["verbose"])
-            self._prepared["inception"] = (ext, ref)
+            self._prepared["inception"] = (ext, ref, self._noise_floor(ext, ref, images, num_ref))
         return time.perf_counter() - t0
+
+    def _real_images(self, ref_images: torch.Tensor, num_ref: int) -> tuple[torch.Tensor | None, str]:
+        """num_images real images disjoint from the reference set: from the rest of the reference
+        split when it has enough left, else from the other split (fixed subset, seed 1)."""
+        from bench.data import load_dataset
+        from bench.fid import select_subset
+
+        s, n = self.spec, self.spec["num_images"]
+        idx = select_subset(len(ref_images), num_ref, 0)
+        if idx is not None:
+            rest = torch.ones(len(ref_images), dtype=torch.bool)
+            rest[idx] = False
+            rest = torch.nonzero(rest).flatten()
+            if len(rest) >= n:
+                pick = rest[select_subset(len(rest), n, 1)] if len(rest) > n else rest
+                return ref_images[pick], f"{n} real {s['ref_split']} images outside the reference subset"
+        other = "train" if s["ref_split"] == "test" else "test"
+        images, _ = load_dataset(s["dataset"], split=other, data_dir=s["data_dir"], resolution=s["resolution"])
+        if len(images) < n:
+            return None, f"not computed: fewer than {n} real images outside the reference set"
+        pick = select_subset(len(images), n, 1)
+        return (images if pick is None else images[pick]), f"{n} real {other} images"
+
+    def _noise_floor(self, ext, ref, ref_images: torch.Tensor, num_ref: int) -> dict:
+        """The metrics between real images and the reference at this N, cached beside the reference
+        statistics (Inception takes minutes on a CPU): the floor no generator can beat on average."""
+        import json
+
+        from bench.fid import feature_stats, frechet_distance, kernel_distance
+        from bench.io import atomic_write_bytes
+
+        s = self.spec
+        cache = ref.path.with_name(f"{ref.path.stem}-floor{s['num_images']}-k{s['kid_subsets']}x"
+                                   f"{s['kid_subset_size']}.json") if ref.path is not None else None
+        if cache is not None and cache.is_file():
+            try:
+                return json.loads(cache.read_text())
+            except (OSError, ValueError):
+                pass
+        images, source = self._real_images(ref_images, num_ref)
+        floor = {"source": source, "fd": None, "kid": None}
+        if images is not None:
+            feats = ext.features(images)
+            mu, sigma = feature_stats(feats)
+            floor["fd"] = float(frechet_distance(mu, sigma, ref.mu, ref.sigma))
+            floor["kid"] = float(kernel_distance(feats, ref.feats, num_subsets=s["kid_subsets"],
+                                                 max_subset_size=s["kid_subset_size"], seed=0))
+        if cache is not None and images is not None:
+            atomic_write_bytes(cache, (json.dumps(floor) + "\n").encode())
+        return floor
 
     # -- the hook -----------------------------------------------------------------------------
     def evaluate(self, model, schedule, target: str, step: int) -> list[dict]:
@@ -186,21 +242,23 @@ class Evaluator:
         self.last_images = images
         sample_seconds = time.perf_counter() - t1
 
-        values = []  # (metric, value, extractor, ref)
+        values = []  # (metric, value, extractor, ref, noise floor, its source)
         for family, fd_name, kid_name in (("proxy", "proxy_fd", "proxy_kid"), ("inception", "fid", "kid")):
             if family not in self._prepared:
                 continue
-            ext, ref = self._prepared[family]
+            ext, ref, floor = self._prepared[family]
             feats = ext.features(images)
             if fd_name in s["metrics"]:
                 mu, sigma = feature_stats(feats)
-                values.append((fd_name, frechet_distance(mu, sigma, ref.mu, ref.sigma), ext, ref))
+                values.append((fd_name, frechet_distance(mu, sigma, ref.mu, ref.sigma), ext, ref, floor["fd"],
+                               floor["source"]))
             if kid_name in s["metrics"]:
                 kid = kernel_distance(feats, ref.feats, num_subsets=s["kid_subsets"],
                                       max_subset_size=s["kid_subset_size"], seed=0)
-                values.append((kid_name, kid, ext, ref))
+                values.append((kid_name, kid, ext, ref, floor["kid"], floor["source"]))
         eval_seconds = time.perf_counter() - t0
 
+        ts = timestep_sequence(schedule.T, steps, s["timestep_spacing"])
         order = {m: k for k, m in enumerate(s["metrics"])}
         values.sort(key=lambda v: order[v[0]])
         return [{
@@ -210,6 +268,8 @@ class Evaluator:
             "eta": float(s["eta"]) if s["sampler"] == "ddim" else None,
             "eval_seconds": round(eval_seconds, 3),
             "dataset": s["dataset"], "resolution": int(self._prepared["shape"][-1]), "noise_seed": s["noise_seed"],
-            "weights_sha1": ext.weights_sha1, "sample_seconds": round(sample_seconds, 3),
-            "setup_seconds": round(setup_seconds, 3),
-        } for metric, value, ext, ref in values]
+            "weights_sha1": ext.weights_sha1, "weights_sha256": getattr(ext, "weights_sha256", None),
+            "weights_shipped": getattr(ext, "shipped", None), "timestep_spacing": s["timestep_spacing"],
+            "timesteps": ",".join(map(str, ts)), "noise_floor": floor, "noise_floor_source": floor_source,
+            "sample_seconds": round(sample_seconds, 3), "setup_seconds": round(setup_seconds, 3),
+        } for metric, value, ext, ref, floor, floor_source in values]

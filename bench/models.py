@@ -125,6 +125,10 @@ class UNet(nn.Module):
 
 
 ARCHS = {
+    "unet-micro": (
+        dict(ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(), dropout=0.0, groups=8),
+        "smallest U-Net (0.27M parameters at 1 channel): the embedded default's many seeds fit a 2-core CPU",
+    ),
     "unet-tiny": (
         dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(), dropout=0.0, groups=8),
         "CPU-sized U-Net for the embedded default and tests (attention only in the middle block)",

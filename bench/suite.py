@@ -8,12 +8,17 @@ so methods are compared at equal images seen. Layout of a suite file (see suites
     [grid]     methods  = ["baseline", "p2", {name = "min_snr", gamma = 3.0}, ...]
                datasets = ["fashion-mnist", {name = "cifar10", resolution = 32, flip = true}]
                archs    = ["unet-tiny"]
-               seeds    = [0, 1]
+               seeds    = [0, 1, 2, 3]
+               lr_sweep = [3e-4, 3e-3]               (optional: the baseline again at these learning
+                                                      rates, labelled baseline-lr<value>; the report
+                                                      shows the best-tuned baseline)
     [budget]   iters, batch_size                     (the same for every method)
     [train]    any other TrainConfig setting: lr, warmup, grad_clip, ema_decay, schedule, T, ...
     [eval]     every (iterations between evaluations), metrics, num_images, sampler, ...
                (everything but `every` is the evaluator's spec, TrainConfig.eval)
-    [report]   metric, baseline, fractions, bootstrap, confidence, seed
+    [report]   metric, baseline, fractions, targets (fractions of the budget whose baseline
+               value is a speed-up target; default 0.5, 0.75, 1), headline (the target the headline
+               is read at; default 0.75), bootstrap, confidence, seed
     [cost]     device, train_images_per_s, forward_ratio, startup_s, eval_overhead_s, setup_s
                (the dry-run's cost model)
     [slurm]    partition, gpus, time, account, qos, constraint, cpus_per_task, mem_gb,
@@ -93,6 +98,7 @@ class MethodEntry:
     name: str
     params: dict
     label: str
+    train: dict = field(default_factory=dict)  # [train] settings this entry overrides (lr_sweep)
 
 
 @dataclass(frozen=True)
@@ -161,6 +167,13 @@ class Suite:
     def baseline(self) -> str | None:
         return self.report.get("baseline")
 
+    def lr_sweep(self) -> dict[str, float]:
+        """Label -> learning rate of the baseline's runs in [grid] lr_sweep (empty without a sweep)."""
+        sweep = {m.label: m.train["lr"] for m in self.methods if "lr" in m.train}
+        if sweep and self.baseline:
+            sweep = {self.baseline: float(self.train.get("lr", _default_lr())), **sweep}
+        return sweep
+
     def runs(self) -> list[RunSpec]:
         """Every run, workload by workload, then seed by seed, then method by method (so that an
         interrupted suite has whole seeds of every method first)."""
@@ -171,6 +184,7 @@ class Suite:
     def _run(self, w: Workload, m: MethodEntry, seed: int) -> RunSpec:
         cfg = copy.deepcopy(self.train)
         cfg.update(copy.deepcopy(w.overrides))
+        cfg.update(copy.deepcopy(m.train))
         cfg.update(method=m.name, method_params=copy.deepcopy(m.params), dataset=w.dataset, resolution=w.resolution,
                    arch=w.arch, seed=seed, iters=self.iters, batch_size=self.batch_size,
                    eval_every=self.eval_every, eval=copy.deepcopy(self.eval))
@@ -182,7 +196,8 @@ class Suite:
             "name": self.name,
             "file": self.file,
             "description": self.description,
-            "methods": [{"name": m.name, "params": m.params, "label": m.label} for m in self.methods],
+            "methods": [{"name": m.name, "params": m.params, "label": m.label, "train": m.train} for m in self.methods],
+            "lr_sweep": self.lr_sweep(),
             "workloads": [{"name": w.name, "dataset": w.dataset, "resolution": w.resolution, "arch": w.arch,
                            **w.overrides} for w in self.workloads],
             "seeds": self.seeds,
@@ -352,6 +367,8 @@ GRID_SCHEMA = {
     "datasets": (ListOf((str, dict)), True, _nonempty),
     "archs": (ListOf((str,)), True, _nonempty),
     "seeds": (ListOf((int,)), True, _nonempty),
+    "lr_sweep": (ListOf((float,)), False,
+                 lambda v: None if v and all(x > 0 for x in v) else "must be learning rates > 0"),
 }
 BUDGET_SCHEMA = {"iters": (int, True, _positive), "batch_size": (int, True, _positive)}
 EVAL_SCHEMA = {
@@ -372,6 +389,9 @@ REPORT_SCHEMA = {
     "baseline": (str, False, None),
     "fractions": (ListOf((float,)), False,
                   lambda v: None if v and all(0 < f <= 1 for f in v) else "must be fractions in (0, 1]"),
+    "targets": (ListOf((float,)), False,
+                lambda v: None if v and all(0 < f <= 1 for f in v) else "must be fractions in (0, 1]"),
+    "headline": (float, False, lambda v: None if 0 < v <= 1 else "must be a fraction in (0, 1]"),
     "bootstrap": (int, False, _nonneg),
     "confidence": (float, False, lambda v: None if 0 < v < 1 else "must be in (0, 1)"),
     "seed": (int, False, _nonneg),
@@ -401,8 +421,29 @@ SLURM_SCHEMA = {
 TOP_LEVEL = ("suite", "grid", "budget", "train", "eval", "report", "cost", "slurm")
 DATASET_KEYS = {"name": (str, True, None), "resolution": (int, False, lambda v: None if v >= 4 else "must be >= 4"),
                 "data_dir": (str, False, None), "flip": (bool, False, None)}
-REPORT_DEFAULTS = {"baseline": "baseline", "fractions": [0.25, 0.5, 0.75, 1.0], "bootstrap": 2000,
+REPORT_DEFAULTS = {"baseline": "baseline", "fractions": [0.25, 0.5, 0.75, 1.0], "targets": [0.5, 0.75, 1.0],
+                   "headline": 0.75, "bootstrap": 2000,
                    "confidence": 0.95, "seed": 0}
+
+
+def _default_lr() -> float:
+    from bench.train import TrainConfig
+
+    return TrainConfig().lr
+
+
+def _lr_sweep_entries(grid: dict, methods: list[MethodEntry], baseline: str, train: dict, ck) -> list[MethodEntry]:
+    """[grid] lr_sweep: the baseline again at each other learning rate, labelled <baseline>-lr<value>,
+    so the report can show the best-tuned baseline beside the one every method shares."""
+    base = next((m for m in methods if m.label == baseline), None)
+    if base is None:
+        ck.fail("grid.lr_sweep", f"needs the baseline {baseline!r} among [grid] methods")
+    shared = float(train.get("lr", _default_lr()))
+    out = []
+    for lr in dict.fromkeys(float(v) for v in grid["lr_sweep"]):
+        if lr != shared:
+            out.append(MethodEntry(base.name, dict(base.params), f"{base.label}-lr{lr:g}", {"lr": lr}))
+    return out
 
 
 def _train_fields() -> list[str] | None:
@@ -441,6 +482,10 @@ def parse_suite(data: dict, *, path: Path | None = None, source_text: str = "", 
     ev = ck.table(data, "eval", ev_schema, required=True)
     report = {**REPORT_DEFAULTS, **ck.table(data, "report", REPORT_SCHEMA)}
     report["fractions"] = [float(f) for f in report["fractions"]]
+    report["targets"] = sorted({float(f) for f in report["targets"]})
+    report["headline"] = float(report["headline"])
+    if report["headline"] not in report["targets"]:
+        ck.fail("report.headline", f"{report['headline']} is not among report.targets {report['targets']}")
     report["confidence"] = float(report["confidence"])
     cost = ck.table(data, "cost", COST_SCHEMA)
     slurm = ck.table(data, "slurm", SLURM_SCHEMA)
@@ -558,6 +603,8 @@ def parse_suite(data: dict, *, path: Path | None = None, source_text: str = "", 
                                    f"({', '.join(labels)})")
     if validate and report["baseline"] not in labels:
         report["baseline"] = None  # default baseline absent: the report has no speed-up section
+    if grid.get("lr_sweep"):
+        methods += _lr_sweep_entries(grid, methods, report["baseline"], train, ck)
 
     suite = Suite(name=name, path=path, description=head.get("description", ""), methods=methods,
                   workloads=workloads, seeds=seeds, iters=budget["iters"], batch_size=budget["batch_size"],

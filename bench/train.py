@@ -34,7 +34,7 @@ from bench.models import build_model
 from bench.perf import tune_allocator
 from bench.registry import get_method
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # 2: one generator per random stream (timesteps, noise, flips)
 
 
 @dataclass
@@ -66,6 +66,7 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.999
     ema_decay: float = 0.999
+    ema_warmup: bool = True  # decay_k = min(decay, (1 + k) / (10 + k)): early EMAs forget the initial weights
     seed: int = 0
     # Bookkeeping.
     ckpt_every: int = 500
@@ -179,6 +180,35 @@ def batch_indices(step: int, batch_size: int, n: int, seed: int, cache: dict) ->
     return torch.tensor(out)
 
 
+def stream_generators(seed: int) -> dict[str, torch.Generator]:
+    """One generator per random stream, each seeded from the run's seed alone.
+
+    Separate streams are what make seed k give every method the same noise and flips: the
+    noise generator is never advanced by the timestep draw, whatever the method's distribution.
+    """
+    return {name: torch.Generator().manual_seed(seed * 1_000_003 + offset)
+            for offset, name in ((101, "t"), (202, "noise"), (303, "flip"))}
+
+
+def sample_timesteps(probs: torch.Tensor, n: int, gen: torch.Generator) -> torch.Tensor:
+    """n timesteps from `probs` by inverse CDF of n uniforms from `gen`.
+
+    Every method consumes exactly n uniforms per step and maps uniform u to the same quantile
+    of its own distribution, so methods at one seed share their random numbers (common random
+    numbers) and the draw does not depend on how torch.multinomial uses a generator.
+    """
+    cdf = torch.cumsum(probs.double(), 0)
+    u = torch.rand(n, generator=gen, dtype=torch.float64) * cdf[-1]
+    return torch.searchsorted(cdf, u, right=True).clamp_(max=len(probs) - 1)
+
+
+def ema_warmup_decay(step: int) -> float:
+    """(1 + k) / (10 + k) at step k (0-based). The EMA's window grows with the run (about k / 9 steps),
+    so the random initialisation's share of it, the product of these decays, is below 1e-5 after
+    10 steps; a fixed decay d keeps d^k of it (0.99: 40% after 90 steps)."""
+    return (1.0 + step) / (10.0 + step)
+
+
 def train(cfg: TrainConfig, out_dir, progress=None) -> dict:
     """Train (or resume) the run in `out_dir`; return its final status.
 
@@ -223,7 +253,7 @@ def train(cfg: TrainConfig, out_dir, progress=None) -> dict:
     ema = copy.deepcopy(model).requires_grad_(False)
     params = list(model.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay, foreach=True)
-    gen = torch.Generator().manual_seed(cfg.seed)  # t, noise and flips
+    gens = stream_generators(cfg.seed)
     step, clocks = 0, {"train_seconds": 0.0, "eval_seconds": 0.0}
 
     # Resume.
@@ -237,7 +267,8 @@ def train(cfg: TrainConfig, out_dir, progress=None) -> dict:
         except (RuntimeError, KeyError, ValueError) as exc:
             raise CheckpointError(f"checkpoint {ckpt_path} does not fit this run ({str(exc)[:120]}); delete it to restart") from None
         torch.set_rng_state(ckpt["rng_torch"])
-        gen.set_state(ckpt["rng_gen"])
+        for name, g in gens.items():
+            g.set_state(ckpt["rng"][name])
         step, clocks = int(ckpt["step"]), dict(ckpt["clocks"])
     # Anything logged after the checkpoint will be redone: drop it, so nothing is repeated.
     io.trim_jsonl(out / "steps.jsonl", step)
@@ -252,7 +283,8 @@ def train(cfg: TrainConfig, out_dir, progress=None) -> dict:
 
     def save_checkpoint():
         state = {"format": CHECKPOINT_FORMAT, "step": step, "model": model.state_dict(), "ema": ema.state_dict(),
-                 "opt": opt.state_dict(), "rng_torch": torch.get_rng_state(), "rng_gen": gen.get_state(),
+                 "opt": opt.state_dict(), "rng_torch": torch.get_rng_state(),
+                 "rng": {name: g.get_state() for name, g in gens.items()},
                  "clocks": clocks}
         tmp = ckpt_path.with_suffix(".pt.tmp")
         torch.save(state, tmp)
@@ -268,10 +300,10 @@ def train(cfg: TrainConfig, out_dir, progress=None) -> dict:
         # Draw the batch: images, optional flips, timesteps from the method, noise.
         x0 = to_model_range(images[batch_indices(step, B, n, cfg.seed, perm_cache)])
         if cfg.flip:
-            flip = torch.rand(B, generator=gen) < 0.5
+            flip = torch.rand(B, generator=gens["flip"]) < 0.5
             x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
-        t = torch.multinomial(timestep_probs(method, p, schedule).float(), B, replacement=True, generator=gen)
-        eps = torch.randn(x0.shape, generator=gen)
+        t = sample_timesteps(timestep_probs(method, p, schedule), B, gens["t"])
+        eps = torch.randn(x0.shape, generator=gens["noise"])
         x_t = schedule.q_sample(x0, t, eps).contiguous(memory_format=memory_format)
 
         # Per-sample losses, weighted by the method, reduced in exactly one place.
@@ -286,12 +318,16 @@ def train(cfg: TrainConfig, out_dir, progress=None) -> dict:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
         lr_scale, beta1, beta2 = optimizer_settings(method, p, cfg.beta1, cfg.beta2)
         lr = cfg.lr * lr_scale * (min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else 1.0)
+        grad_norm = grad_norm.item()
+        clipped = cfg.grad_clip > 0 and grad_norm > cfg.grad_clip
         for group in opt.param_groups:
             group["lr"], group["betas"] = lr, (beta1, beta2)
         opt.step()
 
         # Update EMA.
         decay = ema_decay(method, p, cfg.ema_decay)
+        if cfg.ema_warmup:
+            decay = min(decay, ema_warmup_decay(step))
         with torch.no_grad():
             torch._foreach_lerp_(list(ema.parameters()), params, 1.0 - decay)
         step += 1
@@ -305,7 +341,8 @@ def train(cfg: TrainConfig, out_dir, progress=None) -> dict:
         clocks["train_seconds"] += elapsed
         row = {"step": step, "p": p, "loss": loss_value, "mse": mse.mean().item(),
                **{f"loss_q{i}": (q_sum[i] / q_cnt[i]).item() if q_cnt[i] else None for i in range(4)},
-               "lr": lr, "beta1": beta1, "grad_norm": grad_norm.item(), "ema_decay": decay,
+               "lr": lr, "lr_scale": lr_scale, "beta1": beta1, "grad_norm": grad_norm, "clipped": clipped,
+               "ema_decay": decay,
                "images_per_s": B / elapsed, "train_seconds": clocks["train_seconds"]}
         pending.append(row)
         if progress:

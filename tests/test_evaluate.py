@@ -50,6 +50,12 @@ def test_rows_and_fixed_noise(cache, model, schedule):
         assert math.isfinite(r["value"]) and r["eval_seconds"] > 0
         assert r["eval_seconds"] >= r["sample_seconds"] and r["eval_seconds"] >= r["setup_seconds"]
     assert rows[0]["value"] > 0
+    # The sampler's visited timesteps (the default spacing ends at 0) and the metric's noise floor:
+    # the same metric for 24 real images outside the reference subset, far below an untrained model's.
+    assert rows[0]["timestep_spacing"] == "linspace" and rows[0]["timesteps"] == "999,666,333,0"
+    assert rows[0]["noise_floor_source"] == "24 real train images outside the reference subset"
+    assert 0 < rows[0]["noise_floor"] < rows[0]["value"] / 5
+    assert rows[0]["weights_shipped"] is True and len(rows[0]["weights_sha256"]) == 64
     assert ev.last_images.dtype == torch.uint8 and ev.last_images.shape == (24, 1, 16, 16)
 
     # Fixed noise: the same model gives the same numbers, whatever the batch size.

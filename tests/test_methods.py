@@ -237,3 +237,27 @@ def test_describe_cli_json_and_errors():
                          capture_output=True, text=True)
     assert bad.returncode == 2
     assert bad.stderr.strip().count("\n") == 0 and "gamma=-1" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_lr_control_applies_mdlrc_lr_with_beta1_fixed():
+    ctrl, mdlrc = get_method("lr_control"), get_method("mdlrc")
+    assert ctrl.slots == frozenset({"optimizer"})
+    for p in np.linspace(0, 1, 11):
+        assert ctrl.optimizer(p).lr_scale == pytest.approx(mdlrc.optimizer(p).lr_scale)
+        assert ctrl.optimizer(p).beta1 is None  # the configured beta1 stays
+    # METHODS.md: "variance" over a linear 0.9 -> 0.5 ramp averages 0.59x and ends at 0.397x.
+    ps = np.linspace(0, 1, 100001)
+    mean = np.mean([ctrl.optimizer(p).lr_scale for p in ps])
+    assert mean == pytest.approx(0.59, abs=0.005) and ctrl.optimizer(1.0).lr_scale == pytest.approx(0.397, abs=1e-3)
+    demon = get_method("lr_control", {"compensation": "demon", "beta1_end": 0.7})
+    assert demon.optimizer(1.0).lr_scale == pytest.approx((1 - 0.9) / (1 - 0.7))
+    with pytest.raises(HyperparameterError, match="compensation"):
+        get_method("lr_control", {"compensation": "none"})  # that would be the baseline
+
+
+def test_ablation_mdlrc_has_its_controls():
+    from bench.suite import load_suite
+
+    s = load_suite("ablation-mdlrc")
+    entries = {(m.name, tuple(sorted(m.params.items()))) for m in s.methods}
+    assert ("lr_control", ()) in entries and ("mdlrc", (("compensation", "none"),)) in entries

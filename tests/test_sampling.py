@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from bench.diffusion import make_schedule
+from bench.errors import ConfigError
 from bench.sampling import (
     draw_noise,
     image_generators,
@@ -269,3 +270,24 @@ def test_model_mode_is_restored(linear):
     conv.eval()
     sample(conv, linear, "eps", 2, (1, 4, 4), steps=3)
     assert not conv.training
+
+
+@pytest.mark.parametrize("spacing", ["linspace", "leading", "quadratic"])
+@pytest.mark.parametrize("steps", [2, 10, 20])
+def test_spacings_that_end_at_t0(spacing, steps):
+    ts = timestep_sequence(1000, steps, spacing)
+    assert ts[-1] == 0 and len(set(ts)) == steps and ts == sorted(ts, reverse=True)
+
+
+def test_trailing_with_few_steps_never_visits_small_t_and_quadratic_does():
+    assert min(timestep_sequence(1000, 10, "trailing")) == 99
+    assert timestep_sequence(1000, 10, "quadratic") == [999, 789, 604, 444, 308, 197, 111, 49, 12, 0]
+    assert timestep_sequence(1000, 10, "linspace") == [999, 888, 777, 666, 555, 444, 333, 222, 111, 0]
+    with pytest.raises(ConfigError, match="repeat a timestep"):
+        timestep_sequence(1000, 60, "quadratic")
+
+
+def test_evaluator_default_spacing_reaches_t0():
+    from bench.evaluate import DEFAULTS
+
+    assert timestep_sequence(1000, DEFAULTS["sampler_steps"], DEFAULTS["timestep_spacing"])[-1] == 0

@@ -66,11 +66,17 @@ def test_shipped_suites_load_and_validate(name):
 def test_mini_is_the_cpu_default():
     s = load_suite("mini")
     assert [m.label for m in s.methods] == ["baseline", "p2", "min_snr", "clts", "mdlrc", "combined"]
-    assert [w.name for w in s.workloads] == ["fashion-mnist-16_unet-tiny"]
-    assert len(s.seeds) >= 2
+    assert [w.name for w in s.workloads] == ["fashion-mnist-12_unet-micro"]
+    assert len(s.seeds) >= 4  # paired t-intervals need >= 3; 4 leaves one seed of slack
     assert len(eval_steps(s.iters, s.eval_every)) >= 4
     assert s.eval["metrics"][0] == "proxy_fd" and s.report["metric"] == "proxy_fd"
     assert s.eval["sampler_steps"] <= 20 and s.eval["num_images"] <= 512
+    # The sampler reaches t = 0 and visits the low-noise steps P2 and Min-SNR down-weight.
+    from bench.sampling import timestep_sequence
+
+    ts = timestep_sequence(1000, s.eval["sampler_steps"], s.eval["timestep_spacing"])
+    assert ts[-1] == 0 and sum(t < 100 for t in ts) >= 3
+    assert s.train["ema_warmup"] is True and s.report["headline"] in s.report["targets"]
     # The dry-run estimate, with the suite's parallel jobs, stays within the 15 minutes promised.
     assert estimate_cost(s).total_s / s.jobs < 15 * 60
 
@@ -235,3 +241,25 @@ def test_plan_lists_every_run_and_the_totals():
         assert r.key in text
     assert "done" in text and "images to train: 256" in text and "images to sample: 256" in text
     assert "estimated time" in text and "2 parallel jobs" in text
+
+
+def test_lr_sweep_adds_baseline_runs_at_each_learning_rate(tmp_path):
+    text = VALID.replace("seeds = [0, 1]", "seeds = [0, 1]\nlr_sweep = [3e-4, 1e-3, 3e-3]")
+    s = load_suite(write(tmp_path, text))
+    # The shared lr (1e-3) is the baseline itself: no duplicate entry.
+    assert [m.label for m in s.methods] == ["baseline", "min_snr-gamma3", "baseline-lr0.0003", "baseline-lr0.003"]
+    lrs = {r.label: r.config["lr"] for r in s.runs()}
+    assert lrs == {"baseline": 1e-3, "min_snr-gamma3": 1e-3, "baseline-lr0.0003": 3e-4, "baseline-lr0.003": 3e-3}
+    assert {r.config["method"] for r in s.runs() if r.label.startswith("baseline")} == {"baseline"}
+    assert s.to_dict()["lr_sweep"] == {"baseline": 1e-3, "baseline-lr0.0003": 3e-4, "baseline-lr0.003": 3e-3}
+    bad = write(tmp_path, VALID.replace("seeds = [0, 1]", "seeds = [0, 1]\nlr_sweep = [-1.0]"), "bad.toml")
+    with pytest.raises(SuiteError, match="grid.lr_sweep"):
+        load_suite(bad)
+
+
+def test_headline_must_be_one_of_the_targets(tmp_path):
+    text = VALID + "\n[report]\ntargets = [0.5, 1.0]\nheadline = 0.75\n"
+    with pytest.raises(SuiteError, match="report.headline.*not among report.targets"):
+        load_suite(write(tmp_path, text))
+    ok = load_suite(write(tmp_path, VALID + "\n[report]\ntargets = [1.0, 0.5]\nheadline = 0.5\n", "ok.toml"))
+    assert ok.report["targets"] == [0.5, 1.0] and ok.report["headline"] == 0.5

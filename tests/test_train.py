@@ -269,8 +269,75 @@ def test_plugin_method_trains_with_its_ema_slot(tmp_path):
     (tmp_path / "plug").mkdir()
     (tmp_path / "plug" / "warm_ema.py").write_text(PLUGIN)
     cfg = TrainConfig(method="warm_ema", method_params={"start": 0.5}, plugins=[str(tmp_path / "plug")],
-                      **{**SMALL, "iters": 4})
+                      ema_warmup=False, **{**SMALL, "iters": 4})
     train(cfg, tmp_path / "run")
     rows = io.read_jsonl(tmp_path / "run" / "steps.jsonl")
     assert [r["ema_decay"] for r in rows] == pytest.approx([0.5 + (0.999 - 0.5) * s / 4 for s in range(4)])
     assert io.read_json(tmp_path / "run" / "config.json")["method_label"] == "warm_ema-start0.5"
+
+
+def test_ema_warmup_follows_its_formula_and_forgets_the_initial_weights(tmp_path):
+    cfg = TrainConfig(method="baseline", ema_decay=0.99, **{**SMALL, "iters": 1})
+    train(cfg, tmp_path / "one")
+    assert io.read_json(tmp_path / "one" / "config.json")["ema_warmup"] is True
+    # Step k (0-based) uses min(0.99, (1 + k) / (10 + k)): 0.1 at the first step, so the EMA after
+    # one step is 0.1 x initial weights + 0.9 x trained weights.
+    assert io.read_jsonl(tmp_path / "one" / "steps.jsonl")[0]["ema_decay"] == pytest.approx(0.1)
+    torch.manual_seed(cfg.seed)
+    init = build_model(cfg.arch, 1, 16).state_dict()
+    model, ema = weights(tmp_path / "one")
+    for k in init:
+        if init[k].is_floating_point():
+            torch.testing.assert_close(ema[k], 0.1 * init[k] + 0.9 * model[k], rtol=1e-5, atol=1e-6)
+    cfg = TrainConfig(method="baseline", ema_decay=0.2, **{**SMALL, "iters": 6})
+    train(cfg, tmp_path / "six")
+    decays = [r["ema_decay"] for r in io.read_jsonl(tmp_path / "six" / "steps.jsonl")]
+    assert decays == pytest.approx([min(0.2, (1 + k) / (10 + k)) for k in range(6)])  # 0.1, 0.1818, 0.2, ...
+
+
+def test_every_method_gets_the_same_data_and_noise_at_a_seed(tmp_path):
+    """Seed k pins initial weights, data order, the uniforms behind t, and the noise, for every method:
+    at the first step (p = 0) every method draws the same t (clts is uniform at p = 0), so the
+    unweighted MSE of the first step is the same number for all of them."""
+    first = {}
+    for method in ("baseline", "p2", "min_snr", "clts", "mdlrc", "combined", "lr_control"):
+        train(TrainConfig(method=method, **{**SMALL, "iters": 1}), tmp_path / method)
+        first[method] = io.read_jsonl(tmp_path / method / "steps.jsonl")[0]["mse"]
+    assert len(set(first.values())) == 1, first
+    other_seed = TrainConfig(method="baseline", **{**SMALL, "iters": 1, "seed": 1})
+    train(other_seed, tmp_path / "seed1")
+    assert io.read_jsonl(tmp_path / "seed1" / "steps.jsonl")[0]["mse"] != first["baseline"]
+
+
+def test_noise_stream_does_not_depend_on_the_timestep_distribution():
+    from bench.train import sample_timesteps, stream_generators
+
+    T, B = 1000, 64
+    uniform = torch.full((T,), 1.0 / T, dtype=torch.float64)
+    peaked = torch.zeros(T, dtype=torch.float64)
+    peaked[300:310] = 0.1
+    draws = {}
+    for name, probs in (("uniform", uniform), ("peaked", peaked)):
+        gens = stream_generators(0)
+        ts, noise = [], []
+        for _ in range(3):
+            ts.append(sample_timesteps(probs, B, gens["t"]))
+            noise.append(torch.randn(B, 1, 4, 4, generator=gens["noise"]))
+        draws[name] = (torch.stack(ts), torch.stack(noise))
+    assert torch.equal(draws["uniform"][1], draws["peaked"][1])  # same noise, whatever t's distribution
+    assert ((draws["peaked"][0] >= 300) & (draws["peaked"][0] < 310)).all()
+    # Inverse CDF: the same uniforms give floor(u T) under the uniform distribution.
+    u = torch.rand(3 * B, generator=stream_generators(0)["t"], dtype=torch.float64)
+    assert torch.equal(draws["uniform"][0].flatten(), (u * T).floor().long())
+    # Each peaked t is the quantile of the same uniform: t = 300 + floor(10 u).
+    assert torch.equal(draws["peaked"][0].flatten(), 300 + (u * 10).floor().long())
+
+
+def test_steps_log_the_lr_factor_and_clipping(tmp_path):
+    cfg = TrainConfig(method="mdlrc", **{**SMALL, "iters": 4, "grad_clip": 1e-6})
+    train(cfg, tmp_path)
+    rows = io.read_jsonl(tmp_path / "steps.jsonl")
+    assert all(r["clipped"] for r in rows)  # every gradient norm is above 1e-6
+    assert rows[0]["lr_scale"] == pytest.approx(1.0) and rows[-1]["lr_scale"] < 1.0
+    for r in rows:
+        assert r["lr"] == pytest.approx(cfg.lr * r["lr_scale"] * min(1.0, r["step"] / cfg.warmup))
