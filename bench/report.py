@@ -650,8 +650,8 @@ def _speedup_text(rows, baseline, metric, budget, targets, headline, kw) -> list
             f"the method's seed needs to reach that target (linear interpolation between evaluations). The "
             f"headline is read at F* = {100 * headline:g}% of the budget, where a method up to "
             f"{1 / headline:.2f}x slower than the baseline still gets a number: the geometric mean over {n} "
-            f"paired seeds with {how}. '<= x': some seeds never reached the target and were counted at the "
-            f"budget's end, so the number is an upper bound. 'final - baseline': the paired difference of the "
+            f"paired seeds with {how}, in brackets after each speed-up. '<= x': some seeds never reached the "
+            f"target and were counted at the budget's end, so the number is an upper bound. 'final - baseline': the paired difference of the "
             f"final {metric} (negative is better), mean [interval]. The A/A row compares the baseline's seed "
             f"halves as if they were two methods: the spread noise alone gives (its pairs are different seeds). "
             f"Per-seed values are in tables/speedup.csv.", ""]

@@ -48,12 +48,13 @@ def _paired(base: tuple, meth: tuple) -> tuple:
     return bs, bv[bi], ms, mv[mi], seeds
 
 
-def _stats_row(base: tuple, meth: tuple, *, budget, targets, lib, confidence, n_boot, seed) -> dict:
+def _stats_row(base: tuple, meth: tuple, *, budget, targets, lib, confidence, n_boot, seed,
+               is_baseline: bool = False) -> dict:
     bs, bv, ms, mv, seeds = _paired(base, meth)
     row = {"seeds": seeds, "n_paired": len(seeds)}
     for f in targets:
         s = paired_speedup(bs, bv, ms, mv, budget=budget, fraction=f, seeds=seeds, lower_is_better=lib,
-                           confidence=confidence, n_boot=n_boot, seed=seed)
+                           confidence=confidence, n_boot=n_boot, seed=seed, is_baseline=is_baseline)
         row[f"speedup@{f:g}"] = s
     row["final_diff"] = paired_difference(bs, bv, ms, mv, budget=budget, seeds=seeds, confidence=confidence)
     return row
@@ -75,7 +76,8 @@ def speedup_rows(evals: pd.DataFrame, baseline: str, labels: list[str], budget: 
         sub = g[g.method_label == label]
         if sub.empty:
             continue
-        row = {"method_label": label, "is_baseline": label == baseline, **_stats_row(base, seed_curves(sub), **kw)}
+        row = {"method_label": label, "is_baseline": label == baseline,
+               **_stats_row(base, seed_curves(sub), is_baseline=label == baseline, **kw)}
         rows.append(row)
     # A/A: the second half of the baseline's seeds as if it were a method, paired with the first half.
     bs, bv, b_seeds = base
@@ -103,19 +105,28 @@ def speedup_frame(rows: list[dict], targets) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
+def speedup_cell(s) -> str:
+    """One target's speed-up with its interval in one cell, e.g. "1.12x [0.92, 1.36]",
+    "0.96x (too few seeds)", "<= 0.95x [<= 0.80, <= 1.10] (1 of 4 seeds not reached)"."""
+    point, interval = format_speedup(s)
+    if s.interval == "none" or s.speedup is None:
+        return point
+    if s.ci_low is None:
+        return f"{point} ({interval})"
+    bound = "<= " if s.upper_bound else ""
+    cell = f"{point} [{bound}{s.ci_low:.2f}, {bound}{s.ci_high:.2f}]"
+    return cell + (f" ({s.n_paired - s.n_reached} of {s.n_paired} seeds not reached)" if s.upper_bound else "")
+
+
 def speedup_display(rows: list[dict], targets, headline: float, finals: dict[str, str]) -> pd.DataFrame:
-    """The table people read: speed-up at each target (the headline's column marked), its
-    interval, the paired final difference, and the final value (mean ± sd over seeds)."""
+    """The table people read: speed-up with its interval at each target (the headline's column
+    marked), the paired final difference, and the final value (mean ± sd over seeds)."""
     out = []
     for r in rows:
         line = {"method": r["method_label"], "paired seeds": r["n_paired"]}
         for f in targets:
-            s = r[f"speedup@{f:g}"]
-            point, interval = ("1 (reference)", "") if r["is_baseline"] else format_speedup(s)
-            name = f"speed-up, F* at {100 * f:g}%" + (" (headline)" if f == headline else "")
-            line[name] = point
-            if f == headline:
-                line[f"{int(round(100 * s.confidence))}% interval (headline)"] = interval
+            name = f"F* at {100 * f:g}%" + (" (headline)" if f == headline else "")
+            line[name] = "1 (reference)" if r["is_baseline"] else speedup_cell(r[f"speedup@{f:g}"])
         line["final - baseline (paired)"] = "0 (reference)" if r["is_baseline"] else format_difference(r["final_diff"])
         line["final (mean ± sd)"] = finals.get(r["method_label"], "")
         out.append(line)
