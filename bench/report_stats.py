@@ -107,15 +107,16 @@ def speedup_frame(rows: list[dict], targets) -> pd.DataFrame:
 
 def speedup_cell(s) -> str:
     """One target's speed-up with its interval in one cell, e.g. "1.12x [0.92, 1.36]",
-    "0.96x (too few seeds)", "<= 0.95x [<= 0.80, <= 1.10] (1 of 4 seeds not reached)"."""
+    "0.96x; too few seeds (n=2)", "<= 0.95x [<= 0.80, <= 1.10]; 1 of 4 seeds not reached",
+    "not reached (<= 0.76x); 2 of 4 seeds not reached"."""
     point, interval = format_speedup(s)
     if s.interval == "none" or s.speedup is None:
         return point
-    if s.ci_low is None:
-        return f"{point} ({interval})"
+    if s.ci_low is None or point.startswith("not reached"):
+        return f"{point}; {interval}"
     bound = "<= " if s.upper_bound else ""
     cell = f"{point} [{bound}{s.ci_low:.2f}, {bound}{s.ci_high:.2f}]"
-    return cell + (f" ({s.n_paired - s.n_reached} of {s.n_paired} seeds not reached)" if s.upper_bound else "")
+    return cell + (f"; {s.n_paired - s.n_reached} of {s.n_paired} seeds not reached" if s.upper_bound else "")
 
 
 def speedup_display(rows: list[dict], targets, headline: float, finals: dict[str, str]) -> pd.DataFrame:
