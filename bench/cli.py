@@ -102,6 +102,8 @@ def train_config_from_args(args):
         d["zero_terminal_snr"] = True
     if args.flip:
         d["flip"] = True
+    if args.no_ema_warmup:
+        d["ema_warmup"] = False
     if args.eval_every or args.eval_metrics:
         d["eval"] = {k: v for k, v in {"metrics": args.eval_metrics.split(",") if args.eval_metrics else None,
                                         "num_images": args.eval_images}.items() if v is not None}
@@ -220,6 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float)
     p.add_argument("--warmup", type=int)
     p.add_argument("--ema-decay", type=float)
+    p.add_argument("--no-ema-warmup", action="store_true",
+                   help="constant EMA decay from the first step (default: min(decay, (1 + k) / (10 + k)) at step k)")
     p.add_argument("--schedule")
     p.add_argument("--T", type=int)
     p.add_argument("--target", choices=("eps", "x0", "v"))

@@ -341,3 +341,12 @@ def test_steps_log_the_lr_factor_and_clipping(tmp_path):
     assert rows[0]["lr_scale"] == pytest.approx(1.0) and rows[-1]["lr_scale"] < 1.0
     for r in rows:
         assert r["lr"] == pytest.approx(cfg.lr * r["lr_scale"] * min(1.0, r["step"] / cfg.warmup))
+
+
+def test_train_flags_set_ema_warmup():
+    from bench.cli import build_parser, train_config_from_args
+
+    parser = build_parser()
+    on = train_config_from_args(parser.parse_args(["train", "--dataset", "synthetic"]))
+    off = train_config_from_args(parser.parse_args(["train", "--dataset", "synthetic", "--no-ema-warmup"]))
+    assert on.ema_warmup is True and off.ema_warmup is False
