@@ -71,18 +71,22 @@ def append_jsonl(path: Path, rows: list[dict]) -> None:
         os.fsync(f.fileno())
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    """Every complete row of a JSON-lines file (a torn last line is ignored)."""
-    rows = []
+def iter_jsonl(path: Path):
+    """Every complete row of a JSON-lines file, one at a time (constant memory; a torn last line
+    is skipped; a missing file has no rows)."""
     if not Path(path).exists():
-        return rows
+        return
     with open(path) as f:
         for line in f:
             try:
-                rows.append(json.loads(line))
+                yield json.loads(line)
             except json.JSONDecodeError:
                 continue
-    return rows
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Every complete row of a JSON-lines file (a torn last line is ignored)."""
+    return list(iter_jsonl(path))
 
 
 def trim_jsonl(path: Path, max_step: int) -> None:

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from bench.io import atomic_write, atomic_write_bytes, read_jsonl
+from bench.io import atomic_write, atomic_write_bytes, iter_jsonl, read_jsonl
 from bench.report_stats import (
     final_values,
     limits_lines,
@@ -118,28 +118,21 @@ def binned_steps(path: Path, iters: int, n_bins: int = N_BINS) -> pd.DataFrame:
     width = max(1, math.ceil(iters / n_bins))
     keys = ("loss", "loss_q0", "loss_q1", "loss_q2", "loss_q3")
     sums: dict[int, dict] = {}
-    if not Path(path).exists():
-        return pd.DataFrame()
-    with open(path) as f:
-        for line in f:
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            step = row.get("step")
-            if not isinstance(step, (int, float)):
-                continue
-            b = int((step - 1) // width)
-            acc = sums.setdefault(b, {"n": {k: 0 for k in keys}, "s": {k: 0.0 for k in keys}})
-            for k in keys:
-                v = row.get(k)
-                if isinstance(v, (int, float)) and math.isfinite(v):
-                    acc["n"][k] += 1
-                    acc["s"][k] += v
-            acc["step"] = step
-            for k in ("lr", "beta1"):
-                if isinstance(row.get(k), (int, float)):
-                    acc[k] = row[k]
+    for row in iter_jsonl(path):
+        step = row.get("step")
+        if not isinstance(step, (int, float)):
+            continue
+        b = int((step - 1) // width)
+        acc = sums.setdefault(b, {"n": {k: 0 for k in keys}, "s": {k: 0.0 for k in keys}})
+        for k in keys:
+            v = row.get(k)
+            if isinstance(v, (int, float)) and math.isfinite(v):
+                acc["n"][k] += 1
+                acc["s"][k] += v
+        acc["step"] = step
+        for k in ("lr", "beta1"):
+            if isinstance(row.get(k), (int, float)):
+                acc[k] = row[k]
     out = []
     for b in sorted(sums):
         acc = sums[b]

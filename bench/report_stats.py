@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from bench.io import iter_jsonl
 from bench.speedup import (
     aa_split,
     format_difference,
@@ -152,22 +153,15 @@ def step_summary(path: Path, grad_clip: float | None) -> dict:
     """One pass over steps.jsonl: steps, clipped steps, mean and smallest learning-rate factor."""
     n = clipped = 0
     scale_sum, scale_min = 0.0, math.inf
-    if not Path(path).exists():
-        return {"steps": 0}
-    with open(path) as f:
-        for line in f:
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            n += 1
-            if "clipped" in row:
-                clipped += bool(row["clipped"])
-            elif grad_clip and isinstance(row.get("grad_norm"), (int, float)):
-                clipped += row["grad_norm"] > grad_clip
-            scale = row.get("lr_scale", 1.0)
-            scale_sum += scale
-            scale_min = min(scale_min, scale)
+    for row in iter_jsonl(path):
+        n += 1
+        if "clipped" in row:
+            clipped += bool(row["clipped"])
+        elif grad_clip and isinstance(row.get("grad_norm"), (int, float)):  # logs from before `clipped`
+            clipped += row["grad_norm"] > grad_clip
+        scale = row.get("lr_scale", 1.0)
+        scale_sum += scale
+        scale_min = min(scale_min, scale)
     if not n:
         return {"steps": 0}
     return {"steps": n, "clipped": clipped, "lr_scale_mean": scale_sum / n, "lr_scale_min": scale_min}
