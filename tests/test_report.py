@@ -21,7 +21,8 @@ STEPS = [100, 200, 300, 400]
 CURVES = {"baseline": [11, 9, 7, 6], "fast": [9, 6, 5, 4], "slow": [12, 11, 10, 9]}
 OFFSETS = {0: -1.0, 1: 0.0, 2: 1.0}
 PARAMS = {"baseline": ("baseline", {}, []), "fast": ("clts", {"mu": 0.3, "sigma": 0.25}, ["timesteps"]),
-          "slow": ("mdlrc", {"beta1_end": 0.5, "compensation": "variance"}, ["optimizer"])}
+          "slow": ("mdlrc", {"beta1_end": 0.5, "compensation": "variance"}, ["optimizer"]),
+          "baseline-lr0.003": ("baseline", {}, [])}
 
 
 def write_run(root: Path, label: str, seed: int, iters: int = 400, state: str = "done", curve=None, T: int = 10):
@@ -212,3 +213,21 @@ def test_report_never_imports_torch(results, tmp_path):
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+def test_lr_sweep_reports_the_best_tuned_baseline(tmp_path):
+    root = tmp_path / "sweep"
+    for seed in (0, 1, 2):
+        write_run(root, "baseline", seed)
+        write_run(root, "baseline-lr0.003", seed, curve=CURVES["fast"])  # the better learning rate
+        write_run(root, "fast", seed)
+    (root / "suite.json").write_text(json.dumps({
+        "name": "sweep", "lr_sweep": {"baseline": 1e-3, "baseline-lr0.003": 3e-3},
+        "report": {"metric": "proxy_fd", "baseline": "baseline", "bootstrap": 0}}))
+    text = build_report(root).read_text()
+    sweep = text.split("#### Learning-rate sweep of `baseline` (proxy_fd)")[1].split("### ")[0]
+    assert "| baseline-lr0.003 | 0.003 |" in sweep and "Against the best-tuned baseline `baseline-lr0.003`" in sweep
+    # fast has exactly the tuned baseline's curves: 1.00x against it, where it was 2x against the shared lr.
+    assert "| fast " in sweep and "1.00x" in sweep
+    main = text.split("### Paired speed-up over `baseline`")[1].split("####")[0]
+    assert "2.00x" in main and "baseline-lr0.003" not in main  # sweep runs stay out of the main table
