@@ -34,6 +34,7 @@ import pandas as pd
 
 from bench.io import atomic_write, atomic_write_bytes, iter_jsonl, read_jsonl
 from bench.report_stats import (
+    AA_LABEL,
     final_values,
     limits_lines,
     speedup_display,
@@ -635,19 +636,24 @@ def _speedup_text(rows, baseline, metric, budget, targets, headline, kw) -> list
     how = ("a t-interval on log speed-up (n - 1 degrees of freedom)" if 3 <= n < 6 else
            f"a paired bootstrap over seeds ({kw['n_boot']} resamples, RNG seed {kw['seed']})" if n >= 6 else
            "no interval: fewer than 3 paired seeds (\"too few seeds\")")
+    better = "negative" if lower_is_better(metric) else "positive"
+    aa = (" The A/A row compares the baseline's seed halves as if they were two methods: the spread noise "
+          "alone gives (its pairs are different seeds, so it is wider than a paired method's)."
+          if any(r["method_label"] == AA_LABEL for r in rows) else "")
     return [f"### Paired speed-up over `{baseline}` ({metric})", "",
             f"Seeds are paired: seed k of a method shares initialisation, data order, timestep draws' random "
             f"numbers and noise with seed k of `{baseline}`. Target F*(f) = `{baseline}`'s {metric} at fraction f "
             f"of the {budget}-iteration budget; each seed's target is its own baseline seed's value there, whose "
             f"seed mean is F* ({f_stars}). Per seed, speed-up = iterations the baseline seed needs / iterations "
-            f"the method's seed needs to reach that target (linear interpolation between evaluations). The "
-            f"headline is read at F* = {100 * headline:g}% of the budget, where a method up to "
-            f"{1 / headline:.2f}x slower than the baseline still gets a number: the geometric mean over {n} "
-            f"paired seeds with {how}, in brackets after each speed-up. '<= x': some seeds never reached the "
-            f"target and were counted at the budget's end, so the number is an upper bound. 'final - baseline': the paired difference of the "
-            f"final {metric} (negative is better), mean [interval]. The A/A row compares the baseline's seed "
-            f"halves as if they were two methods: the spread noise alone gives (its pairs are different seeds). "
-            f"Per-seed values are in tables/speedup.csv.", ""]
+            f"the method's seed needs to reach that target (interpolated between evaluations: linearly, or in "
+            f"log-iterations on a geometric grid). The headline, fixed in the suite before the runs, is read at "
+            f"F* = {100 * headline:g}% of the budget, where a method up to {1 / headline:.2f}x slower than the "
+            f"baseline still gets a number: the geometric mean over {n} paired seeds with {how}, in brackets. "
+            f"Bounds get no interval: '<= x', some seeds never reached the target and were counted at the "
+            f"budget's end; '>= x', some were at the target by their first evaluation; '~x', both. At 100% a "
+            f"seed that reaches its target is >= 1x by construction, so that column has no interval; read "
+            f"the end of the budget from 'final - baseline': the paired difference of the final {metric} "
+            f"({better} is better), mean [t-interval].{aa} Per-seed values are in tables/speedup.csv.", ""]
 
 
 def _sweep_section(evals, baseline, sweep, metric, budget, order, kw, headline) -> list[str]:
@@ -664,7 +670,9 @@ def _sweep_section(evals, baseline, sweep, metric, budget, order, kw, headline) 
     best = pick(means, key=means.get)
     table = pd.DataFrame([{"baseline run": lab, "lr": f"{lr:g}", "final (mean ± sd)": finals.get(lab, "-"),
                            "best": "yes" if lab == best else ""} for lab, lr in sweep.items()])
-    out = [f"#### Learning-rate sweep of `{baseline}` ({metric})", "", to_markdown(table), ""]
+    out = [f"#### Learning-rate sweep of `{baseline}` ({metric})", "", to_markdown(table), "",
+           "The best learning rate is picked on the same seeds it is then compared on, which flatters the "
+           "tuned baseline a little (a fair tuning would use seeds of its own).", ""]
     if best == baseline:
         return out + ["The shared learning rate is the best of the sweep: the table above is already against "
                       "the best-tuned baseline.", ""]

@@ -108,16 +108,13 @@ def speedup_frame(rows: list[dict], targets) -> pd.DataFrame:
 
 def speedup_cell(s) -> str:
     """One target's speed-up with its interval in one cell, e.g. "1.12x [0.92, 1.36]",
-    "0.96x; too few seeds (n=2)", "<= 0.95x [<= 0.80, <= 1.10]; 1 of 4 seeds not reached",
-    "not reached (<= 0.76x); 2 of 4 seeds not reached"."""
+    "0.96x; too few seeds (n=2)", "not reached (<= 0.76x); 2 of 4 seeds not reached"."""
     point, interval = format_speedup(s)
     if s.interval == "none" or s.speedup is None:
         return point
-    if s.ci_low is None or point.startswith("not reached"):
+    if s.ci_low is None:
         return f"{point}; {interval}"
-    bound = "<= " if s.upper_bound else ""
-    cell = f"{point} [{bound}{s.ci_low:.2f}, {bound}{s.ci_high:.2f}]"
-    return cell + (f"; {s.n_paired - s.n_reached} of {s.n_paired} seeds not reached" if s.upper_bound else "")
+    return f"{point} [{s.ci_low:.2f}, {s.ci_high:.2f}]"
 
 
 def speedup_display(rows: list[dict], targets, headline: float, finals: dict[str, str]) -> pd.DataFrame:
@@ -149,8 +146,9 @@ def final_values(evals: pd.DataFrame, metric: str, budget: float) -> dict[str, s
 # Training facts from steps.jsonl.
 
 
-def step_summary(path: Path, grad_clip: float | None) -> dict:
-    """One pass over steps.jsonl: steps, clipped steps, mean and smallest learning-rate factor."""
+def step_summary(path: Path, grad_clip: float | None, lr: float | None = None, warmup: int = 0) -> dict:
+    """One pass over steps.jsonl: steps, clipped steps, mean and smallest learning-rate factor.
+    Logs from before `lr_scale` was recorded get it back from lr / (base lr x warm-up factor)."""
     n = clipped = 0
     scale_sum, scale_min = 0.0, math.inf
     for row in iter_jsonl(path):
@@ -159,7 +157,10 @@ def step_summary(path: Path, grad_clip: float | None) -> dict:
             clipped += bool(row["clipped"])
         elif grad_clip and isinstance(row.get("grad_norm"), (int, float)):  # logs from before `clipped`
             clipped += row["grad_norm"] > grad_clip
-        scale = row.get("lr_scale", 1.0)
+        scale = row.get("lr_scale")
+        if scale is None:
+            warm = min(1.0, row.get("step", 1) / warmup) if warmup else 1.0
+            scale = row["lr"] / (lr * warm) if lr and isinstance(row.get("lr"), (int, float)) else 1.0
         scale_sum += scale
         scale_min = min(scale_min, scale)
     if not n:
@@ -173,7 +174,7 @@ def training_facts(runs: list[dict], order: list[str]) -> pd.DataFrame:
     acc: dict[str, dict] = {}
     for r in runs:
         cfg = r["config"]
-        s = step_summary(r["dir"] / "steps.jsonl", cfg.get("grad_clip"))
+        s = step_summary(r["dir"] / "steps.jsonl", cfg.get("grad_clip"), cfg.get("lr"), cfg.get("warmup") or 0)
         if not s["steps"]:
             continue
         a = acc.setdefault(r["label"], {"steps": 0, "clipped": 0, "scale": 0.0, "min": math.inf,
@@ -233,15 +234,33 @@ def limits_lines(evals: pd.DataFrame, runs: list[dict], baseline: str | None, me
     lines += _sampler_lines(g)
     lines += _floor_lines(g, base)
     lines += _lr_lines(runs, sweep)
+    lines += _ema_lines(runs)
     return lines
+
+
+def _ema_lines(runs: list[dict]) -> list[str]:
+    """What the EMA averaged over at the end: with warm-up, min(decay, (1 + k) / (10 + k)) at step k."""
+    cfg = next((r["config"] for r in runs if r["config"].get("iters")), None)
+    if not cfg or cfg.get("ema_decay") is None:
+        return []
+    decay, k = float(cfg["ema_decay"]), int(cfg["iters"]) - 1
+    if cfg.get("ema_warmup"):
+        eff = min(decay, (1 + k) / (10 + k))
+        why = ("the warm-up term, not the configured decay" if eff < decay else "the configured decay")
+        return [f"- **EMA**: evaluated on the EMA of the weights, decay min({decay:g}, (1 + k) / (10 + k)) at step "
+                f"k; at the last step it is {eff:.4f} ({why}), an average over about {1 / (1 - eff):.0f} steps."]
+    return [f"- **EMA**: evaluated on the EMA of the weights with a constant decay {decay:g} from the first step "
+            f"(no warm-up): {100 * decay ** (k + 1):.1f}% of it is still the initial weights at the end."]
 
 
 def _sampler_lines(g: pd.DataFrame) -> list[str]:
     out = []
     cols = [c for c in ("sampler", "sampler_steps", "timestep_spacing", "timesteps") if c in g]
-    if "timesteps" not in cols:
-        return ["- **Sampler**: the visited timesteps were not recorded (runs from before they were logged)."]
-    for _, c in g[cols].drop_duplicates().iterrows():
+    recorded = g.dropna(subset=["timesteps"]) if "timesteps" in cols else g.iloc[0:0]
+    if len(recorded) < len(g):
+        out.append("- **Sampler**: the visited timesteps were not recorded for some evaluations (runs from "
+                   "before they were logged).")
+    for _, c in recorded[cols].drop_duplicates().iterrows():
         ts = [int(t) for t in str(c["timesteps"]).split(",") if t.strip()]
         low = [t for t in ts if t < 100]
         shown = ", ".join(map(str, ts)) if len(ts) <= 25 else f"{ts[0]}, {ts[1]}, ..., {ts[-2]}, {ts[-1]}"
@@ -256,7 +275,7 @@ def _floor_lines(g: pd.DataFrame, base: pd.DataFrame) -> list[str]:
         return ["- **Noise floor**: not recorded (runs from before it was measured)."]
     floor = float(g.noise_floor.dropna().iloc[0])
     src = g.noise_floor_source.dropna().iloc[0] if "noise_floor_source" in g else "real images"
-    n_gen = int(g.num_gen.iloc[0]) if "num_gen" in g else None
+    n_gen = int(g.num_gen.dropna().iloc[0]) if "num_gen" in g and g.num_gen.notna().any() else "?"
     text = (f"- **Noise floor**: {g.metric.iloc[0]} between {src} and the reference is {floor:.4g}: what a "
             f"perfect generator would score at N = {n_gen}; differences between methods are read against it")
     if not base.empty:

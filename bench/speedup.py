@@ -46,12 +46,23 @@ an unpaired comparison (resampling B's and M's seeds independently) cannot do.
      (``n_boot <= 0`` falls back to the t interval.)
 5. Not reached. A seed whose M_k does not reach target_k is counted as needing its last
    evaluation within the budget (the budget itself whenever M_k is evaluated there, the normal
-   case). M_k needs MORE than that, so s_k computed this way is an upper bound, and so are the
-   geometric mean and the interval: ``upper_bound=True``, with ``n_reached`` beside it. (The last
-   evaluation rather than the budget: a curve whose evaluations stop before the budget might still
-   reach the target between its last evaluation and the budget, and then n_B,k / budget would
-   not be an upper bound.) If no seed reaches, the number is still that upper bound, flagged; the
-   display says "not reached (<= x)". A number is never returned without saying it is a bound.
+   case). M_k needs MORE than that, so s_k computed this way is an upper bound, and so is the
+   geometric mean: ``upper_bound=True``, with ``n_reached`` beside it. (The last evaluation rather
+   than the budget: a curve whose evaluations stop before the budget might still reach the target
+   between its last evaluation and the budget, and then n_B,k / budget would not be an upper
+   bound.) If no seed reaches, the number is still that upper bound, flagged; the display says
+   "not reached (<= x)". The interval is NOT given then (interval "censored"): lowering a capped
+   s_k can widen the spread, so neither end of an interval computed from the caps is a bound.
+   Likewise a seed whose M_k is already at the target at its first evaluation may have got there
+   earlier: its s_k is a lower bound (``n_first``, ``lower_bound=True``, shown ">= x", no
+   interval). With bounds both ways the point is neither (both flags set; shown "~x"). A number
+   is never returned without saying it is a bound.
+5b. At f = 1 each baseline seed needs the whole budget to reach its own final value, so a seed
+   that reaches the target has s_k >= 1 by construction and one that does not is capped at 1:
+   the speed-ups at f = 1 are one-sided around 1 and no interval is given (interval
+   "one-sided"); the paired final-metric difference (point 7) is the evidence at the budget's
+   end. The same floor, at f, applies at any f < 1, where it only matters for methods slower
+   than f.
 6. Dropped seeds (``n_dropped``): a seed whose B_k or M_k has no finite evaluation within the
    budget, whose B_k does not cover f * budget (its target is undefined), or whose crossing is at
    a step <= 0 (ratio undefined) leaves the pairing. F*(f) is the mean over the paired seeds.
@@ -202,11 +213,14 @@ class PairedSpeedup:
     speedup: float | None      # geometric mean (an upper bound when upper_bound)
     ci_low: float | None
     ci_high: float | None
-    interval: str              # "t", "bootstrap", "too few seeds", "none" (baseline), "no data"
+    interval: str              # "t", "bootstrap", "too few seeds", "censored", "one-sided" (f = 1),
+                               # "none" (baseline), "no data"
     upper_bound: bool
     confidence: float
     baseline_steps: list       # n_B,k per paired seed
     method_steps: list         # n_M,k per paired seed (None = not reached)
+    lower_bound: bool = False  # some seed was at the target by its first evaluation (s_k >= shown)
+    n_first: int = 0           # how many seeds were at the target by their first evaluation
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -265,7 +279,8 @@ def _seed_crossings(bs, b_row, ms, m_row, budget, at, log_b, log_m):
     n_m = _crossing(ms_k, mv_k, target, log_m)
     if n_b is None or n_b <= 0 or (n_m is not None and n_m <= 0):
         return None
-    return target, n_b, n_m, float(ms_k[-1])
+    first = n_m is not None and mv_k[0] <= target  # at the target by M_k's first evaluation: a lower bound
+    return target, n_b, n_m, float(ms_k[-1]), first
 
 
 def _t_interval(x: np.ndarray, confidence: float) -> tuple[float, float]:
@@ -306,8 +321,9 @@ def paired_speedup(steps_b, b_values, steps_m, m_values, *, budget: float, fract
                         len(rows) - len(kept), None, None, None, "no data", False, float(confidence), [], [])
     if not kept:
         return out
-    target, n_b, n_m, m_last = (np.array([rows[k][j] if rows[k][j] is not None else np.nan for k in kept])
-                                for j in range(4))
+    target, n_b, n_m, m_last, first = (np.array([rows[k][j] if rows[k][j] is not None else np.nan for k in kept])
+                                       for j in range(5))
+    first = first.astype(bool)
     reached = np.isfinite(n_m)
     out.target = float(sign * target.mean())
     out.baseline_steps = n_b.tolist()
@@ -320,8 +336,16 @@ def paired_speedup(steps_b, b_values, steps_m, m_values, *, budget: float, fract
     s = n_b / np.where(reached, n_m, m_last)
     out.per_seed = [float(x) if ok else None for x, ok in zip(s, reached)]
     out.upper_bound = bool(not reached.all())
+    out.n_first = int(first.sum())
+    out.lower_bound = out.n_first > 0
     log_s = np.log(s)
     out.speedup = float(np.exp(log_s.mean()))
+    if out.upper_bound or out.lower_bound:
+        out.interval = "censored"  # point 5: an interval of bounds bounds nothing
+        return out
+    if fraction >= 1.0:
+        out.interval = "one-sided"  # point 5b
+        return out
     lo, hi, out.interval = _log_interval(log_s, confidence, n_boot, seed)
     if lo is not None:
         out.ci_low, out.ci_high = float(np.exp(lo)), float(np.exp(hi))
@@ -396,24 +420,29 @@ def relative_improvement(steps, values, budget: float, last: float = 0.2,
 
 
 def format_speedup(s: PairedSpeedup) -> tuple[str, str]:
-    """(point, interval) as the report prints them. A bound is always printed as "<= x"; when at
-    least half of the paired seeds did not reach the target the point reads "not reached (<= x)"
-    and the interval cell only says how many seeds did not reach."""
+    """(point, interval) as the report prints them. A bound is always printed as such: "<= x" (some
+    seeds never reached; "not reached (<= x)" when at least half of them), ">= x" (some seeds were
+    at the target by their first evaluation), "~x" (bounds both ways); those get no interval, only
+    a note of how many seeds are bounds. At f = 1 the interval cell says it is one-sided."""
     if s.interval == "none":
         return "1 (reference)", ""
     if s.speedup is None:
         return "no data", ""
     n, missed = s.n_paired, s.n_paired - s.n_reached
-    if not s.upper_bound:
-        if s.ci_low is None:
-            return f"{s.speedup:.2f}x", f"too few seeds (n={n})"
-        return f"{s.speedup:.2f}x", f"[{s.ci_low:.2f}, {s.ci_high:.2f}] ({s.interval}, n={n})"
-    note = f"{missed} of {n} seeds not reached"
-    if 2 * missed >= n:
-        return f"not reached (<= {s.speedup:.2f}x)", note
+    notes = ([f"{missed} of {n} seeds not reached"] if s.upper_bound else []) + \
+        ([f"{s.n_first} of {n} seeds at the target by their first evaluation"] if s.lower_bound else [])
+    if s.upper_bound and s.lower_bound:
+        return f"~{s.speedup:.2f}x", "bounds both ways: " + ", ".join(notes)
+    if s.upper_bound:
+        point = f"not reached (<= {s.speedup:.2f}x)" if 2 * missed >= n else f"<= {s.speedup:.2f}x"
+        return point, notes[0]
+    if s.lower_bound:
+        return f">= {s.speedup:.2f}x", notes[0]
+    if s.interval == "one-sided":
+        return f"{s.speedup:.2f}x", "one-sided at f = 1, no interval"
     if s.ci_low is None:
-        return f"<= {s.speedup:.2f}x", f"too few seeds (n={n}), {note}"
-    return f"<= {s.speedup:.2f}x", f"[<= {s.ci_low:.2f}, <= {s.ci_high:.2f}], {note}"
+        return f"{s.speedup:.2f}x", f"too few seeds (n={n})"
+    return f"{s.speedup:.2f}x", f"[{s.ci_low:.2f}, {s.ci_high:.2f}] ({s.interval}, n={n})"
 
 
 def format_difference(d: PairedDifference, digits: int = 4) -> str:

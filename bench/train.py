@@ -204,7 +204,7 @@ def sample_timesteps(probs: torch.Tensor, n: int, gen: torch.Generator) -> torch
 
 def ema_warmup_decay(step: int) -> float:
     """(1 + k) / (10 + k) at step k (0-based). The EMA's window grows with the run (about k / 9 steps),
-    so the random initialisation's share of it, the product of these decays, is below 1e-5 after
+    so the random initialisation's share of it, the product of these decays, is about 1e-5 after
     10 steps; a fixed decay d keeps d^k of it (0.99: 40% after 90 steps)."""
     return (1.0 + step) / (10.0 + step)
 

@@ -102,7 +102,28 @@ def test_damaged_shipped_weights_are_a_one_line_error(tmp_path, monkeypatch, fre
     js.write_text(js.read_text().replace('"resolution": 28', '"resolution": 27'))
     with pytest.raises(ConfigError, match="resolution.*git checkout bench/proxy_weights"):
         P.get_proxy("fashion-mnist", 28, cache_dir=tmp_path / "cache")
+    # The feature scale multiplies every feature: an edited one is refused too.
+    js = folder / "fmnist-cnn-v1-r12-seed0.json"
+    rec = json.loads(js.read_text())
+    js.write_text(json.dumps({**rec, "feature_scale": rec["feature_scale"] * 2}))
+    with pytest.raises(ConfigError, match="feature_scale.*git checkout bench/proxy_weights"):
+        P.get_proxy("fashion-mnist", 12, cache_dir=tmp_path / "cache")
     assert not (tmp_path / "cache").exists()
+
+
+def test_every_shipped_suite_uses_a_shipped_extractor():
+    """One metric on every machine: no shipped suite's proxy metric depends on training here."""
+    from bench.data import dataset_info
+    from bench.suite import available_suites, load_suite
+
+    for name in available_suites():
+        suite = load_suite(name)
+        if not {"proxy_fd", "proxy_kid"} & set(suite.eval["metrics"]):
+            continue
+        for w in suite.workloads:
+            res = w.resolution or dataset_info(w.dataset).RESOLUTION
+            key = (w.dataset, res, suite.eval.get("proxy_seed", 0))
+            assert key in P.SHIPPED and key in P.SHIPPED_SCALES, (name, key)
 
 
 def test_retrain_never_touches_shipped_files(tmp_path, monkeypatch, fresh):
@@ -128,7 +149,7 @@ def test_shipped_synthetic_feature_scale_matches_its_weights():
 @pytest.mark.slow
 @needs_fashion
 def test_fashion_mnist_shipped_accuracy_at_least_90_percent():
-    for res in (16, 28):
+    for res in (12, 16, 28):
         info = P.load_shipped("fashion-mnist", res).info
         assert info["test_accuracy"] >= 0.90 and info["train_images"] == 60000, (res, info["test_accuracy"])
     ext = P.load_shipped("fashion-mnist", 16)

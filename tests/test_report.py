@@ -30,7 +30,8 @@ def write_run(root: Path, label: str, seed: int, iters: int = 400, state: str = 
     d.mkdir(parents=True)
     method, params, slots = PARAMS[label]
     cfg = {"method": method, "method_params": {}, "dataset": "synthetic", "resolution": None, "arch": "unet-tiny",
-           "iters": iters, "batch_size": 8, "lr": 1e-3, "warmup": 0, "grad_clip": 0.5, "schedule": "linear", "T": T, "target": "eps",
+           "iters": iters, "batch_size": 8, "lr": 1e-3, "warmup": 0, "grad_clip": 0.5, "ema_decay": 0.99,
+           "ema_warmup": True, "schedule": "linear", "T": T, "target": "eps",
            "seed": seed, "eval_every": 100, "eval": {"metrics": ["proxy_fd"]}, "method_label": label,
            "method_slots": slots, "method_resolved_params": params, "method_source": f"source of {method}"}
     (d / "config.json").write_text(json.dumps(cfg))
@@ -115,8 +116,13 @@ def test_paired_speedup_numbers(results):
     for f, want in ((0.5, 2.0), (0.75, 1.8), (1.0, 2.0)):
         row = _at(sp, "fast", f)
         assert row.speedup == pytest.approx(want) and row.n_paired == 3 and row.n_reached == 3
-        assert row.interval == "t" and row.ci_low == pytest.approx(want) and row.ci_high == pytest.approx(want)
         assert not row.upper_bound
+    row = _at(sp, "fast", 0.75)
+    assert row.interval == "t" and row.ci_low == pytest.approx(1.8) and row.ci_high == pytest.approx(1.8)
+    # f = 0.5: at the target by the first evaluation, so 2 is only a lower bound; f = 1: one-sided.
+    row = _at(sp, "fast", 0.5)
+    assert row.lower_bound and row.n_first == 3 and row.interval == "censored" and math.isnan(row.ci_low)
+    assert _at(sp, "fast", 1.0).interval == "one-sided" and math.isnan(_at(sp, "fast", 1.0).ci_low)
     # Paired final difference: fast ends 2 below the baseline on every seed.
     assert _at(sp, "fast", 1.0).final_diff_mean == pytest.approx(-2.0)
     # slow never reaches: counted at its last evaluation (400), so 400 / 400 = 1 is an upper bound.
@@ -127,7 +133,8 @@ def test_paired_speedup_numbers(results):
     aa = _at(sp, "A/A: baseline vs baseline", 0.5)
     assert aa.n_paired == 1 and aa.interval == "too few seeds" and math.isnan(aa.ci_low)
     md = (report.parent / "tables" / "speedup.md").read_text()
-    for text in ("2.00x", "1.80x", "not reached (<= 1.00x)", "too few seeds", "1 (reference)", "(headline)"):
+    for text in (">= 2.00x", "1.80x [1.80, 1.80]", "2.00x; one-sided at f = 1, no interval", "not reached (<= 1.00x)",
+                 "too few seeds", "1 (reference)", "(headline)"):
         assert text in md, text
     tex = (report.parent / "tables" / "speedup.tex").read_text()
     assert r"\begin{tabular}" in tex and r"\toprule" in tex and "proxy\\_fd" in tex
@@ -142,6 +149,9 @@ def test_report_states_its_limits(results):
     assert "visits t = 9, 6, 3, 0" in limits and "including t = 0" in limits
     assert "is 0.5: what a perfect generator would score at N = 64" in limits
     assert "not tuned per method" in limits and "lr_sweep" in limits
+    # EMA with warm-up over 400 iterations: 400 / 409 = 0.9780 at the last step, about 45 steps.
+    assert "at the last step it is 0.9780 (the warm-up term, not the configured decay)" in limits
+    assert "about 45 steps" in limits
     facts = pd.read_csv(report.parent / "tables" / "training.csv").set_index("method")
     # slow: seeds 0-2 log steps 1..400 (factor 1 - s / 800, sum 299.75 each), the failed seed 3 steps 1..200
     # (sum 174.875): (3 x 299.75 + 174.875) / 1400.
@@ -230,4 +240,4 @@ def test_lr_sweep_reports_the_best_tuned_baseline(tmp_path):
     # fast has exactly the tuned baseline's curves: 1.00x against it, where it was 2x against the shared lr.
     assert "| fast " in sweep and "1.00x" in sweep
     main = text.split("### Paired speed-up over `baseline`")[1].split("####")[0]
-    assert "2.00x" in main and "baseline-lr0.003" not in main  # sweep runs stay out of the main table
+    assert "1.80x" in main and "baseline-lr0.003" not in main  # sweep runs stay out of the main table

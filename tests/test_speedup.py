@@ -64,7 +64,10 @@ def test_identical_curves_give_exactly_one():
     for f in (0.5, 0.75, 1.0):
         s = paired_speedup(GRID, base, GRID, base.copy(), budget=1000, fraction=f)
         assert s.per_seed == [1.0, 1.0, 1.0] and s.speedup == 1.0
-        assert s.interval == "t" and s.ci_low == pytest.approx(1.0) and s.ci_high == pytest.approx(1.0)
+        if f < 1:
+            assert s.interval == "t" and s.ci_low == pytest.approx(1.0) and s.ci_high == pytest.approx(1.0)
+        else:  # at f = 1 a reached seed has s_k >= 1 by construction: no interval
+            assert s.interval == "one-sided" and s.ci_low is None
         assert s.target == pytest.approx(np.mean([value_at(GRID, b, f * 1000) for b in base]))
 
 
@@ -143,17 +146,29 @@ def test_six_seeds_use_a_deterministic_paired_bootstrap():
 
 def test_not_reached_seeds_give_a_flagged_upper_bound():
     # Seed 4 would need 500 / 0.4 = 1250 > budget: counted at 1000, s_4 <= 500/1000 = 0.5.
-    # Logs L, L, L, -L: geometric mean 2^(2/4) = sqrt 2; mean log L/2, sd L (deviations
-    # L/2 x3 and -3L/2: sum of squares 3 L^2, / 3); interval 2^(1/2 +- T3 / 2).
+    # Logs L, L, L, -L: geometric mean 2^(2/4) = sqrt 2, an upper bound. No interval: the capped
+    # seed's true s_4 may be far lower, which would widen any interval computed from the cap.
     base, meth = linear_runs([2.0, 2.0, 2.0, 0.4])
     s = paired_speedup(GRID, base, GRID, meth, budget=1000, fraction=0.5)
     assert s.upper_bound and s.n_reached == 3 and s.n_paired == 4
     assert s.method_steps[3] is None and s.per_seed[3] is None
     assert s.per_seed[:3] == pytest.approx([2.0] * 3)
     assert s.speedup == pytest.approx(math.sqrt(2))
-    assert s.ci_low == pytest.approx(2 ** (0.5 - T3 / 2)) and s.ci_high == pytest.approx(2 ** (0.5 + T3 / 2))
-    lo, hi = 2 ** (0.5 - T3 / 2), 2 ** (0.5 + T3 / 2)
-    assert format_speedup(s) == ("<= 1.41x", f"[<= {lo:.2f}, <= {hi:.2f}], 1 of 4 seeds not reached")
+    assert s.interval == "censored" and s.ci_low is None and s.ci_high is None and not s.lower_bound
+    assert format_speedup(s) == ("<= 1.41x", "1 of 4 seeds not reached")
+
+
+def test_a_method_at_the_target_by_its_first_evaluation_gives_a_lower_bound():
+    # Target at f = 0.5 is the baseline's value at 500; a method 40x faster is there by 12.5, before
+    # the first evaluation (25): s_k = 500 / 25 = 20 is only a lower bound on 40.
+    base, meth = linear_runs([40.0, 40.0, 40.0])
+    s = paired_speedup(GRID, base, GRID, meth, budget=1000, fraction=0.5)
+    assert s.lower_bound and s.n_first == 3 and not s.upper_bound and s.interval == "censored"
+    assert s.speedup == pytest.approx(500 / GRID[0]) and s.ci_low is None
+    assert format_speedup(s) == (f">= {500 / GRID[0]:.2f}x", "3 of 3 seeds at the target by their first evaluation")
+    base, meth = linear_runs([40.0, 0.4])
+    mixed = paired_speedup(GRID, base, GRID, meth, budget=1000, fraction=0.5)
+    assert mixed.lower_bound and mixed.upper_bound and format_speedup(mixed)[0].startswith("~")
 
 
 def test_no_seed_reached_is_still_a_flagged_bound():
@@ -296,9 +311,11 @@ def test_format_strings():
     s = PairedSpeedup(speedup=0.8123, ci_low=0.5, ci_high=1.3, interval="t", **(base | dict(
         upper_bound=True, n_reached=1)))
     assert format_speedup(s) == ("not reached (<= 0.81x)", "3 of 4 seeds not reached")
-    s = PairedSpeedup(speedup=0.95, ci_low=0.8, ci_high=1.1, interval="t", **(base | dict(
+    s = PairedSpeedup(speedup=0.95, ci_low=None, ci_high=None, interval="censored", **(base | dict(
         upper_bound=True, n_reached=3)))
-    assert format_speedup(s) == ("<= 0.95x", "[<= 0.80, <= 1.10], 1 of 4 seeds not reached")
+    assert format_speedup(s) == ("<= 0.95x", "1 of 4 seeds not reached")
+    s1 = PairedSpeedup(speedup=1.1, ci_low=None, ci_high=None, interval="one-sided", **base)
+    assert format_speedup(s1) == ("1.10x", "one-sided at f = 1, no interval")
     d = PairedDifference(mean=-2.3101, ci_low=-3.9, ci_high=-0.7, relative_mean=-0.1, n=4, interval="t",
                          confidence=0.95, per_seed=[])
     assert format_difference(d) == "-2.31 [-3.9, -0.7]"

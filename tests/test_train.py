@@ -309,6 +309,30 @@ def test_every_method_gets_the_same_data_and_noise_at_a_seed(tmp_path):
     assert io.read_jsonl(tmp_path / "seed1" / "steps.jsonl")[0]["mse"] != first["baseline"]
 
 
+def test_train_wires_data_and_noise_apart_from_the_timestep_draw(tmp_path, monkeypatch):
+    """Through train() itself: clts draws other timesteps than the baseline once p > 0, yet at every
+    step both see the same images and the same noise (with flips on, so that stream is pinned too)."""
+    from bench.diffusion import Schedule
+
+    seen = {}
+    original = Schedule.q_sample
+
+    def spy(self, x0, t, eps):
+        seen[current].append((x0.clone(), t.clone(), eps.clone()))
+        return original(self, x0, t, eps)
+
+    monkeypatch.setattr(Schedule, "q_sample", spy)
+    for current in ("baseline", "clts"):
+        seen[current] = []
+        cfg = TrainConfig(method=current, flip=True, **{**SMALL, "iters": 6, "batch_size": 16})
+        train(cfg, tmp_path / current)
+    assert len(seen["baseline"]) == len(seen["clts"]) == 6
+    for (xb, tb, eb), (xc, tc, ec) in zip(seen["baseline"], seen["clts"]):
+        assert torch.equal(xb, xc) and torch.equal(eb, ec)
+    assert torch.equal(seen["baseline"][0][1], seen["clts"][0][1])  # p = 0: clts is uniform
+    assert any(not torch.equal(b[1], c[1]) for b, c in zip(seen["baseline"][1:], seen["clts"][1:]))
+
+
 def test_noise_stream_does_not_depend_on_the_timestep_distribution():
     from bench.train import sample_timesteps, stream_generators
 
