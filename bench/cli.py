@@ -146,7 +146,7 @@ def cmd_run(args) -> int:
     from bench.runner import run_suite
     from bench.suite import load_suite
 
-    suite = load_suite(args.suite)
+    suite = load_suite(args.suite, plugins=args.plugins)
     result = run_suite(suite, executor=args.executor, jobs=args.jobs or suite.jobs, dry_run=args.dry_run, results_root=args.results,
                        slurm=parse_sets(args.slurm) or None, retry_failed=args.retry_failed, only=args.only or None,
                        wait=not args.no_wait)

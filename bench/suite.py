@@ -235,11 +235,14 @@ def suite_path(name_or_path: str | os.PathLike, suites_dir: Path = SUITES_DIR) -
 
 
 def load_suite(name_or_path: str | os.PathLike = DEFAULT_SUITE, *, validate: bool = True,
-               suites_dir: Path = SUITES_DIR) -> Suite:
+               suites_dir: Path = SUITES_DIR, plugins=()) -> Suite:
     """Read, check and resolve a suite; raise SuiteError naming file, key and reason.
 
     With ``validate`` (the default) every run's TrainConfig is also built and checked, which
     resolves methods, hyperparameters and datasets through the registries (imports torch).
+    ``plugins`` (the command line's --plugins) are added to [train] plugins as absolute paths:
+    they become part of every run's config, so worker processes and Slurm jobs, which rebuild a
+    run from its config, load them too.
     """
     path = suite_path(name_or_path, suites_dir)
     text = path.read_text()
@@ -247,6 +250,13 @@ def load_suite(name_or_path: str | os.PathLike = DEFAULT_SUITE, *, validate: boo
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise SuiteError(f"{path}: not valid TOML: {exc}") from None
+    if plugins:
+        train = data.get("train", {})
+        if isinstance(train, dict):
+            own = train.get("plugins", [])
+            extra = [str(Path(p).resolve()) for p in plugins]
+            data = {**data, "train": {**train, "plugins": list(dict.fromkeys(
+                (own if isinstance(own, list) else [own]) + extra))}}
     return parse_suite(data, path=path, source_text=text, validate=validate)
 
 

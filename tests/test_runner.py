@@ -403,3 +403,68 @@ def test_smoke_end_to_end(tmp_path, isolated_registry):
     assert by["explode"].state == "failed" and by["explode"].step == 1 and "non-finite" in by["explode"].reason
     text = build_report(results / "smoke-explode").read_text()
     assert "explode/seed0" in text.split("## Failed runs")[1]
+
+
+PLUGIN_SUITE = """
+[suite]
+name = "plug"
+
+[grid]
+methods = ["baseline", "halfw"]
+datasets = ["synthetic"]
+archs = ["unet-micro"]
+seeds = [0]
+
+[budget]
+iters = 2
+batch_size = 4
+
+[train]
+warmup = 0
+ckpt_every = 2
+
+[eval]
+every = 2
+metrics = ["proxy_fd"]
+num_images = 8
+sampler_steps = 2
+batch_size = 8
+"""
+
+HALFW = '''
+import torch
+from bench.spec import Method
+
+
+class HalfWeight(Method):
+    """Every loss weight 0.5: a plugin known only through --plugins."""
+    name = "halfw"
+    slots = frozenset({"weighting"})
+
+    def loss_weights(self, t, p, schedule, target):
+        return torch.full(t.shape, 0.5, dtype=torch.float64)
+'''
+
+
+@pytest.mark.parametrize("executor", [["--jobs", "2"], ["--executor", "submitit-local"]], ids=["jobs2", "submitit"])
+def test_a_plugin_from_the_command_line_reaches_every_executor(tmp_path, executor):
+    """`run SUITE --plugins DIR` with worker processes or submitit jobs, the real train: the plugin's
+    runs are trained, not failed with "unknown method" (workers rebuild runs from their config)."""
+    import subprocess
+    import sys
+
+    if "submitit-local" in executor:
+        pytest.importorskip("submitit")
+    (tmp_path / "plug").mkdir()
+    (tmp_path / "plug" / "halfw.py").write_text(HALFW)
+    (tmp_path / "plug.toml").write_text(PLUGIN_SUITE)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    out = subprocess.run([sys.executable, "run_bench.py", "--results", str(tmp_path / "r"), "run",
+                          str(tmp_path / "plug.toml"), "--plugins", str(tmp_path / "plug"), *executor],
+                         cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    run = tmp_path / "r" / "plug" / "synthetic-16_unet-micro" / "halfw" / "seed0"
+    assert read_status(run)["state"] == "done"
+    cfg = io.read_json(run / "config.json")
+    assert cfg["plugins"] == [str((tmp_path / "plug").resolve())] and cfg["method_slots"] == ["weighting"]
+    assert [r["step"] for r in io.read_jsonl(run / "evals.jsonl")] == [2]
