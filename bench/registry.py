@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from bench.errors import ConfigError, UnknownMethodError
-from bench.spec import Method
+from bench.spec import Method, check_slots
 
 METHODS_DIR = Path(__file__).resolve().parent.parent / "methods"
 
@@ -48,6 +48,10 @@ def _load_file(path: Path) -> None:
             raise ConfigError(
                 f"method name {cls.name!r} is defined twice ({inspect.getfile(other)} and {path}); rename one"
             )
+        try:
+            check_slots(cls)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
         _loaded[cls.name] = cls
 
 

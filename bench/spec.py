@@ -15,6 +15,11 @@ or folder passed with ``--plugins``). It declares:
   Instances are built with keyword overrides, validated, and read from ``self.hp``.
 - ``source``: where the definition comes from, and which parts are our reconstruction.
 
+The harness calls a method only through the four ``*_at`` functions below (the slot dispatch):
+an undeclared slot gets the baseline's behaviour there. A class that overrides a hook without
+declaring its slot is refused when it is registered (:func:`check_slots`), because the harness
+would silently never call that hook.
+
 Every hook is a pure function of its arguments: training progress ``p`` in [0, 1]
 (iterations done / iteration budget), the :class:`~bench.diffusion.Schedule`, and for
 weights the sampled timesteps and the prediction target. Purity is what makes ``describe``
@@ -26,9 +31,11 @@ from typing import Any, ClassVar
 
 import torch
 
-from bench.errors import HyperparameterError
+from bench.errors import ConfigError, HyperparameterError
 
 SLOTS = ("timesteps", "weighting", "optimizer", "ema")
+#: the hook each slot fills
+HOOKS = {"timesteps": "timestep_probs", "weighting": "loss_weights", "optimizer": "optimizer", "ema": "ema_decay"}
 
 
 @dataclass(frozen=True)
@@ -156,6 +163,49 @@ class Method:
         """Folder-safe name that encodes every non-default hyperparameter, e.g. min_snr-gamma3."""
         parts = [self.name] + [f"{k}{_fmt(v)}" for k, v in sorted(self.non_default_params().items())]
         return "-".join(parts)
+
+
+# -- slot dispatch: the only way the harness calls a method ----------------------------------------
+
+
+def timestep_probs_at(method: Method, p: float, schedule) -> torch.Tensor:
+    """The distribution over t at progress p: the method's if it fills ``timesteps``, else uniform."""
+    if "timesteps" in method.slots:
+        return method.timestep_probs(p, schedule)
+    return Method.timestep_probs(method, p, schedule)
+
+
+def loss_weights_at(method: Method, t: torch.Tensor, p: float, schedule, target: str) -> torch.Tensor:
+    """Per-sample loss weights: the method's if it fills ``weighting``, else 1."""
+    if "weighting" in method.slots:
+        return method.loss_weights(t, p, schedule, target)
+    return torch.ones(t.shape, dtype=torch.float64)
+
+
+def optimizer_settings_at(method: Method, p: float, beta1: float, beta2: float) -> tuple[float, float, float]:
+    """(lr_scale, beta1, beta2) at progress p, falling back to the configured betas."""
+    if "optimizer" not in method.slots:
+        return 1.0, beta1, beta2
+    s = method.optimizer(p)
+    return s.lr_scale, beta1 if s.beta1 is None else s.beta1, beta2 if s.beta2 is None else s.beta2
+
+
+def ema_decay_at(method: Method, p: float, base: float) -> float:
+    """The EMA decay at progress p: the method's if it fills ``ema``, else the configured one."""
+    return method.ema_decay(p, base) if "ema" in method.slots else base
+
+
+def check_slots(cls: type) -> None:
+    """Refuse a Method class that overrides a hook without declaring its slot (one-line error)."""
+    unknown = sorted(set(cls.slots) - set(SLOTS))
+    if unknown:
+        raise ConfigError(f"method {cls.name!r} declares unknown slot {unknown[0]!r}; slots are "
+                                  f"{', '.join(SLOTS)}")
+    for slot, hook in HOOKS.items():
+        if getattr(cls, hook) is not getattr(Method, hook) and slot not in cls.slots:
+            raise ConfigError(
+                f"method {cls.name!r} overrides {hook}() but does not declare the {slot!r} slot, so the harness "
+                f"would never call it; add {slot!r} to its slots or remove the override")
 
 
 def _fmt(value: Any) -> str:

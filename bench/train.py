@@ -27,12 +27,13 @@ import torch
 
 from bench import io
 from bench.data import dataset_info, load_dataset, to_model_range
-from bench.describe import ema_decay, loss_weights, optimizer_settings, timestep_probs, trace
+from bench.describe import trace
 from bench.diffusion import SCHEDULES, TARGETS, make_schedule
 from bench.errors import CheckpointError, ConfigError, DivergenceError
 from bench.models import build_model
 from bench.perf import tune_allocator
 from bench.registry import get_method
+from bench.spec import ema_decay_at, loss_weights_at, optimizer_settings_at, timestep_probs_at
 
 CHECKPOINT_FORMAT = 2  # 2: one generator per random stream (timesteps, noise, flips)
 
@@ -302,21 +303,21 @@ def train(cfg: TrainConfig, out_dir, progress=None) -> dict:
         if cfg.flip:
             flip = torch.rand(B, generator=gens["flip"]) < 0.5
             x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
-        t = sample_timesteps(timestep_probs(method, p, schedule), B, gens["t"])
+        t = sample_timesteps(timestep_probs_at(method, p, schedule), B, gens["t"])
         eps = torch.randn(x0.shape, generator=gens["noise"])
         x_t = schedule.q_sample(x0, t, eps).contiguous(memory_format=memory_format)
 
         # Per-sample losses, weighted by the method, reduced in exactly one place.
         pred = model(x_t, t)
         mse = (pred - schedule.target(cfg.target, x0, eps, t)).square().mean(dim=(1, 2, 3))
-        weights = loss_weights(method, t, p, schedule, cfg.target).to(mse.dtype)
+        weights = loss_weights_at(method, t, p, schedule, cfg.target).to(mse.dtype)
         loss = (weights * mse).mean()
 
         # Backward, clip, and step with the method's optimizer settings.
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-        lr_scale, beta1, beta2 = optimizer_settings(method, p, cfg.beta1, cfg.beta2)
+        lr_scale, beta1, beta2 = optimizer_settings_at(method, p, cfg.beta1, cfg.beta2)
         lr = cfg.lr * lr_scale * (min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else 1.0)
         grad_norm = grad_norm.item()
         clipped = cfg.grad_clip > 0 and grad_norm > cfg.grad_clip
@@ -325,7 +326,7 @@ def train(cfg: TrainConfig, out_dir, progress=None) -> dict:
         opt.step()
 
         # Update EMA.
-        decay = ema_decay(method, p, cfg.ema_decay)
+        decay = ema_decay_at(method, p, cfg.ema_decay)
         if cfg.ema_warmup:
             decay = min(decay, ema_warmup_decay(step))
         with torch.no_grad():

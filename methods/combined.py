@@ -1,5 +1,5 @@
 from bench.errors import HyperparameterError
-from bench.spec import Method, Param
+from bench.spec import SLOTS, Method, Param
 
 
 class Combined(Method):
@@ -12,6 +12,7 @@ class Combined(Method):
     """
 
     name = "combined"
+    slots = frozenset(SLOTS)  # it may fill any slot; an instance narrows this to its parts' slots
     source = "Xu et al. 2024 (clts + mdlrc); any non-overlapping list of methods"
     params = {"parts": Param("clts+mdlrc", "methods to combine, joined by '+'")}
 

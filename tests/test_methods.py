@@ -14,7 +14,7 @@ from scipy import stats
 
 from bench.describe import describe
 from bench.diffusion import make_schedule
-from bench.errors import HyperparameterError, UnknownMethodError
+from bench.errors import ConfigError, HyperparameterError, UnknownMethodError
 from bench.registry import get_method, load_plugins, method_label
 
 T = 1000
@@ -261,3 +261,31 @@ def test_ablation_mdlrc_has_its_controls():
     s = load_suite("ablation-mdlrc")
     entries = {(m.name, tuple(sorted(m.params.items()))) for m in s.methods}
     assert ("lr_control", ()) in entries and ("mdlrc", (("compensation", "none"),)) in entries
+
+
+def test_a_hook_without_its_slot_is_refused_at_registration(tmp_path):
+    (tmp_path / "sneaky.py").write_text(
+        "import torch\nfrom bench.spec import Method\n\n"
+        "class Sneaky(Method):\n    name = 'sneaky'\n    slots = frozenset({'timesteps'})\n\n"
+        "    def loss_weights(self, t, p, schedule, target):\n"
+        "        return torch.full(t.shape, 2.0, dtype=torch.float64)\n")
+    with pytest.raises(ConfigError) as err:
+        load_plugins([tmp_path / "sneaky.py"])
+    msg = str(err.value)
+    assert "\n" not in msg and "sneaky.py" in msg and "overrides loss_weights()" in msg and "'weighting'" in msg
+    out = subprocess.run([sys.executable, "run_bench.py", "describe", "sneaky", "--plugins", str(tmp_path)],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and out.stderr.startswith("error:") and "overrides loss_weights()" in out.stderr
+
+
+def test_slot_dispatch_falls_back_to_the_baseline_for_undeclared_slots():
+    from bench.spec import ema_decay_at, loss_weights_at, optimizer_settings_at, timestep_probs_at
+
+    sch = make_schedule()
+    clts, p2 = get_method("clts"), get_method("p2")
+    t = torch.arange(0, 1000, 100)
+    assert torch.equal(loss_weights_at(clts, t, 0.5, sch, "eps"), torch.ones(10, dtype=torch.float64))
+    assert torch.allclose(timestep_probs_at(p2, 0.5, sch), torch.full((1000,), 1e-3, dtype=torch.float64))
+    assert optimizer_settings_at(p2, 0.5, 0.9, 0.99) == (1.0, 0.9, 0.99)
+    assert ema_decay_at(clts, 0.5, 0.995) == 0.995
+    assert not torch.allclose(timestep_probs_at(clts, 1.0, sch), torch.full((1000,), 1e-3, dtype=torch.float64))
