@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from bench import io
+from bench.budget import evaluates, is_eval_step
 from bench.errors import BenchError, ConfigError
 from bench.suite import RunSpec, Suite, describe_plan, format_duration, load_suite
 
@@ -726,13 +727,14 @@ def _run_inline(todo, dirs, train_fn, retry_failed, reporter, outcomes):
         reporter.run_start(run)
         every = run.config.get("eval_every") or 0
         iters = run.config["iters"]
+        evaluating = evaluates(run.config.get("eval"), every)
 
-        def progress(step, total, row=None, _run=run):
+        def progress(step, total, row=None, _run=run, _evaluating=evaluating):
             if step == "eval":
                 reporter.run_eval(_run, total, row)
                 return
             reporter.run_step(_run, step, total)
-            if _run.config.get("eval") and ((every and step % every == 0) or step == iters):
+            if _evaluating and is_eval_step(step, iters, every):
                 reporter.run_eval(_run, step, [], evaluating=True)
 
         fn = resolve_train_fn(train_fn)

@@ -61,6 +61,7 @@ from typing import Any
 
 import tomllib
 
+from bench.budget import eval_steps, evaluates
 from bench.errors import ConfigError
 
 SUITES_DIR = Path(__file__).resolve().parent.parent / "suites"
@@ -668,14 +669,6 @@ def _evaluator_keys() -> dict:
 # Cost estimate (dry run).
 
 
-def eval_steps(iters: int, every: int) -> list[int]:
-    """Steps at which bench.train evaluates: every `every` iterations, and at the end."""
-    steps = list(range(every, iters + 1, every)) if every else []
-    if not steps or steps[-1] != iters:
-        steps.append(iters)
-    return steps
-
-
 @dataclass
 class RunCost:
     train_images: int
@@ -713,7 +706,8 @@ def _native_resolution(dataset: str) -> int | None:
 def run_cost(suite: Suite, run: RunSpec) -> RunCost:
     cfg = run.config
     ev = cfg.get("eval") or {}
-    points = len(eval_steps(cfg["iters"], cfg.get("eval_every", 0))) if ev else 0
+    every = cfg.get("eval_every", 0)
+    points = len(eval_steps(cfg["iters"], every)) if evaluates(ev, every) else 0
     n_img = int(ev.get("num_images", 0)) * points
     nfe = n_img * int(ev.get("sampler_steps", 1))
     ips = train_throughput(suite, run)

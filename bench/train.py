@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from bench import io
+from bench.budget import evaluates, is_eval_step
 from bench.data import dataset_info, load_dataset, to_model_range
 from bench.describe import trace
 from bench.diffusion import SCHEDULES, TARGETS, make_schedule
@@ -277,7 +278,7 @@ def train(cfg: TrainConfig, out_dir, progress=None) -> dict:
     _set_status(out, "running", step, clocks)
 
     evaluator = None
-    if cfg.eval or cfg.eval_every:
+    if evaluates(cfg.eval, cfg.eval_every):
         from bench.evaluate import Evaluator
 
         evaluator = Evaluator(evaluator_spec(cfg))
@@ -355,7 +356,7 @@ def train(cfg: TrainConfig, out_dir, progress=None) -> dict:
 
         # Evaluate the EMA weights (outside the training clock), then checkpoint.
         final = step == cfg.iters
-        eval_due = evaluator is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or final)
+        eval_due = evaluator is not None and is_eval_step(step, cfg.iters, cfg.eval_every)
         eval_rows = []
         if eval_due:
             e_start = time.perf_counter()

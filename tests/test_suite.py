@@ -13,6 +13,7 @@ from bench.suite import (
     eval_steps,
     load_suite,
     parse_slurm_time,
+    run_cost,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -202,6 +203,22 @@ def test_unknown_suite_name_lists_the_shipped_ones():
         load_suite("nosuch")
     with pytest.raises(SuiteError, match="no such suite file"):
         load_suite("/nonexistent/x.toml")
+
+
+def test_one_evaluation_rule_for_training_runner_and_cost():
+    from bench.budget import evaluates, is_eval_step
+
+    for iters, every in ((600, 150), (10, 4), (10, 0), (7, 7), (5, 9)):
+        assert eval_steps(iters, every) == [s for s in range(1, iters + 1) if is_eval_step(s, iters, every)]
+    assert not evaluates({}, 0) and evaluates({}, 5) and evaluates({"metrics": ["proxy_fd"]}, 0)
+    # The cost model counts no evaluation for a run without one, and the end for eval_every = 0.
+    s = load_suite("smoke")
+    run = s.runs()[0]
+    assert run_cost(s, run).eval_points == 2
+    bare = type(run)(run.suite, run.workload, run.label, run.seed, {**run.config, "eval": {}, "eval_every": 0})
+    assert run_cost(s, bare).eval_points == 0
+    only_end = type(run)(run.suite, run.workload, run.label, run.seed, {**run.config, "eval_every": 0})
+    assert run_cost(s, only_end).eval_points == 1
 
 
 def test_eval_steps_and_slurm_time():
