@@ -118,7 +118,7 @@ def train_config_from_args(args):
 def cmd_train(args) -> None:
     from rich.console import Console
 
-    from bench.train import train
+    from bench.train import TrainEvents, train
 
     cfg = train_config_from_args(args)
     from bench.registry import method_label
@@ -129,15 +129,17 @@ def cmd_train(args) -> None:
     console = Console()
     console.print(f"training {cfg.method} -> {out}")
 
-    def progress(step, total, row):
-        if step == "eval":
-            for r in row:
-                console.print(f"  eval @ {total}: {r.get('metric')} = {r.get('value'):.4f}")
-        elif step % max(1, total // 20) == 0 or step == total:
-            console.print(f"  step {step}/{total}  loss {row['loss']:.4f}  lr {row['lr']:.2e}  "
-                          f"beta1 {row['beta1']:.3f}  {row['images_per_s']:.0f} img/s")
+    class Printer(TrainEvents):
+        def on_step(self, step, iters, row):
+            if step % max(1, iters // 20) == 0 or step == iters:
+                console.print(f"  step {step}/{iters}  loss {row['loss']:.4f}  lr {row['lr']:.2e}  "
+                              f"beta1 {row['beta1']:.3f}  {row['images_per_s']:.0f} img/s")
 
-    status = train(cfg, out, progress)
+        def on_eval(self, step, rows):
+            for r in rows:
+                console.print(f"  eval @ {step}: {r.get('metric')} = {r.get('value'):.4f}")
+
+    status = train(cfg, out, Printer())
     console.print(f"{status['state']} at step {status['step']}: train {status['train_seconds']:.1f} s, "
                   f"eval {status['eval_seconds']:.1f} s; results in {out}")
 

@@ -223,7 +223,7 @@ def should_run(status: dict | None, retry_failed: bool) -> bool:
 
 
 def execute_run(run: RunSpec | dict, run_dir: str | os.PathLike, train_fn: str | Callable | None = None,
-                retry_failed: bool = False, progress: Callable | None = None) -> dict:
+                retry_failed: bool = False, events=None) -> dict:
     """Train one run into `run_dir` unless it is finished; never raises for a failed run.
 
     Returns a RunOutcome as a dict. Any exception of training (divergence, out of memory, a bug)
@@ -240,7 +240,7 @@ def execute_run(run: RunSpec | dict, run_dir: str | os.PathLike, train_fn: str |
     if lock is None:
         return _skipped(run, run_dir, read_status(run_dir) or {}, "running in another process (its folder is locked)")
     try:
-        return _execute_locked(run, run_dir, train_fn, retry_failed, progress)
+        return _execute_locked(run, run_dir, train_fn, retry_failed, events)
     finally:
         lock.close()
 
@@ -263,7 +263,7 @@ def _try_lock(run_dir: Path):
     return f
 
 
-def _execute_locked(run: RunSpec, run_dir: Path, train_fn, retry_failed: bool, progress) -> dict:
+def _execute_locked(run: RunSpec, run_dir: Path, train_fn, retry_failed: bool, events) -> dict:
     status = read_status(run_dir)  # again: another process may have finished it meanwhile
     if not should_run(status, retry_failed):
         return _skipped(run, run_dir, status)
@@ -275,8 +275,8 @@ def _execute_locked(run: RunSpec, run_dir: Path, train_fn, retry_failed: bool, p
         cfg = TrainConfig.from_dict(run.config, where=f"run {run.key}")
         io.write_json(run_dir / "machine.json", {**machine_info(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
         fn = resolve_train_fn(train_fn)
-        if progress is not None:
-            fn(cfg, run_dir, progress)
+        if events is not None:
+            fn(cfg, run_dir, events)
         else:
             fn(cfg, run_dir)
         status = read_status(run_dir)
@@ -722,23 +722,31 @@ def _outcome(d: dict) -> RunOutcome:
     return RunOutcome(**d)
 
 
+class _RunEvents:
+    """bench.train.TrainEvents for one run of this process: forwards to the suite's reporter,
+    and says "evaluating" as the step that evaluates ends (the evaluation follows it)."""
+
+    def __init__(self, reporter, run: RunSpec, evaluating: bool):
+        self.reporter, self.run, self.evaluating = reporter, run, evaluating
+        self.every = run.config.get("eval_every") or 0
+
+    def on_step(self, step: int, iters: int, row: dict) -> None:
+        self.reporter.run_step(self.run, step, iters)
+        if self.evaluating and is_eval_step(step, iters, self.every):
+            self.reporter.run_eval(self.run, step, [], evaluating=True)
+
+    def on_eval(self, step: int, rows: list[dict]) -> None:
+        self.reporter.run_eval(self.run, step, rows)
+
+
 def _run_inline(todo, dirs, train_fn, retry_failed, reporter, outcomes):
     for run in todo:
         reporter.run_start(run)
-        every = run.config.get("eval_every") or 0
-        iters = run.config["iters"]
-        evaluating = evaluates(run.config.get("eval"), every)
-
-        def progress(step, total, row=None, _run=run, _evaluating=evaluating):
-            if step == "eval":
-                reporter.run_eval(_run, total, row)
-                return
-            reporter.run_step(_run, step, total)
-            if _evaluating and is_eval_step(step, iters, every):
-                reporter.run_eval(_run, step, [], evaluating=True)
+        evaluating = evaluates(run.config.get("eval"), run.config.get("eval_every") or 0)
 
         fn = resolve_train_fn(train_fn)
-        out = _outcome(execute_run(run, dirs[run.key], fn, retry_failed, progress))
+        events = _RunEvents(reporter, run, evaluating)
+        out = _outcome(execute_run(run, dirs[run.key], fn, retry_failed, events))
         outcomes[run.key] = out
         reporter.run_end(run, out)
 

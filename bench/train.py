@@ -211,12 +211,19 @@ def ema_warmup_decay(step: int) -> float:
     return (1.0 + step) / (10.0 + step)
 
 
-def train(cfg: TrainConfig, out_dir, progress=None) -> dict:
-    """Train (or resume) the run in `out_dir`; return its final status.
+class TrainEvents:
+    """What train() reports while it runs (for a terminal display); override what you need."""
 
-    `progress`, if given, is called as progress(step, iters, row) after every iteration and
-    progress("eval", step, rows) after every evaluation (for the terminal display).
-    """
+    def on_step(self, step: int, iters: int, row: dict) -> None:
+        """After every iteration, with its steps.jsonl row."""
+
+    def on_eval(self, step: int, rows: list[dict]) -> None:
+        """After every evaluation, with its evals.jsonl rows."""
+
+
+def train(cfg: TrainConfig, out_dir, events: TrainEvents | None = None) -> dict:
+    """Train (or resume) the run in `out_dir`; return its final status. `events` hears of every
+    step and evaluation (:class:`TrainEvents`)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tune_allocator()
@@ -347,8 +354,8 @@ def train(cfg: TrainConfig, out_dir, progress=None) -> dict:
                "ema_decay": decay,
                "images_per_s": B / elapsed, "train_seconds": clocks["train_seconds"]}
         pending.append(row)
-        if progress:
-            progress(step, cfg.iters, row)
+        if events:
+            events.on_step(step, cfg.iters, row)
         if not math.isfinite(loss_value):
             io.append_jsonl(out / "steps.jsonl", pending)
             _set_status(out, "failed", step, clocks, f"non-finite loss ({loss_value}) at step {step}")
@@ -363,8 +370,8 @@ def train(cfg: TrainConfig, out_dir, progress=None) -> dict:
             ema.eval()
             eval_rows = evaluator.evaluate(ema, schedule, cfg.target, step)
             clocks["eval_seconds"] += time.perf_counter() - e_start
-            if progress:
-                progress("eval", step, eval_rows)
+            if events:
+                events.on_eval(step, eval_rows)
         if eval_due or final or step % cfg.ckpt_every == 0:
             io.append_jsonl(out / "steps.jsonl", pending)
             io.append_jsonl(out / "evals.jsonl", eval_rows)

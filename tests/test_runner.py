@@ -66,7 +66,7 @@ def _behaviour(label: str) -> str:
     return ""
 
 
-def fake_train(cfg, out_dir, progress=None):
+def fake_train(cfg, out_dir, events=None):
     """bench.train.train's contract in miniature: config.json, steps/evals JSON lines, status,
     a 'checkpoint' holding the step, exact resume."""
     from bench.train import run_record
@@ -104,8 +104,8 @@ def fake_train(cfg, out_dir, progress=None):
                "loss_q2": None, "loss_q3": 0.4, "lr": cfg.lr, "beta1": 0.9, "grad_norm": 1.0,
                "images_per_s": 10.0, "train_seconds": 0.01 * step}
         io.append_jsonl(out / "steps.jsonl", [row])
-        if progress:
-            progress(step, cfg.iters, row)
+        if events:
+            events.on_step(step, cfg.iters, row)
         if loss != loss:
             io.write_json(out / "status.json", {"state": "failed", "step": step, "reason":
                                                 f"non-finite loss (nan) at step {step}", "train_seconds": 0.1,
@@ -116,8 +116,8 @@ def fake_train(cfg, out_dir, progress=None):
                      "feature_extractor": "fake", "num_gen": 8, "ref_split": "test", "num_ref": 8,
                      "sampler": "ddim", "sampler_steps": 2, "eta": 0.0, "eval_seconds": 0.0}]
             io.append_jsonl(out / "evals.jsonl", rows)
-            if progress:
-                progress("eval", step, rows)
+            if events:
+                events.on_eval(step, rows)
         if step % cfg.ckpt_every == 0:
             io.atomic_write_bytes(ckpt, str(step).encode())
             io.write_json(out / "status.json", {"state": "running", "step": step, "reason": None,

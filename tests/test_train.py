@@ -19,7 +19,7 @@ from bench import io
 from bench.data import load_dataset
 from bench.errors import CheckpointError, ConfigError, DatasetError, DivergenceError
 from bench.models import build_model
-from bench.train import TrainConfig, train
+from bench.train import TrainConfig, TrainEvents, train
 
 SMALL = dict(dataset="synthetic", arch="unet-tiny", iters=12, batch_size=8, ckpt_every=4, warmup=3)
 
@@ -47,12 +47,13 @@ def test_interrupted_run_resumes_bit_for_bit(tmp_path, method):
     class Killed(Exception):
         pass
 
-    def die(step, total, row):
-        if step == 7:  # after the checkpoint at 4, before the one at 8
-            raise Killed
+    class Die(TrainEvents):
+        def on_step(self, step, iters, row):
+            if step == 7:  # after the checkpoint at 4, before the one at 8
+                raise Killed
 
     with pytest.raises(Killed):
-        train(cfg, tmp_path / "parts", progress=die)
+        train(cfg, tmp_path / "parts", Die())
     assert io.read_json(tmp_path / "parts" / "status.json")["step"] == 4
     status = train(cfg, tmp_path / "parts")
     assert status["state"] == "done" and status["step"] == 12

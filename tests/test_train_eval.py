@@ -10,7 +10,7 @@ from conftest import REPO
 
 from bench import io
 from bench.sampling import save_pngs
-from bench.train import TrainConfig, train
+from bench.train import TrainConfig, TrainEvents, train
 
 EVAL = {"metrics": ["proxy_fd", "proxy_kid"], "num_images": 16, "num_ref": 64, "sampler_steps": 2, "batch_size": 16}
 CFG = dict(dataset="synthetic", iters=12, batch_size=8, warmup=0, eval_every=4, ckpt_every=100, eval=EVAL)
@@ -27,12 +27,13 @@ def test_resumed_run_neither_repeats_nor_loses_evaluations(tmp_path):
     class Killed(Exception):
         pass
 
-    def die(step, total, row=None):
-        if step == 10:  # after the evaluation (and checkpoint) at 8
-            raise Killed
+    class Die(TrainEvents):
+        def on_step(self, step, iters, row):
+            if step == 10:  # after the evaluation (and checkpoint) at 8
+                raise Killed
 
     with pytest.raises(Killed):
-        train(cfg, tmp_path / "resumed", progress=die)
+        train(cfg, tmp_path / "resumed", Die())
     assert [s for s, m, _ in eval_rows(tmp_path / "resumed") if m == "proxy_fd"] == [4, 8]
     train(cfg, tmp_path / "resumed")
     whole, resumed = eval_rows(tmp_path / "whole"), eval_rows(tmp_path / "resumed")
