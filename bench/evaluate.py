@@ -135,7 +135,6 @@ class Evaluator:
     def __init__(self, spec: dict | None = None):
         self.spec = resolve_spec(spec)
         self._prepared: dict = {}
-        self.last_images: torch.Tensor | None = None  # uint8 [N, C, H, W] of the last evaluation
 
     # -- one-time setup ------------------------------------------------------------------------
     def _ref_images(self) -> torch.Tensor:
@@ -239,7 +238,6 @@ class Evaluator:
                    sampler=s["sampler"], steps=steps, eta=s["eta"], noise_seed=s["noise_seed"], clip_x0=s["clip_x0"],
                    spacing=s["timestep_spacing"], ddpm_variance=s["ddpm_variance"])
         images = to_uint8(x)
-        self.last_images = images
         sample_seconds = time.perf_counter() - t1
 
         values = []  # (metric, value, extractor, ref, noise floor, its source)

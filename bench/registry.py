@@ -65,10 +65,6 @@ def load_plugins(paths=()) -> dict[str, type[Method]]:
     return _loaded
 
 
-def available_methods(plugins=()) -> list[str]:
-    return sorted(load_plugins(plugins))
-
-
 def get_method_class(name: str, plugins=()) -> type[Method]:
     registry = load_plugins(plugins)
     if name not in registry:

@@ -51,7 +51,6 @@ Evaluations happen every ``eval.every`` iterations and at the end (as bench.trai
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
 import re
@@ -790,7 +789,3 @@ def describe_plan(suite: Suite, states: dict[str, str] | None = None, jobs: int 
               "(train_images_per_s x forward_ratio) + startup_s + eval points x eval_overhead_s, + setup_s once "
               "(see bench/suite.py)"]
     return "\n".join(lines)
-
-
-def suite_json(suite: Suite) -> str:
-    return json.dumps(suite.to_dict(), indent=2, default=str)

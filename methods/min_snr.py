@@ -1,6 +1,6 @@
 import torch
 
-from bench.spec import Method, Param
+from bench.spec import Method, Param, weight_from_x0
 
 
 class MinSNR(Method):
@@ -19,11 +19,5 @@ class MinSNR(Method):
 
     def loss_weights(self, t, p, schedule, target):
         snr = schedule.snr[t]
-        clipped = torch.clamp(snr, max=self.hp["gamma"])
-        if target == "x0":
-            w = clipped
-        elif target == "eps":
-            w = clipped / snr
-        else:
-            w = clipped / (snr + 1)
+        w = weight_from_x0(torch.clamp(snr, max=self.hp["gamma"]), snr, target)
         return torch.where(snr == 0, torch.ones_like(w), w)

@@ -56,7 +56,6 @@ def test_rows_and_fixed_noise(cache, model, schedule):
     assert rows[0]["noise_floor_source"] == "24 real train images outside the reference subset"
     assert 0 < rows[0]["noise_floor"] < rows[0]["value"] / 5
     assert rows[0]["weights_shipped"] is True and len(rows[0]["weights_sha256"]) == 64
-    assert ev.last_images.dtype == torch.uint8 and ev.last_images.shape == (24, 1, 16, 16)
 
     # Fixed noise: the same model gives the same numbers, whatever the batch size.
     again = ev.evaluate(model, schedule, "eps", step=200)
@@ -65,10 +64,9 @@ def test_rows_and_fixed_noise(cache, model, schedule):
     other_bs = Evaluator(_spec(cache, batch_size=7)).evaluate(model, schedule, "eps", step=100)
     for a, b in zip(other_bs, rows):
         assert abs(a["value"] - b["value"]) <= 1e-4 * abs(b["value"]) + 1e-9
-    # Another noise seed gives other images.
-    seeded = Evaluator(_spec(cache, noise_seed=1))
-    seeded.evaluate(model, schedule, "eps", step=100)
-    assert not torch.equal(seeded.last_images, ev.last_images)
+    # Another noise seed gives other images, so other numbers.
+    seeded = Evaluator(_spec(cache, noise_seed=1)).evaluate(model, schedule, "eps", step=100)
+    assert [r["value"] for r in seeded] != [r["value"] for r in rows]
 
 
 def test_model_mode_restored_and_ddpm_rows(cache, model, schedule):

@@ -78,9 +78,6 @@ def test_mini_is_the_cpu_default():
     ts = timestep_sequence(1000, s.eval["sampler_steps"], s.eval["timestep_spacing"])
     assert ts[-1] == 0 and sum(t < 100 for t in ts) >= 3
     assert s.train["ema_warmup"] is True and s.report["headline"] in s.report["targets"]
-    # The dry-run estimate of the runs, with the suite's parallel jobs, leaves set-up (about 1.2 min
-    # in a fresh clone) and the report within the 9 minutes asked of the whole command here.
-    assert estimate_cost(s).total_s / s.jobs < 7.5 * 60
 
 
 def test_paper_cifar10_matches_methods_md():
