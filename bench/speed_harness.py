@@ -11,9 +11,7 @@ machine load hits all alike.
 import argparse
 import copy
 import statistics
-import tempfile
 import time
-from pathlib import Path
 
 from bench.perf import tune_allocator
 
@@ -21,11 +19,11 @@ tune_allocator()
 
 import torch  # noqa: E402
 
-from bench import io  # noqa: E402
 from bench.data import load_dataset, to_model_range  # noqa: E402
 from bench.diffusion import make_schedule  # noqa: E402
 from bench.models import build_model  # noqa: E402
-from bench.train import TrainConfig, train  # noqa: E402
+from bench.registry import get_method  # noqa: E402
+from bench.train import TrainConfig, setup, train_step  # noqa: E402
 
 METHODS = ["baseline", "p2", "min_snr", "clts", "mdlrc", "combined"]
 
@@ -59,12 +57,14 @@ def minimal_loop(images, steps, batch, arch, seed=0):
     return times
 
 
-def harness_steps(method, steps, batch, arch, dataset, resolution, workdir):
+def harness_steps(method, steps, batch, arch, dataset, resolution):
+    """Seconds of each of `steps` calls of bench.train.train_step, the step every run takes (its
+    own clock: from drawing the batch to the logged row; the run folder's I/O is not a step's)."""
     cfg = TrainConfig(method=method, dataset=dataset, resolution=resolution, arch=arch, iters=steps,
-                      batch_size=batch, ckpt_every=10_000)
-    out = Path(tempfile.mkdtemp(dir=workdir))
-    train(cfg, out)
-    return [batch / r["images_per_s"] for r in io.read_jsonl(out / "steps.jsonl")]
+                      batch_size=batch)
+    state = setup(cfg, get_method(method))
+    state.model.train()
+    return [batch / train_step(state)["images_per_s"] for _ in range(steps)]
 
 
 def main():
@@ -78,17 +78,16 @@ def main():
     args = ap.parse_args()
     images, _ = load_dataset(args.dataset, "train", None, args.resolution)
     res = {k: [] for k in ["minimal"] + METHODS}
-    with tempfile.TemporaryDirectory() as workdir:
-        names = list(res)
-        for r in range(args.rounds):
-            # Rotate the order every round, so drift within a round does not favour anyone.
-            for name in names[r % len(names):] + names[: r % len(names)]:
-                if name == "minimal":
-                    times = minimal_loop(images, args.steps, args.batch, args.arch, seed=r)
-                else:
-                    times = harness_steps(name, args.steps, args.batch, args.arch, args.dataset, args.resolution, workdir)
-                res[name] += times[2:]  # the first steps warm up caches and the allocator
-                print(f"round {r} {name:9s} median step {statistics.median(times[2:]) * 1e3:7.1f} ms", flush=True)
+    names = list(res)
+    for r in range(args.rounds):
+        # Rotate the order every round, so drift within a round does not favour anyone.
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            if name == "minimal":
+                times = minimal_loop(images, args.steps, args.batch, args.arch, seed=r)
+            else:
+                times = harness_steps(name, args.steps, args.batch, args.arch, args.dataset, args.resolution)
+            res[name] += times[2:]  # the first steps warm up caches and the allocator
+            print(f"round {r} {name:9s} median step {statistics.median(times[2:]) * 1e3:7.1f} ms", flush=True)
     med = {k: statistics.median(v) for k, v in res.items()}
     print(f"\nunet-tiny, batch {args.batch}, {images.shape[-1]}x{images.shape[-1]}, {torch.get_num_threads()} threads, "
           f"{args.rounds} rounds x {args.steps - 2} steps")

@@ -29,12 +29,12 @@ from bench import io
 from bench.budget import evaluates, is_eval_step
 from bench.data import dataset_info, load_dataset, to_model_range
 from bench.describe import trace
-from bench.diffusion import SCHEDULES, TARGETS, make_schedule
+from bench.diffusion import SCHEDULES, TARGETS, Schedule, make_schedule
 from bench.errors import CheckpointError, ConfigError, DivergenceError
 from bench.models import build_model
 from bench.perf import tune_allocator
 from bench.registry import get_method
-from bench.spec import ema_decay_at, loss_weights_at, optimizer_settings_at, timestep_probs_at
+from bench.spec import Method, ema_decay_at, loss_weights_at, optimizer_settings_at, timestep_probs_at
 
 CHECKPOINT_FORMAT = 2  # 2: one generator per random stream (timesteps, noise, flips)
 
@@ -135,9 +135,9 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-def run_record(cfg: TrainConfig) -> dict:
+def run_record(cfg: TrainConfig, method: Method | None = None) -> dict:
     """config.json: the config plus what the method resolved to."""
-    method = get_method(cfg.method, cfg.method_params, cfg.plugins)
+    method = method or get_method(cfg.method, cfg.method_params, cfg.plugins)
     return {**cfg.to_dict(), "method_label": method.label, "method_slots": sorted(method.slots),
             "method_resolved_params": dict(method.hp), "method_source": method.source}
 
@@ -221,6 +221,147 @@ class TrainEvents:
         """After every evaluation, with its evals.jsonl rows."""
 
 
+@dataclass
+class RunState:
+    """Everything one training step reads and changes: built by :func:`setup`, saved whole in
+    checkpoint.pt (state_dicts and RNG states) and restored by :func:`resume`."""
+
+    cfg: TrainConfig
+    method: Method
+    schedule: Schedule
+    images: torch.Tensor  # the training set, uint8 [N, C, H, W]
+    model: torch.nn.Module
+    ema: torch.nn.Module
+    opt: torch.optim.Optimizer
+    gens: dict
+    memory_format: torch.memory_format
+    step: int = 0
+    clocks: dict = field(default_factory=lambda: {"train_seconds": 0.0, "eval_seconds": 0.0})
+    perm_cache: dict = field(default_factory=dict)
+
+    @property
+    def params(self) -> list:
+        return list(self.model.parameters())
+
+
+def setup(cfg: TrainConfig, method: Method) -> RunState:
+    """Schedule, data, model, EMA, optimizer and generators of a fresh run (step 0)."""
+    schedule = make_schedule(cfg.schedule, cfg.T, cfg.zero_terminal_snr)
+    images, _ = load_dataset(cfg.dataset, "train", cfg.data_dir, cfg.resolution)
+    # The seed fixes the initial weights, the same for every method.
+    torch.manual_seed(cfg.seed)
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model = build_model(cfg.arch, images.shape[1], images.shape[-1]).to(memory_format=memory_format)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    opt = torch.optim.AdamW(list(model.parameters()), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                            weight_decay=cfg.weight_decay, foreach=True)
+    return RunState(cfg, method, schedule, images, model, ema, opt, stream_generators(cfg.seed), memory_format)
+
+
+def save_checkpoint(state: RunState, path: Path) -> None:
+    """checkpoint.pt, atomically: state_dicts, every RNG state, the step and the clocks."""
+    data = {"format": CHECKPOINT_FORMAT, "step": state.step, "model": state.model.state_dict(),
+            "ema": state.ema.state_dict(), "opt": state.opt.state_dict(), "rng_torch": torch.get_rng_state(),
+            "rng": {name: g.get_state() for name, g in state.gens.items()}, "clocks": state.clocks}
+    tmp = path.with_suffix(".pt.tmp")
+    torch.save(data, tmp)
+    tmp.replace(path)
+
+
+def resume(state: RunState, path: Path) -> None:
+    """Restore a run from its checkpoint, so it goes on bit-for-bit as if never stopped."""
+    ckpt = load_checkpoint(path)
+    try:
+        state.model.load_state_dict(ckpt["model"])
+        state.ema.load_state_dict(ckpt["ema"])
+        state.opt.load_state_dict(ckpt["opt"])
+    except (RuntimeError, KeyError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {path} does not fit this run ({str(exc)[:120]}); delete it to restart") from None
+    torch.set_rng_state(ckpt["rng_torch"])
+    for name, g in state.gens.items():
+        g.set_state(ckpt["rng"][name])
+    state.step, state.clocks = int(ckpt["step"]), dict(ckpt["clocks"])
+
+
+def train_step(state: RunState) -> dict:
+    """One iteration; returns its steps.jsonl row (loss, MSE per timestep quartile, optimizer state)."""
+    cfg, method, schedule = state.cfg, state.method, state.schedule
+    t_start = time.perf_counter()
+    step, B, p = state.step, cfg.batch_size, state.step / cfg.iters
+
+    # Draw the batch: images, optional flips, timesteps from the method, noise.
+    x0 = to_model_range(state.images[batch_indices(step, B, len(state.images), cfg.seed, state.perm_cache)])
+    if cfg.flip:
+        flip = torch.rand(B, generator=state.gens["flip"]) < 0.5
+        x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
+    t = sample_timesteps(timestep_probs_at(method, p, schedule), B, state.gens["t"])
+    eps = torch.randn(x0.shape, generator=state.gens["noise"])
+    x_t = schedule.q_sample(x0, t, eps).contiguous(memory_format=state.memory_format)
+
+    # Per-sample losses, weighted by the method, reduced in exactly one place.
+    pred = state.model(x_t, t)
+    mse = (pred - schedule.target(cfg.target, x0, eps, t)).square().mean(dim=(1, 2, 3))
+    weights = loss_weights_at(method, t, p, schedule, cfg.target).to(mse.dtype)
+    loss = (weights * mse).mean()
+
+    # Backward, clip, and step with the method's optimizer settings.
+    params = state.params
+    state.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf).item()
+    lr_scale, beta1, beta2 = optimizer_settings_at(method, p, cfg.beta1, cfg.beta2)
+    lr = cfg.lr * lr_scale * (min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else 1.0)
+    for group in state.opt.param_groups:
+        group["lr"], group["betas"] = lr, (beta1, beta2)
+    state.opt.step()
+
+    # Update EMA.
+    decay = ema_decay_at(method, p, cfg.ema_decay)
+    if cfg.ema_warmup:
+        decay = min(decay, ema_warmup_decay(step))
+    with torch.no_grad():
+        torch._foreach_lerp_(list(state.ema.parameters()), params, 1.0 - decay)
+    state.step += 1
+
+    # Log: the objective, the unweighted MSE per timestep quartile, the optimizer's state.
+    quart = t * 4 // cfg.T
+    q_sum = torch.zeros(4).index_add_(0, quart, mse.detach())
+    q_cnt = torch.bincount(quart, minlength=4)
+    elapsed = time.perf_counter() - t_start
+    state.clocks["train_seconds"] += elapsed
+    return {"step": state.step, "p": p, "loss": loss.item(), "mse": mse.mean().item(),
+            **{f"loss_q{i}": (q_sum[i] / q_cnt[i]).item() if q_cnt[i] else None for i in range(4)},
+            "lr": lr, "lr_scale": lr_scale, "beta1": beta1, "grad_norm": grad_norm,
+            "clipped": cfg.grad_clip > 0 and grad_norm > cfg.grad_clip, "ema_decay": decay,
+            "images_per_s": B / elapsed, "train_seconds": state.clocks["train_seconds"]}
+
+
+def _open_run_folder(cfg: TrainConfig, out: Path, record: dict) -> dict | None:
+    """Write config.json, or refuse a folder that holds another config; the final status of a
+    finished run (nothing to do), else None."""
+    if (out / "config.json").exists():
+        old = io.read_json(out / "config.json")
+        if json.loads(io.dumps(old)) != json.loads(io.dumps(record)):
+            changed = sorted(k for k in set(old) | set(record) if old.get(k) != record.get(k))
+            raise ConfigError(f"{out} holds a run with a different config (differs in: {', '.join(changed)}); "
+                              "use another output folder or delete that one")
+    else:
+        io.write_json(out / "config.json", record)
+    status = io.read_json(out / "status.json") if (out / "status.json").exists() else None
+    return status if status and status.get("state") == "done" else None
+
+
+def _evaluate(state: RunState, evaluator, events: TrainEvents | None) -> list[dict]:
+    """Evaluate the EMA weights, outside the training clock."""
+    e_start = time.perf_counter()
+    state.ema.eval()
+    rows = evaluator.evaluate(state.ema, state.schedule, state.cfg.target, state.step)
+    state.clocks["eval_seconds"] += time.perf_counter() - e_start
+    if events:
+        events.on_eval(state.step, rows)
+    return rows
+
+
 def train(cfg: TrainConfig, out_dir, events: TrainEvents | None = None) -> dict:
     """Train (or resume) the run in `out_dir`; return its final status. `events` hears of every
     step and evaluation (:class:`TrainEvents`)."""
@@ -230,154 +371,50 @@ def train(cfg: TrainConfig, out_dir, events: TrainEvents | None = None) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     cfg.validate()
-
-    # Refuse to mix two configurations in one folder.
-    record = run_record(cfg)
-    if (out / "config.json").exists():
-        old = io.read_json(out / "config.json")
-        if json.loads(io.dumps(old)) != json.loads(io.dumps(record)):
-            changed = sorted(k for k in set(old) | set(record) if old.get(k) != record.get(k))
-            raise ConfigError(
-                f"{out} holds a run with a different config (differs in: {', '.join(changed)}); "
-                "use another output folder or delete that one"
-            )
-    else:
-        io.write_json(out / "config.json", record)
-    status_path = out / "status.json"
-    if status_path.exists() and io.read_json(status_path).get("state") == "done":
-        return io.read_json(status_path)
-
-    # Method, schedule, data.
     method = get_method(cfg.method, cfg.method_params, cfg.plugins)
-    schedule = make_schedule(cfg.schedule, cfg.T, cfg.zero_terminal_snr)
-    images, _ = load_dataset(cfg.dataset, "train", cfg.data_dir, cfg.resolution)
-    n, channels, resolution = images.shape[0], images.shape[1], images.shape[-1]
+    done = _open_run_folder(cfg, out, run_record(cfg, method))
+    if done:
+        return done
+
+    # Build the run, or resume it; anything logged after the checkpoint will be redone: drop it.
+    state = setup(cfg, method)
     io.write_json(out / "method_trace.json",
-                  trace(method, schedule, cfg.target, cfg.beta1, cfg.beta2, cfg.ema_decay))
-
-    # Model, EMA, optimizer. The seed fixes the initial weights, the same for every method.
-    torch.manual_seed(cfg.seed)
-    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    model = build_model(cfg.arch, channels, resolution).to(memory_format=memory_format)
-    ema = copy.deepcopy(model).requires_grad_(False)
-    params = list(model.parameters())
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay, foreach=True)
-    gens = stream_generators(cfg.seed)
-    step, clocks = 0, {"train_seconds": 0.0, "eval_seconds": 0.0}
-
-    # Resume.
+                  trace(method, state.schedule, cfg.target, cfg.beta1, cfg.beta2, cfg.ema_decay))
     ckpt_path = out / "checkpoint.pt"
     if ckpt_path.exists():
-        ckpt = load_checkpoint(ckpt_path)
-        try:
-            model.load_state_dict(ckpt["model"])
-            ema.load_state_dict(ckpt["ema"])
-            opt.load_state_dict(ckpt["opt"])
-        except (RuntimeError, KeyError, ValueError) as exc:
-            raise CheckpointError(f"checkpoint {ckpt_path} does not fit this run ({str(exc)[:120]}); delete it to restart") from None
-        torch.set_rng_state(ckpt["rng_torch"])
-        for name, g in gens.items():
-            g.set_state(ckpt["rng"][name])
-        step, clocks = int(ckpt["step"]), dict(ckpt["clocks"])
-    # Anything logged after the checkpoint will be redone: drop it, so nothing is repeated.
-    io.trim_jsonl(out / "steps.jsonl", step)
-    io.trim_jsonl(out / "evals.jsonl", step)
-    _set_status(out, "running", step, clocks)
-
+        resume(state, ckpt_path)
+    io.trim_jsonl(out / "steps.jsonl", state.step)
+    io.trim_jsonl(out / "evals.jsonl", state.step)
+    _set_status(out, "running", state.step, state.clocks)
     evaluator = None
     if evaluates(cfg.eval, cfg.eval_every):
         from bench.evaluate import Evaluator
 
         evaluator = Evaluator(evaluator_spec(cfg))
 
-    def save_checkpoint():
-        state = {"format": CHECKPOINT_FORMAT, "step": step, "model": model.state_dict(), "ema": ema.state_dict(),
-                 "opt": opt.state_dict(), "rng_torch": torch.get_rng_state(),
-                 "rng": {name: g.get_state() for name, g in gens.items()},
-                 "clocks": clocks}
-        tmp = ckpt_path.with_suffix(".pt.tmp")
-        torch.save(state, tmp)
-        tmp.replace(ckpt_path)
-
-    T, B = cfg.T, cfg.batch_size
-    perm_cache, pending = {}, []
-    model.train()
-    while step < cfg.iters:
-        t_start = time.perf_counter()
-        p = step / cfg.iters
-
-        # Draw the batch: images, optional flips, timesteps from the method, noise.
-        x0 = to_model_range(images[batch_indices(step, B, n, cfg.seed, perm_cache)])
-        if cfg.flip:
-            flip = torch.rand(B, generator=gens["flip"]) < 0.5
-            x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
-        t = sample_timesteps(timestep_probs_at(method, p, schedule), B, gens["t"])
-        eps = torch.randn(x0.shape, generator=gens["noise"])
-        x_t = schedule.q_sample(x0, t, eps).contiguous(memory_format=memory_format)
-
-        # Per-sample losses, weighted by the method, reduced in exactly one place.
-        pred = model(x_t, t)
-        mse = (pred - schedule.target(cfg.target, x0, eps, t)).square().mean(dim=(1, 2, 3))
-        weights = loss_weights_at(method, t, p, schedule, cfg.target).to(mse.dtype)
-        loss = (weights * mse).mean()
-
-        # Backward, clip, and step with the method's optimizer settings.
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-        lr_scale, beta1, beta2 = optimizer_settings_at(method, p, cfg.beta1, cfg.beta2)
-        lr = cfg.lr * lr_scale * (min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else 1.0)
-        grad_norm = grad_norm.item()
-        clipped = cfg.grad_clip > 0 and grad_norm > cfg.grad_clip
-        for group in opt.param_groups:
-            group["lr"], group["betas"] = lr, (beta1, beta2)
-        opt.step()
-
-        # Update EMA.
-        decay = ema_decay_at(method, p, cfg.ema_decay)
-        if cfg.ema_warmup:
-            decay = min(decay, ema_warmup_decay(step))
-        with torch.no_grad():
-            torch._foreach_lerp_(list(ema.parameters()), params, 1.0 - decay)
-        step += 1
-
-        # Log: the objective, the unweighted MSE per timestep quartile, the optimizer's state.
-        loss_value = loss.item()
-        quart = (t * 4 // T)
-        q_sum = torch.zeros(4).index_add_(0, quart, mse.detach())
-        q_cnt = torch.bincount(quart, minlength=4)
-        elapsed = time.perf_counter() - t_start
-        clocks["train_seconds"] += elapsed
-        row = {"step": step, "p": p, "loss": loss_value, "mse": mse.mean().item(),
-               **{f"loss_q{i}": (q_sum[i] / q_cnt[i]).item() if q_cnt[i] else None for i in range(4)},
-               "lr": lr, "lr_scale": lr_scale, "beta1": beta1, "grad_norm": grad_norm, "clipped": clipped,
-               "ema_decay": decay,
-               "images_per_s": B / elapsed, "train_seconds": clocks["train_seconds"]}
+    pending = []
+    state.model.train()
+    while state.step < cfg.iters:
+        # One step, logged; a non-finite loss ends the run as failed.
+        row = train_step(state)
         pending.append(row)
         if events:
-            events.on_step(step, cfg.iters, row)
-        if not math.isfinite(loss_value):
+            events.on_step(state.step, cfg.iters, row)
+        if not math.isfinite(row["loss"]):
             io.append_jsonl(out / "steps.jsonl", pending)
-            _set_status(out, "failed", step, clocks, f"non-finite loss ({loss_value}) at step {step}")
-            raise DivergenceError(step, f"training diverged: loss {loss_value} at step {step}; lower lr or check the method's hyperparameters")
+            _set_status(out, "failed", state.step, state.clocks, f"non-finite loss ({row['loss']}) at step {state.step}")
+            raise DivergenceError(state.step, f"training diverged: loss {row['loss']} at step {state.step}; "
+                                              "lower lr or check the method's hyperparameters")
 
-        # Evaluate the EMA weights (outside the training clock), then checkpoint.
-        final = step == cfg.iters
-        eval_due = evaluator is not None and is_eval_step(step, cfg.iters, cfg.eval_every)
-        eval_rows = []
-        if eval_due:
-            e_start = time.perf_counter()
-            ema.eval()
-            eval_rows = evaluator.evaluate(ema, schedule, cfg.target, step)
-            clocks["eval_seconds"] += time.perf_counter() - e_start
-            if events:
-                events.on_eval(step, eval_rows)
-        if eval_due or final or step % cfg.ckpt_every == 0:
+        # Evaluate, then checkpoint (the logs are flushed with every checkpoint, never ahead of it).
+        eval_due = evaluator is not None and is_eval_step(state.step, cfg.iters, cfg.eval_every)
+        eval_rows = _evaluate(state, evaluator, events) if eval_due else []
+        if eval_due or state.step == cfg.iters or state.step % cfg.ckpt_every == 0:
             io.append_jsonl(out / "steps.jsonl", pending)
             io.append_jsonl(out / "evals.jsonl", eval_rows)
             pending = []
-            save_checkpoint()
-            _set_status(out, "running", step, clocks)
+            save_checkpoint(state, ckpt_path)
+            _set_status(out, "running", state.step, state.clocks)
 
-    _set_status(out, "done", step, clocks)
-    return io.read_json(status_path)
+    _set_status(out, "done", state.step, state.clocks)
+    return io.read_json(out / "status.json")
