@@ -17,7 +17,6 @@ Run folder:
 
 import copy
 import dataclasses
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ from bench.errors import CheckpointError, ConfigError, DivergenceError
 from bench.models import build_model
 from bench.perf import tune_allocator
 from bench.registry import get_method
+from bench.run_folder import config_diff, write_status
 from bench.spec import Method, ema_decay_at, loss_weights_at, optimizer_settings_at, timestep_probs_at
 
 CHECKPOINT_FORMAT = 2  # 2: one generator per random stream (timesteps, noise, flips)
@@ -149,7 +149,7 @@ def evaluator_spec(cfg: TrainConfig) -> dict:
 
 
 def _set_status(out: Path, state: str, step: int, clocks: dict, reason: str | None = None) -> None:
-    io.write_json(out / "status.json", {"state": state, "step": step, "reason": reason, **clocks})
+    write_status(out, state, step, reason, **clocks)
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -340,9 +340,8 @@ def _open_run_folder(cfg: TrainConfig, out: Path, record: dict) -> dict | None:
     """Write config.json, or refuse a folder that holds another config; the final status of a
     finished run (nothing to do), else None."""
     if (out / "config.json").exists():
-        old = io.read_json(out / "config.json")
-        if json.loads(io.dumps(old)) != json.loads(io.dumps(record)):
-            changed = sorted(k for k in set(old) | set(record) if old.get(k) != record.get(k))
+        changed = config_diff(io.read_json(out / "config.json"), record)
+        if changed:
             raise ConfigError(f"{out} holds a run with a different config (differs in: {', '.join(changed)}); "
                               "use another output folder or delete that one")
     else:

@@ -16,8 +16,11 @@ from pathlib import Path
 import pytest
 
 from bench import io
+from bench.display import RichReporter
 from bench.errors import DivergenceError
-from bench.runner import ResultsConflictError, RichReporter, check_conflict, read_status, run_suite, slurm_parameters
+from bench.run_folder import ResultsConflictError, check_conflict, read_status
+from bench.runner import run_suite
+from bench.slurm import slurm_parameters
 from bench.suite import load_suite
 
 REPO = Path(__file__).resolve().parent.parent
@@ -296,7 +299,7 @@ def test_a_run_locked_by_another_process_is_left_alone(tmp_path, calls):
 
 
 def test_a_queued_slurm_job_is_not_submitted_twice(tmp_path, monkeypatch):
-    from bench.runner import _queued_slurm_job
+    from bench.slurm import _queued_slurm_job
 
     d = tmp_path / "run"
     io.write_json(d / "job.json", {"job_id": "123_4", "cluster": "slurm"})

@@ -1,0 +1,267 @@
+"""Executing runs on this machine: one run in this process (:func:`execute_run`, also what a
+worker process and a Slurm job call), a suite's runs inline or in N worker processes.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+from bench import io
+from bench.budget import evaluates, is_eval_step
+from bench.display import FilePoller
+from bench.errors import BenchError
+from bench.run_folder import (
+    _try_lock,
+    last_step,
+    machine_info,
+    outcome_from_dict,
+    outcome_from_status,
+    read_status,
+    should_run,
+    write_failed,
+    write_status,
+)
+from bench.suite import RunSpec
+
+DEFAULT_TRAIN_FN = "bench.train:train"
+
+
+def resolve_train_fn(train_fn: str | Callable | None) -> Callable:
+    if callable(train_fn):
+        return train_fn
+    module, _, name = (train_fn or DEFAULT_TRAIN_FN).partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _train_fn_ref(train_fn: str | Callable | None) -> str:
+    """A string reference that a fresh process can import."""
+    if train_fn is None or isinstance(train_fn, str):
+        return train_fn or DEFAULT_TRAIN_FN
+    return f"{train_fn.__module__}:{train_fn.__qualname__}"
+
+
+def execute_run(run: RunSpec | dict, run_dir: str | os.PathLike, train_fn: str | Callable | None = None,
+                retry_failed: bool = False, events=None) -> dict:
+    """Train one run into `run_dir` unless it is finished; never raises for a failed run.
+
+    Returns a RunOutcome as a dict. Any exception of training (divergence, out of memory, a bug)
+    is written to status.json as ``failed`` with the reason and the last step, its traceback to
+    error.log. KeyboardInterrupt propagates and leaves the run resumable.
+    """
+    run = run if isinstance(run, RunSpec) else RunSpec.from_dict(run)
+    run_dir = Path(run_dir)
+    status = read_status(run_dir)
+    if not should_run(status, retry_failed):
+        return _skipped(run, run_dir, status)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = _try_lock(run_dir)
+    if lock is None:
+        return _skipped(run, run_dir, read_status(run_dir) or {}, "running in another process (its folder is locked)")
+    try:
+        return _execute_locked(run, run_dir, train_fn, retry_failed, events)
+    finally:
+        lock.close()
+
+
+def _skipped(run: RunSpec, run_dir: Path, status: dict | None = None, reason: str | None = None) -> dict:
+    return outcome_from_status(run.key, run_dir, "skipped", reason=reason, default_state="running").as_dict()
+
+
+def _execute_locked(run: RunSpec, run_dir: Path, train_fn, retry_failed: bool, events) -> dict:
+    status = read_status(run_dir)  # again: another process may have finished it meanwhile
+    if not should_run(status, retry_failed):
+        return _skipped(run, run_dir, status)
+    action = "resumed" if (run_dir / "checkpoint.pt").exists() else "ran"
+    start = time.time()
+    try:
+        from bench.train import TrainConfig
+
+        cfg = TrainConfig.from_dict(run.config, where=f"run {run.key}")
+        io.write_json(run_dir / "machine.json", {**machine_info(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        fn = resolve_train_fn(train_fn)
+        if events is not None:
+            fn(cfg, run_dir, events)
+        else:
+            fn(cfg, run_dir)
+        status = read_status(run_dir)
+        if not status or status.get("state") != "done":
+            # train() returned normally: the run is complete even if it did not say so.
+            write_status(run_dir, "done", cfg.iters)
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # noqa: BLE001 -- one run's failure must not stop the others
+        if isinstance(exc, SystemExit) and exc.code in (0, None):
+            raise
+        kind, reason = classify_exception(exc)
+        step = getattr(exc, "step", None)
+        step = last_step(run_dir) if not isinstance(step, int) else step
+        try:
+            io.atomic_write_bytes(run_dir / "error.log", "".join(
+                traceback.format_exception(type(exc), exc, exc.__traceback__)).encode())
+        except OSError:
+            pass
+        now = read_status(run_dir) or {}
+        if now.get("state") == "failed" and kind == "divergence":
+            # bench.train recorded the divergence itself: keep its reason and step, add the kind.
+            write_status(run_dir, "failed", now["step"], now.get("reason"), error=kind)
+        else:
+            write_failed(run_dir, step, reason, kind)
+    return outcome_from_status(run.key, run_dir, action, time.time() - start).as_dict()
+
+
+def classify_exception(exc: BaseException) -> tuple[str, str]:
+    """(kind, one-line reason): kind is divergence, oom or exception."""
+    from bench.errors import DivergenceError
+
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    if isinstance(exc, DivergenceError):
+        return "divergence", text or "training diverged"
+    name = type(exc).__name__
+    if isinstance(exc, MemoryError) or name == "OutOfMemoryError" or "out of memory" in text.lower():
+        return "oom", f"out of memory ({name}: {text[:200]}); lower batch_size or use a larger device"
+    if isinstance(exc, BenchError):
+        return "exception", text[:300]
+    return "exception", f"{name}: {text[:300]}"
+
+
+def _worker_main(payload_path: str) -> int:
+    """Entry point of a local worker process: ``python -m bench.executors worker PAYLOAD.json``."""
+    payload = json.loads(Path(payload_path).read_text())
+    from bench.perf import tune_allocator
+
+    tune_allocator()
+    try:
+        import torch
+
+        torch.set_num_threads(int(payload["threads"]))
+    except ImportError:
+        pass
+    execute_run(payload["run"], payload["run_dir"], payload["train_fn"], payload["retry_failed"])
+    return 0
+
+
+def _start_worker(run: RunSpec, run_dir: Path, train_fn: str, retry_failed: bool, threads: int):
+    """A fresh Python process for one run (nothing inherited but the environment and sys.path);
+    its output goes to the run's worker.log."""
+    import subprocess
+    import sys
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    payload = run_dir / ".worker.json"
+    io.write_json(payload, {"run": run.to_dict(), "run_dir": str(run_dir), "train_fn": train_fn,
+                            "retry_failed": retry_failed, "threads": threads})
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
+               PYTHONPATH=os.pathsep.join(p for p in [str(Path(__file__).resolve().parent.parent), *sys.path] if p))
+    log = open(run_dir / "worker.log", "ab")
+    try:
+        return subprocess.Popen([sys.executable, "-m", "bench.executors", "worker", str(payload)], stdout=log,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+    finally:
+        log.close()
+
+
+class _RunEvents:
+    """bench.train.TrainEvents for one run of this process: forwards to the suite's reporter,
+    and says "evaluating" as the step that evaluates ends (the evaluation follows it)."""
+
+    def __init__(self, reporter, run: RunSpec, evaluating: bool):
+        self.reporter, self.run, self.evaluating = reporter, run, evaluating
+        self.every = run.config.get("eval_every") or 0
+
+    def on_step(self, step: int, iters: int, row: dict) -> None:
+        self.reporter.run_step(self.run, step, iters)
+        if self.evaluating and is_eval_step(step, iters, self.every):
+            self.reporter.run_eval(self.run, step, [], evaluating=True)
+
+    def on_eval(self, step: int, rows: list[dict]) -> None:
+        self.reporter.run_eval(self.run, step, rows)
+
+
+def _run_inline(todo, dirs, train_fn, retry_failed, reporter, outcomes):
+    for run in todo:
+        reporter.run_start(run)
+        evaluating = evaluates(run.config.get("eval"), run.config.get("eval_every") or 0)
+
+        fn = resolve_train_fn(train_fn)
+        events = _RunEvents(reporter, run, evaluating)
+        out = outcome_from_dict(execute_run(run, dirs[run.key], fn, retry_failed, events))
+        outcomes[run.key] = out
+        reporter.run_end(run, out)
+
+
+def _prepare_evaluators(todo, reporter):
+    """Train proxy classifiers and reference statistics once, before parallel workers race to."""
+    from bench.evaluate import Evaluator
+    from bench.train import TrainConfig, evaluator_spec
+
+    seen = set()
+    for run in todo:
+        cfg = TrainConfig.from_dict(run.config)
+        key = json.dumps(evaluator_spec(cfg), sort_keys=True)
+        if cfg.eval and key not in seen:
+            seen.add(key)
+            reporter.message(f"preparing evaluation on {cfg.dataset} (feature extractor and reference statistics; "
+                             "cached after the first time)")
+            Evaluator(evaluator_spec(cfg)).prepare()
+
+
+def _run_workers(todo, dirs, train_fn, retry_failed, reporter, outcomes, jobs):
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    if train_fn is None:
+        _prepare_evaluators(todo, reporter)
+    ref = _train_fn_ref(train_fn)
+    pending = list(todo)
+    active: dict[str, tuple[RunSpec, Any, float]] = {}
+    resumed: set[str] = set()
+    with FilePoller(reporter) as poller:
+        try:
+            while pending or active:
+                while pending and len(active) < jobs:
+                    run = pending.pop(0)
+                    if (dirs[run.key] / "checkpoint.pt").exists():
+                        resumed.add(run.key)
+                    reporter.run_start(run)
+                    proc = _start_worker(run, dirs[run.key], ref, retry_failed, threads)
+                    active[run.key] = (run, proc, time.time())
+                    poller.add(run, dirs[run.key])
+                time.sleep(0.2)
+                for key, (run, proc, started) in list(active.items()):
+                    code = proc.poll()
+                    if code is None:
+                        continue
+                    del active[key]
+                    poller.remove(run)
+                    status = read_status(dirs[key])
+                    if code != 0 and (not status or status.get("state") not in ("done", "failed")):
+                        why = (f"worker process killed by signal {-code}"
+                               + (" (SIGKILL: most often the system ran out of memory)" if code == -9 else "")
+                               if code < 0 else f"worker process exited with code {code}")
+                        write_failed(dirs[key], last_step(dirs[key]), why + f"; see {dirs[key] / 'worker.log'}",
+                                     "oom" if code == -9 else "exception")
+                    out = outcome_from_status(key, dirs[key], "resumed" if key in resumed else "ran",
+                                              time.time() - started)
+                    outcomes[key] = out
+                    reporter.run_end(run, out)
+        finally:
+            for run, proc, _ in active.values():  # interrupted: stop our workers, runs stay resumable
+                if proc.poll() is None:
+                    proc.terminate()
+                try:
+                    proc.wait(timeout=10)
+                except Exception:  # noqa: BLE001
+                    proc.kill()
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) == 3 and sys.argv[1] == "worker":
+        sys.exit(_worker_main(sys.argv[2]))
+    sys.exit("usage: python -m bench.executors worker PAYLOAD.json (internal: one run of a suite)")

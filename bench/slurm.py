@@ -1,0 +1,184 @@
+"""Running a suite's runs as a Slurm job array through submitit (or its local and debug
+executors, to try this path without a cluster). A job is one run; on timeout or pre-emption
+submitit requeues it and bench.train resumes from the run's last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from bench import io
+from bench.display import FilePoller
+from bench.errors import ConfigError
+from bench.executors import _train_fn_ref, execute_run
+from bench.run_folder import (
+    RunOutcome,
+    last_step,
+    outcome_from_dict,
+    outcome_from_status,
+    read_status,
+    write_failed,
+)
+from bench.suite import parse_slurm_time
+
+
+class RunJob:
+    """A Slurm (submitit) job: one run. Checkpointable: on timeout or preemption submitit
+    requeues it, and bench.train resumes from the run's last checkpoint."""
+
+    def __init__(self, run: dict, run_dir: str, train_fn: str, retry_failed: bool):
+        self.run, self.run_dir, self.train_fn, self.retry_failed = run, run_dir, train_fn, retry_failed
+
+    def __call__(self) -> dict:
+        return execute_run(self.run, self.run_dir, self.train_fn, self.retry_failed)
+
+    def checkpoint(self, *args, **kwargs):
+        from submitit.helpers import DelayedSubmission
+
+        return DelayedSubmission(self)
+
+
+def slurm_parameters(settings: dict, suite_name: str, cluster: str) -> dict:
+    """submitit AutoExecutor parameters from a [slurm] table (plus overrides)."""
+    known = {"partition", "gpus", "time", "account", "qos", "constraint", "cpus_per_task", "mem_gb",
+             "array_parallelism", "max_num_timeout", "setup", "additional", "name"}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise ConfigError(f"unknown Slurm setting {unknown[0]!r}; known: {', '.join(sorted(known))}")
+    p: dict[str, Any] = {"name": settings.get("name") or f"diffbench-{suite_name}"}
+    try:
+        return _slurm_parameters(settings, p, cluster)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"Slurm settings: {exc}; e.g. time=48:00:00 gpus=1 mem_gb=64 partition=gpu") from None
+
+
+def _slurm_parameters(settings: dict, p: dict, cluster: str) -> dict:
+
+    if "time" in settings:
+        p["timeout_min"] = parse_slurm_time(settings["time"])
+    if "gpus" in settings and cluster == "slurm":
+        p["gpus_per_node"] = int(settings["gpus"])
+    if "cpus_per_task" in settings:
+        p["cpus_per_task"] = int(settings["cpus_per_task"])
+    if "mem_gb" in settings:
+        p["mem_gb"] = float(settings["mem_gb"])
+    for key in ("partition", "account", "qos", "constraint"):
+        if settings.get(key) not in (None, ""):
+            p[f"slurm_{key}"] = str(settings[key])
+    for key in ("array_parallelism", "max_num_timeout"):
+        if settings.get(key) not in (None, ""):
+            p[f"slurm_{key}"] = int(settings[key])
+    if settings.get("setup"):
+        setup = settings["setup"]
+        p["slurm_setup"] = [setup] if isinstance(setup, str) else list(setup)
+    if settings.get("additional"):
+        p["slurm_additional_parameters"] = dict(settings["additional"])
+    return p
+
+SLURM_ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING",
+                "REQUEUE_HOLD", "REQUEUE_FED", "STAGE_OUT", "SIGNALING"}
+
+
+def _queued_slurm_job(run_dir: Path) -> bool:
+    """Whether the run's last submitted Slurm job (job.json) is still pending or running."""
+    import subprocess
+
+    info = None
+    try:
+        info = io.read_json(run_dir / "job.json")
+    except (FileNotFoundError, json.JSONDecodeError):
+        return False
+    if info.get("cluster") != "slurm":
+        return False
+    try:
+        out = subprocess.run(["squeue", "-h", "-j", str(info["job_id"]), "-o", "%T"], capture_output=True,
+                             text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return any(line.strip() in SLURM_ACTIVE for line in out.stdout.splitlines())
+
+
+def _run_submitit(suite, todo, dirs, train_fn, retry_failed, reporter, outcomes, cluster, settings, suite_dir,
+                  wait):
+    try:
+        import submitit
+    except ImportError:
+        raise ConfigError("the Slurm executor needs submitit: pip install submitit") from None
+    if not todo:
+        return
+    if cluster == "slurm":
+        queued = [r for r in todo if _queued_slurm_job(dirs[r.key])]
+        for run in queued:
+            job = io.read_json(dirs[run.key] / "job.json")["job_id"]
+            outcomes[run.key] = RunOutcome(run.key, str(dirs[run.key]), "submitted", "skipped",
+                                           reason=f"already queued or running as Slurm job {job}")
+        todo = [r for r in todo if r not in queued]
+        if queued:
+            reporter.message(f"{len(queued)} runs are already queued or running on Slurm: not submitted again")
+        if not todo:
+            return
+    folder = suite_dir / "_submitit"
+    params = slurm_parameters(settings, suite.name, cluster)
+    ref = _train_fn_ref(train_fn)
+    jobs = []
+    try:
+        executor = submitit.AutoExecutor(folder=str(folder / "%j"), cluster=cluster)
+        executor.update_parameters(**params)
+        with executor.batch():
+            for run in todo:
+                jobs.append((run, executor.submit(RunJob(run.to_dict(), str(dirs[run.key]), ref, retry_failed))))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+        raise ConfigError(f"could not submit the job array through submitit ({cluster}): {type(exc).__name__}: "
+                          f"{str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}; "
+                          "run from a Slurm login node (srun and sbatch on PATH), or use --executor local") from None
+    for run, job in jobs:
+        io.write_json(dirs[run.key] / "job.json", {"job_id": str(job.job_id), "cluster": cluster,
+                                                   "submitted": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    ids = ", ".join(sorted({str(j.job_id).split("_")[0] for _, j in jobs}))
+    reporter.message(f"submitted {len(jobs)} runs as job array {ids} ({cluster}); logs in {folder}")
+    if not wait:
+        for run, job in jobs:
+            outcomes[run.key] = RunOutcome(run.key, str(dirs[run.key]), "submitted", "submitted",
+                                           reason=f"job {job.job_id}")
+        return
+    started = time.time()
+    try:
+        _wait_jobs(jobs, dirs, reporter, outcomes, cluster, started)
+    except KeyboardInterrupt:
+        if cluster == "slurm":
+            reporter.message("stopped waiting; the jobs keep running on the cluster. Run the same command again "
+                             "to follow them (queued runs are not submitted twice), or build the report later")
+        raise
+
+
+def _wait_jobs(jobs, dirs, reporter, outcomes, cluster, started):
+    with FilePoller(reporter, interval=2.0) as poller:
+        for run, _ in jobs:
+            reporter.run_start(run)
+            poller.add(run, dirs[run.key])
+        remaining = list(jobs)
+        while remaining:
+            for item in list(remaining):
+                run, job = item
+                if cluster != "debug" and not job.done():
+                    continue
+                remaining.remove(item)
+                poller.remove(run)
+                try:
+                    out = outcome_from_dict(job.result())
+                except Exception as exc:  # noqa: BLE001 -- the job died outside execute_run
+                    status = read_status(dirs[run.key])
+                    if not status or status.get("state") not in ("done", "failed"):
+                        text = str(exc).strip().splitlines()
+                        write_failed(dirs[run.key], last_step(dirs[run.key]),
+                                     f"job {job.job_id} failed: {type(exc).__name__}: "
+                                     f"{(text[-1] if text else '')[:300]}", "exception")
+                    out = outcome_from_status(run.key, dirs[run.key], "ran", time.time() - started)
+                outcomes[run.key] = out
+                reporter.run_end(run, out)
+            if remaining:
+                time.sleep(1.0)
