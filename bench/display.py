@@ -11,8 +11,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from bench.cost import format_duration
 from bench.run_folder import RunOutcome, SuiteResult, last_step
-from bench.suite import RunSpec, Suite, format_duration
+from bench.suite import RunSpec, Suite
 
 
 class Reporter:

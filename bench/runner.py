@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Callable
 
 from bench import io
+from bench.cost import describe_plan
 from bench.display import make_reporter
 from bench.errors import ConfigError
 from bench.executors import _run_inline, _run_workers, _skipped
@@ -41,7 +42,7 @@ from bench.run_folder import (
     should_run,
 )
 from bench.slurm import _run_submitit
-from bench.suite import RunSpec, Suite, describe_plan, load_suite
+from bench.suite import RunSpec, Suite, load_suite
 
 EXECUTORS = ("local", "slurm", "submitit-local", "submitit-debug")
 

@@ -23,7 +23,7 @@ from bench.run_folder import (
     read_status,
     write_failed,
 )
-from bench.suite import parse_slurm_time
+from bench.suite_schema import parse_slurm_time
 
 
 class RunJob:

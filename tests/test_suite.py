@@ -4,17 +4,11 @@ from pathlib import Path
 
 import pytest
 
+from bench.budget import eval_steps
+from bench.cost import describe_plan, estimate_cost, run_cost
 from bench.errors import ConfigError
-from bench.suite import (
-    SuiteError,
-    available_suites,
-    describe_plan,
-    estimate_cost,
-    eval_steps,
-    load_suite,
-    parse_slurm_time,
-    run_cost,
-)
+from bench.suite import available_suites, load_suite
+from bench.suite_schema import SuiteError, parse_slurm_time
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED = ["mini", "smoke", "paper-cifar10", "ablation-clts", "ablation-mdlrc"]

@@ -1,0 +1,159 @@
+"""The dry run's cost model (:func:`estimate_cost`, :func:`describe_plan`), deliberately simple.
+
+Cost model of ``--dry-run`` (:func:`estimate_cost`), deliberately simple:
+
+- training: ``iters * batch_size`` images at ``train_images_per_s`` (one optimizer step per
+  image, forward + backward + EMA), from the suite's [cost] table or the built-in table
+  :data:`TRAIN_IMAGES_PER_S` (measured on the project's 2-core CPU), scaled by
+  ``(reference resolution / resolution)^2`` for other resolutions;
+- sampling: every evaluation generates ``num_images`` images with ``sampler_steps`` network
+  evaluations each; one network evaluation without backward costs ``1 / forward_ratio`` of a
+  training image (default 2.5, measured for unet-tiny on the CPU; 3 is the textbook figure);
+- fixed costs: ``startup_s`` per run (process start, data loading), ``eval_overhead_s`` per
+  evaluation (feature extraction of the generated images, metric arithmetic), and ``setup_s``
+  once per suite (the evaluator's first-time setup: reference statistics, or training a proxy
+  feature extractor that is not shipped; cached under $DIFFBENCH_CACHE/eval, by default
+  ~/.cache/diffbench/eval, afterwards, so counted only
+  while no run of the suite has finished).
+Evaluations happen every ``eval.every`` iterations and at the end (as bench.train does).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from bench.budget import eval_steps, evaluates
+
+if TYPE_CHECKING:
+    from bench.suite import RunSpec, Suite
+
+
+#: training throughput (images/s) by architecture at a reference resolution, on the project's
+#: 2-core CPU (unet-tiny measured with batch 32, forward + backward + Adam step; ddpm-unet
+#: extrapolated from its FLOPs). A suite's [cost] table overrides these.
+TRAIN_IMAGES_PER_S = {
+    "unet-tiny": (16, 450.0),
+    "ddpm-unet": (32, 6.0),
+}
+
+DEFAULT_FORWARD_RATIO = 2.5
+
+DEFAULT_STARTUP_S = 5.0
+
+DEFAULT_EVAL_OVERHEAD_S = 1.0
+
+@dataclass
+class RunCost:
+    train_images: int
+    eval_points: int
+    sample_images: int
+    network_evals: int
+    train_s: float
+    sample_s: float
+    overhead_s: float
+
+    @property
+    def total_s(self) -> float:
+        return self.train_s + self.sample_s + self.overhead_s
+
+def train_throughput(suite: Suite, run: RunSpec) -> float:
+    """Training images per second assumed for a run (see the module docstring)."""
+    if "train_images_per_s" in suite.cost:
+        return float(suite.cost["train_images_per_s"])
+    arch = run.config["arch"]
+    ref_res, ips = TRAIN_IMAGES_PER_S.get(arch, (16, 100.0))
+    res = run.config.get("resolution") or _native_resolution(run.config["dataset"]) or ref_res
+    return ips * (ref_res / res) ** 2
+
+def _native_resolution(dataset: str) -> int | None:
+    try:
+        from bench.data import dataset_info
+
+        return dataset_info(dataset).RESOLUTION
+    except Exception:
+        return None
+
+def run_cost(suite: Suite, run: RunSpec) -> RunCost:
+    cfg = run.config
+    ev = cfg.get("eval") or {}
+    every = cfg.get("eval_every", 0)
+    points = len(eval_steps(cfg["iters"], every)) if evaluates(ev, every) else 0
+    n_img = int(ev.get("num_images", 0)) * points
+    nfe = n_img * int(ev.get("sampler_steps", 1))
+    ips = train_throughput(suite, run)
+    forward_ratio = float(suite.cost.get("forward_ratio", DEFAULT_FORWARD_RATIO))
+    overhead = float(suite.cost.get("startup_s", DEFAULT_STARTUP_S)) + points * float(
+        suite.cost.get("eval_overhead_s", DEFAULT_EVAL_OVERHEAD_S))
+    train_images = cfg["iters"] * cfg["batch_size"]
+    return RunCost(train_images, points, n_img, nfe, train_images / ips, nfe / (ips * forward_ratio), overhead)
+
+@dataclass
+class CostEstimate:
+    runs: list[tuple[RunSpec, RunCost]]
+    setup_s: float = 0.0  # once per suite (evaluator setup)
+
+    @property
+    def train_images(self) -> int:
+        return sum(c.train_images for _, c in self.runs)
+
+    @property
+    def sample_images(self) -> int:
+        return sum(c.sample_images for _, c in self.runs)
+
+    @property
+    def network_evals(self) -> int:
+        return sum(c.network_evals for _, c in self.runs)
+
+    @property
+    def total_s(self) -> float:
+        return self.setup_s + sum(c.total_s for _, c in self.runs)
+
+def estimate_cost(suite: Suite, runs: list[RunSpec] | None = None) -> CostEstimate:
+    return CostEstimate([(r, run_cost(suite, r)) for r in (suite.runs() if runs is None else runs)],
+                        float(suite.cost.get("setup_s", 0.0)))
+
+def format_duration(seconds: float) -> str:
+    seconds = float(seconds)
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.1f} min"
+    if seconds < 48 * 3600:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
+
+def describe_plan(suite: Suite, states: dict[str, str] | None = None, jobs: int = 1) -> str:
+    """The dry-run text: every run with its state and estimated cost, then the totals."""
+    states = states or {}
+    est = estimate_cost(suite)
+    lines = [f"suite {suite.name} ({suite.file}): {len(est.runs)} runs = "
+             f"{len(suite.methods)} methods x {len(suite.workloads)} workloads x {len(suite.seeds)} seeds",
+             f"budget per run: {suite.iters} iterations x batch {suite.batch_size} = "
+             f"{suite.iters * suite.batch_size:,} images; evaluation every {suite.eval_every} iterations "
+             f"and at the end: {', '.join(suite.eval['metrics'])} on {suite.eval.get('num_images', '?')} images, "
+             f"sampler {suite.eval.get('sampler', 'default')} {suite.eval.get('sampler_steps', '')} steps",
+             ""]
+    width = max(len(r.key) for r, _ in est.runs)
+    lines.append(f"{'run':<{width}}  {'state':<8} {'train img':>12} {'sample img':>11} {'est. time':>10}")
+    todo_s = est.setup_s if not any(v == "done" for v in states.values()) else 0.0
+    for r, c in est.runs:
+        state = states.get(r.key, "todo")
+        if state != "done":
+            todo_s += c.total_s
+        lines.append(f"{r.key:<{width}}  {state:<8} {c.train_images:>12,} {c.sample_images:>11,} "
+                     f"{format_duration(c.total_s):>10}")
+    device = suite.cost.get("device", "the project's 2-core CPU")
+    sample_s = sum(c.sample_s for _, c in est.runs)
+    lines += ["",
+              f"images to train: {est.train_images:,}; images to sample: {est.sample_images:,} "
+              f"({est.network_evals:,} network evaluations)",
+              f"estimated time on {device}: {format_duration(est.total_s)} ({est.total_s:,.0f} s) for all runs "
+              f"(sampling {format_duration(sample_s)}"
+              + (f", one-time evaluator setup {format_duration(est.setup_s)}" if est.setup_s else "")
+              + f"); still to run: {format_duration(todo_s)}"
+              + (f", about {format_duration(todo_s / jobs)} with {jobs} parallel jobs" if jobs > 1 else ""),
+              "model: iters x batch / train_images_per_s + sampled images x sampler steps / "
+              "(train_images_per_s x forward_ratio) + startup_s + eval points x eval_overhead_s, + setup_s once "
+              "(see bench/cost.py)"]
+    return "\n".join(lines)
