@@ -9,7 +9,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from bench.report import build_report, evaluations_table, find_runs
+from bench.report import build_report
+from bench.report_tables import evaluations_table, find_runs
 
 REPO = Path(__file__).resolve().parent.parent
 WORKLOAD = "synthetic-16_unet-tiny"
