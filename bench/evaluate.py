@@ -4,40 +4,7 @@
 bench/train.py on the EMA model every ``eval_every`` iterations and at the end; the caller
 appends the rows to the run's evals.jsonl.
 
-Spec keys (all optional; unknown keys are an error):
-
-====================  =================  =====================================================
-key                   default            meaning
-====================  =================  =====================================================
-dataset               "fashion-mnist"    reference data (bench/data.py name)
-data_dir              None               where the dataset lies (bench/data.py)
-resolution            None               image size (None: the dataset's own)
-metrics               proxy_fd,          any of "proxy_fd", "proxy_kid" (bench/proxy.py: fast,
-                      proxy_kid          CPU default) and "fid", "kid" (bench/fid.py, Inception)
-num_images            1000               generated images per evaluation (num_gen)
-num_ref               None               reference images (None: as many as num_images); a
-                                         fixed random subset (seed 0) of the split
-ref_split             "train"            "train" or "test"
-sampler               "ddim"             "ddim" or "ddpm" (ancestral)
-sampler_steps         25                 None: 50 for ddim, T for ddpm
-eta                   0.0                DDIM's eta (0 deterministic, 1 ancestral-like)
-batch_size            250                sampling batch (the samples do not depend on it)
-noise_seed            0                  image i always gets the noise of (noise_seed, i)
-cache_dir             None               proxy weights and reference statistics (None: $DIFFBENCH_CACHE/eval,
-                                         by default ~/.cache/diffbench/eval, shared by every results folder)
-clip_x0               True               clamp x0_hat to [-1, 1] at every sampling step
-timestep_spacing      "linspace"         which timesteps a short sampler visits: "linspace" (T-1 .. 0,
-                                         both ends), "leading" (ends at 0), "trailing" (starts at
-                                         T-1 but with few steps never visits small t: 10 steps stop at 99)
-ddpm_variance         "large"            ddpm sigma^2: "large" = beta (DDPM paper), "small" =
-                                         posterior variance (then ddpm equals ddim with eta 1)
-inception             None               Inception weights path (else the lookup in bench/fid.py)
-device                None               feature device (None: the model's device)
-proxy_seed            0                  seed of the proxy classifier's training
-kid_subsets           100                KID: number of subsets
-kid_subset_size       1000               KID: largest subset size
-verbose               False              print what is loaded or computed to stderr
-====================  =================  =====================================================
+Its spec (keys, defaults, checks) is bench/eval_spec.py's.
 
 The defaults are the fastest sensible setting on a CPU: 1000 images by 25 deterministic DDIM
 steps take about 30 s with unet-tiny at 28x28 on 2 cores (~800 network evaluations of one image
@@ -63,70 +30,8 @@ import time
 
 import torch
 
-from bench.errors import ConfigError
-from bench.sampling import SAMPLERS, check_sampler_args, sample, timestep_sequence, to_uint8
-
-METRICS = ("proxy_fd", "proxy_kid", "fid", "kid")
-DEFAULTS = {
-    "dataset": "fashion-mnist",
-    "data_dir": None,
-    "resolution": None,
-    "metrics": ["proxy_fd", "proxy_kid"],
-    "num_images": 1000,
-    "num_ref": None,
-    "ref_split": "train",
-    "sampler": "ddim",
-    "sampler_steps": 25,
-    "eta": 0.0,
-    "batch_size": 250,
-    "noise_seed": 0,
-    "cache_dir": None,
-    "clip_x0": True,
-    "timestep_spacing": "linspace",
-    "ddpm_variance": "large",
-    "inception": None,
-    "device": None,
-    "proxy_seed": 0,
-    "kid_subsets": 100,
-    "kid_subset_size": 1000,
-    "verbose": False,
-}
-
-
-def resolve_spec(spec: dict | None) -> dict:
-    """Defaults filled in and every value checked; raises ConfigError with one line."""
-    spec = dict(spec or {})
-    unknown = sorted(set(spec) - set(DEFAULTS))
-    if unknown:
-        raise ConfigError(f"eval: unknown key {unknown[0]!r}; known keys: {', '.join(DEFAULTS)}")
-    out = {**DEFAULTS, **{k: v for k, v in spec.items() if v is not None or k in ("resolution", "data_dir")}}
-    metrics = out["metrics"]
-    if isinstance(metrics, str):
-        metrics = [m.strip() for m in metrics.split(",") if m.strip()]
-    metrics = list(dict.fromkeys(metrics))
-    bad = [m for m in metrics if m not in METRICS]
-    if bad or not metrics:
-        raise ConfigError(f"eval: unknown metric {bad[0] if bad else '(none given)'!r}; use any of {', '.join(METRICS)}")
-    out["metrics"] = metrics
-    if out["cache_dir"] is None:
-        from bench.data import eval_cache_dir
-
-        out["cache_dir"] = str(eval_cache_dir())
-    for key in ("num_images", "batch_size", "kid_subsets", "kid_subset_size"):
-        if not isinstance(out[key], int) or isinstance(out[key], bool) or out[key] < 2:
-            raise ConfigError(f"eval: {key} must be an integer >= 2, got {out[key]!r}")
-    if out["num_ref"] is not None and (not isinstance(out["num_ref"], int) or out["num_ref"] < 2):
-        raise ConfigError(f"eval: num_ref must be an integer >= 2 or null, got {out['num_ref']!r}")
-    if out["ref_split"] not in ("train", "test"):
-        raise ConfigError(f"eval: ref_split must be train or test, got {out['ref_split']!r}")
-    if out["sampler"] not in SAMPLERS:
-        raise ConfigError(f"eval: unknown sampler {out['sampler']!r}; use one of {', '.join(SAMPLERS)}")
-    if "sampler_steps" in spec and spec["sampler_steps"] is None:
-        out["sampler_steps"] = None
-    # Steps are checked against T at evaluation time; here against a generous bound.
-    check_sampler_args(out["sampler"], out["sampler_steps"], out["eta"], 10**9, out["ddpm_variance"],
-                       out["timestep_spacing"])
-    return out
+from bench.eval_spec import resolve_spec
+from bench.sampling import check_sampler_args, sample, timestep_sequence, to_uint8
 
 
 class Evaluator:

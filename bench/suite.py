@@ -336,7 +336,7 @@ def _validate_runs(suite: Suite, ck: _Checker) -> None:
         except BenchError as exc:
             msg = str(exc)
             raise SuiteError(msg if msg.startswith(ck.file) else f"{ck.file}: run {run.key}: {msg}") from None
-    from bench.evaluate import resolve_spec
+    from bench.eval_spec import resolve_spec
     from bench.sampling import check_sampler_args
 
     try:

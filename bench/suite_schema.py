@@ -210,7 +210,7 @@ def _train_fields() -> list[str] | None:
 
 def _evaluator_keys() -> dict:
     """The evaluator's spec keys with their defaults (bench.evaluate.DEFAULTS), less the workload's."""
-    from bench.evaluate import DEFAULTS
+    from bench.eval_spec import DEFAULTS
 
     return {k: v for k, v in DEFAULTS.items() if k not in EVAL_WORKLOAD_KEYS}
 

@@ -7,7 +7,8 @@ import torch
 
 from bench.diffusion import make_schedule
 from bench.errors import ConfigError
-from bench.evaluate import DEFAULTS, Evaluator, resolve_spec
+from bench.eval_spec import DEFAULTS, resolve_spec
+from bench.evaluate import Evaluator
 from bench.models import build_model
 
 ROW_KEYS = {"step", "metric", "value", "feature_extractor", "num_gen", "ref_split", "num_ref", "sampler",

@@ -294,6 +294,6 @@ def test_trailing_with_few_steps_never_visits_small_t_and_quadratic_does():
 
 
 def test_evaluator_default_spacing_reaches_t0():
-    from bench.evaluate import DEFAULTS
+    from bench.eval_spec import DEFAULTS
 
     assert timestep_sequence(1000, DEFAULTS["sampler_steps"], DEFAULTS["timestep_spacing"])[-1] == 0
