@@ -107,25 +107,20 @@ def train_config_from_args(args):
     if args.eval_every or args.eval_metrics:
         d["eval"] = {k: v for k, v in {"metrics": args.eval_metrics.split(",") if args.eval_metrics else None,
                                         "num_images": args.eval_images}.items() if v is not None}
-    # Method hyperparameters arrive as strings: store them typed, so labels and configs agree.
-    from bench.registry import get_method
-
-    method = get_method(d["method"], d["method_params"], d["plugins"])
-    d["method_params"] = {k: method.hp[k] for k in d["method_params"]}
     return TrainConfig.from_dict(d, where="command line")
 
 
 def cmd_train(args) -> None:
     from rich.console import Console
 
+    from bench.resolve import resolve_run
     from bench.train import TrainEvents, train
 
-    cfg = train_config_from_args(args)
-    from bench.registry import method_label
-
+    run = resolve_run(train_config_from_args(args), where="command line")
+    cfg = run.config
     res = f"-{cfg.resolution}" if cfg.resolution else ""
     out = Path(args.out) if args.out else REPO / "results" / "train" / f"{cfg.dataset}{res}_{cfg.arch}" / \
-        method_label(cfg.method, cfg.method_params, cfg.plugins) / f"seed{cfg.seed}"
+        run.method.label / f"seed{cfg.seed}"
     console = Console()
     console.print(f"training {cfg.method} -> {out}")
 
@@ -139,7 +134,7 @@ def cmd_train(args) -> None:
             for r in rows:
                 console.print(f"  eval @ {step}: {r.get('metric')} = {r.get('value'):.4f}")
 
-    status = train(cfg, out, Printer())
+    status = train(run, out, Printer())
     console.print(f"{status['state']} at step {status['step']}: train {status['train_seconds']:.1f} s, "
                   f"eval {status['eval_seconds']:.1f} s; results in {out}")
 

@@ -101,6 +101,9 @@ def resolve_spec(spec: dict | None, T: int | None = None) -> dict:
         raise ConfigError(f"eval: unknown sampler {out['sampler']!r}; use one of {', '.join(SAMPLERS)}")
     if "sampler_steps" in spec and spec["sampler_steps"] is None:
         out["sampler_steps"] = None
-    check_sampler_args(out["sampler"], out["sampler_steps"], out["eta"], T or 10**9, out["ddpm_variance"],
-                       out["timestep_spacing"])
+    try:
+        check_sampler_args(out["sampler"], out["sampler_steps"], out["eta"], T or 10**9, out["ddpm_variance"],
+                           out["timestep_spacing"])
+    except ConfigError as exc:
+        raise ConfigError(f"eval: {exc}" + (f" (T = {T})" if T else "")) from None
     return out

@@ -80,19 +80,19 @@ def _execute_locked(run: RunSpec, run_dir: Path, train_fn, retry_failed: bool, e
     action = "resumed" if (run_dir / "checkpoint.pt").exists() else "ran"
     start = time.time()
     try:
-        from bench.train import TrainConfig
+        from bench.resolve import resolve_run
 
-        cfg = TrainConfig.from_dict(run.config, where=f"run {run.key}")
+        resolved = resolve_run(run.config, where=f"run {run.key}")
         io.write_json(run_dir / "machine.json", {**machine_info(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
         fn = resolve_train_fn(train_fn)
         if events is not None:
-            fn(cfg, run_dir, events)
+            fn(resolved, run_dir, events)
         else:
-            fn(cfg, run_dir)
+            fn(resolved, run_dir)
         status = read_status(run_dir)
         if not status or status.get("state") != "done":
             # train() returned normally: the run is complete even if it did not say so.
-            write_status(run_dir, "done", cfg.iters)
+            write_status(run_dir, "done", resolved.config.iters)
     except KeyboardInterrupt:
         raise
     except BaseException as exc:  # noqa: BLE001 -- one run's failure must not stop the others
@@ -199,17 +199,17 @@ def _run_inline(todo, dirs, train_fn, retry_failed, reporter, outcomes):
 def _prepare_evaluators(todo, reporter):
     """Train proxy classifiers and reference statistics once, before parallel workers race to."""
     from bench.evaluate import Evaluator
-    from bench.train import TrainConfig, evaluator_spec
+    from bench.resolve import resolve_run
 
     seen = set()
     for run in todo:
-        cfg = TrainConfig.from_dict(run.config)
-        key = json.dumps(evaluator_spec(cfg), sort_keys=True)
-        if cfg.eval and key not in seen:
+        spec = resolve_run(run.config, where=f"run {run.key}").eval_spec
+        key = json.dumps(spec, sort_keys=True)
+        if spec is not None and key not in seen:
             seen.add(key)
-            reporter.message(f"preparing evaluation on {cfg.dataset} (feature extractor and reference statistics; "
-                             "cached after the first time)")
-            Evaluator(evaluator_spec(cfg)).prepare()
+            reporter.message(f"preparing evaluation on {spec['dataset']} (feature extractor and reference "
+                             "statistics; cached after the first time)")
+            Evaluator(spec).prepare()
 
 
 def _run_workers(todo, dirs, train_fn, retry_failed, reporter, outcomes, jobs):

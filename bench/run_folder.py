@@ -165,9 +165,9 @@ def machine_info() -> dict:
 
 def expected_record(config: dict) -> dict:
     """What bench.train will write as config.json for this config (to compare before running)."""
-    from bench.train import TrainConfig, run_record
+    from bench.resolve import resolve_run
 
-    return json.loads(io.dumps(run_record(TrainConfig.from_dict(config))))
+    return json.loads(io.dumps(resolve_run(config).record))
 
 
 def check_conflict(run: RunSpec, run_dir: Path) -> str | None:

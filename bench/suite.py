@@ -320,32 +320,21 @@ def _lr_sweep_entries(grid: dict, methods: list[MethodEntry], baseline: str, tra
     return out
 
 def _validate_runs(suite: Suite, ck: _Checker) -> None:
-    """Build every run's TrainConfig (types, ranges, datasets, methods) and the evaluator's spec."""
+    """Resolve every run (bench.resolve, the one validation of methods, plugins, datasets and the
+    evaluation spec); an [eval] problem is named as the table's, anything else as the run's."""
     from bench.errors import BenchError
-    from bench.train import TrainConfig
+    from bench.resolve import resolve_run
 
     seen = set()
     for run in suite.runs():
-        # The checks depend on the workload and method, not on the seed.
-        sig = (run.workload, run.label)
-        if sig in seen:
+        if (run.workload, run.label) in seen:  # the checks do not depend on the seed
             continue
-        seen.add(sig)
+        seen.add((run.workload, run.label))
+        where = f"{ck.file}: run {run.key}"
         try:
-            TrainConfig.from_dict(run.config, where=f"{ck.file}: run {run.key}")
+            resolve_run(run.config, where=where)
         except BenchError as exc:
-            msg = str(exc)
-            raise SuiteError(msg if msg.startswith(ck.file) else f"{ck.file}: run {run.key}: {msg}") from None
-    from bench.eval_spec import resolve_spec
-    from bench.sampling import check_sampler_args
-
-    try:
-        spec = resolve_spec(suite.eval)
-    except BenchError as exc:
-        ck.fail("eval", str(exc).removeprefix("eval: "))
-    for T in sorted({r.config.get("T", 1000) for r in suite.runs()}):
-        try:
-            check_sampler_args(spec["sampler"], spec["sampler_steps"], spec["eta"], T,
-                               spec["ddpm_variance"], spec["timestep_spacing"])
-        except BenchError as exc:
-            ck.fail("eval.sampler_steps", f"{str(exc).removeprefix('eval: ')} (T = {T})")
+            inner = str(exc).removeprefix(f"{where}: ")
+            if inner.startswith("eval: "):
+                ck.fail("eval", f"{inner.removeprefix('eval: ')} (run {run.key})")
+            raise SuiteError(str(exc)) from None

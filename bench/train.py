@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from bench import io
-from bench.budget import evaluates, is_eval_step
+from bench.budget import is_eval_step
 from bench.data import dataset_info, load_dataset, to_model_range
 from bench.describe import trace
 from bench.diffusion import SCHEDULES, TARGETS, Schedule, make_schedule
@@ -33,6 +33,7 @@ from bench.errors import CheckpointError, ConfigError, DivergenceError
 from bench.models import build_model
 from bench.perf import tune_allocator
 from bench.registry import get_method
+from bench.resolve import ResolvedRun, resolve_run
 from bench.run_folder import config_diff, write_status
 from bench.spec import Method, ema_decay_at, loss_weights_at, optimizer_settings_at, timestep_probs_at
 
@@ -128,8 +129,7 @@ class TrainConfig:
                 bad(key, "must be in [0, 1)")
         if self.resolution is not None and self.resolution < 4:
             bad("resolution", "must be >= 4")
-        dataset_info(self.dataset)
-        get_method(self.method, self.method_params, self.plugins)
+        # The method, its plugins, the dataset and the evaluation spec are checked by bench.resolve.
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -361,17 +361,17 @@ def _evaluate(state: RunState, evaluator, events: TrainEvents | None) -> list[di
     return rows
 
 
-def train(cfg: TrainConfig, out_dir, events: TrainEvents | None = None) -> dict:
+def train(run: ResolvedRun | TrainConfig, out_dir, events: TrainEvents | None = None) -> dict:
     """Train (or resume) the run in `out_dir`; return its final status. `events` hears of every
-    step and evaluation (:class:`TrainEvents`)."""
+    step and evaluation (:class:`TrainEvents`). A bare TrainConfig is resolved first."""
+    run = run if isinstance(run, ResolvedRun) else resolve_run(run)
+    cfg, method = run.config, run.method
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tune_allocator()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    cfg.validate()
-    method = get_method(cfg.method, cfg.method_params, cfg.plugins)
-    done = _open_run_folder(cfg, out, run_record(cfg, method))
+    done = _open_run_folder(cfg, out, run.record)
     if done:
         return done
 
@@ -386,10 +386,10 @@ def train(cfg: TrainConfig, out_dir, events: TrainEvents | None = None) -> dict:
     io.trim_jsonl(out / "evals.jsonl", state.step)
     _set_status(out, "running", state.step, state.clocks)
     evaluator = None
-    if evaluates(cfg.eval, cfg.eval_every):
+    if run.eval_spec is not None:
         from bench.evaluate import Evaluator
 
-        evaluator = Evaluator(evaluator_spec(cfg))
+        evaluator = Evaluator(run.eval_spec)
 
     pending = []
     state.model.train()

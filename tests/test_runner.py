@@ -69,14 +69,12 @@ def _behaviour(label: str) -> str:
     return ""
 
 
-def fake_train(cfg, out_dir, events=None):
+def fake_train(run, out_dir, events=None):
     """bench.train.train's contract in miniature: config.json, steps/evals JSON lines, status,
-    a 'checkpoint' holding the step, exact resume."""
-    from bench.train import run_record
-
+    a 'checkpoint' holding the step, exact resume. Takes a bench.resolve.ResolvedRun, as train does."""
+    cfg, record = run.config, run.record
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    record = run_record(cfg)
     if not (out / "config.json").exists():
         io.write_json(out / "config.json", record)
     label = record["method_label"]

@@ -168,7 +168,7 @@ BAD = [
      "not a Slurm time"),
     ('num_images = 16', 'num_images = 16\n[slurm]\ngpu = 1', "'slurm.gpu'", "unknown key"),
     ('[budget]', '[budget]\nx = [', "", "not valid TOML"),
-    ('num_images = 16', 'num_images = 16\nsampler_steps = 2000', "'eval.sampler_steps'", "1..1000"),
+    ('num_images = 16', 'num_images = 16\nsampler_steps = 2000', "'eval'", "1..1000"),
     ('num_images = 16', 'num_images = 16\nsampler = "euler"', "'eval'", "unknown sampler 'euler'"),
     ('num_images = 16', 'num_images = 16\nnoise_seed = "x"', "'eval.noise_seed'", "must be an integer"),
     ('num_images = 16', 'num_images = 16\ndataset = "cifar10"', "'eval.dataset'", "set by [grid] datasets"),

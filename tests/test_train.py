@@ -17,7 +17,7 @@ from conftest import REPO, needs_fashion
 
 from bench import io
 from bench.data import load_dataset
-from bench.errors import CheckpointError, ConfigError, DatasetError, DivergenceError
+from bench.errors import BenchError, CheckpointError, ConfigError, DatasetError, DivergenceError
 from bench.models import build_model
 from bench.train import TrainConfig, TrainEvents, train
 
@@ -182,8 +182,13 @@ def test_different_config_in_same_folder_refused(tmp_path):
     ({"dataset": "mnist"}, "unknown dataset 'mnist'"),
 ])
 def test_malformed_config(d, match):
-    with pytest.raises((ConfigError, Exception), match=match):
-        TrainConfig.from_dict(d)
+    """Types and ranges fail in TrainConfig; the method and dataset when the run is resolved, which
+    is what every entry point does (bench.resolve), with where the value came from."""
+    from bench.resolve import resolve_run
+
+    with pytest.raises(BenchError, match=match) as err:
+        resolve_run(d, where="my.toml: run x")
+    assert str(err.value).startswith("my.toml: run x: ") and "\n" not in str(err.value)
 
 
 def test_cli_errors_are_one_line(tmp_path):

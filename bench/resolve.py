@@ -1,0 +1,65 @@
+"""A run, resolved once: the one place that turns a run's configuration (a suite's grid entry or
+the command line) into everything a run needs, checked.
+
+:func:`resolve_run` builds the TrainConfig (types and ranges), loads the plugins the config
+names, instantiates the method (hyperparameters checked), finds the dataset, resolves the
+evaluation spec against the run's chain length, and makes the run's record (config.json). The
+CLI, the suite loader, the runner, worker processes, Slurm jobs and ``bench.train.train`` all
+take a :class:`ResolvedRun`; a process that receives only the config (a worker, a job) resolves
+it here too, so plugins are found wherever the run executes. An error names where the bad value
+came from (``where``: the suite file and run key, or "command line") and says how to fix it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+
+from bench.budget import evaluates
+from bench.errors import BenchError
+from bench.spec import Method
+
+
+@dataclass(frozen=True)
+class ResolvedRun:
+    """A checked run: config, method instance, evaluation spec (None: no evaluation), record."""
+
+    config: object  # bench.train.TrainConfig (typed loosely: this module imports no torch at import time)
+    method: Method
+    eval_spec: dict | None
+    record: dict
+
+
+def resolve_run(config, where: str = "config") -> ResolvedRun:
+    """Resolve a TrainConfig or its dict; raise one BenchError line prefixed with `where`."""
+    from bench.train import TrainConfig
+
+    # Types and ranges first (their errors already name `where`), then what needs the registries.
+    cfg = TrainConfig.from_dict(config.to_dict() if isinstance(config, TrainConfig) else config, where=where)
+    try:
+        return _resolve(json.dumps(cfg.to_dict(), sort_keys=True))
+    except BenchError as exc:  # unknown method or dataset, bad hyperparameter or evaluation spec
+        raise type(exc)(f"{where}: {exc}") from None
+
+
+@lru_cache(maxsize=256)
+def _resolve(key: str) -> ResolvedRun:
+    """Once per process and config: runs of a suite share methods and specs, and a method is pure."""
+    from bench.data import dataset_info
+    from bench.registry import get_method
+    from bench.train import TrainConfig, evaluator_spec, run_record
+
+    cfg = TrainConfig.from_dict(json.loads(key))
+    dataset_info(cfg.dataset)
+    method = get_method(cfg.method, cfg.method_params, cfg.plugins)
+    # Hyperparameters as the method typed them ("3" from the command line -> 3.0), so config.json,
+    # the label and the method agree whatever the entry point.
+    cfg = dataclasses.replace(cfg, method_params={k: method.hp.get(k, v) for k, v in cfg.method_params.items()})
+    spec = None
+    if evaluates(cfg.eval, cfg.eval_every):
+        from bench.eval_spec import resolve_spec
+
+        spec = resolve_spec(evaluator_spec(cfg), T=cfg.T)
+    return ResolvedRun(cfg, method, spec, json.loads(json.dumps(run_record(cfg, method), default=str)))
