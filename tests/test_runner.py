@@ -1,30 +1,32 @@
-"""The suite runner (bench/runner.py): layout, skipping and resuming, failure isolation, refusing
-to mix configurations, worker processes, submitit's local executor, and the smoke suite end to
-end with the real training loop.
+"""The suite runner (bench/runner.py and its executors): layout, skipping and resuming, failure
+isolation, refusing to mix configurations, worker processes, submitit's local executor, and the
+smoke suite end to end.
 
-Most tests use `fake_train`, a stand-in with bench.train.train's contract (same files, same
-statuses, resumes from its checkpoint) that takes milliseconds; its failures are chosen with
-the FAKE_TRAIN_FAIL environment variable so that worker processes and submitit jobs see them.
+Every test runs the real bench.train.train on a tiny configuration (unet-micro, 8 steps of 2
+images, 8 evaluation images with 2 sampler steps). Failures come from the `faulty` plugin method
+(tests/plugins/faulty.py): it behaves as the baseline unless the FAULTS environment variable names
+its tag, so worker processes and submitit jobs see the same faults; `logged_train` records every
+call of train with the step it started from.
 """
 
 import io as _io
 import json
 import os
-import signal
 from pathlib import Path
 
 import pytest
 
 from bench import io
 from bench.display import RichReporter
-from bench.errors import DivergenceError
 from bench.run_folder import ResultsConflictError, check_conflict, read_status
 from bench.runner import run_suite
 from bench.slurm import slurm_parameters
 from bench.suite import load_suite
 
 REPO = Path(__file__).resolve().parent.parent
-TRAIN_REF = f"{__name__}:fake_train"
+PLUGINS = Path(__file__).resolve().parent / "plugins"
+TRAIN_REF = f"{__name__}:logged_train"
+WORKLOAD = "synthetic-16_unet-micro"
 
 SUITE = """
 [suite]
@@ -33,7 +35,7 @@ name = "rt"
 [grid]
 methods = {methods}
 datasets = ["synthetic"]
-archs = ["unet-tiny"]
+archs = ["unet-micro"]
 seeds = {seeds}
 
 [budget]
@@ -43,98 +45,46 @@ batch_size = 2
 [train]
 lr = {lr}
 ckpt_every = 2
+plugins = [{plugins}]
 
 [eval]
 every = 4
 metrics = ["proxy_fd"]
 num_images = 8
+sampler_steps = 2
+batch_size = 8
 """
 
 
-def make_suite(tmp_path, methods=("baseline", "clts"), seeds=(0, 1), lr=1e-3):
+def make_suite(tmp_path, methods=("baseline", "faulty-tagb"), seeds=(0, 1), lr=1e-3):
+    """A suite of the given method labels: "faulty-tag<x>" is the faulty plugin with tag x."""
+    entries = [{"name": "faulty", "tag": m.split("-tag")[1]} if m.startswith("faulty-tag") else m for m in methods]
+    toml = json.dumps(entries).replace('{"name": "faulty", "tag": ', '{name = "faulty", tag = ')
     p = tmp_path / "rt.toml"
-    p.write_text(SUITE.format(methods=json.dumps(list(methods)), seeds=json.dumps(list(seeds)), lr=lr))
+    p.write_text(SUITE.format(methods=toml, seeds=json.dumps(list(seeds)), lr=lr,
+                              plugins=json.dumps(str(PLUGINS / "faulty.py"))))
     return load_suite(p)
 
 
-# ----------------------------------------------------------------------------------------------
-# The stand-in training function.
+def logged_train(run, out_dir, events=None):
+    """bench.train.train, logging "<label>/<seed folder> <start step>" to $TRAIN_LOG (across processes)."""
+    from bench.train import train
 
-
-def _behaviour(label: str) -> str:
-    for item in filter(None, os.environ.get("FAKE_TRAIN_FAIL", "").split(",")):
-        name, _, kind = item.partition(":")
-        if name == label:
-            return kind
-    return ""
-
-
-def fake_train(run, out_dir, events=None):
-    """bench.train.train's contract in miniature: config.json, steps/evals JSON lines, status,
-    a 'checkpoint' holding the step, exact resume. Takes a bench.resolve.ResolvedRun, as train does."""
-    cfg, record = run.config, run.record
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if not (out / "config.json").exists():
-        io.write_json(out / "config.json", record)
-    label = record["method_label"]
-    ckpt = out / "checkpoint.pt"
-    start = int(ckpt.read_text()) if ckpt.exists() else 0
-    if os.environ.get("FAKE_TRAIN_LOG"):
-        with open(os.environ["FAKE_TRAIN_LOG"], "a") as f:
-            f.write(f"{out.parent.name}/{out.name} {start}\n")
-    io.trim_jsonl(out / "steps.jsonl", start)
-    io.trim_jsonl(out / "evals.jsonl", start)
-    io.write_json(out / "status.json", {"state": "running", "step": start, "reason": None,
-                                        "train_seconds": 0.0, "eval_seconds": 0.0})
-    io.write_json(out / "method_trace.json", {"label": label, "progress": [0.0, 1.0],
-                                              "timestep_probs": [[0.5, 0.5], [0.5, 0.5]]})
-    kind = _behaviour(label)
-    speed = 2.0 if cfg.method == "clts" else 1.0
-    for step in range(start + 1, cfg.iters + 1):
-        if kind == "oom" and step == 3:
-            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        if kind == "error" and step == 2:
-            raise ValueError("bad thing happened")
-        if kind == "kill" and step == 2:
-            os.kill(os.getpid(), signal.SIGKILL)
-        if kind.startswith("interrupt@") and step == int(kind.split("@")[1]) + 1:
-            raise KeyboardInterrupt
-        loss = float("nan") if kind == "diverge" and step == 5 else 1.0 / step
-        row = {"step": step, "p": (step - 1) / cfg.iters, "loss": loss, "loss_q0": 0.1, "loss_q1": 0.2,
-               "loss_q2": None, "loss_q3": 0.4, "lr": cfg.lr, "beta1": 0.9, "grad_norm": 1.0,
-               "images_per_s": 10.0, "train_seconds": 0.01 * step}
-        io.append_jsonl(out / "steps.jsonl", [row])
-        if events:
-            events.on_step(step, cfg.iters, row)
-        if loss != loss:
-            io.write_json(out / "status.json", {"state": "failed", "step": step, "reason":
-                                                f"non-finite loss (nan) at step {step}", "train_seconds": 0.1,
-                                                "eval_seconds": 0.0})
-            raise DivergenceError(step, f"training diverged: loss nan at step {step}; lower lr")
-        if step % cfg.eval_every == 0 or step == cfg.iters:
-            rows = [{"step": step, "metric": "proxy_fd", "value": 10.0 / (1 + speed * step) + 0.01 * cfg.seed,
-                     "feature_extractor": "fake", "num_gen": 8, "ref_split": "test", "num_ref": 8,
-                     "sampler": "ddim", "sampler_steps": 2, "eta": 0.0, "eval_seconds": 0.0}]
-            io.append_jsonl(out / "evals.jsonl", rows)
-            if events:
-                events.on_eval(step, rows)
-        if step % cfg.ckpt_every == 0:
-            io.atomic_write_bytes(ckpt, str(step).encode())
-            io.write_json(out / "status.json", {"state": "running", "step": step, "reason": None,
-                                                "train_seconds": 0.01 * step, "eval_seconds": 0.0})
-    io.write_json(out / "status.json", {"state": "done", "step": cfg.iters, "reason": None,
-                                        "train_seconds": 0.08, "eval_seconds": 0.0})
-    return io.read_json(out / "status.json")
+    status = read_status(Path(out_dir))
+    start = status["step"] if status and (Path(out_dir) / "checkpoint.pt").exists() else 0
+    if os.environ.get("TRAIN_LOG"):
+        with open(os.environ["TRAIN_LOG"], "a") as f:
+            f.write(f"{Path(out_dir).parent.name}/{Path(out_dir).name} {start}\n")
+    return train(run, out_dir, events)
 
 
 @pytest.fixture
 def calls(tmp_path, monkeypatch):
-    """The list of (run, start step) of every fake_train call, across processes."""
+    """The list of (run, start step) of every train call, across processes."""
     log = tmp_path / "calls.log"
     log.touch()
-    monkeypatch.setenv("FAKE_TRAIN_LOG", str(log))
-    monkeypatch.delenv("FAKE_TRAIN_FAIL", raising=False)
+    monkeypatch.setenv("TRAIN_LOG", str(log))
+    monkeypatch.delenv("FAULTS", raising=False)
     return lambda: [tuple(line.split()) for line in log.read_text().splitlines()]
 
 
@@ -144,83 +94,85 @@ def calls(tmp_path, monkeypatch):
 def test_runs_every_run_into_its_folder_then_skips_them(tmp_path, calls):
     suite = make_suite(tmp_path)
     events = []
-    res = run_suite(suite, results_root=tmp_path / "results", progress=events.append, train_fn=fake_train)
+    res = run_suite(suite, results_root=tmp_path / "results", progress=events.append, train_fn=logged_train)
     assert res.ok and len(res.outcomes) == 4
-    root = tmp_path / "results" / "rt" / "synthetic-16_unet-tiny"
-    for label in ("baseline", "clts"):
+    root = tmp_path / "results" / "rt" / WORKLOAD
+    for label in ("baseline", "faulty-tagb"):
         for seed in (0, 1):
             d = root / label / f"seed{seed}"
             assert read_status(d)["state"] == "done"
             assert (d / "machine.json").exists() and (d / "config.json").exists()
     assert json.loads((tmp_path / "results" / "rt" / "suite.json").read_text())["name"] == "rt"
-    assert [c[0] for c in calls()] == ["baseline/seed0", "clts/seed0", "baseline/seed1", "clts/seed1"]
+    assert [c[0] for c in calls()] == ["baseline/seed0", "faulty-tagb/seed0", "baseline/seed1", "faulty-tagb/seed1"]
     kinds = [e["event"] for e in events]
     assert kinds[0] == "suite_start" and kinds[-1] == "suite_end"
     assert {"run_start", "step", "evaluating", "eval", "run_end"} <= set(kinds)
     assert all(o.final["proxy_fd"] > 0 for o in res.outcomes)
 
-    again = run_suite(suite, results_root=tmp_path / "results", progress=False, train_fn=fake_train)
+    again = run_suite(suite, results_root=tmp_path / "results", progress=False, train_fn=logged_train)
     assert [o.action for o in again.outcomes] == ["skipped"] * 4 and again.ok
     assert len(calls()) == 4  # nothing ran
 
 
 def test_interrupted_run_resumes_where_it_stopped(tmp_path, calls, monkeypatch):
     suite = make_suite(tmp_path, seeds=[0])
-    monkeypatch.setenv("FAKE_TRAIN_FAIL", "clts:interrupt@4")
+    monkeypatch.setenv("FAULTS", "b:interrupt@5")  # Ctrl-C during step 5, after the checkpoint at 4
     with pytest.raises(KeyboardInterrupt):
-        run_suite(suite, results_root=tmp_path / "r", progress=False, train_fn=fake_train)
-    d = tmp_path / "r" / "rt" / "synthetic-16_unet-tiny" / "clts" / "seed0"
-    assert read_status(d) ["state"] == "running" and read_status(d)["step"] == 4
-    monkeypatch.delenv("FAKE_TRAIN_FAIL")
-    res = run_suite(suite, results_root=tmp_path / "r", progress=False, train_fn=fake_train)
+        run_suite(suite, results_root=tmp_path / "r", progress=False, train_fn=logged_train)
+    d = tmp_path / "r" / "rt" / WORKLOAD / "faulty-tagb" / "seed0"
+    assert read_status(d)["state"] == "running" and read_status(d)["step"] == 4
+    monkeypatch.delenv("FAULTS")
+    res = run_suite(suite, results_root=tmp_path / "r", progress=False, train_fn=logged_train)
     by = {o.key.split("/")[1]: o for o in res.outcomes}
-    assert by["baseline"].action == "skipped" and by["clts"].action == "resumed" and res.ok
-    assert calls() == [("baseline/seed0", "0"), ("clts/seed0", "0"), ("clts/seed0", "4")]
+    assert by["baseline"].action == "skipped" and by["faulty-tagb"].action == "resumed" and res.ok
+    assert calls() == [("baseline/seed0", "0"), ("faulty-tagb/seed0", "0"), ("faulty-tagb/seed0", "4")]
     steps = [r["step"] for r in io.read_jsonl(d / "steps.jsonl")]
     assert steps == list(range(1, 9))  # every step exactly once
     assert [r["step"] for r in io.read_jsonl(d / "evals.jsonl")] == [4, 8]
 
 
 def test_a_failed_run_is_recorded_and_the_others_go_on(tmp_path, calls, monkeypatch):
-    suite = make_suite(tmp_path, methods=["baseline", "p2", "min_snr", "clts"], seeds=[0])
-    monkeypatch.setenv("FAKE_TRAIN_FAIL", "p2:oom,min_snr:diverge,clts:error")
-    res = run_suite(suite, results_root=tmp_path / "r", progress=False, train_fn=fake_train)
+    suite = make_suite(tmp_path, methods=["baseline", "faulty-tago", "faulty-tagd", "faulty-tage"], seeds=[0])
+    # Out of memory in step 3 and an exception in step 3 (the last checkpoint was at 2); a non-finite
+    # loss at step 5, which train records itself.
+    monkeypatch.setenv("FAULTS", "o:oom@3,d:diverge@5,e:error@3")
+    res = run_suite(suite, results_root=tmp_path / "r", progress=False, train_fn=logged_train)
     by = {o.key.split("/")[1]: o for o in res.outcomes}
     assert by["baseline"].state == "done"
-    root = tmp_path / "r" / "rt" / "synthetic-16_unet-tiny"
-    p2 = read_status(root / "p2" / "seed0")
-    assert p2["state"] == "failed" and p2["step"] == 2 and p2["error"] == "oom"
-    assert "out of memory" in p2["reason"] and "batch_size" in p2["reason"]
-    ms = read_status(root / "min_snr" / "seed0")
+    root = tmp_path / "r" / "rt" / WORKLOAD
+    oom = read_status(root / "faulty-tago" / "seed0")
+    assert oom["state"] == "failed" and oom["step"] == 2 and oom["error"] == "oom"
+    assert "out of memory" in oom["reason"] and "batch_size" in oom["reason"]
+    ms = read_status(root / "faulty-tagd" / "seed0")
     assert ms["state"] == "failed" and ms["step"] == 5 and "non-finite" in ms["reason"]
-    cl = read_status(root / "clts" / "seed0")
-    assert cl["state"] == "failed" and cl["step"] == 1 and cl["reason"] == "ValueError: bad thing happened"
-    assert "Traceback" in (root / "clts" / "seed0" / "error.log").read_text()
+    cl = read_status(root / "faulty-tage" / "seed0")
+    assert cl["state"] == "failed" and cl["step"] == 2 and cl["reason"] == "ValueError: bad thing happened"
+    assert "Traceback" in (root / "faulty-tage" / "seed0" / "error.log").read_text()
     assert not res.ok and len(res.by_state("failed")) == 3
 
     # Again: the divergence is deterministic and stays recorded; the other failures are retried.
     n = len(calls())
-    res = run_suite(suite, results_root=tmp_path / "r", progress=False, train_fn=fake_train)
+    res = run_suite(suite, results_root=tmp_path / "r", progress=False, train_fn=logged_train)
     rerun = {c[0] for c in calls()[n:]}
-    assert rerun == {"p2/seed0", "clts/seed0"}
-    assert {o.key.split("/")[1]: o.action for o in res.outcomes}["min_snr"] == "skipped"
+    assert rerun == {"faulty-tago/seed0", "faulty-tage/seed0"}
+    assert {o.key.split("/")[1]: o.action for o in res.outcomes}["faulty-tagd"] == "skipped"
     n = len(calls())
-    monkeypatch.delenv("FAKE_TRAIN_FAIL")
-    res = run_suite(suite, results_root=tmp_path / "r", progress=False, train_fn=fake_train, retry_failed=True)
-    assert {c[0] for c in calls()[n:]} == {"p2/seed0", "clts/seed0", "min_snr/seed0"}
+    monkeypatch.delenv("FAULTS")
+    res = run_suite(suite, results_root=tmp_path / "r", progress=False, train_fn=logged_train, retry_failed=True)
+    assert {c[0] for c in calls()[n:]} == {"faulty-tago/seed0", "faulty-tage/seed0", "faulty-tagd/seed0"}
     assert res.ok
 
 
 def test_results_of_another_config_are_never_mixed(tmp_path, calls):
     suite = make_suite(tmp_path, methods=["baseline"], seeds=[0])
-    run_suite(suite, results_root=tmp_path / "r", progress=False, train_fn=fake_train)
+    run_suite(suite, results_root=tmp_path / "r", progress=False, train_fn=logged_train)
     changed = make_suite(tmp_path, methods=["baseline"], seeds=[0], lr=2e-3)
-    d = tmp_path / "r" / "rt" / "synthetic-16_unet-tiny" / "baseline" / "seed0"
+    d = tmp_path / "r" / "rt" / WORKLOAD / "baseline" / "seed0"
     assert "lr: 0.001 there, 0.002 requested" in check_conflict(changed.runs()[0], d)
     before = (d / "config.json").read_text()
     for dry in (False, True):
         with pytest.raises(ResultsConflictError) as info:
-            run_suite(changed, results_root=tmp_path / "r", progress=False, train_fn=fake_train, dry_run=dry)
+            run_suite(changed, results_root=tmp_path / "r", progress=False, train_fn=logged_train, dry_run=dry)
         assert str(d) in str(info.value) and "lr" in str(info.value) and "Refusing to mix" in str(info.value)
     assert len(calls()) == 1 and (d / "config.json").read_text() == before
 
@@ -228,7 +180,7 @@ def test_results_of_another_config_are_never_mixed(tmp_path, calls):
 def test_dry_run_prints_the_plan_and_runs_nothing(tmp_path, calls):
     suite = make_suite(tmp_path)
     events = []
-    res = run_suite(suite, results_root=tmp_path / "r", dry_run=True, progress=events.append, train_fn=fake_train)
+    res = run_suite(suite, results_root=tmp_path / "r", dry_run=True, progress=events.append, train_fn=logged_train)
     assert not (tmp_path / "r").exists() and calls() == []
     plan = res.plan
     for r in suite.runs():
@@ -236,34 +188,34 @@ def test_dry_run_prints_the_plan_and_runs_nothing(tmp_path, calls):
     assert "images to train: 64" in plan and "estimated time" in plan
     assert [o.action for o in res.outcomes] == ["planned"] * 4
     assert any(e["event"] == "message" and e["text"] == plan for e in events)
-    only = run_suite(suite, results_root=tmp_path / "r", dry_run=True, progress=False, only="*/clts/*")
-    assert [o.key for o in only.outcomes] == ["synthetic-16_unet-tiny/clts/seed0", "synthetic-16_unet-tiny/clts/seed1"]
+    only = run_suite(suite, results_root=tmp_path / "r", dry_run=True, progress=False, only="*/faulty-tagb/*")
+    assert [o.key for o in only.outcomes] == [f"{WORKLOAD}/faulty-tagb/seed0", f"{WORKLOAD}/faulty-tagb/seed1"]
 
 
 def test_rich_display_and_summary_table(tmp_path, calls, monkeypatch):
     from rich.console import Console
 
-    monkeypatch.setenv("FAKE_TRAIN_FAIL", "clts:error")
+    monkeypatch.setenv("FAULTS", "b:error")
     suite = make_suite(tmp_path, seeds=[0])
     for live in (True, False):
         buf = _io.StringIO()
         console = Console(file=buf, force_terminal=live, width=160)
         run_suite(suite, results_root=tmp_path / f"r{live}", progress=RichReporter(console, live=live),
-                  train_fn=fake_train)
+                  train_fn=logged_train)
         out = buf.getvalue()
         assert "suite rt" in out and "baseline" in out and "failed" in out and "bad thing happened" in out
         assert "proxy_fd" in out  # the summary table's metric column
 
 
 def test_parallel_worker_processes_and_a_killed_worker(tmp_path, calls, monkeypatch):
-    monkeypatch.setenv("FAKE_TRAIN_FAIL", "clts:kill")
+    monkeypatch.setenv("FAULTS", "b:kill@3")  # SIGKILL in step 3: the checkpoint at 2 remains
     suite = make_suite(tmp_path, seeds=[0])
     res = run_suite(suite, results_root=tmp_path / "r", jobs=2, progress=False, train_fn=TRAIN_REF)
     by = {o.key.split("/")[1]: o for o in res.outcomes}
     assert by["baseline"].state == "done" and by["baseline"].final["proxy_fd"] > 0
-    assert by["clts"].state == "failed" and "signal 9" in by["clts"].reason
-    st = read_status(tmp_path / "r" / "rt" / "synthetic-16_unet-tiny" / "clts" / "seed0")
-    assert st["state"] == "failed" and st["step"] == 1 and st["error"] == "oom"
+    assert by["faulty-tagb"].state == "failed" and "signal 9" in by["faulty-tagb"].reason
+    st = read_status(tmp_path / "r" / "rt" / WORKLOAD / "faulty-tagb" / "seed0")
+    assert st["state"] == "failed" and st["step"] == 2 and st["error"] == "oom"
 
 
 def test_submitit_local_executor_runs_the_job_array(tmp_path, calls, monkeypatch):
@@ -275,7 +227,7 @@ def test_submitit_local_executor_runs_the_job_array(tmp_path, calls, monkeypatch
     res = run_suite(suite, executor="submitit-local", results_root=tmp_path / "r", progress=False,
                     train_fn=TRAIN_REF, slurm={"time": 5})
     assert res.ok and [o.state for o in res.outcomes] == ["done", "done"]
-    assert sorted(c[0] for c in calls()) == ["baseline/seed0", "clts/seed0"]
+    assert sorted(c[0] for c in calls()) == ["baseline/seed0", "faulty-tagb/seed0"]
     assert any((tmp_path / "r" / "rt" / "_submitit").rglob("*_submitted.pkl"))
     again = run_suite(suite, executor="submitit-local", results_root=tmp_path / "r", progress=False,
                       train_fn=TRAIN_REF)
@@ -286,14 +238,14 @@ def test_a_run_locked_by_another_process_is_left_alone(tmp_path, calls):
     import fcntl
 
     suite = make_suite(tmp_path, methods=["baseline"], seeds=[0])
-    d = tmp_path / "r" / "rt" / "synthetic-16_unet-tiny" / "baseline" / "seed0"
+    d = tmp_path / "r" / "rt" / WORKLOAD / "baseline" / "seed0"
     d.mkdir(parents=True)
     with open(d / ".lock", "a") as held:
         fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        res = run_suite(suite, results_root=tmp_path / "r", progress=False, train_fn=fake_train)
+        res = run_suite(suite, results_root=tmp_path / "r", progress=False, train_fn=logged_train)
     assert calls() == [] and res.outcomes[0].action == "skipped"
     assert "another process" in res.outcomes[0].reason
-    assert run_suite(suite, results_root=tmp_path / "r", progress=False, train_fn=fake_train).ok
+    assert run_suite(suite, results_root=tmp_path / "r", progress=False, train_fn=logged_train).ok
 
 
 def test_a_queued_slurm_job_is_not_submitted_twice(tmp_path, monkeypatch):
@@ -322,7 +274,7 @@ def test_slurm_without_a_cluster_is_a_clear_error(tmp_path, calls):
         pytest.skip("this machine is a Slurm node")
     suite = make_suite(tmp_path, seeds=[0])
     with pytest.raises(ConfigError, match="could not submit.*Slurm login node"):
-        run_suite(suite, executor="slurm", results_root=tmp_path / "r", progress=False, train_fn=fake_train,
+        run_suite(suite, executor="slurm", results_root=tmp_path / "r", progress=False, train_fn=logged_train,
                   slurm={"partition": "gpu", "time": "1:00:00"})
     assert calls() == []
 
