@@ -58,6 +58,7 @@ from bench.report_tables import (
 )
 from bench.report_text import _machine_lines, _protocol_lines, _training_lines
 from bench.speedup import lower_is_better
+from bench.suite_schema import REPORT_DEFAULTS
 
 
 @dataclass
@@ -92,20 +93,19 @@ class _Report:
 def _read_results(suite_dir: Path, out: Path) -> _Report:
     """The results tree and the suite's report settings (suite.json), with their defaults."""
     info = _read_json(suite_dir / "suite.json") or {}
-    rep = info.get("report") or {}
+    rep = {**REPORT_DEFAULTS, **(info.get("report") or {})}  # a results tree from an older suite.json
     runs = find_runs(suite_dir)
     evals = evaluations_table(suite_dir, runs)
     labels = sorted({r["label"] for r in runs})
-    baseline = rep.get("baseline", "baseline" if "baseline" in labels else None)
-    baseline = baseline if baseline in labels else None
+    baseline = rep["baseline"] if rep["baseline"] in labels else None
     primary = rep.get("metric") or (sorted(evals.metric.unique())[0] if not evals.empty else None)
     metrics = sorted(evals.metric.unique(), key=lambda m: (m != primary, m)) if not evals.empty else []
-    targets = [float(f) for f in rep.get("targets") or [0.5, 0.75, 1.0]]
-    headline = float(rep.get("headline", 0.75 if 0.75 in targets else targets[-1]))
-    stats_kw = dict(targets=targets, confidence=float(rep.get("confidence", 0.95)),
-                    n_boot=int(rep.get("bootstrap", 2000)), seed=int(rep.get("seed", 0)))
+    targets = [float(f) for f in rep["targets"]]
+    headline = float(rep["headline"]) if float(rep["headline"]) in targets else targets[-1]
+    stats_kw = dict(targets=targets, confidence=float(rep["confidence"]), n_boot=int(rep["bootstrap"]),
+                    seed=int(rep["seed"]))
     return _Report(suite_dir, out, info, runs, evals, baseline, _method_order(labels, baseline), metrics, primary,
-                   rep.get("fractions") or [0.25, 0.5, 0.75, 1.0], info.get("lr_sweep") or {}, targets, headline,
+                   rep["fractions"], info.get("lr_sweep") or {}, targets, headline,
                    stats_kw)
 
 

@@ -23,7 +23,7 @@ from bench.run_folder import (
     read_status,
     write_failed,
 )
-from bench.suite_schema import parse_slurm_time
+from bench.suite_schema import SLURM_SCHEMA, parse_slurm_time
 
 
 class RunJob:
@@ -44,8 +44,7 @@ class RunJob:
 
 def slurm_parameters(settings: dict, suite_name: str, cluster: str) -> dict:
     """submitit AutoExecutor parameters from a [slurm] table (plus overrides)."""
-    known = {"partition", "gpus", "time", "account", "qos", "constraint", "cpus_per_task", "mem_gb",
-             "array_parallelism", "max_num_timeout", "setup", "additional", "name"}
+    known = set(SLURM_SCHEMA) | {"name"}  # the suite's [slurm] keys, and the job name
     unknown = sorted(set(settings) - known)
     if unknown:
         raise ConfigError(f"unknown Slurm setting {unknown[0]!r}; known: {', '.join(sorted(known))}")
@@ -57,7 +56,6 @@ def slurm_parameters(settings: dict, suite_name: str, cluster: str) -> dict:
 
 
 def _slurm_parameters(settings: dict, p: dict, cluster: str) -> dict:
-
     if "time" in settings:
         p["timeout_min"] = parse_slurm_time(settings["time"])
     if "gpus" in settings and cluster == "slurm":
@@ -78,6 +76,7 @@ def _slurm_parameters(settings: dict, p: dict, cluster: str) -> dict:
     if settings.get("additional"):
         p["slurm_additional_parameters"] = dict(settings["additional"])
     return p
+
 
 SLURM_ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING",
                 "REQUEUE_HOLD", "REQUEUE_FED", "STAGE_OUT", "SIGNALING"}
