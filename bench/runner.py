@@ -79,49 +79,21 @@ def run_suite(suite: Suite | str | os.PathLike, executor: str = "local", jobs: i
     if not isinstance(suite, Suite):
         suite = load_suite(suite)
     suite_dir = Path(results_root) / suite.name
-    runs = suite.runs()
-    if only:
-        patterns = [only] if isinstance(only, str) else list(only)
-        runs = [r for r in runs if any(fnmatch.fnmatchcase(r.key, p) for p in patterns)]
-        if not runs:
-            raise ConfigError(f"--only {patterns} matches no run of suite {suite.name}; run keys look like "
-                              f"{suite.runs()[0].key}")
+    runs = _select(suite, only)
     dirs = {r.key: r.run_dir(results_root) for r in runs}
-
-    # Refuse to mix configurations, before anything runs.
-    conflicts = []
-    for r in runs:
-        why = check_conflict(r, dirs[r.key])
-        if why:
-            conflicts.append(f"{dirs[r.key]} ({why})")
-    if conflicts:
-        more = f" and {len(conflicts) - 3} more" if len(conflicts) > 3 else ""
-        raise ResultsConflictError(
-            f"results of another configuration are in the way: {'; '.join(conflicts[:3])}{more}. Refusing to mix "
-            f"them: move or delete those folders, rename the suite, or pass another results root")
-
+    _refuse_conflicts(runs, dirs)
     statuses = {r.key: read_status(dirs[r.key]) for r in runs}
     reporter = make_reporter(progress)
-
     if dry_run:
-        states = {k: (s or {}).get("state", "todo") for k, s in statuses.items()}
-        plan = describe_plan(_subset(suite, runs), states, jobs)
-        reporter.message(plan)
-        outcomes = [RunOutcome(r.key, str(dirs[r.key]), states[r.key], "planned",
-                               (statuses[r.key] or {}).get("step")) for r in runs]
-        result = SuiteResult(suite.name, suite_dir, outcomes, plan=plan)
-        reporter.suite_end(result)
-        return result
+        return _plan(suite, runs, dirs, statuses, jobs, reporter, suite_dir)
 
+    # Run what is not finished; the rest is reported as skipped.
     suite_dir.mkdir(parents=True, exist_ok=True)
     io.write_json(suite_dir / "suite.json", suite.to_dict())
     todo = [r for r in runs if should_run(statuses[r.key], retry_failed)]
-    todo_keys = {r.key for r in todo}
     reporter.suite_start(suite, todo, len(runs))
-    outcomes: dict[str, RunOutcome] = {}
-    for r in runs:
-        if r.key not in todo_keys:
-            outcomes[r.key] = outcome_from_dict(_skipped(r, dirs[r.key], statuses[r.key]))
+    outcomes: dict[str, RunOutcome] = {r.key: outcome_from_dict(_skipped(r, dirs[r.key], statuses[r.key]))
+                                       for r in runs if r not in todo}
     try:
         if executor == "local" and jobs == 1:
             _run_inline(todo, dirs, train_fn, retry_failed, reporter, outcomes)
@@ -134,6 +106,46 @@ def run_suite(suite: Suite | str | os.PathLike, executor: str = "local", jobs: i
     finally:
         result = SuiteResult(suite.name, suite_dir, [outcomes[r.key] for r in runs if r.key in outcomes])
         reporter.suite_end(result)
+    return result
+
+
+def _select(suite: Suite, only: str | list[str] | None) -> list[RunSpec]:
+    """The suite's runs, or those whose key matches one of the `only` glob patterns."""
+    runs = suite.runs()
+    if not only:
+        return runs
+    patterns = [only] if isinstance(only, str) else list(only)
+    runs = [r for r in runs if any(fnmatch.fnmatchcase(r.key, p) for p in patterns)]
+    if not runs:
+        raise ConfigError(f"--only {patterns} matches no run of suite {suite.name}; run keys look like "
+                          f"{suite.runs()[0].key}")
+    return runs
+
+
+def _refuse_conflicts(runs: list[RunSpec], dirs: dict[str, Path]) -> None:
+    """Refuse to mix configurations, before anything runs."""
+    conflicts = []
+    for r in runs:
+        why = check_conflict(r, dirs[r.key])
+        if why:
+            conflicts.append(f"{dirs[r.key]} ({why})")
+    if conflicts:
+        more = f" and {len(conflicts) - 3} more" if len(conflicts) > 3 else ""
+        raise ResultsConflictError(
+            f"results of another configuration are in the way: {'; '.join(conflicts[:3])}{more}. Refusing to mix "
+            f"them: move or delete those folders, rename the suite, or pass another results root")
+
+
+def _plan(suite: Suite, runs: list[RunSpec], dirs: dict, statuses: dict, jobs: int, reporter,
+          suite_dir: Path) -> SuiteResult:
+    """The dry run: every run with its state and the cost estimate; nothing runs."""
+    states = {k: (s or {}).get("state", "todo") for k, s in statuses.items()}
+    plan = describe_plan(_subset(suite, runs), states, jobs)
+    reporter.message(plan)
+    outcomes = [RunOutcome(r.key, str(dirs[r.key]), states[r.key], "planned",
+                           (statuses[r.key] or {}).get("step")) for r in runs]
+    result = SuiteResult(suite.name, suite_dir, outcomes, plan=plan)
+    reporter.suite_end(result)
     return result
 
 
