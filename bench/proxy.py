@@ -291,8 +291,7 @@ def get_proxy(dataset: str, resolution: int | None = None, *, data_dir=None, cac
     the cache (for tests); it never writes to WEIGHTS_DIR. `data_dir` only says where to find the
     dataset when one must be trained; a shipped extractor is used whatever it is.
     """
-    from bench.data import dataset_info, load_dataset
-    from bench.io import atomic_write
+    from bench.data import dataset_info
 
     res = int(resolution) if resolution else int(dataset_info(dataset).RESOLUTION)
     if not retrain and (dataset, res, seed) in SHIPPED:
@@ -311,33 +310,61 @@ def get_proxy(dataset: str, resolution: int | None = None, *, data_dir=None, cac
     key = (str(pt_path.resolve()), seed)
     if not retrain and key in _LOADED:
         return _LOADED[key]
-    train = None  # (images, labels), loaded only when needed: Fashion-MNIST takes seconds
-
-    def train_split():
-        nonlocal train
-        if train is None:
-            train = load_dataset(dataset, split="train", data_dir=data_dir, resolution=res)
-        return train
-
+    loader = _TrainSplit(dataset, data_dir, res)
     if not retrain and pt_path.is_file() and json_path.is_file():
-        try:
-            info = json.loads(json_path.read_text())
-            data = pt_path.read_bytes()
-            sha256 = hashlib.sha256(data).hexdigest()
-            if (hashlib.sha1(data).hexdigest() == info["weights_sha1"] and info.get("version") == PROXY_VERSION
-                    and info.get("weights_sha256", sha256) == sha256):
-                model = _model_from_bytes(info, data)
-                if "feature_scale" not in info or "weights_sha256" not in info:  # a record from an older version
-                    if "feature_scale" not in info:
-                        info["feature_scale"] = feature_scale(model, train_split()[0])
-                    info["weights_sha256"] = sha256
-                    atomic_write(json_path, lambda f: f.write((json.dumps(info, indent=2) + "\n").encode()))
-                _LOADED[key] = ProxyExtractor(model, info)
-                return _LOADED[key]
-            if verbose:
-                print(f"proxy: cached {pt_path.name} does not match its record; retraining", file=sys.stderr)
-        except (OSError, ValueError, KeyError, RuntimeError):
-            pass
+        cached = _load_cached(pt_path, json_path, loader, verbose)
+        if cached is not None:
+            _LOADED[key] = cached
+            return cached
+    _LOADED[key] = _train_and_cache(dataset, res, seed, data_dir, loader, pt_path, json_path, verbose)
+    return _LOADED[key]
+
+
+class _TrainSplit:
+    """The training split, loaded on first use only (Fashion-MNIST takes seconds)."""
+
+    def __init__(self, dataset: str, data_dir, res: int):
+        self.args, self.data = (dataset, data_dir, res), None
+
+    def __call__(self):
+        if self.data is None:
+            from bench.data import load_dataset
+
+            dataset, data_dir, res = self.args
+            self.data = load_dataset(dataset, split="train", data_dir=data_dir, resolution=res)
+        return self.data
+
+
+def _load_cached(pt_path: Path, json_path: Path, train_split: _TrainSplit, verbose: bool):
+    """A trained-here extractor from the cache, its weights checked against its record; None if unusable."""
+    from bench.io import atomic_write
+
+    try:
+        info = json.loads(json_path.read_text())
+        data = pt_path.read_bytes()
+        sha256 = hashlib.sha256(data).hexdigest()
+        if (hashlib.sha1(data).hexdigest() == info["weights_sha1"] and info.get("version") == PROXY_VERSION
+                and info.get("weights_sha256", sha256) == sha256):
+            model = _model_from_bytes(info, data)
+            if "feature_scale" not in info or "weights_sha256" not in info:  # a record from an older version
+                if "feature_scale" not in info:
+                    info["feature_scale"] = feature_scale(model, train_split()[0])
+                info["weights_sha256"] = sha256
+                atomic_write(json_path, lambda f: f.write((json.dumps(info, indent=2) + "\n").encode()))
+            return ProxyExtractor(model, info)
+        if verbose:
+            print(f"proxy: cached {pt_path.name} does not match its record; retraining", file=sys.stderr)
+    except (OSError, ValueError, KeyError, RuntimeError):
+        pass
+    return None
+
+
+def _train_and_cache(dataset: str, res: int, seed: int, data_dir, train_split: _TrainSplit, pt_path: Path,
+                     json_path: Path, verbose: bool) -> ProxyExtractor:
+    """Train the extractor here (deterministic code, machine-dependent floats) and cache it with its record."""
+    from bench.data import load_dataset
+    from bench.io import atomic_write
+
     train_x, train_y = train_split()
     test_x, test_y = load_dataset(dataset, split="test", data_dir=data_dir, resolution=res)
     t0 = time.perf_counter()
@@ -357,5 +384,4 @@ def get_proxy(dataset: str, resolution: int | None = None, *, data_dir=None, cac
     atomic_write(json_path, lambda f: f.write((json.dumps(info, indent=2) + "\n").encode()))
     if verbose:
         print(f"proxy: trained {info['name']} in {train_seconds:.0f}s, test accuracy {acc:.4f}", file=sys.stderr)
-    _LOADED[key] = ProxyExtractor(model, info)
-    return _LOADED[key]
+    return ProxyExtractor(model, info)
