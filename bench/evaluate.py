@@ -104,7 +104,7 @@ class Evaluator:
         import json
 
         from bench.fid import feature_stats, frechet_distance, kernel_distance
-        from bench.io import atomic_write_bytes
+        from bench.fileio import atomic_write_bytes
 
         s = self.spec
         cache = ref.path.with_name(f"{ref.path.stem}-floor{s['num_images']}-k{s['kid_subsets']}x"

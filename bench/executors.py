@@ -12,7 +12,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable
 
-from bench import io
+from bench import fileio
 from bench.budget import evaluates, is_eval_step
 from bench.display import FilePoller
 from bench.errors import BenchError
@@ -83,7 +83,7 @@ def _execute_locked(run: RunSpec, run_dir: Path, train_fn, retry_failed: bool, e
         from bench.resolve import resolve_run
 
         resolved = resolve_run(run.config, where=f"run {run.key}")
-        io.write_json(run_dir / "machine.json", {**machine_info(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        fileio.write_json(run_dir / "machine.json", {**machine_info(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
         fn = resolve_train_fn(train_fn)
         if events is not None:
             fn(resolved, run_dir, events)
@@ -102,7 +102,7 @@ def _execute_locked(run: RunSpec, run_dir: Path, train_fn, retry_failed: bool, e
         step = getattr(exc, "step", None)
         step = last_step(run_dir) if not isinstance(step, int) else step
         try:
-            io.atomic_write_bytes(run_dir / "error.log", "".join(
+            fileio.atomic_write_bytes(run_dir / "error.log", "".join(
                 traceback.format_exception(type(exc), exc, exc.__traceback__)).encode())
         except OSError:
             pass
@@ -154,7 +154,7 @@ def _start_worker(run: RunSpec, run_dir: Path, train_fn: str, retry_failed: bool
 
     run_dir.mkdir(parents=True, exist_ok=True)
     payload = run_dir / ".worker.json"
-    io.write_json(payload, {"run": run.to_dict(), "run_dir": str(run_dir), "train_fn": train_fn,
+    fileio.write_json(payload, {"run": run.to_dict(), "run_dir": str(run_dir), "train_fn": train_fn,
                             "retry_failed": retry_failed, "threads": threads})
     env = dict(os.environ)
     env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),

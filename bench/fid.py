@@ -49,7 +49,7 @@ from torch import nn
 
 from bench.data import eval_cache_dir
 from bench.errors import BenchError, ConfigError
-from bench.io import atomic_write
+from bench.fileio import atomic_write
 
 INCEPTION_NAME = "inception-v3-tf"
 CLEANFID_FILENAME = "inception-2015-12-05.pt"

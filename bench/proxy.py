@@ -337,7 +337,7 @@ class _TrainSplit:
 
 def _load_cached(pt_path: Path, json_path: Path, train_split: _TrainSplit, verbose: bool):
     """A trained-here extractor from the cache, its weights checked against its record; None if unusable."""
-    from bench.io import atomic_write
+    from bench.fileio import atomic_write
 
     try:
         info = json.loads(json_path.read_text())
@@ -363,7 +363,7 @@ def _train_and_cache(dataset: str, res: int, seed: int, data_dir, train_split: _
                      json_path: Path, verbose: bool) -> ProxyExtractor:
     """Train the extractor here (deterministic code, machine-dependent floats) and cache it with its record."""
     from bench.data import load_dataset
-    from bench.io import atomic_write
+    from bench.fileio import atomic_write
 
     train_x, train_y = train_split()
     test_x, test_y = load_dataset(dataset, split="test", data_dir=data_dir, resolution=res)

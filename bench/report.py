@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from bench.io import atomic_write_bytes
+from bench.fileio import atomic_write_bytes
 from bench.report_figures import _safe, figure_curves, figure_loss_quartiles, figure_optimizer, figure_timesteps
 from bench.report_stats import (
     AA_LABEL,

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from bench.io import atomic_write
+from bench.fileio import atomic_write
 
 
 def _plt():

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from bench.io import iter_jsonl
+from bench.fileio import iter_jsonl
 from bench.speedup import (
     aa_split,
     format_difference,

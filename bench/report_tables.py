@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from bench.io import iter_jsonl, read_jsonl
+from bench.fileio import iter_jsonl, read_jsonl
 from bench.report_stats import seed_curves
 from bench.speedup import complete_points, values_at_fractions
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from bench import io
+from bench import fileio
 from bench.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -65,7 +65,7 @@ def write_status(run_dir: Path, state: str, step: int, reason: str | None = None
     (train_seconds, eval_seconds; kept from the previous status when not given)."""
     old = read_status(run_dir) or {}
     clocks = {k: extra.pop(k, old.get(k, 0.0)) for k in ("train_seconds", "eval_seconds")}
-    io.write_json(Path(run_dir) / "status.json", {"state": state, "step": int(step), "reason": reason,
+    fileio.write_json(Path(run_dir) / "status.json", {"state": state, "step": int(step), "reason": reason,
                                                   **clocks, **extra})
 
 
@@ -79,7 +79,7 @@ def outcome_from_status(key: str, run_dir: Path, action: str, seconds: float = 0
 
 def read_status(run_dir: Path) -> dict | None:
     try:
-        return io.read_json(Path(run_dir) / "status.json")
+        return fileio.read_json(Path(run_dir) / "status.json")
     except (FileNotFoundError, json.JSONDecodeError):
         return None
 
@@ -115,7 +115,7 @@ def _last_jsonl_row(path: Path) -> dict | None:
 def final_metrics(run_dir: Path) -> dict:
     """{metric: value} of the last evaluation of each metric."""
     out = {}
-    for row in io.read_jsonl(Path(run_dir) / "evals.jsonl"):
+    for row in fileio.read_jsonl(Path(run_dir) / "evals.jsonl"):
         if "metric" in row:
             out[row["metric"]] = row.get("value")
     return out
@@ -167,7 +167,7 @@ def expected_record(config: dict) -> dict:
     """What bench.train will write as config.json for this config (to compare before running)."""
     from bench.resolve import resolve_run
 
-    return json.loads(io.dumps(resolve_run(config).record))
+    return json.loads(fileio.dumps(resolve_run(config).record))
 
 
 def check_conflict(run: RunSpec, run_dir: Path) -> str | None:
@@ -176,7 +176,7 @@ def check_conflict(run: RunSpec, run_dir: Path) -> str | None:
     if not path.exists():
         return None
     try:
-        old = json.loads(io.dumps(io.read_json(path)))
+        old = json.loads(fileio.dumps(fileio.read_json(path)))
     except json.JSONDecodeError:
         return "its config.json is unreadable"
     new = expected_record(run.config)
@@ -191,7 +191,7 @@ def check_conflict(run: RunSpec, run_dir: Path) -> str | None:
 
 def config_diff(old: dict, new: dict) -> list[str]:
     """The keys in which two config.json records differ (compared as JSON), sorted."""
-    old, new = json.loads(io.dumps(old)), json.loads(io.dumps(new))
+    old, new = json.loads(fileio.dumps(old)), json.loads(fileio.dumps(new))
     return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
 
 

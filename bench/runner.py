@@ -27,7 +27,7 @@ import os
 from pathlib import Path
 from typing import Callable
 
-from bench import io
+from bench import fileio
 from bench.cost import describe_plan
 from bench.display import make_reporter
 from bench.errors import ConfigError
@@ -89,7 +89,7 @@ def run_suite(suite: Suite | str | os.PathLike, executor: str = "local", jobs: i
 
     # Run what is not finished; the rest is reported as skipped.
     suite_dir.mkdir(parents=True, exist_ok=True)
-    io.write_json(suite_dir / "suite.json", suite.to_dict())
+    fileio.write_json(suite_dir / "suite.json", suite.to_dict())
     todo = [r for r in runs if should_run(statuses[r.key], retry_failed)]
     reporter.suite_start(suite, todo, len(runs))
     outcomes: dict[str, RunOutcome] = {r.key: outcome_from_dict(_skipped(r, dirs[r.key], statuses[r.key]))

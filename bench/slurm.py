@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import io
+from bench import fileio
 from bench.display import FilePoller
 from bench.errors import ConfigError
 from bench.executors import _train_fn_ref, execute_run
@@ -88,7 +88,7 @@ def _queued_slurm_job(run_dir: Path) -> bool:
 
     info = None
     try:
-        info = io.read_json(run_dir / "job.json")
+        info = fileio.read_json(run_dir / "job.json")
     except (FileNotFoundError, json.JSONDecodeError):
         return False
     if info.get("cluster") != "slurm":
@@ -112,7 +112,7 @@ def _run_submitit(suite, todo, dirs, train_fn, retry_failed, reporter, outcomes,
     if cluster == "slurm":
         queued = [r for r in todo if _queued_slurm_job(dirs[r.key])]
         for run in queued:
-            job = io.read_json(dirs[run.key] / "job.json")["job_id"]
+            job = fileio.read_json(dirs[run.key] / "job.json")["job_id"]
             outcomes[run.key] = RunOutcome(run.key, str(dirs[run.key]), "submitted", "skipped",
                                            reason=f"already queued or running as Slurm job {job}")
         todo = [r for r in todo if r not in queued]
@@ -135,7 +135,7 @@ def _run_submitit(suite, todo, dirs, train_fn, retry_failed, reporter, outcomes,
                           f"{str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}; "
                           "run from a Slurm login node (srun and sbatch on PATH), or use --executor local") from None
     for run, job in jobs:
-        io.write_json(dirs[run.key] / "job.json", {"job_id": str(job.job_id), "cluster": cluster,
+        fileio.write_json(dirs[run.key] / "job.json", {"job_id": str(job.job_id), "cluster": cluster,
                                                    "submitted": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
     ids = ", ".join(sorted({str(j.job_id).split("_")[0] for _, j in jobs}))
     reporter.message(f"submitted {len(jobs)} runs as job array {ids} ({cluster}); logs in {folder}")

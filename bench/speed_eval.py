@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from bench.io import atomic_write_bytes
+from bench.fileio import atomic_write_bytes
 from bench.perf import tune_allocator
 
 

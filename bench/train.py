@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from bench import io
+from bench import fileio
 from bench.budget import is_eval_step
 from bench.data import dataset_info, load_dataset, to_model_range
 from bench.describe import trace
@@ -340,13 +340,13 @@ def _open_run_folder(cfg: TrainConfig, out: Path, record: dict) -> dict | None:
     """Write config.json, or refuse a folder that holds another config; the final status of a
     finished run (nothing to do), else None."""
     if (out / "config.json").exists():
-        changed = config_diff(io.read_json(out / "config.json"), record)
+        changed = config_diff(fileio.read_json(out / "config.json"), record)
         if changed:
             raise ConfigError(f"{out} holds a run with a different config (differs in: {', '.join(changed)}); "
                               "use another output folder or delete that one")
     else:
-        io.write_json(out / "config.json", record)
-    status = io.read_json(out / "status.json") if (out / "status.json").exists() else None
+        fileio.write_json(out / "config.json", record)
+    status = fileio.read_json(out / "status.json") if (out / "status.json").exists() else None
     return status if status and status.get("state") == "done" else None
 
 
@@ -377,13 +377,13 @@ def train(run: ResolvedRun | TrainConfig, out_dir, events: TrainEvents | None = 
 
     # Build the run, or resume it; anything logged after the checkpoint will be redone: drop it.
     state = setup(cfg, method)
-    io.write_json(out / "method_trace.json",
+    fileio.write_json(out / "method_trace.json",
                   trace(method, state.schedule, cfg.target, cfg.beta1, cfg.beta2, cfg.ema_decay))
     ckpt_path = out / "checkpoint.pt"
     if ckpt_path.exists():
         resume(state, ckpt_path)
-    io.trim_jsonl(out / "steps.jsonl", state.step)
-    io.trim_jsonl(out / "evals.jsonl", state.step)
+    fileio.trim_jsonl(out / "steps.jsonl", state.step)
+    fileio.trim_jsonl(out / "evals.jsonl", state.step)
     _set_status(out, "running", state.step, state.clocks)
     evaluator = None
     if run.eval_spec is not None:
@@ -400,7 +400,7 @@ def train(run: ResolvedRun | TrainConfig, out_dir, events: TrainEvents | None = 
         if events:
             events.on_step(state.step, cfg.iters, row)
         if not math.isfinite(row["loss"]):
-            io.append_jsonl(out / "steps.jsonl", pending)
+            fileio.append_jsonl(out / "steps.jsonl", pending)
             _set_status(out, "failed", state.step, state.clocks, f"non-finite loss ({row['loss']}) at step {state.step}")
             raise DivergenceError(state.step, f"training diverged: loss {row['loss']} at step {state.step}; "
                                               "lower lr or check the method's hyperparameters")
@@ -409,11 +409,11 @@ def train(run: ResolvedRun | TrainConfig, out_dir, events: TrainEvents | None = 
         eval_due = evaluator is not None and is_eval_step(state.step, cfg.iters, cfg.eval_every)
         eval_rows = _evaluate(state, evaluator, events) if eval_due else []
         if eval_due or state.step == cfg.iters or state.step % cfg.ckpt_every == 0:
-            io.append_jsonl(out / "steps.jsonl", pending)
-            io.append_jsonl(out / "evals.jsonl", eval_rows)
+            fileio.append_jsonl(out / "steps.jsonl", pending)
+            fileio.append_jsonl(out / "evals.jsonl", eval_rows)
             pending = []
             save_checkpoint(state, ckpt_path)
             _set_status(out, "running", state.step, state.clocks)
 
     _set_status(out, "done", state.step, state.clocks)
-    return io.read_json(out / "status.json")
+    return fileio.read_json(out / "status.json")

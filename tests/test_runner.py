@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import io
+from bench import fileio
 from bench.display import RichReporter
 from bench.run_folder import ResultsConflictError, check_conflict, read_status
 from bench.runner import run_suite
@@ -126,9 +126,9 @@ def test_interrupted_run_resumes_where_it_stopped(tmp_path, calls, monkeypatch):
     by = {o.key.split("/")[1]: o for o in res.outcomes}
     assert by["baseline"].action == "skipped" and by["faulty-tagb"].action == "resumed" and res.ok
     assert calls() == [("baseline/seed0", "0"), ("faulty-tagb/seed0", "0"), ("faulty-tagb/seed0", "4")]
-    steps = [r["step"] for r in io.read_jsonl(d / "steps.jsonl")]
+    steps = [r["step"] for r in fileio.read_jsonl(d / "steps.jsonl")]
     assert steps == list(range(1, 9))  # every step exactly once
-    assert [r["step"] for r in io.read_jsonl(d / "evals.jsonl")] == [4, 8]
+    assert [r["step"] for r in fileio.read_jsonl(d / "evals.jsonl")] == [4, 8]
 
 
 def test_a_failed_run_is_recorded_and_the_others_go_on(tmp_path, calls, monkeypatch):
@@ -252,7 +252,7 @@ def test_a_queued_slurm_job_is_not_submitted_twice(tmp_path, monkeypatch):
     from bench.slurm import _queued_slurm_job
 
     d = tmp_path / "run"
-    io.write_json(d / "job.json", {"job_id": "123_4", "cluster": "slurm"})
+    fileio.write_json(d / "job.json", {"job_id": "123_4", "cluster": "slurm"})
     fake_bin = tmp_path / "bin"
     fake_bin.mkdir()
     squeue = fake_bin / "squeue"
@@ -330,7 +330,7 @@ def test_smoke_end_to_end(tmp_path, isolated_registry):
         d = Path(o.run_dir)
         for f in ("config.json", "steps.jsonl", "evals.jsonl", "method_trace.json", "status.json", "machine.json"):
             assert (d / f).is_file(), (d, f)
-        assert [r["step"] for r in io.read_jsonl(d / "evals.jsonl") if r["metric"] == "proxy_fd"] == [4, 8]
+        assert [r["step"] for r in fileio.read_jsonl(d / "evals.jsonl") if r["metric"] == "proxy_fd"] == [4, 8]
     report = build_report(suite_dir)
     text = report.read_text()
     assert "proxy_fd" in text and "Paired speed-up over `baseline`" in text and "## Failed runs" in text
@@ -417,6 +417,6 @@ def test_a_plugin_from_the_command_line_reaches_every_executor(tmp_path, executo
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     run = tmp_path / "r" / "plug" / "synthetic-16_unet-micro" / "halfw" / "seed0"
     assert read_status(run)["state"] == "done"
-    cfg = io.read_json(run / "config.json")
+    cfg = fileio.read_json(run / "config.json")
     assert cfg["plugins"] == [str((tmp_path / "plug").resolve())] and cfg["method_slots"] == ["weighting"]
-    assert [r["step"] for r in io.read_jsonl(run / "evals.jsonl")] == [2]
+    assert [r["step"] for r in fileio.read_jsonl(run / "evals.jsonl")] == [2]

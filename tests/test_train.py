@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import REPO, needs_fashion
 
-from bench import io
+from bench import fileio
 from bench.data import load_dataset
 from bench.errors import BenchError, CheckpointError, ConfigError, DatasetError, DivergenceError
 from bench.models import build_model
@@ -54,13 +54,13 @@ def test_interrupted_run_resumes_bit_for_bit(tmp_path, method):
 
     with pytest.raises(Killed):
         train(cfg, tmp_path / "parts", Die())
-    assert io.read_json(tmp_path / "parts" / "status.json")["step"] == 4
+    assert fileio.read_json(tmp_path / "parts" / "status.json")["step"] == 4
     status = train(cfg, tmp_path / "parts")
     assert status["state"] == "done" and status["step"] == 12
     for a, b in zip(weights(tmp_path / "whole"), weights(tmp_path / "parts")):
         assert_same_state(a, b)
-    rows_whole = io.read_jsonl(tmp_path / "whole" / "steps.jsonl")
-    rows_parts = io.read_jsonl(tmp_path / "parts" / "steps.jsonl")
+    rows_whole = fileio.read_jsonl(tmp_path / "whole" / "steps.jsonl")
+    rows_parts = fileio.read_jsonl(tmp_path / "parts" / "steps.jsonl")
     assert [r["step"] for r in rows_parts] == list(range(1, 13))
     assert strip_timing(rows_whole) == strip_timing(rows_parts)
 
@@ -76,19 +76,19 @@ def test_sigkill_and_rerun_equals_uninterrupted(tmp_path):
     deadline = time.time() + 120
     while time.time() < deadline:
         try:
-            if io.read_json(status)["step"] >= 20:
+            if fileio.read_json(status)["step"] >= 20:
                 break
         except (FileNotFoundError, json.JSONDecodeError):
             pass
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    killed_at = io.read_json(status)["step"]
+    killed_at = fileio.read_json(status)["step"]
     assert 20 <= killed_at < 60, "the kill landed outside the run"
     subprocess.run(args + ["--out", str(tmp_path / "killed")], cwd=REPO, check=True, capture_output=True)
     for a, b in zip(weights(tmp_path / "whole"), weights(tmp_path / "killed")):
         assert_same_state(a, b)
-    rows = io.read_jsonl(tmp_path / "killed" / "steps.jsonl")
+    rows = fileio.read_jsonl(tmp_path / "killed" / "steps.jsonl")
     assert [r["step"] for r in rows] == list(range(1, 61))
 
 
@@ -105,9 +105,9 @@ def test_same_seed_same_result_and_seeds_differ(tmp_path):
 def test_logs_config_and_method_hooks(tmp_path):
     cfg = TrainConfig(method="mdlrc", method_params={"compensation": "demon"}, **SMALL)
     train(cfg, tmp_path)
-    record = io.read_json(tmp_path / "config.json")
+    record = fileio.read_json(tmp_path / "config.json")
     assert record["method_label"] == "mdlrc-compensationdemon" and record["iters"] == 12
-    rows = io.read_jsonl(tmp_path / "steps.jsonl")
+    rows = fileio.read_jsonl(tmp_path / "steps.jsonl")
     for r in rows:
         p = r["p"]
         beta1 = 0.9 - 0.4 * p
@@ -116,9 +116,9 @@ def test_logs_config_and_method_hooks(tmp_path):
         assert r["lr"] == pytest.approx(2e-4 * warm * 0.1 / (1 - beta1))
         quartiles = [r[f"loss_q{i}"] for i in range(4)]
         assert any(q is not None for q in quartiles) and r["grad_norm"] > 0
-    trace = io.read_json(tmp_path / "method_trace.json")
+    trace = fileio.read_json(tmp_path / "method_trace.json")
     assert trace["progress"][0] == 0 and trace["progress"][-1] == 1 and len(trace["timestep_probs"][0]) == 1000
-    assert io.read_json(tmp_path / "status.json")["state"] == "done"
+    assert fileio.read_json(tmp_path / "status.json")["state"] == "done"
 
 
 def test_clts_steers_sampled_timesteps(tmp_path, monkeypatch):
@@ -152,7 +152,7 @@ def test_divergence_is_recorded(tmp_path):
     cfg = TrainConfig(method="baseline", **{**SMALL, "lr": 1e30, "warmup": 0, "grad_clip": 0.0})
     with pytest.raises(DivergenceError):
         train(cfg, tmp_path)
-    status = io.read_json(tmp_path / "status.json")
+    status = fileio.read_json(tmp_path / "status.json")
     assert status["state"] == "failed" and "non-finite loss" in status["reason"]
 
 
@@ -164,7 +164,7 @@ def test_corrupt_checkpoint_refused_without_loss(tmp_path):
     with pytest.raises(CheckpointError, match="unreadable.*delete it to restart"):
         train(cfg, tmp_path)
     assert (tmp_path / "checkpoint.pt").read_bytes() == b"not a checkpoint"  # nothing overwritten
-    assert len(io.read_jsonl(tmp_path / "steps.jsonl")) == 4
+    assert len(fileio.read_jsonl(tmp_path / "steps.jsonl")) == 4
 
 
 def test_different_config_in_same_folder_refused(tmp_path):
@@ -281,7 +281,7 @@ def test_ddpm_unet_parameter_count_and_forward():
 def test_every_method_trains_on_fashion_mnist(tmp_path, method):
     cfg = TrainConfig(method=method, dataset="fashion-mnist", arch="unet-tiny", iters=3, batch_size=16, flip=True)
     assert train(cfg, tmp_path)["state"] == "done"
-    rows = io.read_jsonl(tmp_path / "steps.jsonl")
+    rows = fileio.read_jsonl(tmp_path / "steps.jsonl")
     assert len(rows) == 3 and all(np.isfinite(r["loss"]) for r in rows)
 
 
@@ -293,18 +293,18 @@ def test_plugin_method_trains_with_its_ema_slot(tmp_path):
     cfg = TrainConfig(method="warm_ema", method_params={"start": 0.5}, plugins=[str(tmp_path / "plug")],
                       ema_warmup=False, **{**SMALL, "iters": 4})
     train(cfg, tmp_path / "run")
-    rows = io.read_jsonl(tmp_path / "run" / "steps.jsonl")
+    rows = fileio.read_jsonl(tmp_path / "run" / "steps.jsonl")
     assert [r["ema_decay"] for r in rows] == pytest.approx([0.5 + (0.999 - 0.5) * s / 4 for s in range(4)])
-    assert io.read_json(tmp_path / "run" / "config.json")["method_label"] == "warm_ema-start0.5"
+    assert fileio.read_json(tmp_path / "run" / "config.json")["method_label"] == "warm_ema-start0.5"
 
 
 def test_ema_warmup_follows_its_formula_and_forgets_the_initial_weights(tmp_path):
     cfg = TrainConfig(method="baseline", ema_decay=0.99, **{**SMALL, "iters": 1})
     train(cfg, tmp_path / "one")
-    assert io.read_json(tmp_path / "one" / "config.json")["ema_warmup"] is True
+    assert fileio.read_json(tmp_path / "one" / "config.json")["ema_warmup"] is True
     # Step k (0-based) uses min(0.99, (1 + k) / (10 + k)): 0.1 at the first step, so the EMA after
     # one step is 0.1 x initial weights + 0.9 x trained weights.
-    assert io.read_jsonl(tmp_path / "one" / "steps.jsonl")[0]["ema_decay"] == pytest.approx(0.1)
+    assert fileio.read_jsonl(tmp_path / "one" / "steps.jsonl")[0]["ema_decay"] == pytest.approx(0.1)
     torch.manual_seed(cfg.seed)
     init = build_model(cfg.arch, 1, 16).state_dict()
     model, ema = weights(tmp_path / "one")
@@ -313,7 +313,7 @@ def test_ema_warmup_follows_its_formula_and_forgets_the_initial_weights(tmp_path
             torch.testing.assert_close(ema[k], 0.1 * init[k] + 0.9 * model[k], rtol=1e-5, atol=1e-6)
     cfg = TrainConfig(method="baseline", ema_decay=0.2, **{**SMALL, "iters": 6})
     train(cfg, tmp_path / "six")
-    decays = [r["ema_decay"] for r in io.read_jsonl(tmp_path / "six" / "steps.jsonl")]
+    decays = [r["ema_decay"] for r in fileio.read_jsonl(tmp_path / "six" / "steps.jsonl")]
     assert decays == pytest.approx([min(0.2, (1 + k) / (10 + k)) for k in range(6)])  # 0.1, 0.1818, 0.2, ...
 
 
@@ -324,11 +324,11 @@ def test_every_method_gets_the_same_data_and_noise_at_a_seed(tmp_path):
     first = {}
     for method in ("baseline", "p2", "min_snr", "clts", "mdlrc", "combined", "lr_control"):
         train(TrainConfig(method=method, **{**SMALL, "iters": 1}), tmp_path / method)
-        first[method] = io.read_jsonl(tmp_path / method / "steps.jsonl")[0]["mse"]
+        first[method] = fileio.read_jsonl(tmp_path / method / "steps.jsonl")[0]["mse"]
     assert len(set(first.values())) == 1, first
     other_seed = TrainConfig(method="baseline", **{**SMALL, "iters": 1, "seed": 1})
     train(other_seed, tmp_path / "seed1")
-    assert io.read_jsonl(tmp_path / "seed1" / "steps.jsonl")[0]["mse"] != first["baseline"]
+    assert fileio.read_jsonl(tmp_path / "seed1" / "steps.jsonl")[0]["mse"] != first["baseline"]
 
 
 def test_train_wires_data_and_noise_apart_from_the_timestep_draw(tmp_path, monkeypatch):
@@ -382,7 +382,7 @@ def test_noise_stream_does_not_depend_on_the_timestep_distribution():
 def test_steps_log_the_lr_factor_and_clipping(tmp_path):
     cfg = TrainConfig(method="mdlrc", **{**SMALL, "iters": 4, "grad_clip": 1e-6})
     train(cfg, tmp_path)
-    rows = io.read_jsonl(tmp_path / "steps.jsonl")
+    rows = fileio.read_jsonl(tmp_path / "steps.jsonl")
     assert all(r["clipped"] for r in rows)  # every gradient norm is above 1e-6
     assert rows[0]["lr_scale"] == pytest.approx(1.0) and rows[-1]["lr_scale"] < 1.0
     for r in rows:

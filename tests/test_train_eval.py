@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from conftest import REPO
 
-from bench import io
+from bench import fileio
 from bench.sampling import save_pngs
 from bench.train import TrainConfig, TrainEvents, train
 
@@ -17,7 +17,7 @@ CFG = dict(dataset="synthetic", iters=12, batch_size=8, warmup=0, eval_every=4, 
 
 
 def eval_rows(run_dir):
-    return [(r["step"], r["metric"], r["value"]) for r in io.read_jsonl(run_dir / "evals.jsonl")]
+    return [(r["step"], r["metric"], r["value"]) for r in fileio.read_jsonl(run_dir / "evals.jsonl")]
 
 
 def test_resumed_run_neither_repeats_nor_loses_evaluations(tmp_path):
@@ -39,10 +39,10 @@ def test_resumed_run_neither_repeats_nor_loses_evaluations(tmp_path):
     whole, resumed = eval_rows(tmp_path / "whole"), eval_rows(tmp_path / "resumed")
     assert [(s, m) for s, m, _ in resumed] == [(s, m) for s in (4, 8, 12) for m in ("proxy_fd", "proxy_kid")]
     assert resumed == whole  # same EMA weights, same fixed noise: the same numbers
-    row = io.read_jsonl(tmp_path / "resumed" / "evals.jsonl")[0]
+    row = fileio.read_jsonl(tmp_path / "resumed" / "evals.jsonl")[0]
     assert row["num_gen"] == 16 and row["sampler"] == "ddim" and row["sampler_steps"] == 2
     assert row["feature_extractor"] and row["ref_split"] in ("train", "test") and row["num_ref"] == 64
-    status = io.read_json(tmp_path / "resumed" / "status.json")
+    status = fileio.read_json(tmp_path / "resumed" / "status.json")
     assert status["eval_seconds"] > 0 and status["train_seconds"] > 0
 
 
@@ -52,7 +52,7 @@ def test_cli_train_eval_every_writes_curves(tmp_path):
                            "--iters", "6", "--batch-size", "8", "--eval-every", "3", "--eval-metrics", "proxy_fd",
                            "--eval-images", "16", "--out", str(out)], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    rows = io.read_jsonl(out / "evals.jsonl")
+    rows = fileio.read_jsonl(out / "evals.jsonl")
     assert [(r["step"], r["metric"]) for r in rows] == [(3, "proxy_fd"), (6, "proxy_fd")]
     assert all(np.isfinite(r["value"]) and r["num_gen"] == 16 for r in rows)
 
