@@ -6,10 +6,9 @@ appends the rows to the run's evals.jsonl.
 
 Its spec (keys, defaults, checks) is bench/eval_spec.py's.
 
-The defaults are the fastest sensible setting on a CPU: 1000 images by 25 deterministic DDIM
-steps take about 30 s with unet-tiny at 28x28 on 2 cores (~800 network evaluations of one image
-per second), and the proxy metrics about 0.2 s more; Inception FID adds about 65 s per
-evaluation (15 images/s) plus the reference statistics once.
+The defaults are the fastest sensible setting on a CPU: deterministic DDIM and the proxy
+metrics; Inception FID costs far more per image (measured by ``python -m bench.speed_eval``; the
+README's "Speed" section has its output).
 
 Each row is flat: step, metric, value, feature_extractor, num_gen, ref_split, num_ref,
 sampler, sampler_steps, eta (None for ddpm), eval_seconds; and also dataset, resolution,

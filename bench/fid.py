@@ -8,11 +8,11 @@ Generated images are handed over in memory as uint8 (:func:`bench.sampling.to_ui
 bytes a PNG of them holds), so no PNG round trip is needed and the number equals clean-fid's
 ``compute_fid(folder_a, folder_b, mode="clean")`` on the PNGs (tests/test_fid.py checks < 1e-3).
 
-Speed-ups that leave the meaning unchanged: channels_last input to the network (about 1.25x on
-this 2-core CPU: 15.5 -> 19.5 images/s), inference mode, the Fréchet trace through symmetric
-eigenvalues instead of scipy's sqrtm (1.3 s instead of 11 s at 2048-d; same value to ~1e-5),
-KID kernels computed once and indexed per subset, reference statistics computed once and cached,
-no PNG round trip. No reduced precision.
+Speed-ups that leave the meaning unchanged (measured by ``python -m bench.speed_eval``; the
+README's "Speed" section has its output): channels_last input to the network, Inception in
+micro-batches (below), inference mode, the Fréchet trace through symmetric eigenvalues instead of
+scipy's sqrtm (same value to ~1e-5), KID kernels computed once and indexed per subset, reference
+statistics computed once and cached, no PNG round trip. No reduced precision.
 
 Inception weights are looked up, in order (:func:`resolve_inception`):
   1. an explicit path (argument, or the environment variable DIFFBENCH_INCEPTION);
@@ -281,7 +281,7 @@ class InceptionNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Micro-batches of MICRO_BATCH images keep each activation (64 x 147 x 147 floats per
         # image) under glibc's 32 MiB mmap threshold, so freed memory is reused instead of being
-        # mapped and unmapped at every layer: 12 -> 22 images/s on the 2-core CPU, same features.
+        # mapped and unmapped at every layer (the speed-up is in bench.speed_eval's output).
         return torch.cat([self._features(c) for c in x.split(MICRO_BATCH)])
 
     def _features(self, x: torch.Tensor) -> torch.Tensor:

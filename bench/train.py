@@ -16,7 +16,6 @@ Run folder:
 """
 
 import copy
-import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -26,9 +25,10 @@ import torch
 
 from bench import fileio
 from bench.budget import is_eval_step
+from bench.config import TrainConfig
 from bench.data import dataset_info, load_dataset, to_model_range
 from bench.describe import trace
-from bench.diffusion import SCHEDULES, TARGETS, Schedule, make_schedule
+from bench.diffusion import Schedule, make_schedule
 from bench.errors import CheckpointError, ConfigError, DivergenceError
 from bench.models import build_model
 from bench.perf import tune_allocator
@@ -38,101 +38,6 @@ from bench.run_folder import config_diff, write_status
 from bench.spec import Method, ema_decay_at, loss_weights_at, optimizer_settings_at, timestep_probs_at
 
 CHECKPOINT_FORMAT = 2  # 2: one generator per random stream (timesteps, noise, flips)
-
-
-@dataclass
-class TrainConfig:
-    """Every setting of a training run. Saved as config.json beside the results."""
-
-    # Method.
-    method: str = "baseline"
-    method_params: dict = field(default_factory=dict)
-    plugins: list = field(default_factory=list)
-    # Data.
-    dataset: str = "fashion-mnist"
-    data_dir: str | None = None
-    resolution: int | None = None  # None: the dataset's own
-    flip: bool = False
-    # Network and diffusion.
-    arch: str = "unet-tiny"
-    schedule: str = "linear"
-    T: int = 1000
-    target: str = "eps"
-    zero_terminal_snr: bool = False
-    # Optimisation: the compute budget is iters x batch_size images.
-    iters: int = 1000
-    batch_size: int = 128
-    lr: float = 2e-4
-    warmup: int = 100
-    grad_clip: float = 1.0
-    weight_decay: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.999
-    ema_decay: float = 0.999
-    ema_warmup: bool = True  # decay_k = min(decay, (1 + k) / (10 + k)): early EMAs forget the initial weights
-    seed: int = 0
-    # Bookkeeping.
-    ckpt_every: int = 500
-    eval_every: int = 0  # 0: evaluate only at the end, and only when `eval` is set
-    eval: dict = field(default_factory=dict)  # the Evaluator's spec (bench/evaluate.py)
-    channels_last: bool = True
-    threads: int = 0  # 0: torch's default
-
-    @classmethod
-    def from_dict(cls, d: dict, where: str = "config") -> "TrainConfig":
-        if not isinstance(d, dict):
-            raise ConfigError(f"{where}: expected a table of settings, got {type(d).__name__}")
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - set(fields))
-        if unknown:
-            raise ConfigError(f"{where}: unknown key {unknown[0]!r}; known keys: {', '.join(fields)}")
-        defaults = cls()
-        values = {}
-        for key, value in d.items():
-            want = type(getattr(defaults, key))
-            if key in ("data_dir", "resolution") and value is None:
-                values[key] = None
-                continue
-            if key == "resolution":
-                want = int
-            if key == "data_dir":
-                want = str
-            if want is float and isinstance(value, int) and not isinstance(value, bool):
-                value = float(value)
-            if not isinstance(value, want) or (want is int and isinstance(value, bool)):
-                raise ConfigError(f"{where}: key {key!r} must be {want.__name__}, got {value!r}")
-            values[key] = value
-        cfg = cls(**values)
-        cfg.validate(where)
-        return cfg
-
-    def validate(self, where: str = "config") -> None:
-        def bad(key, why):
-            raise ConfigError(f"{where}: {key}={getattr(self, key)!r} {why}")
-
-        if self.schedule not in SCHEDULES:
-            bad("schedule", f"is not one of {', '.join(SCHEDULES)}")
-        if self.target not in TARGETS:
-            bad("target", f"is not one of {', '.join(TARGETS)}")
-        for key in ("iters", "batch_size", "T", "ckpt_every"):
-            if getattr(self, key) < 1:
-                bad(key, "must be >= 1")
-        for key in ("warmup", "eval_every", "threads", "seed"):
-            if getattr(self, key) < 0:
-                bad(key, "must be >= 0")
-        if self.T < 2:
-            bad("T", "must be >= 2")
-        if not self.lr > 0:
-            bad("lr", "must be > 0")
-        for key in ("beta1", "beta2", "ema_decay"):
-            if not 0 <= getattr(self, key) < 1:
-                bad(key, "must be in [0, 1)")
-        if self.resolution is not None and self.resolution < 4:
-            bad("resolution", "must be >= 4")
-        # The method, its plugins, the dataset and the evaluation spec are checked by bench.resolve.
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 def run_record(cfg: TrainConfig, method: Method | None = None) -> dict:

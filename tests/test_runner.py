@@ -18,6 +18,7 @@ import pytest
 
 from bench import fileio
 from bench.display import RichReporter
+from bench.errors import ConfigError
 from bench.run_folder import ResultsConflictError, check_conflict, read_status
 from bench.runner import run_suite
 from bench.slurm import slurm_parameters
@@ -287,14 +288,14 @@ def test_slurm_parameters_from_the_suite_table():
                  "mem_gb": 64, "slurm_partition": "gpu", "slurm_array_parallelism": 18,
                  "slurm_additional_parameters": {"exclude": "node1"}}
     assert "gpus_per_node" not in slurm_parameters({"gpus": 1}, "x", "local")
-    with pytest.raises(Exception, match="unknown Slurm setting 'partion'"):
+    with pytest.raises(ConfigError, match="unknown Slurm setting 'partion'"):
         slurm_parameters({"partion": "gpu"}, "x", "slurm")
     # Overrides from a command line arrive as strings.
     p = slurm_parameters({"gpus": "2", "mem_gb": "32", "time": "90", "setup": "module load cuda"}, "x", "slurm")
     assert (p["gpus_per_node"], p["mem_gb"], p["timeout_min"], p["slurm_setup"]) == (2, 32.0, 90, ["module load cuda"])
-    with pytest.raises(Exception, match="Slurm settings"):
+    with pytest.raises(ConfigError, match="Slurm settings"):
         slurm_parameters({"gpus": "two"}, "x", "slurm")
-    with pytest.raises(Exception, match="unknown executor"):
+    with pytest.raises(ConfigError, match="unknown executor"):
         run_suite("smoke", executor="kubernetes")
 
 
