@@ -51,7 +51,8 @@ class Evaluator:
     def prepare(self, device=None) -> float:
         """Load feature extractors and reference statistics (cached on disk and in this object).
         Returns the seconds spent; evaluate() calls it, so calling it first is optional."""
-        from bench.fid import get_inception, reference_stats
+        from bench.fid import reference_stats
+        from bench.inception import get_inception
 
         t0 = time.perf_counter()
         s = self.spec

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from bench import inception as I
 from bench.fileio import atomic_write_bytes
 from bench.perf import tune_allocator
 
@@ -74,7 +75,7 @@ def main(argv=None) -> dict:
               "machine": platform.processor() or platform.machine()}
 
     t = time.perf_counter()
-    ext = F.InceptionExtractor(batch_size=args.batch_size)
+    ext = I.InceptionExtractor(batch_size=args.batch_size)
     report["inception_weights"] = ext.source
     report["inception_load_seconds"] = round(time.perf_counter() - t, 2)
     fa, fb = _in_memory(ext, a, b, report)
@@ -125,7 +126,6 @@ def _frechet(fa, fb, report: dict) -> None:
 def _cleanfid_folder(ext, a, b, report: dict) -> None:
     """2. clean-fid's folder path on the same images as PNGs, as a user runs it: a fresh process
     with the allocator left alone."""
-    from bench import fid as F
     from bench.sampling import save_pngs
 
     n = len(a)
@@ -135,7 +135,7 @@ def _cleanfid_folder(ext, a, b, report: dict) -> None:
         save_pngs(a, tmp / "a")
         save_pngs(b, tmp / "b")
         t_png = time.perf_counter() - t
-        F.export_cleanfid_layout(ext.weights, tmp / "w")
+        I.export_cleanfid_layout(ext.weights, tmp / "w")
         child = subprocess.run([sys.executable, "-m", "bench.speed_eval", "--folder-route", str(tmp)],
                                env={**os.environ, "DIFFBENCH_NO_MALLOPT": "1"}, capture_output=True, text=True,
                                check=True)

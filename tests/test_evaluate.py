@@ -122,7 +122,7 @@ def test_steps_beyond_T_fail_at_evaluation(cache, model):
 
 @pytest.mark.slow
 def test_inception_metrics(cache, model, schedule):
-    from bench.fid import WeightsError, get_inception
+    from bench.inception import WeightsError, get_inception
 
     try:
         get_inception()

