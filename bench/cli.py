@@ -60,7 +60,7 @@ def cmd_describe(args) -> None:
         raise ConfigError(f"--progress {args.progress} is outside [0, 1]; progress is iterations done / budget")
     method = get_method(args.method, parse_sets(args.set), args.plugins)
     schedule = make_schedule(args.schedule, args.T, args.zero_terminal_snr)
-    from bench.train import TrainConfig
+    from bench.config import TrainConfig
 
     base = TrainConfig()  # the optimizer and EMA settings a run gets unless told otherwise
     d = describe(method, args.progress, schedule, args.target, base.beta1, base.beta2, base.ema_decay)
@@ -89,7 +89,7 @@ def cmd_describe(args) -> None:
 
 
 def train_config_from_args(args):
-    from bench.train import TrainConfig
+    from bench.config import TrainConfig
 
     d = {"method": args.method, "method_params": parse_sets(args.set), "plugins": [str(Path(p).resolve()) for p in args.plugins],
          "dataset": args.dataset, "arch": args.arch, "iters": args.iters, "seed": args.seed}

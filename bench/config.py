@@ -44,7 +44,7 @@ class TrainConfig:
     # Bookkeeping.
     ckpt_every: int = 500
     eval_every: int = 0  # 0: evaluate only at the end, and only when `eval` is set
-    eval: dict = field(default_factory=dict)  # the Evaluator's spec (bench/evaluate.py)
+    eval: dict = field(default_factory=dict)  # the Evaluator's spec (bench/eval_spec.py)
     channels_last: bool = True
     threads: int = 0  # 0: torch's default
 

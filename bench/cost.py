@@ -1,6 +1,4 @@
-"""The dry run's cost model (:func:`estimate_cost`, :func:`describe_plan`), deliberately simple.
-
-Cost model of ``--dry-run`` (:func:`estimate_cost`), deliberately simple:
+"""The dry run's cost model (:func:`estimate_cost`, :func:`describe_plan`), deliberately simple:
 
 - training: ``iters * batch_size`` images at ``train_images_per_s`` (one optimizer step per
   image, forward + backward + EMA), from the suite's [cost] table or the built-in table
@@ -43,6 +41,7 @@ DEFAULT_STARTUP_S = 5.0
 
 DEFAULT_EVAL_OVERHEAD_S = 1.0
 
+
 @dataclass
 class RunCost:
     train_images: int
@@ -57,6 +56,7 @@ class RunCost:
     def total_s(self) -> float:
         return self.train_s + self.sample_s + self.overhead_s
 
+
 def train_throughput(suite: Suite, run: RunSpec) -> float:
     """Training images per second assumed for a run (see the module docstring)."""
     if "train_images_per_s" in suite.cost:
@@ -66,6 +66,7 @@ def train_throughput(suite: Suite, run: RunSpec) -> float:
     res = run.config.get("resolution") or _native_resolution(run.config["dataset"]) or ref_res
     return ips * (ref_res / res) ** 2
 
+
 def _native_resolution(dataset: str) -> int | None:
     try:
         from bench.data import dataset_info
@@ -74,19 +75,24 @@ def _native_resolution(dataset: str) -> int | None:
     except Exception:
         return None
 
+
 def run_cost(suite: Suite, run: RunSpec) -> RunCost:
+    from bench.eval_spec import DEFAULTS
+
     cfg = run.config
-    ev = cfg.get("eval") or {}
     every = cfg.get("eval_every", 0)
-    points = len(eval_steps(cfg["iters"], every)) if evaluates(ev, every) else 0
-    n_img = int(ev.get("num_images", 0)) * points
-    nfe = n_img * int(ev.get("sampler_steps", 1))
+    points = len(eval_steps(cfg["iters"], every)) if evaluates(cfg.get("eval"), every) else 0
+    ev = {**DEFAULTS, **{k: v for k, v in (cfg.get("eval") or {}).items() if v is not None}}
+    steps = ev["sampler_steps"] or (cfg.get("T", 1000) if ev["sampler"] == "ddpm" else min(50, cfg.get("T", 1000)))
+    n_img = int(ev["num_images"]) * points
+    nfe = n_img * int(steps)
     ips = train_throughput(suite, run)
     forward_ratio = float(suite.cost.get("forward_ratio", DEFAULT_FORWARD_RATIO))
     overhead = float(suite.cost.get("startup_s", DEFAULT_STARTUP_S)) + points * float(
         suite.cost.get("eval_overhead_s", DEFAULT_EVAL_OVERHEAD_S))
     train_images = cfg["iters"] * cfg["batch_size"]
     return RunCost(train_images, points, n_img, nfe, train_images / ips, nfe / (ips * forward_ratio), overhead)
+
 
 @dataclass
 class CostEstimate:
@@ -109,9 +115,11 @@ class CostEstimate:
     def total_s(self) -> float:
         return self.setup_s + sum(c.total_s for _, c in self.runs)
 
+
 def estimate_cost(suite: Suite, runs: list[RunSpec] | None = None) -> CostEstimate:
     return CostEstimate([(r, run_cost(suite, r)) for r in (suite.runs() if runs is None else runs)],
                         float(suite.cost.get("setup_s", 0.0)))
+
 
 def format_duration(seconds: float) -> str:
     seconds = float(seconds)
@@ -122,6 +130,7 @@ def format_duration(seconds: float) -> str:
     if seconds < 48 * 3600:
         return f"{seconds / 3600:.1f} h"
     return f"{seconds / 86400:.1f} days"
+
 
 def describe_plan(suite: Suite, states: dict[str, str] | None = None, jobs: int = 1) -> str:
     """The dry-run text: every run with its state and estimated cost, then the totals."""

@@ -28,7 +28,7 @@ timestep_spacing      "linspace"         which timesteps a short sampler visits:
                                          T-1 but with few steps never visits small t: 10 steps stop at 99)
 ddpm_variance         "large"            ddpm sigma^2: "large" = beta (DDPM paper), "small" =
                                          posterior variance (then ddpm equals ddim with eta 1)
-inception             None               Inception weights path (else the lookup in bench/fid.py)
+inception             None               Inception weights path (else the lookup in bench/inception.py)
 device                None               feature device (None: the model's device)
 proxy_seed            0                  seed of the proxy classifier's training
 kid_subsets           100                KID: number of subsets

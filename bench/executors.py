@@ -58,25 +58,26 @@ def execute_run(run: RunSpec | dict, run_dir: str | os.PathLike, train_fn: str |
     run_dir = Path(run_dir)
     status = read_status(run_dir)
     if not should_run(status, retry_failed):
-        return _skipped(run, run_dir, status)
+        return _skipped(run, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     lock = _try_lock(run_dir)
     if lock is None:
-        return _skipped(run, run_dir, read_status(run_dir) or {}, "running in another process (its folder is locked)")
+        return _skipped(run, run_dir, "running in another process (its folder is locked)")
     try:
         return _execute_locked(run, run_dir, train_fn, retry_failed, events)
     finally:
         lock.close()
 
 
-def _skipped(run: RunSpec, run_dir: Path, status: dict | None = None, reason: str | None = None) -> dict:
+def _skipped(run: RunSpec, run_dir: Path, reason: str | None = None) -> dict:
+    """The outcome of a run left as it is, read from its folder."""
     return outcome_from_status(run.key, run_dir, "skipped", reason=reason, default_state="running").as_dict()
 
 
 def _execute_locked(run: RunSpec, run_dir: Path, train_fn, retry_failed: bool, events) -> dict:
     status = read_status(run_dir)  # again: another process may have finished it meanwhile
     if not should_run(status, retry_failed):
-        return _skipped(run, run_dir, status)
+        return _skipped(run, run_dir)
     action = "resumed" if (run_dir / "checkpoint.pt").exists() else "ran"
     start = time.time()
     try:
@@ -107,10 +108,7 @@ def _execute_locked(run: RunSpec, run_dir: Path, train_fn, retry_failed: bool, e
         except OSError:
             pass
         now = read_status(run_dir) or {}
-        if now.get("state") == "failed" and kind == "divergence":
-            # bench.train recorded the divergence itself: keep its reason and step, add the kind.
-            write_status(run_dir, "failed", now["step"], now.get("reason"), error=kind)
-        else:
+        if not (now.get("state") == "failed" and kind == "divergence"):  # train records a divergence itself
             write_failed(run_dir, step, reason, kind)
     return outcome_from_status(run.key, run_dir, action, time.time() - start).as_dict()
 

@@ -8,7 +8,7 @@ for the same generated images. So the extractors the shipped suites use are trai
 committed under ``bench/proxy_weights/`` (``<name>-seed<seed>.pt``: the state_dict bytes;
 ``.json``: the training record: test accuracy, feature scale, settings, SHA-1 and SHA-256 of the
 weights), and each .pt file's SHA-256 is pinned in SHIPPED below, like Inception's weights in
-bench/fid.py. Loading a shipped extractor needs no dataset; a file that does not match its pin is
+bench/inception.py. Loading a shipped extractor needs no dataset; a file that does not match its pin is
 an error (restore it with ``git checkout bench/proxy_weights``), never a silent retraining, which
 would quietly change the feature space. Shipped: Fashion-MNIST at 12 (the embedded
 default's), 16 and 28 px, the synthetic test dataset at 16 px, all seed 0.

@@ -39,20 +39,21 @@ def _load_file(path: Path) -> None:
     except Exception as exc:  # a broken plugin names itself
         del sys.modules[module_name]
         raise ConfigError(f"plugin {path} failed to import: {type(exc).__name__}: {exc}") from exc
-    _loaded_paths.add(path)
-    for _, cls in inspect.getmembers(module, inspect.isclass):
-        if cls.__module__ != module_name or not issubclass(cls, Method) or not cls.name:
-            continue
+    # Check every class first, so a refused file registers nothing and is refused again next time.
+    found = [cls for _, cls in inspect.getmembers(module, inspect.isclass)
+             if cls.__module__ == module_name and issubclass(cls, Method) and cls.name]
+    for cls in found:
         other = _loaded.get(cls.name)
-        if other is not None and other is not cls:
-            raise ConfigError(
-                f"method name {cls.name!r} is defined twice ({inspect.getfile(other)} and {path}); rename one"
-            )
         try:
+            if other is not None and other is not cls:
+                raise ConfigError(f"method name {cls.name!r} is defined twice ({inspect.getfile(other)} and {path}); "
+                                  "rename one")
             check_slots(cls)
         except ConfigError as exc:
-            raise ConfigError(f"{path}: {exc}") from None
-        _loaded[cls.name] = cls
+            del sys.modules[module_name]
+            raise ConfigError(str(exc) if "defined twice" in str(exc) else f"{path}: {exc}") from None
+    _loaded.update({cls.name: cls for cls in found})
+    _loaded_paths.add(path)
 
 
 def load_plugins(paths=()) -> dict[str, type[Method]]:

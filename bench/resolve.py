@@ -12,8 +12,10 @@ came from (``where``: the suite file and run key, or "command line") and says ho
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
+import os
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -26,7 +28,7 @@ from bench.spec import Method
 class ResolvedRun:
     """A checked run: config, method instance, evaluation spec (None: no evaluation), record."""
 
-    config: object  # bench.train.TrainConfig (typed loosely: this module imports no torch at import time)
+    config: object  # bench.config.TrainConfig
     method: Method
     eval_spec: dict | None
     record: dict
@@ -34,22 +36,28 @@ class ResolvedRun:
 
 def resolve_run(config, where: str = "config") -> ResolvedRun:
     """Resolve a TrainConfig or its dict; raise one BenchError line prefixed with `where`."""
-    from bench.train import TrainConfig
+    from bench.config import TrainConfig
 
     # Types and ranges first (their errors already name `where`), then what needs the registries.
-    cfg = TrainConfig.from_dict(config.to_dict() if isinstance(config, TrainConfig) else config, where=where)
+    if isinstance(config, TrainConfig):  # a config built in code may hold a Path or a tuple
+        config = json.loads(json.dumps(config.to_dict(), default=str))
+    cfg = TrainConfig.from_dict(config, where=where)
     try:
-        return _resolve(json.dumps(cfg.to_dict(), sort_keys=True))
+        run = _resolve(json.dumps(cfg.to_dict(), sort_keys=True), os.environ.get("DIFFBENCH_CACHE"))
     except BenchError as exc:  # unknown method or dataset, bad hyperparameter or evaluation spec
         raise type(exc)(f"{where}: {exc}") from None
+    # Callers get their own copies: only the method (pure, stateless) is shared.
+    return ResolvedRun(copy.deepcopy(run.config), run.method, copy.deepcopy(run.eval_spec), copy.deepcopy(run.record))
 
 
 @lru_cache(maxsize=256)
-def _resolve(key: str) -> ResolvedRun:
-    """Once per process and config: runs of a suite share methods and specs, and a method is pure."""
+def _resolve(key: str, cache_env: str | None) -> ResolvedRun:
+    """Once per process, config and evaluation cache folder ($DIFFBENCH_CACHE, which the spec's
+    cache_dir comes from): a suite's checks, conflict test and run share the method."""
+    from bench.config import TrainConfig
     from bench.data import dataset_info
     from bench.registry import get_method
-    from bench.train import TrainConfig, evaluator_spec, run_record
+    from bench.train import evaluator_spec, run_record
 
     cfg = TrainConfig.from_dict(json.loads(key))
     dataset_info(cfg.dataset)

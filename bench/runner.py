@@ -41,7 +41,7 @@ from bench.run_folder import (
     read_status,
     should_run,
 )
-from bench.slurm import _run_submitit
+from bench.slurm import RunJob, _run_submitit  # noqa: F401  (RunJob: jobs pickled by older versions name bench.runner.RunJob)
 from bench.suite import RunSpec, Suite, load_suite
 
 EXECUTORS = ("local", "slurm", "submitit-local", "submitit-debug")
@@ -92,7 +92,7 @@ def run_suite(suite: Suite | str | os.PathLike, executor: str = "local", jobs: i
     fileio.write_json(suite_dir / "suite.json", suite.to_dict())
     todo = [r for r in runs if should_run(statuses[r.key], retry_failed)]
     reporter.suite_start(suite, todo, len(runs))
-    outcomes: dict[str, RunOutcome] = {r.key: outcome_from_dict(_skipped(r, dirs[r.key], statuses[r.key]))
+    outcomes: dict[str, RunOutcome] = {r.key: outcome_from_dict(_skipped(r, dirs[r.key]))
                                        for r in runs if r not in todo}
     try:
         if executor == "local" and jobs == 1:

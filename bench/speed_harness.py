@@ -19,11 +19,12 @@ tune_allocator()
 
 import torch  # noqa: E402
 
+from bench.config import TrainConfig  # noqa: E402
 from bench.data import load_dataset, to_model_range  # noqa: E402
 from bench.diffusion import make_schedule  # noqa: E402
 from bench.models import build_model  # noqa: E402
-from bench.registry import get_method  # noqa: E402
-from bench.train import TrainConfig, setup, train_step  # noqa: E402
+from bench.resolve import resolve_run  # noqa: E402
+from bench.train import setup, train_step  # noqa: E402
 
 METHODS = ["baseline", "p2", "min_snr", "clts", "mdlrc", "combined"]
 
@@ -62,7 +63,7 @@ def harness_steps(method, steps, batch, arch, dataset, resolution):
     own clock: from drawing the batch to the logged row; the run folder's I/O is not a step's)."""
     cfg = TrainConfig(method=method, dataset=dataset, resolution=resolution, arch=arch, iters=steps,
                       batch_size=batch)
-    state = setup(cfg, get_method(method))
+    state = setup(cfg, resolve_run(cfg).method)
     state.model.train()
     return [batch / train_step(state)["images_per_s"] for _ in range(steps)]
 

@@ -28,8 +28,8 @@ Everything is checked when the suite is loaded, before anything runs: unknown ke
 types, unknown methods or datasets, bad hyperparameters. The error names the file, the key and
 the reason (:class:`SuiteError`, a :class:`~bench.errors.ConfigError`).
 
-This module imports torch only inside :func:`load_suite`'s validation (through bench.train and
-bench.registry), never at import time.
+This module imports torch only inside :func:`load_suite`'s validation (through
+bench.resolve), never at import time.
 
 The checks and schemas are in bench/suite_schema.py; the dry run's cost model in bench/cost.py.
 """
@@ -63,6 +63,7 @@ SUITES_DIR = Path(__file__).resolve().parent.parent / "suites"
 
 DEFAULT_SUITE = "mini"
 
+
 @dataclass(frozen=True)
 class MethodEntry:
     """One method of the grid: a registered name with hyperparameters, and its folder label."""
@@ -71,6 +72,7 @@ class MethodEntry:
     params: dict
     label: str
     train: dict = field(default_factory=dict)  # [train] settings this entry overrides (lr_sweep)
+
 
 @dataclass(frozen=True)
 class Workload:
@@ -81,6 +83,7 @@ class Workload:
     resolution: int | None  # None: the dataset's own
     arch: str
     overrides: dict         # data_dir / flip set by the dataset entry
+
 
 @dataclass(frozen=True)
 class RunSpec:
@@ -107,6 +110,7 @@ class RunSpec:
     @classmethod
     def from_dict(cls, d: dict) -> "RunSpec":
         return cls(d["suite"], d["workload"], d["label"], int(d["seed"]), d["config"])
+
 
 @dataclass
 class Suite:
@@ -180,8 +184,10 @@ class Suite:
             "source_text": self.source_text,
         }
 
+
 def available_suites(suites_dir: Path = SUITES_DIR) -> list[str]:
     return sorted(p.stem for p in Path(suites_dir).glob("*.toml"))
+
 
 def suite_path(name_or_path: str | os.PathLike, suites_dir: Path = SUITES_DIR) -> Path:
     """A suite file from a name (suites/<name>.toml) or a path."""
@@ -196,12 +202,13 @@ def suite_path(name_or_path: str | os.PathLike, suites_dir: Path = SUITES_DIR) -
                          f"{', '.join(available_suites(suites_dir))} (or pass the path of a .toml file)")
     return candidate
 
+
 def load_suite(name_or_path: str | os.PathLike = DEFAULT_SUITE, *, validate: bool = True,
                suites_dir: Path = SUITES_DIR, plugins=()) -> Suite:
     """Read, check and resolve a suite; raise SuiteError naming file, key and reason.
 
     With ``validate`` (the default) every run's TrainConfig is also built and checked, which
-    resolves methods, hyperparameters and datasets through the registries (imports torch).
+    resolves every run through bench.resolve (imports torch).
     ``plugins`` (the command line's --plugins) are added to [train] plugins as absolute paths:
     they become part of every run's config, so worker processes and Slurm jobs, which rebuild a
     run from its config, load them too.
@@ -212,13 +219,14 @@ def load_suite(name_or_path: str | os.PathLike = DEFAULT_SUITE, *, validate: boo
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise SuiteError(f"{path}: not valid TOML: {exc}") from None
-    if plugins:
-        train = data.get("train", {})
-        if isinstance(train, dict):
-            own = train.get("plugins", [])
-            extra = [str(Path(p).resolve()) for p in plugins]
-            data = {**data, "train": {**train, "plugins": list(dict.fromkeys(
-                (own if isinstance(own, list) else [own]) + extra))}}
+    train = data.get("train", {})
+    if plugins and isinstance(train, dict) and isinstance(train.get("plugins", []), list):
+        # The suite's own paths are relative to its file (as parse_train reads them), so both name
+        # a plugin the same way and one given twice is loaded once.
+        own = [p if not isinstance(p, str) or Path(p).is_absolute() else str((path.parent / p).resolve())
+               for p in train.get("plugins", [])]
+        extra = [str(Path(p).resolve()) for p in plugins]
+        data = {**data, "train": {**train, "plugins": list(dict.fromkeys(own + extra))}}
     return parse_suite(data, path=path, source_text=text, validate=validate)
 
 
@@ -302,9 +310,10 @@ def _workloads(datasets: list[dict], archs: list[str], ck: _Checker, validate: b
 
 
 def _default_lr() -> float:
-    from bench.train import TrainConfig
+    from bench.config import TrainConfig
 
     return TrainConfig().lr
+
 
 def _lr_sweep_entries(grid: dict, methods: list[MethodEntry], baseline: str, train: dict, ck) -> list[MethodEntry]:
     """[grid] lr_sweep: the baseline again at each other learning rate, labelled <baseline>-lr<value>,
@@ -318,6 +327,7 @@ def _lr_sweep_entries(grid: dict, methods: list[MethodEntry], baseline: str, tra
         if lr != shared:
             out.append(MethodEntry(base.name, dict(base.params), f"{base.label}-lr{lr:g}", {"lr": lr}))
     return out
+
 
 def _validate_runs(suite: Suite, ck: _Checker) -> None:
     """Resolve every run (bench.resolve, the one validation of methods, plugins, datasets and the

@@ -203,13 +203,13 @@ def _train_fields() -> list[str] | None:
     try:
         import dataclasses
 
-        from bench.train import TrainConfig
+        from bench.config import TrainConfig
     except ImportError:
         return None
     return [f.name for f in dataclasses.fields(TrainConfig)]
 
 def _evaluator_keys() -> dict:
-    """The evaluator's spec keys with their defaults (bench.evaluate.DEFAULTS), less the workload's."""
+    """The evaluator's spec keys with their defaults (bench.eval_spec.DEFAULTS), less the workload's."""
     from bench.eval_spec import DEFAULTS
 
     return {k: v for k, v in DEFAULTS.items() if k not in EVAL_WORKLOAD_KEYS}
@@ -228,10 +228,10 @@ def parse_head(data: dict, ck: _Checker, path: Path | None) -> tuple[str, dict]:
 
 
 def parse_eval(data: dict, ck: _Checker, validate: bool) -> dict:
-    """The [eval] table: `every` and the evaluator's spec (bench/evaluate.py checks its values)."""
+    """The [eval] table: `every` and the evaluator's spec (bench/eval_spec.py checks its values)."""
     ev_schema = dict(EVAL_SCHEMA)
     if validate:
-        # Every other key of the evaluator's spec (bench/evaluate.py), checked by its resolve_spec.
+        # Every other key of the evaluator's spec (bench/eval_spec.py), checked by its resolve_spec.
         for k, default in _evaluator_keys().items():
             kind = object if default is None else float if isinstance(default, float) else type(default)
             ev_schema.setdefault(k, (kind, False, None))
@@ -277,8 +277,8 @@ def parse_train(data: dict, ck: _Checker, path: Path | None, validate: bool) -> 
             known = ", ".join(f for f in fields if f not in GRID_KEYS)
             ck.fail(f"train.{k}", f"unknown training setting; known: {known}")
         if validate and fields is not None:
+            from bench.config import TrainConfig
             from bench.errors import BenchError
-            from bench.train import TrainConfig
 
             try:
                 TrainConfig.from_dict({k: train[k]}, where="[train]")

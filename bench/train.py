@@ -306,7 +306,8 @@ def train(run: ResolvedRun | TrainConfig, out_dir, events: TrainEvents | None = 
             events.on_step(state.step, cfg.iters, row)
         if not math.isfinite(row["loss"]):
             fileio.append_jsonl(out / "steps.jsonl", pending)
-            _set_status(out, "failed", state.step, state.clocks, f"non-finite loss ({row['loss']}) at step {state.step}")
+            write_status(out, "failed", state.step, f"non-finite loss ({row['loss']}) at step {state.step}",
+                         error="divergence", **state.clocks)
             raise DivergenceError(state.step, f"training diverged: loss {row['loss']} at step {state.step}; "
                                               "lower lr or check the method's hyperparameters")
 

@@ -271,6 +271,8 @@ def test_a_hook_without_its_slot_is_refused_at_registration(tmp_path):
         "        return torch.full(t.shape, 2.0, dtype=torch.float64)\n")
     with pytest.raises(ConfigError) as err:
         load_plugins([tmp_path / "sneaky.py"])
+    with pytest.raises(ConfigError, match="overrides loss_weights"):  # refused again, never half-registered
+        load_plugins([tmp_path / "sneaky.py"])
     msg = str(err.value)
     assert "\n" not in msg and "sneaky.py" in msg and "overrides loss_weights()" in msg and "'weighting'" in msg
     out = subprocess.run([sys.executable, "run_bench.py", "describe", "sneaky", "--plugins", str(tmp_path)],

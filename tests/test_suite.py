@@ -210,6 +210,10 @@ def test_one_evaluation_rule_for_training_runner_and_cost():
     assert run_cost(s, bare).eval_points == 0
     only_end = type(run)(run.suite, run.workload, run.label, run.seed, {**run.config, "eval_every": 0})
     assert run_cost(s, only_end).eval_points == 1
+    # An [eval] table that leaves num_images and sampler_steps out gets the evaluator's defaults.
+    defaults = type(run)(run.suite, run.workload, run.label, run.seed, {**run.config, "eval": {"metrics": ["fid"]}})
+    c = run_cost(s, defaults)
+    assert (c.sample_images, c.network_evals) == (2 * 1000, 2 * 1000 * 25)
 
 
 def test_eval_steps_and_slurm_time():

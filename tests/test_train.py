@@ -396,3 +396,18 @@ def test_train_flags_set_ema_warmup():
     on = train_config_from_args(parser.parse_args(["train", "--dataset", "synthetic"]))
     off = train_config_from_args(parser.parse_args(["train", "--dataset", "synthetic", "--no-ema-warmup"]))
     assert on.ema_warmup is True and off.ema_warmup is False
+
+
+def test_a_resolved_run_is_the_callers_own(monkeypatch, tmp_path):
+    """Resolutions are cached per process, but each caller gets its own config, spec and record
+    (only the pure method is shared), and the spec follows $DIFFBENCH_CACHE."""
+    from bench.resolve import resolve_run
+
+    cfg = {**SMALL, "eval": {"metrics": ["proxy_fd"]}}
+    a = resolve_run(cfg)
+    a.record["lr"] = 99.0
+    a.eval_spec["num_images"] = 7
+    b = resolve_run(cfg)
+    assert b.record["lr"] == TrainConfig().lr and b.eval_spec["num_images"] == 1000 and b.method is a.method
+    monkeypatch.setenv("DIFFBENCH_CACHE", str(tmp_path / "other"))
+    assert resolve_run(cfg).eval_spec["cache_dir"] == str(tmp_path / "other" / "eval")
