@@ -17,9 +17,9 @@ import pandas as pd
 
 from bench.fileio import iter_jsonl
 from bench.speedup import (
+    PairedDifference,
+    PairedSpeedup,
     aa_split,
-    format_difference,
-    format_speedup,
     lower_is_better,
     paired_difference,
     paired_speedup,
@@ -104,6 +104,42 @@ def speedup_frame(rows: list[dict], targets) -> pd.DataFrame:
                 "final_diff_mean": d.mean, "final_diff_ci_low": d.ci_low, "final_diff_ci_high": d.ci_high,
                 "final_diff_relative": d.relative_mean, "final_diff_interval": d.interval})
     return pd.DataFrame(out)
+
+
+def format_speedup(s: PairedSpeedup) -> tuple[str, str]:
+    """(point, interval) as the report prints them. A bound is always printed as such: "<= x" (some
+    seeds never reached; "not reached (<= x)" when at least half of them), ">= x" (some seeds were
+    at the target by their first evaluation), "~x" (bounds both ways); those get no interval, only
+    a note of how many seeds are bounds. At f = 1 the interval cell says it is one-sided."""
+    if s.interval == "none":
+        return "1 (reference)", ""
+    if s.speedup is None:
+        return "no data", ""
+    n, missed = s.n_paired, s.n_paired - s.n_reached
+    notes = ([f"{missed} of {n} seeds not reached"] if s.upper_bound else []) + \
+        ([f"{s.n_first} of {n} seeds at the target by their first evaluation"] if s.lower_bound else [])
+    if s.upper_bound and s.lower_bound:
+        return f"~{s.speedup:.2f}x", "bounds both ways: " + ", ".join(notes)
+    if s.upper_bound:
+        point = f"not reached (<= {s.speedup:.2f}x)" if 2 * missed >= n else f"<= {s.speedup:.2f}x"
+        return point, notes[0]
+    if s.lower_bound:
+        return f">= {s.speedup:.2f}x", notes[0]
+    if s.interval == "one-sided":
+        return f"{s.speedup:.2f}x", "one-sided at f = 1, no interval"
+    if s.ci_low is None:
+        return f"{s.speedup:.2f}x", f"too few seeds (n={n})"
+    return f"{s.speedup:.2f}x", f"[{s.ci_low:.2f}, {s.ci_high:.2f}] ({s.interval}, n={n})"
+
+
+def format_difference(d: PairedDifference, digits: int = 4) -> str:
+    """The paired final-metric difference as the report prints it, e.g. "-2.31 [-3.9, -0.7]"."""
+    if d.mean is None:
+        return "no data"
+    point = f"{d.mean:.{digits}g}"
+    if d.ci_low is None:
+        return f"{point} ({d.interval})"
+    return f"{point} [{d.ci_low:.{digits}g}, {d.ci_high:.{digits}g}]"
 
 
 def speedup_cell(s) -> str:

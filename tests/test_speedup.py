@@ -8,14 +8,13 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from bench.report_stats import format_difference, format_speedup
 from bench.speedup import (
     PairedDifference,
     PairedSpeedup,
     _is_geometric,  # the grid test of the log-interpolation rule
     aa_split,
     crossing_step,
-    format_difference,
-    format_speedup,
     lower_is_better,
     paired_difference,
     paired_speedup,
