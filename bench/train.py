@@ -143,10 +143,10 @@ class RunState:
     step: int = 0
     clocks: dict = field(default_factory=lambda: {"train_seconds": 0.0, "eval_seconds": 0.0})
     perm_cache: dict = field(default_factory=dict)
+    params: list = field(init=False)  # the model's parameters, listed once (clipping and EMA use them every step)
 
-    @property
-    def params(self) -> list:
-        return list(self.model.parameters())
+    def __post_init__(self):
+        self.params = list(self.model.parameters())
 
 
 def setup(cfg: TrainConfig, method: Method) -> RunState:
