@@ -63,10 +63,11 @@ def outcome_from_dict(d: dict) -> RunOutcome:
 def write_status(run_dir: Path, state: str, step: int, reason: str | None = None, **extra) -> None:
     """status.json, atomically: state (running | done | failed), step, reason, and the clocks
     (train_seconds, eval_seconds; kept from the previous status when not given)."""
-    old = read_status(run_dir) or {}
-    clocks = {k: extra.pop(k, old.get(k, 0.0)) for k in ("train_seconds", "eval_seconds")}
+    keys = ("train_seconds", "eval_seconds")
+    old = {} if all(k in extra for k in keys) else read_status(run_dir) or {}  # train passes its clocks
+    clocks = {k: extra.pop(k, old.get(k, 0.0)) for k in keys}
     fileio.write_json(Path(run_dir) / "status.json", {"state": state, "step": int(step), "reason": reason,
-                                                  **clocks, **extra})
+                                                      **clocks, **extra})
 
 
 def outcome_from_status(key: str, run_dir: Path, action: str, seconds: float = 0.0,
