@@ -9,6 +9,18 @@ from dataclasses import dataclass, field
 from bench.diffusion import SCHEDULES, TARGETS
 from bench.errors import ConfigError
 
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "fp32", "bf16")
+#: settings of how a run executes, not of what it is: a folder's config.json may differ in them
+RUNTIME_KEYS = ("device", "precision", "tf32", "fused_adamw", "compile", "runtime")
+
+
+def check_device_name(name: str) -> str | None:
+    """Why `name` is not a device setting (None when it is): auto, cpu, cuda or cuda:K."""
+    if name in DEVICES or (name.startswith("cuda:") and name[5:].isdigit()):
+        return None
+    return "is not auto, cpu, cuda or cuda:K"
+
 
 @dataclass
 class TrainConfig:
@@ -45,8 +57,16 @@ class TrainConfig:
     ckpt_every: int = 500
     eval_every: int = 0  # 0: evaluate only at the end, and only when `eval` is set
     eval: dict = field(default_factory=dict)  # the Evaluator's spec (bench/eval_spec.py)
-    channels_last: bool = True
     threads: int = 0  # 0: torch's default
+    # Where and how it runs (bench/runtime.py). Except gpus, these do not make another run: a
+    # run may resume on another device, and config.json's `runtime` list records each stretch.
+    device: str = "auto"  # auto | cpu | cuda | cuda:K (auto: CUDA when torch sees a GPU)
+    precision: str = "auto"  # auto | fp32 | bf16 (auto: bf16 autocast on CUDA, fp32 on the CPU)
+    tf32: bool = True  # TF32 matmuls and convolutions (CUDA only)
+    fused_adamw: bool = True  # fused AdamW kernel (CUDA only; the CPU uses foreach)
+    channels_last: bool = True
+    compile: bool = False  # torch.compile of the network for training steps
+    gpus: int = 1  # processes (one per GPU) that share each global batch of batch_size images
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "config") -> "TrainConfig":
@@ -99,6 +119,16 @@ class TrainConfig:
                 bad(key, "must be in [0, 1)")
         if self.resolution is not None and self.resolution < 4:
             bad("resolution", "must be >= 4")
+        why = check_device_name(self.device)
+        if why:
+            bad("device", why)
+        if self.precision not in PRECISIONS:
+            bad("precision", f"is not one of {', '.join(PRECISIONS)}")
+        if self.gpus < 1:
+            bad("gpus", "must be >= 1 (the number of processes, one per GPU)")
+        if self.batch_size % self.gpus:
+            bad("batch_size", f"is not divisible by gpus={self.gpus}: batch_size is the global batch, split evenly "
+                              f"over the processes; use a multiple of {self.gpus}")
         # The method, its plugins, the dataset and the evaluation spec are checked by bench.resolve.
 
     def to_dict(self) -> dict:

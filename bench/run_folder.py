@@ -191,9 +191,23 @@ def check_conflict(run: RunSpec, run_dir: Path) -> str | None:
 
 
 def config_diff(old: dict, new: dict) -> list[str]:
-    """The keys in which two config.json records differ (compared as JSON), sorted."""
+    """The keys in which two config.json records differ (compared as JSON), sorted. Settings of how
+    a run executes (device, precision, ...: config.RUNTIME_KEYS) never differ, and a setting that
+    is missing from `old` (added to the harness since that run began) differs only from a
+    non-default value."""
+    from bench.config import RUNTIME_KEYS, TrainConfig
+
+    defaults = json.loads(fileio.dumps(TrainConfig().to_dict()))
     old, new = json.loads(fileio.dumps(old)), json.loads(fileio.dumps(new))
-    return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+
+    def differs(k: str) -> bool:
+        if k in RUNTIME_KEYS:
+            return False
+        if k not in old and k in defaults:
+            return new.get(k) != defaults[k]
+        return old.get(k) != new.get(k)
+
+    return sorted(k for k in set(old) | set(new) if differs(k))
 
 
 def _short(v) -> str:

@@ -6,8 +6,14 @@ distribution, compute per-sample losses, weight them, reduce once, step the opti
 the method's learning-rate scale and betas, update the EMA, and log. Evaluation runs on the
 EMA weights outside the training clock.
 
+Device and processes (bench/runtime.py): everything lives on the run's device; the random
+streams are CPU generators, so a seed gives the same data, timesteps and noise on any device.
+With N processes (torchrun, DDP) every process draws the whole global batch and keeps its
+slice, gradients are averaged, and rank 0 alone keeps the EMA, writes files and evaluates.
+
 Run folder:
-  config.json          this TrainConfig plus the method's label, slots and resolved params
+  config.json          this TrainConfig plus the method's label, slots and resolved params, and
+                       `runtime`: the device and fast path of each stretch of the run
   steps.jsonl          a row per iteration (loss, MSE per timestep quartile, lr, beta1, ...)
   evals.jsonl          a row per evaluation and metric (written by the evaluation hook)
   method_trace.json    what the method does at p = 0, 0.1, ..., 1 (for the report)
@@ -16,6 +22,7 @@ Run folder:
 """
 
 import copy
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -35,9 +42,11 @@ from bench.perf import tune_allocator
 from bench.registry import get_method
 from bench.resolve import ResolvedRun, resolve_run
 from bench.run_folder import config_diff, write_status
+from bench.runtime import Runtime, barrier, gather_objects, gather_slices, make_runtime
 from bench.spec import Method, ema_decay_at, loss_weights_at, optimizer_settings_at, timestep_probs_at
 
-CHECKPOINT_FORMAT = 2  # 2: one generator per random stream (timesteps, noise, flips)
+CHECKPOINT_FORMAT = 2  # 2: one generator per random stream (timesteps, noise, flips); world_size since
+                       # multi-process training (absent: 1)
 
 
 def run_record(cfg: TrainConfig, method: Method | None = None) -> dict:
@@ -127,14 +136,28 @@ class TrainEvents:
 
 
 @dataclass
+class Batch:
+    """One iteration's draw: this process's slice of the images (indices), flips and noise, and the
+    whole global batch's timesteps and loss weights (for the log), all on the run's device."""
+
+    indices: torch.Tensor
+    flip: torch.Tensor | None
+    t: torch.Tensor
+    weights: torch.Tensor
+    eps: torch.Tensor
+    seconds: float  # CPU time spent drawing it
+
+
+@dataclass
 class RunState:
     """Everything one training step reads and changes: built by :func:`setup`, saved whole in
     checkpoint.pt (state_dicts and RNG states) and restored by :func:`resume`."""
 
     cfg: TrainConfig
     method: Method
-    schedule: Schedule
-    images: torch.Tensor  # the training set, uint8 [N, C, H, W]
+    rt: Runtime
+    schedule: Schedule  # tables on the CPU (the method's view); dev_schedule: the same on the device
+    images: torch.Tensor  # the training set, uint8 [N, C, H, W], on the device
     model: torch.nn.Module
     ema: torch.nn.Module
     opt: torch.optim.Optimizer
@@ -144,154 +167,268 @@ class RunState:
     clocks: dict = field(default_factory=lambda: {"train_seconds": 0.0, "eval_seconds": 0.0})
     perm_cache: dict = field(default_factory=dict)
     params: list = field(init=False)  # the model's parameters, listed once (clipping and EMA use them every step)
+    net: torch.nn.Module = field(init=False)  # what a training step calls: the model, in DDP and compiled if asked
+    dev_schedule: Schedule = field(init=False)
+    prefetched: Batch | None = None  # the next step's batch, drawn while the device computes this one
+    gen_states: dict | None = None  # the generators' states before `prefetched` was drawn (for checkpoints)
 
     def __post_init__(self):
         self.params = list(self.model.parameters())
+        self.net = self.model
+        if self.rt.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            dev = self.rt.torch_device
+            self.net = DistributedDataParallel(self.model, device_ids=[dev.index] if dev.type == "cuda" else None)
+        if self.rt.compile:
+            self.net = torch.compile(self.net)
+        dev = self.rt.torch_device
+        self.dev_schedule = self.schedule if dev.type == "cpu" else dataclasses.replace(
+            self.schedule, betas=self.schedule.betas.to(dev), alphas_bar=self.schedule.alphas_bar.to(dev))
 
 
-def setup(cfg: TrainConfig, method: Method) -> RunState:
-    """Schedule, data, model, EMA, optimizer and generators of a fresh run (step 0)."""
+def setup(cfg: TrainConfig, method: Method, rt: Runtime | None = None) -> RunState:
+    """Schedule, data, model, EMA, optimizer and generators of a fresh run (step 0), on rt's device
+    (default: resolved from cfg here)."""
+    rt = rt or make_runtime(cfg)
+    device = rt.torch_device
     schedule = make_schedule(cfg.schedule, cfg.T, cfg.zero_terminal_snr)
     images, _ = load_dataset(cfg.dataset, "train", cfg.data_dir, cfg.resolution)
-    # The seed fixes the initial weights, the same for every method.
+    # The seed fixes the initial weights, the same for every method (and every process).
     torch.manual_seed(cfg.seed)
-    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    model = build_model(cfg.arch, images.shape[1], images.shape[-1]).to(memory_format=memory_format)
+    memory_format = torch.channels_last if rt.channels_last else torch.contiguous_format
+    model = build_model(cfg.arch, images.shape[1], images.shape[-1]).to(device, memory_format=memory_format)
+    if rt.rank > 0:  # dropout: each process its own masks (rank 0 keeps the one-process stream)
+        torch.manual_seed(cfg.seed * 1_000_003 + 404 + rt.rank)
     ema = copy.deepcopy(model).requires_grad_(False)
+    kernel = {"fused": True} if rt.fused_adamw else {"foreach": True}
     opt = torch.optim.AdamW(list(model.parameters()), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                            weight_decay=cfg.weight_decay, foreach=True)
-    return RunState(cfg, method, schedule, images, model, ema, opt, stream_generators(cfg.seed), memory_format)
+                            weight_decay=cfg.weight_decay, **kernel)
+    return RunState(cfg, method, rt, schedule, images.to(device), model, ema, opt, stream_generators(cfg.seed),
+                    memory_format)
+
+
+def _process_rng(rt: Runtime) -> dict:
+    """This process's global RNG states (dropout draws from them)."""
+    rng = {"cpu": torch.get_rng_state()}
+    if rt.torch_device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(rt.torch_device)
+    return rng
 
 
 def save_checkpoint(state: RunState, path: Path) -> None:
-    """checkpoint.pt, atomically: state_dicts, every RNG state, the step and the clocks."""
-    data = {"format": CHECKPOINT_FORMAT, "step": state.step, "model": state.model.state_dict(),
-            "ema": state.ema.state_dict(), "opt": state.opt.state_dict(), "rng_torch": torch.get_rng_state(),
-            "rng": {name: g.get_state() for name, g in state.gens.items()}, "clocks": state.clocks}
+    """checkpoint.pt, atomically: state_dicts, every RNG state, the step and the clocks. Every
+    process calls it (each one's RNG state is saved); rank 0 writes."""
+    rngs = gather_objects(_process_rng(state.rt))
+    if state.rt.rank != 0:
+        return
+    gens = state.gen_states or {name: g.get_state() for name, g in state.gens.items()}
+    data = {"format": CHECKPOINT_FORMAT, "step": state.step, "world_size": state.rt.world_size,
+            "model": state.model.state_dict(), "ema": state.ema.state_dict(), "opt": state.opt.state_dict(),
+            "rng_torch": rngs[0]["cpu"], "rng_processes": rngs, "rng": gens, "clocks": state.clocks}
     tmp = path.with_suffix(".pt.tmp")
     torch.save(data, tmp)
     tmp.replace(path)
 
 
 def resume(state: RunState, path: Path) -> None:
-    """Restore a run from its checkpoint, so it goes on bit-for-bit as if never stopped."""
+    """Restore a run from its checkpoint, so it goes on bit-for-bit as if never stopped (on the
+    CPU; a checkpoint also resumes on another device, with that device's floating point)."""
     ckpt = load_checkpoint(path)
+    saved = int(ckpt.get("world_size", 1))
+    if saved != state.rt.world_size:
+        raise CheckpointError(
+            f"checkpoint {path} was written by {saved} process(es) (gpus={saved}) and this run has "
+            f"{state.rt.world_size}: resume it with gpus = {saved}"
+            + (f" (torchrun --nproc_per_node {saved})" if saved > 1 else " (one process, no torchrun)")
+            + ", or delete the run folder to restart")
     try:
         state.model.load_state_dict(ckpt["model"])
         state.ema.load_state_dict(ckpt["ema"])
         state.opt.load_state_dict(ckpt["opt"])
     except (RuntimeError, KeyError, ValueError) as exc:
         raise CheckpointError(f"checkpoint {path} does not fit this run ({str(exc)[:120]}); delete it to restart") from None
-    torch.set_rng_state(ckpt["rng_torch"])
+    rng = ckpt.get("rng_processes", [{"cpu": ckpt["rng_torch"]}])[state.rt.rank]
+    torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng and state.rt.torch_device.type == "cuda":
+        torch.cuda.set_rng_state(rng["cuda"], state.rt.torch_device)
     for name, g in state.gens.items():
         g.set_state(ckpt["rng"][name])
     state.step, state.clocks = int(ckpt["step"]), dict(ckpt["clocks"])
+    state.prefetched = state.gen_states = None
+
+
+def draw_batch(state: RunState, step: int) -> Batch:
+    """Iteration `step`'s random draws. The whole global batch is drawn from the run's generators
+    (so nothing depends on the number of processes); this process keeps its slice of the images,
+    flips and noise, and the global timesteps and loss weights for the log."""
+    cfg, rt, B = state.cfg, state.rt, state.cfg.batch_size
+    start = time.perf_counter()
+    b = B // rt.world_size
+    mine = slice(rt.rank * b, (rt.rank + 1) * b)
+    dev = rt.torch_device
+    idx = batch_indices(step, B, len(state.images), cfg.seed, state.perm_cache)[mine]
+    flip = (torch.rand(B, generator=state.gens["flip"]) < 0.5)[mine] if cfg.flip else None
+    t = sample_timesteps(timestep_probs_at(state.method, step / cfg.iters, state.schedule), B, state.gens["t"])
+    weights = loss_weights_at(state.method, t, step / cfg.iters, state.schedule, cfg.target).to(torch.float32)
+    eps = torch.randn((B, *state.images.shape[1:]), generator=state.gens["noise"])[mine]
+    if dev.type == "cuda":  # pinned, so the copies do not wait for the step the device is computing
+        eps = eps.pin_memory()
+    batch = Batch(*(x if x is None else x.to(dev, non_blocking=True) for x in (idx, flip, t, weights, eps)), 0.0)
+    batch.seconds = time.perf_counter() - start
+    return batch
 
 
 def train_step(state: RunState) -> dict:
     """One iteration; returns its steps.jsonl row (loss, MSE per timestep quartile, optimizer state)."""
-    cfg, method, schedule = state.cfg, state.method, state.schedule
+    cfg, method, rt, schedule = state.cfg, state.method, state.rt, state.dev_schedule
     t_start = time.perf_counter()
     step, B, p = state.step, cfg.batch_size, state.step / cfg.iters
 
-    # Draw the batch: images, optional flips, timesteps from the method, noise.
-    x0 = to_model_range(state.images[batch_indices(step, B, len(state.images), cfg.seed, state.perm_cache)])
-    if cfg.flip:
-        flip = torch.rand(B, generator=state.gens["flip"]) < 0.5
-        x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
-    t = sample_timesteps(timestep_probs_at(method, p, schedule), B, state.gens["t"])
-    eps = torch.randn(x0.shape, generator=state.gens["noise"])
+    # Draw the batch: images, optional flips, timesteps from the method, noise (this process's slice).
+    batch, data_seconds = state.prefetched, 0.0  # a prefetched batch's time is in the previous row
+    if batch is None:
+        batch = draw_batch(state, step)
+        data_seconds = batch.seconds
+    b = B // rt.world_size
+    mine = slice(rt.rank * b, (rt.rank + 1) * b)
+    x0 = to_model_range(state.images[batch.indices])
+    if batch.flip is not None:
+        x0 = torch.where(batch.flip[:, None, None, None], x0.flip(-1), x0)
+    t, eps = batch.t[mine], batch.eps
     x_t = schedule.q_sample(x0, t, eps).contiguous(memory_format=state.memory_format)
 
-    # Per-sample losses, weighted by the method, reduced in exactly one place.
-    pred = state.model(x_t, t)
-    mse = (pred - schedule.target(cfg.target, x0, eps, t)).square().mean(dim=(1, 2, 3))
-    weights = loss_weights_at(method, t, p, schedule, cfg.target).to(mse.dtype)
-    loss = (weights * mse).mean()
+    # Per-sample losses, weighted by the method, reduced in exactly one place (the network may run
+    # in bf16; its output, the loss and the weights are fp32).
+    with rt.autocast():
+        pred = state.net(x_t, t)
+    mse = (pred.float() - schedule.target(cfg.target, x0, eps, t)).square().mean(dim=(1, 2, 3))
+    loss = (batch.weights[mine] * mse).mean()
 
-    # Backward, clip, and step with the method's optimizer settings.
+    # Backward (DDP averages the gradients over processes), clip, and step with the method's
+    # optimizer settings.
     params = state.params
     state.opt.zero_grad(set_to_none=True)
     loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf).item()
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
     lr_scale, beta1, beta2 = optimizer_settings_at(method, p, cfg.beta1, cfg.beta2)
     lr = cfg.lr * lr_scale * (min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else 1.0)
     for group in state.opt.param_groups:
         group["lr"], group["betas"] = lr, (beta1, beta2)
     state.opt.step()
 
-    # Update EMA.
+    # Update EMA (rank 0 keeps it).
     decay = ema_decay_at(method, p, cfg.ema_decay)
     if cfg.ema_warmup:
         decay = min(decay, ema_warmup_decay(step))
-    with torch.no_grad():
-        torch._foreach_lerp_(list(state.ema.parameters()), params, 1.0 - decay)
+    if rt.rank == 0:
+        with torch.no_grad():
+            torch._foreach_lerp_(list(state.ema.parameters()), params, 1.0 - decay)
     state.step += 1
 
-    # Log: the objective, the unweighted MSE per timestep quartile, the optimizer's state.
-    quart = t * 4 // cfg.T
-    q_sum = torch.zeros(4).index_add_(0, quart, mse.detach())
+    # On a GPU, draw the next batch while the device works (the generators' order is unchanged; on
+    # the CPU there is nothing to overlap, and the method's hooks run within their own step).
+    if state.step < cfg.iters and rt.torch_device.type == "cuda":
+        state.gen_states = {name: g.get_state() for name, g in state.gens.items()}
+        state.prefetched = draw_batch(state, state.step)
+        data_seconds += state.prefetched.seconds
+    else:
+        state.prefetched = state.gen_states = None
+
+    # Log: the objective, the unweighted MSE per timestep quartile (global batch), the optimizer's state.
+    mse_all = gather_slices(mse.detach())
+    logged_loss = loss.detach() if rt.world_size == 1 else (batch.weights * mse_all).mean()
+    quart = batch.t * 4 // cfg.T
+    q_sum = torch.zeros(4, device=mse_all.device).index_add_(0, quart, mse_all)
     q_cnt = torch.bincount(quart, minlength=4)
+    values = torch.stack([logged_loss, mse_all.mean(), grad_norm.float(), *(q_sum / q_cnt)]).tolist()  # one sync
+    loss_value, mse_value, grad_norm, q_mean = values[0], values[1], values[2], values[3:]
+    counts = q_cnt.tolist()
     elapsed = time.perf_counter() - t_start
     state.clocks["train_seconds"] += elapsed
-    return {"step": state.step, "p": p, "loss": loss.item(), "mse": mse.mean().item(),
-            **{f"loss_q{i}": (q_sum[i] / q_cnt[i]).item() if q_cnt[i] else None for i in range(4)},
+    return {"step": state.step, "p": p, "loss": loss_value, "mse": mse_value,
+            **{f"loss_q{i}": q_mean[i] if counts[i] else None for i in range(4)},
             "lr": lr, "lr_scale": lr_scale, "beta1": beta1, "grad_norm": grad_norm,
             "clipped": cfg.grad_clip > 0 and grad_norm > cfg.grad_clip, "ema_decay": decay,
-            "images_per_s": B / elapsed, "train_seconds": state.clocks["train_seconds"]}
+            "images_per_s": B / elapsed, "data_seconds": data_seconds, "train_seconds": state.clocks["train_seconds"]}
 
 
-def _open_run_folder(cfg: TrainConfig, out: Path, record: dict) -> dict | None:
-    """Write config.json, or refuse a folder that holds another config; the final status of a
-    finished run (nothing to do), else None."""
+def _open_run_folder(cfg: TrainConfig, out: Path, record: dict, rt: Runtime) -> dict | None:
+    """Write config.json (rank 0), or refuse a folder that holds another config; the final status
+    of a finished run (nothing to do), else None."""
     if (out / "config.json").exists():
-        changed = config_diff(fileio.read_json(out / "config.json"), record)
+        old = fileio.read_json(out / "config.json")
+        saved = old.get("gpus", 1)
+        if saved != cfg.gpus:
+            raise ConfigError(
+                f"{out} holds a run trained by {saved} process(es) (gpus={saved}) and this run asks for {cfg.gpus}: "
+                f"resume it with gpus = {saved}" + (f" (torchrun --nproc_per_node {saved})" if saved > 1 else
+                                                    " (one process, no torchrun)") + ", or use another output folder")
+        changed = config_diff(old, record)
         if changed:
             raise ConfigError(f"{out} holds a run with a different config (differs in: {', '.join(changed)}); "
                               "use another output folder or delete that one")
-    else:
-        fileio.write_json(out / "config.json", record)
+    elif rt.rank == 0:
+        fileio.write_json(out / "config.json", {**record, "runtime": []})
     status = fileio.read_json(out / "status.json") if (out / "status.json").exists() else None
     return status if status and status.get("state") == "done" else None
 
 
+def _record_runtime(out: Path, rt: Runtime, step: int) -> None:
+    """Append this stretch's device and fast path to config.json's `runtime` list when they differ
+    from the last stretch's (a run resumed on another device, or with another precision)."""
+    record = fileio.read_json(out / "config.json")
+    stretches = record.get("runtime") or []
+    now = rt.record(step)
+    if not stretches or {**stretches[-1], "from_step": step} != now:
+        fileio.write_json(out / "config.json", {**record, "runtime": [*stretches, now]})
+
+
 def _evaluate(state: RunState, evaluator, events: TrainEvents | None) -> list[dict]:
-    """Evaluate the EMA weights, outside the training clock."""
+    """Evaluate the EMA weights (rank 0; the other processes wait), outside the training clock."""
     e_start = time.perf_counter()
-    state.ema.eval()
-    rows = evaluator.evaluate(state.ema, state.schedule, state.cfg.target, state.step)
+    rows = []
+    if evaluator is not None:
+        state.ema.eval()
+        rows = evaluator.evaluate(state.ema, state.schedule, state.cfg.target, state.step)
+    barrier()
     state.clocks["eval_seconds"] += time.perf_counter() - e_start
-    if events:
+    if events and evaluator is not None:
         events.on_eval(state.step, rows)
     return rows
 
 
 def train(run: ResolvedRun | TrainConfig, out_dir, events: TrainEvents | None = None) -> dict:
     """Train (or resume) the run in `out_dir`; return its final status. `events` hears of every
-    step and evaluation (:class:`TrainEvents`). A bare TrainConfig is resolved first."""
+    step and evaluation (:class:`TrainEvents`). A bare TrainConfig is resolved first. With gpus > 1
+    every torchrun process calls it; rank 0 writes the files."""
     run = run if isinstance(run, ResolvedRun) else resolve_run(run)
     cfg, method = run.config, run.method
+    rt = make_runtime(cfg)  # before anything is written: a device or process count this machine lacks
+    main = rt.rank == 0
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tune_allocator()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    done = _open_run_folder(cfg, out, run.record)
+    done = _open_run_folder(cfg, out, run.record, rt)
     if done:
         return done
 
     # Build the run, or resume it; anything logged after the checkpoint will be redone: drop it.
-    state = setup(cfg, method)
-    fileio.write_json(out / "method_trace.json",
-                  trace(method, state.schedule, cfg.target, cfg.beta1, cfg.beta2, cfg.ema_decay))
+    state = setup(cfg, method, rt)
     ckpt_path = out / "checkpoint.pt"
     if ckpt_path.exists():
         resume(state, ckpt_path)
-    fileio.trim_jsonl(out / "steps.jsonl", state.step)
-    fileio.trim_jsonl(out / "evals.jsonl", state.step)
-    _set_status(out, "running", state.step, state.clocks)
+    if main:
+        fileio.write_json(out / "method_trace.json",
+                          trace(method, state.schedule, cfg.target, cfg.beta1, cfg.beta2, cfg.ema_decay))
+        fileio.trim_jsonl(out / "steps.jsonl", state.step)
+        fileio.trim_jsonl(out / "evals.jsonl", state.step)
+        _record_runtime(out, rt, state.step)
+        _set_status(out, "running", state.step, state.clocks)
     evaluator = None
-    if run.eval_spec is not None:
+    if run.eval_spec is not None and main:
         from bench.evaluate import Evaluator
 
         evaluator = Evaluator(run.eval_spec)
@@ -299,27 +436,32 @@ def train(run: ResolvedRun | TrainConfig, out_dir, events: TrainEvents | None = 
     pending = []
     state.model.train()
     while state.step < cfg.iters:
-        # One step, logged; a non-finite loss ends the run as failed.
+        # One step, logged; a non-finite loss ends the run as failed (every process sees the same loss).
         row = train_step(state)
         pending.append(row)
         if events:
             events.on_step(state.step, cfg.iters, row)
         if not math.isfinite(row["loss"]):
-            fileio.append_jsonl(out / "steps.jsonl", pending)
-            write_status(out, "failed", state.step, f"non-finite loss ({row['loss']}) at step {state.step}",
-                         error="divergence", **state.clocks)
+            if main:
+                fileio.append_jsonl(out / "steps.jsonl", pending)
+                write_status(out, "failed", state.step, f"non-finite loss ({row['loss']}) at step {state.step}",
+                             error="divergence", **state.clocks)
             raise DivergenceError(state.step, f"training diverged: loss {row['loss']} at step {state.step}; "
                                               "lower lr or check the method's hyperparameters")
 
         # Evaluate, then checkpoint (the logs are flushed with every checkpoint, never ahead of it).
-        eval_due = evaluator is not None and is_eval_step(state.step, cfg.iters, cfg.eval_every)
+        eval_due = run.eval_spec is not None and is_eval_step(state.step, cfg.iters, cfg.eval_every)
         eval_rows = _evaluate(state, evaluator, events) if eval_due else []
         if eval_due or state.step == cfg.iters or state.step % cfg.ckpt_every == 0:
-            fileio.append_jsonl(out / "steps.jsonl", pending)
-            fileio.append_jsonl(out / "evals.jsonl", eval_rows)
-            pending = []
+            if main:
+                fileio.append_jsonl(out / "steps.jsonl", pending)
+                fileio.append_jsonl(out / "evals.jsonl", eval_rows)
             save_checkpoint(state, ckpt_path)
-            _set_status(out, "running", state.step, state.clocks)
+            if main:
+                _set_status(out, "running", state.step, state.clocks)
+            pending = []
 
-    _set_status(out, "done", state.step, state.clocks)
+    if main:
+        _set_status(out, "done", state.step, state.clocks)
+    barrier()
     return fileio.read_json(out / "status.json")

@@ -36,7 +36,7 @@ def assert_same_state(a, b):
 
 
 def strip_timing(rows):
-    return [{k: v for k, v in r.items() if k not in ("images_per_s", "train_seconds")} for r in rows]
+    return [{k: v for k, v in r.items() if k not in ("images_per_s", "train_seconds", "data_seconds")} for r in rows]
 
 
 @pytest.mark.parametrize("method", ["combined", "min_snr"])
