@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -94,7 +95,7 @@ def train_config_from_args(args):
     d = {"method": args.method, "method_params": parse_sets(args.set), "plugins": [str(Path(p).resolve()) for p in args.plugins],
          "dataset": args.dataset, "arch": args.arch, "iters": args.iters, "seed": args.seed}
     for key in ("data_dir", "resolution", "batch_size", "lr", "warmup", "schedule", "target", "ema_decay",
-                "ckpt_every", "eval_every", "T"):
+                "ckpt_every", "eval_every", "T", "device", "precision"):
         value = getattr(args, key)
         if value is not None:
             d[key] = value
@@ -104,6 +105,16 @@ def train_config_from_args(args):
         d["flip"] = True
     if args.no_ema_warmup:
         d["ema_warmup"] = False
+    if args.compile:
+        d["compile"] = True
+    if args.no_tf32:
+        d["tf32"] = False
+    if args.no_fused_adamw:
+        d["fused_adamw"] = False
+    # Under torchrun the processes are the run's: gpus is the world size.
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1:
+        d["gpus"] = world
     if args.eval_every or args.eval_metrics:
         d["eval"] = {k: v for k, v in {"metrics": args.eval_metrics.split(",") if args.eval_metrics else None,
                                         "num_images": args.eval_images}.items() if v is not None}
@@ -114,6 +125,7 @@ def cmd_train(args) -> None:
     from rich.console import Console
 
     from bench.resolve import resolve_run
+    from bench.runtime import finish_processes, is_main
     from bench.train import TrainEvents, train
 
     run = resolve_run(train_config_from_args(args), where="command line")
@@ -121,7 +133,7 @@ def cmd_train(args) -> None:
     res = f"-{cfg.resolution}" if cfg.resolution else ""
     out = Path(args.out) if args.out else REPO / "results" / "train" / f"{cfg.dataset}{res}_{cfg.arch}" / \
         run.method.label / f"seed{cfg.seed}"
-    console = Console()
+    console = Console(quiet=not is_main())  # under torchrun, rank 0 speaks for all
     console.print(f"training {cfg.method} -> {out}")
 
     class Printer(TrainEvents):
@@ -134,7 +146,10 @@ def cmd_train(args) -> None:
             for r in rows:
                 console.print(f"  eval @ {step}: {r.get('metric')} = {r.get('value'):.4f}")
 
-    status = train(run, out, Printer())
+    try:
+        status = train(run, out, Printer())
+    finally:
+        finish_processes()
     console.print(f"{status['state']} at step {status['step']}: train {status['train_seconds']:.1f} s, "
                   f"eval {status['eval_seconds']:.1f} s; results in {out}")
 
@@ -241,6 +256,12 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-metrics", help="comma-separated, e.g. proxy_fd,fid")
     p.add_argument("--eval-images", type=int)
     p.add_argument("--out", help="run folder (default results/train/<workload>/<label>/seed<k>)")
+    g = p.add_argument_group("device and speed (how the run executes, not what it is: bench/runtime.py)")
+    g.add_argument("--device", help="auto (the default: CUDA when torch sees a GPU), cpu, cuda or cuda:K")
+    g.add_argument("--precision", help="auto (the default: bf16 autocast on CUDA, fp32 on the CPU), fp32 or bf16")
+    g.add_argument("--compile", action="store_true", help="torch.compile the network for training steps")
+    g.add_argument("--no-tf32", action="store_true", help="no TF32 matmuls/convolutions on CUDA")
+    g.add_argument("--no-fused-adamw", action="store_true", help="foreach AdamW instead of the fused kernel on CUDA")
     p.set_defaults(func=cmd_train)
 
 
@@ -269,7 +290,7 @@ def _fid_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num", type=int, help="images to use from each side (a DATASET:SPLIT side defaults to all of it)")
     p.add_argument("--resolution", type=int, help="resolution of a DATASET:SPLIT side")
     p.add_argument("--data-dir", help="where a DATASET:SPLIT side's files are")
-    p.add_argument("--device", help="cpu (the default) or cuda")
+    p.add_argument("--device", default="auto", help="auto (the default: CUDA when torch sees a GPU), cpu, cuda or cuda:K")
     p.set_defaults(func=cmd_fid)
 
 

@@ -1,5 +1,9 @@
 """Executing runs on this machine: one run in this process (:func:`execute_run`, also what a
 worker process and a Slurm job call), a suite's runs inline or in N worker processes.
+
+A run with ``gpus = N > 1`` is N processes: a worker started through torchrun (locally), or N
+Slurm tasks; each calls :func:`execute_run`, rank 0 decides whether the run is due, holds its
+folder's lock and records its outcome, and every rank trains.
 """
 
 from __future__ import annotations
@@ -31,6 +35,10 @@ from bench.suite import RunSpec
 
 DEFAULT_TRAIN_FN = "bench.train:train"
 
+#: the environment of a torchrun / Slurm task; a worker started from one must not inherit it
+DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+            "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID")
+
 
 def resolve_train_fn(train_fn: str | Callable | None) -> Callable:
     if callable(train_fn):
@@ -56,6 +64,10 @@ def execute_run(run: RunSpec | dict, run_dir: str | os.PathLike, train_fn: str |
     """
     run = run if isinstance(run, RunSpec) else RunSpec.from_dict(run)
     run_dir = Path(run_dir)
+    from bench.runtime import world
+
+    if world()[1] > 1:
+        return _execute_rank(run, run_dir, train_fn, retry_failed, events)
     status = read_status(run_dir)
     if not should_run(status, retry_failed):
         return _skipped(run, run_dir)
@@ -69,6 +81,45 @@ def execute_run(run: RunSpec | dict, run_dir: str | os.PathLike, train_fn: str |
         lock.close()
 
 
+def _execute_rank(run: RunSpec, run_dir: Path, train_fn, retry_failed: bool, events) -> dict:
+    """execute_run in one of the N processes of a multi-process run."""
+    from bench.resolve import resolve_run
+    from bench.runtime import StopRequested, broadcast, is_main, make_runtime
+
+    main, lock, why = is_main(), None, None
+    try:
+        resolved = resolve_run(run.config, where=f"run {run.key}")
+        make_runtime(resolved.config)  # joins the process group (every rank, or none, fails here)
+    except BenchError as exc:
+        if main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            write_failed(run_dir, last_step(run_dir), str(exc), "exception")
+        return outcome_from_status(run.key, run_dir, "ran").as_dict()
+    if main:  # rank 0 decides, for all: is the run due, and is its folder free?
+        if not should_run(read_status(run_dir), retry_failed):
+            why = "done"
+        else:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            lock = _try_lock(run_dir)
+            why = None if lock is not None else "running in another process (its folder is locked)"
+    why = broadcast(why)
+    if why is not None:
+        return _skipped(run, run_dir, None if why == "done" else why)
+    if main:
+        try:
+            return _execute_locked(run, run_dir, train_fn, retry_failed, events)
+        finally:
+            lock.close()
+    try:  # the other ranks: rank 0 records what happens
+        fn = resolve_train_fn(train_fn)
+        fn(resolved, run_dir, events) if events is not None else fn(resolved, run_dir)
+    except (KeyboardInterrupt, StopRequested):
+        raise
+    except BaseException:  # noqa: BLE001 -- rank 0 sees the same failure and records it
+        pass
+    return outcome_from_status(run.key, run_dir, "ran").as_dict()
+
+
 def _skipped(run: RunSpec, run_dir: Path, reason: str | None = None) -> dict:
     """The outcome of a run left as it is, read from its folder."""
     return outcome_from_status(run.key, run_dir, "skipped", reason=reason, default_state="running").as_dict()
@@ -80,6 +131,8 @@ def _execute_locked(run: RunSpec, run_dir: Path, train_fn, retry_failed: bool, e
         return _skipped(run, run_dir)
     action = "resumed" if (run_dir / "checkpoint.pt").exists() else "ran"
     start = time.time()
+    from bench.runtime import StopRequested
+
     try:
         from bench.resolve import resolve_run
 
@@ -94,7 +147,7 @@ def _execute_locked(run: RunSpec, run_dir: Path, train_fn, retry_failed: bool, e
         if not status or status.get("state") != "done":
             # train() returned normally: the run is complete even if it did not say so.
             write_status(run_dir, "done", resolved.config.iters)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, StopRequested):  # the run stays resumable
         raise
     except BaseException as exc:  # noqa: BLE001 -- one run's failure must not stop the others
         if isinstance(exc, SystemExit) and exc.code in (0, None):
@@ -140,26 +193,36 @@ def _worker_main(payload_path: str) -> int:
         torch.set_num_threads(int(payload["threads"]))
     except ImportError:
         pass
-    execute_run(payload["run"], payload["run_dir"], payload["train_fn"], payload["retry_failed"])
-    return 0
+    from bench.runtime import finish_processes
+
+    try:
+        out = execute_run(payload["run"], payload["run_dir"], payload["train_fn"], payload["retry_failed"])
+    finally:
+        finish_processes()
+    # A failed multi-process run exits non-zero, so that torchrun stops the other processes.
+    return 1 if out.get("state") == "failed" and int(os.environ.get("WORLD_SIZE", 1)) > 1 else 0
 
 
 def _start_worker(run: RunSpec, run_dir: Path, train_fn: str, retry_failed: bool, threads: int):
-    """A fresh Python process for one run (nothing inherited but the environment and sys.path);
-    its output goes to the run's worker.log."""
+    """A fresh Python process for one run (nothing inherited but the environment and sys.path), or
+    torchrun's N processes for a run with gpus = N; the output goes to the run's worker.log."""
     import subprocess
     import sys
 
     run_dir.mkdir(parents=True, exist_ok=True)
+    gpus = int(run.config.get("gpus", 1))
+    threads = max(1, threads // gpus)
     payload = run_dir / ".worker.json"
     fileio.write_json(payload, {"run": run.to_dict(), "run_dir": str(run_dir), "train_fn": train_fn,
                             "retry_failed": retry_failed, "threads": threads})
-    env = dict(os.environ)
+    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}  # the worker's processes are its own
     env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
                PYTHONPATH=os.pathsep.join(p for p in [str(Path(__file__).resolve().parent.parent), *sys.path] if p))
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}"] \
+        if gpus > 1 else [sys.executable]
     log = open(run_dir / "worker.log", "ab")
     try:
-        return subprocess.Popen([sys.executable, "-m", "bench.executors", "worker", str(payload)], stdout=log,
+        return subprocess.Popen([*launch, "-m", "bench.executors", "worker", str(payload)], stdout=log,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
     finally:
         log.close()

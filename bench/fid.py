@@ -215,7 +215,7 @@ def _side_features(extractor, spec: str, opts: dict) -> np.ndarray:
 def cli_fid(path_a: str, path_b: str, **opts) -> float:
     """FID between two image folders, or a folder and a dataset statistic ("fashion-mnist:train").
 
-    Options: inception or weights (weights path), device ("cpu"), batch_size (50), num (use only the
+    Options: inception or weights (weights path), device ("auto": CUDA when there is a GPU), batch_size (50), num (use only the
     first `num` files of a folder / a fixed random `num` of a dataset split; default all),
     resolution and data_dir (for a dataset side), cache_dir, threads, verbose.
     """
@@ -230,7 +230,10 @@ def cli_fid(path_a: str, path_b: str, **opts) -> float:
                               "(e.g. fashion-mnist:train)")
     if opts.get("threads"):
         torch.set_num_threads(int(opts["threads"]))
-    ext = get_inception(opts.get("inception") or opts.get("weights"), opts.get("device", "cpu"),
+    from bench.runtime import resolve_device
+
+    device = resolve_device(opts.get("device") or "auto")
+    ext = get_inception(opts.get("inception") or opts.get("weights"), device,
                         verbose=opts.get("verbose", False))
     if opts.get("batch_size"):
         ext.batch_size = int(opts["batch_size"])

@@ -54,7 +54,8 @@ def run_suite(suite: Suite | str | os.PathLike, executor: str = "local", jobs: i
     """Run every unfinished run of a suite; return what happened to each.
 
     suite:        a Suite, or a suite name / TOML path (loaded and validated first).
-    executor:     "local" (this process when jobs == 1, else `jobs` worker processes), "slurm"
+    executor:     "local" (this process when jobs == 1, else `jobs` worker processes; a run with
+                  gpus = N > 1 is a worker of N processes started through torchrun), "slurm"
                   (a submitit job array), or "submitit-local" / "submitit-debug" (the same job
                   array through submitit's LocalExecutor / DebugExecutor, to try the Slurm path
                   without a cluster).
@@ -88,6 +89,8 @@ def run_suite(suite: Suite | str | os.PathLike, executor: str = "local", jobs: i
         return _plan(suite, runs, dirs, statuses, jobs, reporter, suite_dir)
 
     # Run what is not finished; the rest is reported as skipped.
+    if executor != "slurm":
+        _check_local_devices(runs)
     suite_dir.mkdir(parents=True, exist_ok=True)
     fileio.write_json(suite_dir / "suite.json", suite.to_dict())
     todo = [r for r in runs if should_run(statuses[r.key], retry_failed)]
@@ -95,7 +98,8 @@ def run_suite(suite: Suite | str | os.PathLike, executor: str = "local", jobs: i
     outcomes: dict[str, RunOutcome] = {r.key: outcome_from_dict(_skipped(r, dirs[r.key]))
                                        for r in runs if r not in todo}
     try:
-        if executor == "local" and jobs == 1:
+        multi = any(r.config.get("gpus", 1) > 1 for r in todo)  # torchrun's processes: a worker each
+        if executor == "local" and jobs == 1 and not multi:
             _run_inline(todo, dirs, train_fn, retry_failed, reporter, outcomes)
         elif executor == "local":
             _run_workers(todo, dirs, train_fn, retry_failed, reporter, outcomes, jobs)
@@ -107,6 +111,19 @@ def run_suite(suite: Suite | str | os.PathLike, executor: str = "local", jobs: i
         result = SuiteResult(suite.name, suite_dir, [outcomes[r.key] for r in runs if r.key in outcomes])
         reporter.suite_end(result)
     return result
+
+
+def _check_local_devices(todo: list[RunSpec]) -> None:
+    """Refuse, before anything runs, runs that ask for a CUDA GPU on a machine without one."""
+    wants = sorted({r.config.get("device", "auto") for r in todo} - {"auto", "cpu"})
+    if not wants:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ConfigError(f"the suite asks for device {wants[0]!r} but torch sees no CUDA GPU on this machine; "
+                          "set device = \"auto\" (or \"cpu\") in [train], or run it where there is a GPU "
+                          "(--executor slurm)")
 
 
 def _select(suite: Suite, only: str | list[str] | None) -> list[RunSpec]:

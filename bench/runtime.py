@@ -48,9 +48,10 @@ def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r} asks for a CUDA GPU, but torch {torch.__version__} sees none "
-                          f"(CUDA build: {torch.version.cuda or 'no'}); use --device cpu or auto, or install a CUDA "
-                          "build of torch (DIFFBENCH_TORCH=... ./setup.sh)")
+        fix = ("check the driver and CUDA_VISIBLE_DEVICES" if torch.version.cuda else
+               "install a CUDA build of torch (DIFFBENCH_TORCH=... ./setup.sh)")
+        raise ConfigError(f"device {name!r} asks for a CUDA GPU, but torch {torch.__version__} sees none; "
+                          f"use --device cpu or auto, or {fix}")
     count = torch.cuda.device_count()
     index = int(name[5:]) if name.startswith("cuda:") else local_rank % count
     if index >= count:
@@ -87,6 +88,12 @@ def init_processes(device: torch.device) -> str | None:
     timeout = datetime.timedelta(minutes=float(os.environ.get("DIFFBENCH_DIST_TIMEOUT_MIN", 180)))
     dist.init_process_group(backend, rank=rank, world_size=size, timeout=timeout)
     return backend
+
+
+def finish_processes() -> None:
+    """Leave the process group (end of a multi-process command)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def barrier() -> None:
@@ -197,3 +204,52 @@ def _cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+# -- stopping at a step boundary (Slurm time limits and pre-emption) ----------------------------------
+
+
+class StopRequested(BaseException):
+    """Training stopped at a step boundary because a signal asked it to; the run's checkpoint is at
+    `step`. A BaseException, so that no ``except Exception`` records it as a failure."""
+
+    def __init__(self, step: int):
+        super().__init__(f"stopped by a signal at step {step}; the checkpoint is at that step")
+        self.step = step
+
+
+_STOP = {"watching": False, "requested": False}
+
+
+def watch_stop_signal(signum: int):
+    """From now on, signal `signum` asks training to checkpoint at the next step boundary and raise
+    :class:`StopRequested` (instead of acting at once, mid-step). Returns the previous handler."""
+    import signal
+
+    def ask(_signum, _frame):
+        _STOP["requested"] = True
+
+    previous = signal.signal(signum, ask)
+    _STOP.update(watching=True, requested=False)
+    return previous
+
+
+def unwatch_stop_signal(signum: int, previous) -> None:
+    """Give `signum` back to `previous` (what watch_stop_signal returned)."""
+    import signal
+
+    signal.signal(signum, previous)
+    _STOP.update(watching=False, requested=False)
+
+
+def stop_requested(device: torch.device) -> bool:
+    """Whether a watched signal came (in any process of the run: they stop at the same step).
+    Costs nothing unless a signal is watched; then one tiny all_reduce per step with N processes."""
+    if not _STOP["watching"]:
+        return False
+    flag = _STOP["requested"]
+    if dist.is_initialized():
+        box = torch.tensor([1.0 if flag else 0.0], device=device)
+        dist.all_reduce(box, op=dist.ReduceOp.MAX)
+        flag = bool(box.item())
+    return flag

@@ -1,6 +1,12 @@
 """Running a suite's runs as a Slurm job array through submitit (or its local and debug
-executors, to try this path without a cluster). A job is one run; on timeout or pre-emption
-submitit requeues it and bench.train resumes from the run's last checkpoint.
+executors, to try this path without a cluster). A job is one run.
+
+Time limits and pre-emption: Slurm signals the job (SIGUSR2, submitit's `--signal`); the run
+checkpoints at the next step boundary, submitit requeues the job, and bench.train resumes from
+that checkpoint, exactly. A run of ``gpus = N`` (the suite's [train]) is one job of N tasks on
+one node with N GPUs; submitit starts the tasks and each exports torch.distributed's environment
+(submitit.helpers.TorchDistributedEnvironment: rank, world size, master address and port)
+before training, so no torchrun is needed inside the job.
 """
 
 from __future__ import annotations
@@ -34,7 +40,24 @@ class RunJob:
         self.run, self.run_dir, self.train_fn, self.retry_failed = run, run_dir, train_fn, retry_failed
 
     def __call__(self) -> dict:
-        return execute_run(self.run, self.run_dir, self.train_fn, self.retry_failed)
+        import submitit
+
+        from bench.runtime import StopRequested, unwatch_stop_signal, watch_stop_signal
+
+        env = submitit.JobEnvironment()
+        if env.num_tasks > 1:
+            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+        # submitit's handler would requeue mid-step; ours lets the run checkpoint at a step boundary first.
+        signum = env._usr_sig()
+        requeue = watch_stop_signal(signum)
+        try:
+            return execute_run(self.run, self.run_dir, self.train_fn, self.retry_failed)
+        except StopRequested:
+            if callable(requeue):
+                requeue(signum, None)  # submitit: checkpoint() -> requeue the job -> exit (rank 0)
+            raise
+        finally:
+            unwatch_stop_signal(signum, requeue)
 
     def checkpoint(self, *args, **kwargs):
         from submitit.helpers import DelayedSubmission
@@ -42,13 +65,24 @@ class RunJob:
         return DelayedSubmission(self)
 
 
-def slurm_parameters(settings: dict, suite_name: str, cluster: str) -> dict:
-    """submitit AutoExecutor parameters from a [slurm] table (plus overrides)."""
+def slurm_parameters(settings: dict, suite_name: str, cluster: str, gpus: int = 1) -> dict:
+    """submitit AutoExecutor parameters from a [slurm] table (plus overrides), for runs of `gpus`
+    processes ([train] gpus): one task per GPU."""
     known = set(SLURM_SCHEMA) | {"name"}  # the suite's [slurm] keys, and the job name
     unknown = sorted(set(settings) - known)
     if unknown:
         raise ConfigError(f"unknown Slurm setting {unknown[0]!r}; known: {', '.join(sorted(known))}")
     p: dict[str, Any] = {"name": settings.get("name") or f"diffbench-{suite_name}"}
+    if gpus > 1:
+        if settings.get("gpus") not in (None, gpus):
+            raise ConfigError(f"Slurm settings: gpus={settings['gpus']} but the runs train with gpus = {gpus} "
+                              f"([train]): a job needs one GPU per process; set gpus = {gpus} in [slurm] or drop it")
+        if cluster == "debug":
+            raise ConfigError(f"the submitit-debug executor runs one process, and these runs need gpus = {gpus}; "
+                              "use --executor submitit-local or local")
+        settings = {**settings, "gpus": gpus}
+        p["tasks_per_node"] = gpus
+        p["nodes"] = 1
     try:
         return _slurm_parameters(settings, p, cluster)
     except (TypeError, ValueError) as exc:
@@ -121,7 +155,7 @@ def _run_submitit(suite, todo, dirs, train_fn, retry_failed, reporter, outcomes,
         if not todo:
             return
     folder = suite_dir / "_submitit"
-    params = slurm_parameters(settings, suite.name, cluster)
+    params = slurm_parameters(settings, suite.name, cluster, max(int(r.config.get("gpus", 1)) for r in todo))
     ref = _train_fn_ref(train_fn)
     jobs = []
     try:

@@ -42,7 +42,15 @@ from bench.perf import tune_allocator
 from bench.registry import get_method
 from bench.resolve import ResolvedRun, resolve_run
 from bench.run_folder import config_diff, write_status
-from bench.runtime import Runtime, barrier, gather_objects, gather_slices, make_runtime
+from bench.runtime import (
+    Runtime,
+    StopRequested,
+    barrier,
+    gather_objects,
+    gather_slices,
+    make_runtime,
+    stop_requested,
+)
 from bench.spec import Method, ema_decay_at, loss_weights_at, optimizer_settings_at, timestep_probs_at
 
 CHECKPOINT_FORMAT = 2  # 2: one generator per random stream (timesteps, noise, flips); world_size since
@@ -452,14 +460,18 @@ def train(run: ResolvedRun | TrainConfig, out_dir, events: TrainEvents | None = 
         # Evaluate, then checkpoint (the logs are flushed with every checkpoint, never ahead of it).
         eval_due = run.eval_spec is not None and is_eval_step(state.step, cfg.iters, cfg.eval_every)
         eval_rows = _evaluate(state, evaluator, events) if eval_due else []
-        if eval_due or state.step == cfg.iters or state.step % cfg.ckpt_every == 0:
+        stop = stop_requested(rt.torch_device)  # a Slurm time limit or pre-emption: checkpoint now
+        if stop or eval_due or state.step == cfg.iters or state.step % cfg.ckpt_every == 0:
             if main:
                 fileio.append_jsonl(out / "steps.jsonl", pending)
                 fileio.append_jsonl(out / "evals.jsonl", eval_rows)
             save_checkpoint(state, ckpt_path)
             if main:
-                _set_status(out, "running", state.step, state.clocks)
+                _set_status(out, "running", state.step, state.clocks,
+                            reason=f"stopped by a signal at step {state.step}; resumes from here" if stop else None)
             pending = []
+            if stop and state.step < cfg.iters:
+                raise StopRequested(state.step)
 
     if main:
         _set_status(out, "done", state.step, state.clocks)

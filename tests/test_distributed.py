@@ -1,0 +1,344 @@
+"""Devices, the fast path and multi-process training (bench/runtime.py), on this CPU with gloo.
+
+Two torchrun processes at global batch 16 must train like one process at batch 16: every
+process draws the whole batch's indices, timesteps and noise and keeps its half, and DDP averages
+the gradients. Tolerance: per-step losses and MSE quartiles within 1e-6 relative (the only
+difference is the order of float sums), weights within 5e-5 absolute after 5 steps at lr 1e-3
+without warm-up (measured: 4.4e-6; a wrong slice or an unaveraged gradient moves weights by
+~1e-3 per step). Tests that need CUDA are skipped without one; `python -m bench.gpu_check`
+runs them on a GPU.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO
+
+from bench import fileio
+from bench.errors import ConfigError
+from bench.slurm import slurm_parameters
+from bench.train import TrainConfig, TrainEvents, train
+
+PLUGINS = Path(__file__).resolve().parent / "plugins"
+TINY = ["--dataset", "synthetic", "--arch", "unet-tiny", "--iters", "5", "--batch-size", "16", "--warmup", "0",
+        "--lr", "1e-3"]
+no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bench.gpu_check runs it)")
+
+
+def cli(n: int, *args, env: dict | None = None) -> subprocess.CompletedProcess:
+    """run_bench.py as one process, or as n torchrun processes."""
+    launch = [sys.executable] if n == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                              f"--nproc_per_node={n}"]
+    return subprocess.run([*launch, str(REPO / "run_bench.py"), *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=300)
+
+
+def steps(run_dir) -> list[dict]:
+    return fileio.read_jsonl(Path(run_dir) / "steps.jsonl")
+
+
+def state(run_dir) -> dict:
+    return torch.load(Path(run_dir) / "checkpoint.pt", weights_only=True)
+
+
+def test_two_processes_train_like_one(tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert cli(1, "train", *TINY, "--out", str(one)).returncode == 0
+    r = cli(2, "train", *TINY, "--out", str(two))
+    assert r.returncode == 0, r.stderr[-2000:]
+    a, b = steps(one), steps(two)
+    assert [x["step"] for x in b] == [1, 2, 3, 4, 5]
+    for x, y in zip(a, b):
+        for key in ("loss", "mse", "loss_q0", "loss_q1", "loss_q2", "loss_q3", "grad_norm"):
+            assert y[key] == pytest.approx(x[key], rel=1e-6, abs=1e-9), key
+    sa, sb = state(one), state(two)
+    assert sb["world_size"] == 2 and len(sb["rng_processes"]) == 2
+    for part in ("model", "ema"):
+        for name, w in sa[part].items():
+            assert torch.allclose(w, sb[part][name], rtol=0, atol=5e-5), (part, name)
+    # The weights did move: a tolerance this loose would not hide a wrong update.
+    init = state(one)["model"]
+    runtime = json.loads((two / "config.json").read_text())["runtime"]
+    assert runtime[-1]["world_size"] == 2 and runtime[-1]["backend"] == "gloo" and runtime[-1]["device"] == "cpu"
+    assert json.loads((two / "config.json").read_text())["gpus"] == 2
+    assert init.keys() == sb["model"].keys()
+
+
+def test_two_process_checkpoint_resumes_bit_for_bit_and_one_process_is_refused(tmp_path):
+    args = ["train", *TINY[:4], "--iters", "8", "--batch-size", "8", "--warmup", "0", "--lr", "1e-3",
+            "--ckpt-every", "4", "--method", "faulty", "--plugins", str(PLUGINS / "faulty.py")]
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    assert cli(2, *args, "--out", str(whole)).returncode == 0
+    killed = cli(2, *args, "--out", str(parts), env={"FAULTS": "a:kill@6"})  # both processes die in step 6
+    assert killed.returncode != 0
+    assert fileio.read_json(parts / "status.json")["step"] == 4 and state(parts)["step"] == 4
+
+    refused = cli(1, *args, "--out", str(parts))
+    assert refused.returncode == 2
+    lines = refused.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "gpus=2" in lines[0] and "nproc_per_node 2" in lines[0]
+    assert state(parts)["step"] == 4  # nothing changed
+
+    assert cli(2, *args, "--out", str(parts)).returncode == 0
+    strip = lambda rows: [{k: v for k, v in r.items() if not k.endswith("seconds") and k != "images_per_s"}
+                          for r in rows]
+    assert strip(steps(whole)) == strip(steps(parts))
+    a, b = state(whole), state(parts)
+    for part in ("model", "ema"):
+        for name in a[part]:
+            assert torch.equal(a[part][name], b[part][name]), (part, name)
+
+
+def test_resume_refuses_a_checkpoint_of_another_process_count(tmp_path):
+    from bench.errors import CheckpointError
+    from bench.train import resume, setup
+
+    cfg = TrainConfig(dataset="synthetic", arch="unet-micro", iters=2, batch_size=4)
+    out = tmp_path / "run"
+    train(cfg, out)
+    ckpt = state(out)
+    ckpt["world_size"] = 4
+    torch.save(ckpt, out / "checkpoint.pt")
+    from bench.resolve import resolve_run
+
+    with pytest.raises(CheckpointError, match="4 process.*this run has 1.*nproc_per_node 4"):
+        resume(setup(cfg, resolve_run(cfg).method), out / "checkpoint.pt")
+
+
+def test_bf16_autocast_on_the_cpu_keeps_fp32_master_weights(tmp_path):
+    base = dict(dataset="synthetic", arch="unet-tiny", iters=5, batch_size=8, warmup=0, lr=1e-3)
+    train(TrainConfig(**base, precision="bf16"), tmp_path / "bf16")
+    train(TrainConfig(**base), tmp_path / "fp32")
+    rows = steps(tmp_path / "bf16")
+    assert len(rows) == 5 and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    ck = state(tmp_path / "bf16")
+    assert all(w.dtype == torch.float32 for part in ("model", "ema") for w in ck[part].values())
+    assert all(v.dtype == torch.float32 for s in ck["opt"]["state"].values() for k, v in s.items() if k != "step")
+    # autocast did run: bf16's rounding changes the losses
+    assert [r["loss"] for r in rows] != [r["loss"] for r in steps(tmp_path / "fp32")]
+    runtime = json.loads((tmp_path / "bf16" / "config.json").read_text())["runtime"]
+    assert runtime == [{**runtime[0], "from_step": 0, "device": "cpu", "precision": "bf16", "tf32": False,
+                        "fused_adamw": False, "compile": False, "world_size": 1, "backend": None}]
+    assert json.loads((tmp_path / "fp32" / "config.json").read_text())["runtime"][0]["precision"] == "fp32"
+
+
+def test_the_fast_path_is_off_on_the_cpu_and_changes_nothing(tmp_path):
+    """device auto on a CPU: fp32, no TF32, no fused AdamW; the same numbers as device = "cpu"."""
+    base = dict(dataset="synthetic", arch="unet-micro", iters=3, batch_size=4)
+    train(TrainConfig(**base), tmp_path / "auto")
+    train(TrainConfig(**base, device="cpu", precision="fp32", tf32=False, fused_adamw=False), tmp_path / "cpu")
+    strip = lambda rows: [{k: v for k, v in r.items() if not k.endswith("seconds") and k != "images_per_s"}
+                          for r in rows]
+    assert strip(steps(tmp_path / "auto")) == strip(steps(tmp_path / "cpu"))
+
+
+def test_a_run_resumes_under_other_runtime_settings_and_records_each_stretch(tmp_path):
+    base = dict(dataset="synthetic", arch="unet-micro", iters=6, batch_size=4, ckpt_every=3)
+
+    class Stop(Exception):
+        pass
+
+    class StopAt4(TrainEvents):
+        def on_step(self, step, iters, row):
+            if step == 4:
+                raise Stop
+
+    with pytest.raises(Stop):
+        train(TrainConfig(**base), tmp_path / "run", StopAt4())
+    status = train(TrainConfig(**base, precision="bf16"), tmp_path / "run")
+    assert status["state"] == "done"
+    runtime = json.loads((tmp_path / "run" / "config.json").read_text())["runtime"]
+    assert [(r["from_step"], r["precision"]) for r in runtime] == [(0, "fp32"), (3, "bf16")]
+
+
+@pytest.mark.parametrize("args, what", [
+    (["--device", "gpu"], "device='gpu'"),
+    (["--precision", "fp16"], "precision='fp16'"),
+])
+def test_bad_runtime_values_are_one_error_line_and_write_nothing(tmp_path, args, what):
+    r = cli(1, "train", *TINY[:4], "--iters", "2", *args, "--out", str(tmp_path / "run"))
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and what in lines[0]
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_global_batch_the_processes_do_not_divide_is_refused(tmp_path):
+    r = cli(2, "train", *TINY[:4], "--iters", "2", "--batch-size", "15", "--out", str(tmp_path / "run"))
+    assert r.returncode != 0
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert errors and all("batch_size=15 is not divisible by gpus=2" in e for e in errors)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("train_table, what", [
+    ("gpus = 0", "gpus"),
+    ("gpus = 3", "not divisible by gpus=3"),
+    ('device = "tpu"', "device"),
+    ('precision = "half"', "precision"),
+    ("compile = 1", "compile"),
+])
+def test_bad_runtime_settings_in_a_suite_are_refused_at_load(tmp_path, train_table, what):
+    from bench.suite import load_suite
+
+    p = tmp_path / "s.toml"
+    p.write_text(f"""[grid]\nmethods = ["baseline"]\ndatasets = ["synthetic"]\narchs = ["unet-micro"]\nseeds = [0]
+[budget]\niters = 2\nbatch_size = 4\n[train]\n{train_table}\n[eval]\nevery = 2\nmetrics = ["proxy_fd"]\n""")
+    with pytest.raises(ConfigError, match=what):
+        load_suite(p)
+
+
+@no_cuda
+def test_cuda_where_there_is_none_is_one_error_line(tmp_path):
+    r = cli(1, "train", *TINY[:4], "--iters", "2", "--device", "cuda", "--out", str(tmp_path / "run"))
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and "sees none" in lines[0] and "--device cpu" in lines[0]
+    assert not (tmp_path / "run").exists()
+
+
+@no_cuda
+def test_the_runner_refuses_cuda_runs_before_anything_runs(tmp_path):
+    from bench.runner import run_suite
+    from bench.suite import load_suite
+
+    p = tmp_path / "s.toml"
+    p.write_text("""[grid]\nmethods = ["baseline"]\ndatasets = ["synthetic"]\narchs = ["unet-micro"]\nseeds = [0]
+[budget]\niters = 2\nbatch_size = 4\n[train]\ndevice = "cuda"\n[eval]\nevery = 2\nmetrics = ["proxy_fd"]\n""")
+    with pytest.raises(ConfigError, match="no CUDA GPU"):
+        run_suite(load_suite(p), results_root=tmp_path / "r", progress=False)
+    assert not (tmp_path / "r").exists()
+
+
+@needs_cuda
+def test_a_gpu_checkpoint_resumes_on_the_cpu_and_back(tmp_path):
+    base = dict(dataset="synthetic", arch="unet-micro", iters=6, batch_size=4, ckpt_every=2)
+
+    class Stop(Exception):
+        pass
+
+    class StopAt(TrainEvents):
+        def __init__(self, at):
+            self.at = at
+
+        def on_step(self, step, iters, row):
+            if step == self.at:
+                raise Stop
+
+    with pytest.raises(Stop):
+        train(TrainConfig(**base, device="cuda"), tmp_path / "run", StopAt(3))
+    with pytest.raises(Stop):
+        train(TrainConfig(**base, device="cpu"), tmp_path / "run", StopAt(5))
+    assert train(TrainConfig(**base, device="cuda"), tmp_path / "run")["state"] == "done"
+    runtime = json.loads((tmp_path / "run" / "config.json").read_text())["runtime"]
+    assert [(r["from_step"], r["device"].split(":")[0]) for r in runtime] == [(0, "cuda"), (2, "cpu"), (4, "cuda")]
+
+
+def test_slurm_jobs_of_multi_process_runs_get_one_task_per_gpu():
+    p = slurm_parameters({"partition": "gpu", "time": 60}, "s", "slurm", gpus=4)
+    assert p["tasks_per_node"] == 4 and p["gpus_per_node"] == 4 and p["nodes"] == 1
+    assert slurm_parameters({"gpus": 1}, "s", "slurm")["gpus_per_node"] == 1
+    assert "tasks_per_node" not in slurm_parameters({"gpus": 1}, "s", "slurm")
+    with pytest.raises(ConfigError, match="gpus=1 but the runs train with gpus = 4"):
+        slurm_parameters({"gpus": 1}, "s", "slurm", gpus=4)
+    with pytest.raises(ConfigError, match="submitit-debug"):
+        slurm_parameters({}, "s", "debug", gpus=2)
+
+
+SUITE = """
+[suite]
+name = "dd"
+[grid]
+methods = ["baseline"]
+datasets = ["synthetic"]
+archs = ["unet-micro"]
+seeds = [0]
+[budget]
+iters = 4
+batch_size = 8
+[train]
+gpus = {gpus}
+ckpt_every = 2
+[eval]
+every = 4
+metrics = ["proxy_fd"]
+num_images = 8
+sampler_steps = 2
+batch_size = 8
+"""
+
+
+@pytest.mark.parametrize("executor", ["local", "submitit-local"])
+def test_a_suite_with_gpus_2_trains_through_torchrun_or_two_tasks(tmp_path, executor, monkeypatch):
+    from bench.runner import run_suite
+    from bench.suite import load_suite
+
+    if executor != "local":
+        pytest.importorskip("submitit")
+        monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    for gpus in (1, 2):
+        p = tmp_path / f"dd{gpus}.toml"
+        p.write_text(SUITE.format(gpus=gpus).replace('name = "dd"', f'name = "dd{gpus}"'))
+        res = run_suite(load_suite(p), executor=executor, results_root=tmp_path / "r", progress=False,
+                        slurm={"time": 5})
+        assert res.ok, [(o.state, o.reason) for o in res.outcomes]
+    one, two = (tmp_path / "r" / f"dd{g}" / "synthetic-16_unet-micro" / "baseline" / "seed0" for g in (1, 2))
+    assert json.loads((two / "config.json").read_text())["runtime"][-1]["world_size"] == 2
+    a, b = fileio.read_jsonl(one / "evals.jsonl"), fileio.read_jsonl(two / "evals.jsonl")
+    assert len(a) == len(b) == 1 and b[0]["value"] == pytest.approx(a[0]["value"], rel=1e-3)
+    for x, y in zip(steps(one), steps(two)):
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-6)
+
+
+def slow_train(run, out_dir, events=None):
+    """bench.train.train, logging the step each call starts from to $TRAIN_LOG; a call that starts
+    at step 0 takes 0.1 s per step (so that the signal comes mid-run), a resumed one runs at full speed."""
+    out = Path(out_dir)
+    start = fileio.read_json(out / "status.json")["step"] if (out / "checkpoint.pt").exists() else 0
+    with open(os.environ["TRAIN_LOG"], "a") as f:
+        f.write(f"{start}\n")
+
+    class Slow(TrainEvents):
+        def on_step(self, step, iters, row):
+            time.sleep(0.1)
+
+    return train(run, out_dir, Slow() if start == 0 else None)
+
+
+def test_a_signalled_submitit_job_checkpoints_at_a_step_requeues_and_resumes_exactly(tmp_path, monkeypatch):
+    """SIGUSR2 (Slurm's time-limit / pre-emption signal, here from submitit's local executor 10 s
+    into a 60 s limit) mid-run: the run checkpoints at the next step boundary (it has no periodic
+    checkpoint before its end), submitit requeues the job, and the resumed run ends bit-for-bit where
+    an uninterrupted one does."""
+    submitit = pytest.importorskip("submitit")
+    from bench.executors import _train_fn_ref
+    from bench.slurm import RunJob
+
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO), str(Path(__file__).parent),
+                                                      os.environ.get("PYTHONPATH", "")]))
+    log = tmp_path / "starts.log"
+    monkeypatch.setenv("TRAIN_LOG", str(log))
+    cfg = dict(dataset="synthetic", arch="unet-micro", iters=300, batch_size=4, ckpt_every=1000, seed=3)
+    run = {"suite": "s", "workload": "w", "label": "baseline", "seed": 3, "config": cfg}
+    ex = submitit.LocalExecutor(folder=str(tmp_path / "sub"))
+    ex.update_parameters(timeout_min=1, signal_delay_s=50)
+    job = ex.submit(RunJob(run, str(tmp_path / "parts"), _train_fn_ref(slow_train), False))
+    outcome = job.result()
+    assert outcome["state"] == "done" and outcome["step"] == 300
+    starts = [int(x) for x in log.read_text().split()]
+    assert len(starts) == 2 and starts[0] == 0 and 0 < starts[1] < 300, starts  # resumed from the signal's step
+
+    train(TrainConfig(**cfg), tmp_path / "whole")
+    strip = lambda rows: [{k: v for k, v in r.items() if not k.endswith("seconds") and k != "images_per_s"}
+                          for r in rows]
+    assert strip(steps(tmp_path / "whole")) == strip(steps(tmp_path / "parts"))
+    a, b = state(tmp_path / "whole"), state(tmp_path / "parts")
+    for part in ("model", "ema"):
+        for name in a[part]:
+            assert torch.equal(a[part][name], b[part][name]), (part, name)
