@@ -132,6 +132,21 @@ def format_duration(seconds: float) -> str:
     return f"{seconds / 86400:.1f} days"
 
 
+def runtime_summary(train: dict) -> str:
+    """Where and how the runs execute: the [train] table's device, processes and fast path."""
+    from bench.config import TrainConfig
+
+    c = {**TrainConfig().to_dict(), **train}
+    where = {"auto": "auto (a CUDA GPU when the node has one, else the CPU)"}.get(c["device"], c["device"])
+    procs = (f"{c['gpus']} processes per run (gpus = {c['gpus']}: torchrun locally, {c['gpus']} tasks on one node "
+             "under Slurm), batch_size split evenly" if c["gpus"] > 1 else "1 process per run (gpus = 1)")
+    precision = {"auto": "bf16 autocast on CUDA, fp32 on a CPU"}.get(c["precision"], c["precision"])
+    on = lambda flag: "on" if flag else "off"  # noqa: E731
+    return (f"device: {where}; {procs}; precision: {precision}; TF32 {on(c['tf32'])} and fused AdamW "
+            f"{on(c['fused_adamw'])} (CUDA only); channels_last {on(c['channels_last'])}; torch.compile "
+            f"{on(c['compile'])} (bench/runtime.py; `train --device/--precision/--compile`)")
+
+
 def describe_plan(suite: Suite, states: dict[str, str] | None = None, jobs: int = 1) -> str:
     """The dry-run text: every run with its state and estimated cost, then the totals."""
     states = states or {}
@@ -154,6 +169,17 @@ def describe_plan(suite: Suite, states: dict[str, str] | None = None, jobs: int 
                      f"{format_duration(c.total_s):>10}")
     device = suite.cost.get("device", "the project's 2-core CPU")
     sample_s = sum(c.sample_s for _, c in est.runs)
+    lines += ["", runtime_summary(suite.train)]
+    if suite.slurm:
+        from bench.errors import ConfigError
+        from bench.slurm import slurm_parameters
+
+        try:
+            p = slurm_parameters(suite.slurm, suite.name, "slurm", int(suite.train.get("gpus", 1)))
+            lines.append("Slurm job per run (--executor slurm): " + ", ".join(f"{k}={v}" for k, v in p.items()
+                                                                             if v not in ("", None)))
+        except ConfigError as exc:
+            lines.append(f"Slurm job per run (--executor slurm): cannot be submitted: {exc}")
     lines += ["",
               f"images to train: {est.train_images:,}; images to sample: {est.sample_images:,} "
               f"({est.network_evals:,} network evaluations)",

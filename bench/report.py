@@ -56,7 +56,7 @@ from bench.report_tables import (
     to_latex,
     to_markdown,
 )
-from bench.report_text import _machine_lines, _protocol_lines, _training_lines
+from bench.report_text import _machine_lines, _protocol_lines, _runtime_lines, _training_lines
 from bench.speedup import lower_is_better
 from bench.suite_schema import REPORT_DEFAULTS
 
@@ -245,7 +245,7 @@ def _header_lines(ctx: _Report) -> list[str]:
     lines += _protocol_lines(ctx.evals)
     lines += ["", "Training (identical for every method of a workload; the method changes only its slots):", ""]
     lines += _training_lines(runs)
-    lines += ["", "Machines:", ""] + _machine_lines(runs)
+    lines += ["", "Machines:", ""] + _machine_lines(runs) + _runtime_lines(runs)
     lines += ["", "## Methods", "", "Every method label with its resolved hyperparameters (a label encodes the "
               "non-default ones):", "", to_markdown(_method_table(runs)), ""]
     return lines

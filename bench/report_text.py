@@ -33,6 +33,23 @@ def _machine_lines(runs: list[dict]) -> list[str]:
                  f"{os.cpu_count()} CPUs, Python {platform.python_version()}")
     return lines
 
+def _runtime_lines(runs: list[dict]) -> list[str]:
+    """Device, processes and fast path of the training (config.json's `runtime` list), grouped."""
+    groups: dict[str, int] = {}
+    for r in runs:
+        for rt in (r.get("config") or {}).get("runtime") or []:
+            on = lambda flag: "on" if flag else "off"  # noqa: E731
+            procs = rt.get("world_size", 1)
+            desc = (f"{rt.get('device')} ({rt.get('device_name')}), {procs} process{'es' if procs != 1 else ''}"
+                    + (f" ({rt.get('backend')})" if rt.get("backend") else "")
+                    + f", {rt.get('precision')}, TF32 {on(rt.get('tf32'))}, channels_last {on(rt.get('channels_last'))}, "
+                    f"fused AdamW {on(rt.get('fused_adamw'))}, torch.compile {on(rt.get('compile'))}")
+            groups[desc] = groups.get(desc, 0) + 1
+    if not groups:
+        return ["- training device and fast path: not recorded (runs from before config.json's `runtime`)"]
+    return [f"- training: {desc} ({n} run stretch{'es' if n != 1 else ''})" for desc, n in groups.items()]
+
+
 def _protocol_lines(evals: pd.DataFrame) -> list[str]:
     """What every metric is: feature extractor (and its weights' hash), N generated and reference
     images, the reference split, the sampler, and when it was evaluated."""
