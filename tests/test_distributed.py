@@ -342,3 +342,29 @@ def test_a_signalled_submitit_job_checkpoints_at_a_step_requeues_and_resumes_exa
     for part in ("model", "ema"):
         for name in a[part]:
             assert torch.equal(a[part][name], b[part][name]), (part, name)
+
+
+def test_the_gpu_check_runs_to_its_end_on_the_cpu(tmp_path):
+    """`python -m bench.gpu_check --device cpu --quick`: every part at toy sizes (about 20 s here)."""
+    out = tmp_path / "gpu_check.json"
+    r = subprocess.run([sys.executable, "-m", "bench.gpu_check", "--device", "cpu", "--quick", "--out", str(out)],
+                       capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                       env={**os.environ, "PYTHONPATH": str(REPO), "DIFFBENCH_QUIET": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    result = json.loads(out.read_text())
+    settings = {(row["network"], row["setting"]) for row in result["throughput"]}
+    assert {("ddpm-unet", "fp32 eager"), ("ddpm-unet", "fast path"), ("unet-tiny", "fp32 eager")} <= settings
+    assert all(row["images_per_s"] > 0 and 0 <= row["data_fraction"] < 1 for row in result["throughput"])
+    assert result["paper_run"]["fid"] > 0 and result["paper_run"]["runtime"]["device"] == "cpu"
+    assert result["torchrun"]["returncode"] == 0 and result["torchrun"]["backend"] == "gloo"
+    assert result["checks"]["fast_over_eager_at_least_2x"] is None  # a GPU target: not judged on a CPU
+    assert "fast path / fp32 eager" in r.stdout and "torchrun, 2 processes" in r.stdout
+
+
+def test_the_gpu_check_refuses_cuda_without_a_gpu(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    r = subprocess.run([sys.executable, "-m", "bench.gpu_check", "--device", "cuda"], capture_output=True, text=True,
+                       cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip().startswith("error:") and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "gpu_check.json").exists()
