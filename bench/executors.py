@@ -203,7 +203,8 @@ def _worker_main(payload_path: str) -> int:
     return 1 if out.get("state") == "failed" and int(os.environ.get("WORLD_SIZE", 1)) > 1 else 0
 
 
-def _start_worker(run: RunSpec, run_dir: Path, train_fn: str, retry_failed: bool, threads: int):
+def _start_worker(run: RunSpec, run_dir: Path, train_fn: str, retry_failed: bool, threads: int,
+                  visible_gpus: list[int] | None = None):
     """A fresh Python process for one run (nothing inherited but the environment and sys.path), or
     torchrun's N processes for a run with gpus = N; the output goes to the run's worker.log."""
     import subprocess
@@ -216,6 +217,8 @@ def _start_worker(run: RunSpec, run_dir: Path, train_fn: str, retry_failed: bool
     fileio.write_json(payload, {"run": run.to_dict(), "run_dir": str(run_dir), "train_fn": train_fn,
                             "retry_failed": retry_failed, "threads": threads})
     env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}  # the worker's processes are its own
+    if visible_gpus is not None:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, visible_gpus))
     env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
                PYTHONPATH=os.pathsep.join(p for p in [str(Path(__file__).resolve().parent.parent), *sys.path] if p))
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}"] \
@@ -273,13 +276,39 @@ def _prepare_evaluators(todo, reporter):
             Evaluator(spec).prepare()
 
 
+class _GpuPool:
+    """Which GPUs each local worker sees (CUDA_VISIBLE_DEVICES): the least busy ones, so parallel
+    workers spread over the machine's GPUs instead of all using GPU 0."""
+
+    def __init__(self):
+        import torch
+
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        ids = [int(x) for x in visible.split(",") if x.strip().isdigit()] if visible else list(range(count))
+        self.busy = {g: 0 for g in ids[:count]}
+
+    def take(self, n: int) -> list[int] | None:
+        if not self.busy:
+            return None
+        pick = sorted(self.busy, key=lambda g: (self.busy[g], g))[:n]
+        for g in pick:
+            self.busy[g] += 1
+        return pick
+
+    def give(self, gpus: list[int] | None) -> None:
+        for g in gpus or []:
+            self.busy[g] -= 1
+
+
 def _run_workers(todo, dirs, train_fn, retry_failed, reporter, outcomes, jobs):
     threads = max(1, (os.cpu_count() or 1) // jobs)
+    gpu_pool = _GpuPool()
     if train_fn is None:
         _prepare_evaluators(todo, reporter)
     ref = _train_fn_ref(train_fn)
     pending = list(todo)
-    active: dict[str, tuple[RunSpec, Any, float]] = {}
+    active: dict[str, tuple[RunSpec, Any, float, list[int] | None]] = {}
     resumed: set[str] = set()
     with FilePoller(reporter) as poller:
         try:
@@ -289,15 +318,17 @@ def _run_workers(todo, dirs, train_fn, retry_failed, reporter, outcomes, jobs):
                     if (dirs[run.key] / "checkpoint.pt").exists():
                         resumed.add(run.key)
                     reporter.run_start(run)
-                    proc = _start_worker(run, dirs[run.key], ref, retry_failed, threads)
-                    active[run.key] = (run, proc, time.time())
+                    gpus = gpu_pool.take(int(run.config.get("gpus", 1)))
+                    proc = _start_worker(run, dirs[run.key], ref, retry_failed, threads, gpus)
+                    active[run.key] = (run, proc, time.time(), gpus)
                     poller.add(run, dirs[run.key])
                 time.sleep(0.2)
-                for key, (run, proc, started) in list(active.items()):
+                for key, (run, proc, started, gpus) in list(active.items()):
                     code = proc.poll()
                     if code is None:
                         continue
                     del active[key]
+                    gpu_pool.give(gpus)
                     poller.remove(run)
                     status = read_status(dirs[key])
                     if code != 0 and (not status or status.get("state") not in ("done", "failed")):
@@ -311,7 +342,7 @@ def _run_workers(todo, dirs, train_fn, retry_failed, reporter, outcomes, jobs):
                     outcomes[key] = out
                     reporter.run_end(run, out)
         finally:
-            for run, proc, _ in active.values():  # interrupted: stop our workers, runs stay resumable
+            for run, proc, _, _ in active.values():  # interrupted: stop our workers, runs stay resumable
                 if proc.poll() is None:
                     proc.terminate()
                 try:

@@ -368,3 +368,21 @@ def test_the_gpu_check_refuses_cuda_without_a_gpu(tmp_path):
                        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
     assert r.returncode == 2 and r.stderr.strip().startswith("error:") and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "gpu_check.json").exists()
+
+
+def test_parallel_local_workers_spread_over_the_gpus(monkeypatch):
+    """`run --jobs N` on a GPU machine: each worker sees the least busy GPUs (CUDA_VISIBLE_DEVICES)."""
+    from bench.executors import _GpuPool
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    pool = _GpuPool()
+    a, b, c = pool.take(2), pool.take(2), pool.take(1)
+    assert (a, b, c) == ([0, 1], [2, 3], [0])
+    pool.give(a)
+    assert pool.take(2) == [1, 0]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5,7,9,11")
+    assert _GpuPool().take(1) == [5]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert _GpuPool().take(1) is None  # no GPU: workers are left alone
