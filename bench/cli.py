@@ -89,6 +89,12 @@ def cmd_describe(args) -> None:
     console.print(table)
 
 
+#: `train` switches: flag -> (TrainConfig key, the value the flag sets)
+SWITCHES = {"zero_terminal_snr": ("zero_terminal_snr", True), "flip": ("flip", True),
+            "no_ema_warmup": ("ema_warmup", False), "compile": ("compile", True), "no_tf32": ("tf32", False),
+            "no_fused_adamw": ("fused_adamw", False)}
+
+
 def train_config_from_args(args):
     from bench.config import TrainConfig
 
@@ -99,18 +105,9 @@ def train_config_from_args(args):
         value = getattr(args, key)
         if value is not None:
             d[key] = value
-    if args.zero_terminal_snr:
-        d["zero_terminal_snr"] = True
-    if args.flip:
-        d["flip"] = True
-    if args.no_ema_warmup:
-        d["ema_warmup"] = False
-    if args.compile:
-        d["compile"] = True
-    if args.no_tf32:
-        d["tf32"] = False
-    if args.no_fused_adamw:
-        d["fused_adamw"] = False
+    for flag, (key, value) in SWITCHES.items():
+        if getattr(args, flag):
+            d[key] = value
     # Under torchrun the processes are the run's: gpus is the world size.
     world = int(os.environ.get("WORLD_SIZE", 1))
     if world > 1:

@@ -13,7 +13,8 @@ so methods are compared at equal images seen. Layout of a suite file (see suites
                                                       rates, labelled baseline-lr<value>; the report
                                                       shows the best-tuned baseline)
     [budget]   iters, batch_size                     (the same for every method)
-    [train]    any other TrainConfig setting: lr, warmup, grad_clip, ema_decay, schedule, T, ...
+    [train]    any other TrainConfig setting: lr, warmup, grad_clip, ema_decay, schedule, T, ...,
+               and where it runs: device, gpus, precision, compile (bench/runtime.py)
     [eval]     every (iterations between evaluations), metrics, num_images, sampler, ...
                (everything but `every` is the evaluator's spec, TrainConfig.eval)
     [report]   metric, baseline, fractions, targets (fractions of the budget whose baseline
