@@ -126,6 +126,9 @@ class TrainConfig:
             bad("precision", f"is not one of {', '.join(PRECISIONS)}")
         if self.gpus < 1:
             bad("gpus", "must be >= 1 (the number of processes, one per GPU)")
+        if self.gpus > 1 and self.device.startswith("cuda:"):
+            bad("device", f"names one GPU, and gpus={self.gpus} processes need one each: use device = \"cuda\" "
+                          "or \"auto\" (process k takes GPU k of those it sees)")
         if self.batch_size % self.gpus:
             bad("batch_size", f"is not divisible by gpus={self.gpus}: batch_size is the global batch, split evenly "
                               f"over the processes; use a multiple of {self.gpus}")

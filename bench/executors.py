@@ -82,41 +82,51 @@ def execute_run(run: RunSpec | dict, run_dir: str | os.PathLike, train_fn: str |
 
 
 def _execute_rank(run: RunSpec, run_dir: Path, train_fn, retry_failed: bool, events) -> dict:
-    """execute_run in one of the N processes of a multi-process run."""
+    """execute_run in one of the N processes of a multi-process run. A failure that only this
+    process sees (rank > 0) goes to error.rank<k>.log and is raised, so that torchrun or srun
+    stops the others instead of leaving them waiting in a collective."""
     from bench.resolve import resolve_run
-    from bench.runtime import StopRequested, broadcast, is_main, make_runtime
+    from bench.runtime import StopRequested, broadcast, is_main, make_runtime, world
 
+    if not should_run(read_status(run_dir), retry_failed):  # every rank reads the same finished status
+        return _skipped(run, run_dir)
     main, lock, why = is_main(), None, None
     try:
         resolved = resolve_run(run.config, where=f"run {run.key}")
         make_runtime(resolved.config)  # joins the process group (every rank, or none, fails here)
-    except BenchError as exc:
+    except Exception as exc:  # noqa: BLE001 -- recorded by rank 0, like any failure of the run
         if main:
             run_dir.mkdir(parents=True, exist_ok=True)
-            write_failed(run_dir, last_step(run_dir), str(exc), "exception")
+            write_failed(run_dir, last_step(run_dir), classify_exception(exc)[1], "exception")
         return outcome_from_status(run.key, run_dir, "ran").as_dict()
-    if main:  # rank 0 decides, for all: is the run due, and is its folder free?
-        if not should_run(read_status(run_dir), retry_failed):
+    if main:  # rank 0 decides, for all: is the run still due, and is its folder free?
+        run_dir.mkdir(parents=True, exist_ok=True)
+        lock = _try_lock(run_dir)
+        if lock is None:
+            why = "running in another process (its folder is locked)"
+        elif not should_run(read_status(run_dir), retry_failed):  # finished meanwhile
             why = "done"
-        else:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            lock = _try_lock(run_dir)
-            why = None if lock is not None else "running in another process (its folder is locked)"
     why = broadcast(why)
     if why is not None:
+        if lock is not None:
+            lock.close()
         return _skipped(run, run_dir, None if why == "done" else why)
     if main:
         try:
             return _execute_locked(run, run_dir, train_fn, retry_failed, events)
         finally:
             lock.close()
-    try:  # the other ranks: rank 0 records what happens
+    try:
         fn = resolve_train_fn(train_fn)
         fn(resolved, run_dir, events) if events is not None else fn(resolved, run_dir)
     except (KeyboardInterrupt, StopRequested):
         raise
-    except BaseException:  # noqa: BLE001 -- rank 0 sees the same failure and records it
+    except BenchError:  # divergence, a bad checkpoint: rank 0 meets the same and records it
         pass
+    except BaseException as exc:
+        fileio.atomic_write_bytes(run_dir / f"error.rank{world()[0]}.log", "".join(
+            traceback.format_exception(type(exc), exc, exc.__traceback__)).encode())
+        raise
     return outcome_from_status(run.key, run_dir, "ran").as_dict()
 
 

@@ -237,6 +237,9 @@ def cli_fid(path_a: str, path_b: str, **opts) -> float:
                         verbose=opts.get("verbose", False))
     if opts.get("batch_size"):
         ext.batch_size = int(opts["batch_size"])
-    fa = _side_features(ext, path_a, opts)
-    fb = _side_features(ext, path_b, opts)
+    from bench.runtime import full_fp32
+
+    with full_fp32():  # no TF32 on a GPU: the features as fp32 computes them
+        fa = _side_features(ext, path_a, opts)
+        fb = _side_features(ext, path_b, opts)
     return fid_from_feats(fa, fb)

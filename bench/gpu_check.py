@@ -8,13 +8,16 @@ read by the real cifar10 loader):
    channels_last, fused AdamW) and off (fp32 eager), and with torch.compile, each with its peak
    GPU memory and the data pipeline's time per step against the step's (target: under 5%);
    the speed-up of the fast path over fp32 eager (target: at least 2x);
+   (data time is the CPU's drawing of the next batch, which overlaps the GPU's step: an upper
+   bound on what the data pipeline costs);
 2. the same for the largest other network of the project that fits;
 3. a 300-iteration paper-cifar10-shaped run (ddpm-unet, batch 128, the suite's optimizer and
    schedule) with one FID evaluation of 2,000 samples (DDIM 100 steps) on the GPU;
 4. ``torchrun`` with 2 processes on the one GPU (or one per GPU when there are more) for 20 steps;
 5. the tests that need CUDA (tests/test_distributed.py), when the repository's tests are at hand.
 
-``--device cpu --quick`` runs every part at toy sizes on a CPU in seconds (a test does), so the
+The FID part needs the Inception weights that ./setup.sh installs (offline). ``--device cpu
+--quick`` runs every part at toy sizes on a CPU in seconds (a test does), so the
 check is known to work before a GPU is lent. Speeds are measured side by side in this one
 process; compare numbers only within one gpu_check.json.
 """
@@ -44,8 +47,37 @@ SIZES = {  # full check / --quick
 }
 
 
+BUDGET_S = 8 * 60  # the whole check; a part that would overrun it is cut and reported
+
+
 def size(name: str, quick: bool) -> int:
     return SIZES[name][1 if quick else 0]
+
+
+def run_bounded(cmd: list[str], timeout_s: float, **kw) -> tuple[int | None, str, str]:
+    """(return code, stdout, stderr) of a command; None when it ran past `timeout_s`, and then the
+    whole process group (torchrun's workers included) is killed, leaving no process on the GPU."""
+    import signal
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            **kw)
+    try:
+        out, err = proc.communicate(timeout=max(1.0, timeout_s))
+        return proc.returncode, out, err
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        return None, out, err
+
+
+def error_line(text: str) -> str:
+    """The most telling line of a failed command's output: its `error:` line or the exception."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    for pick in (lambda x: x.startswith("error:"), lambda x: "Error" in x.split(":")[0]):
+        found = [line for line in lines if pick(line)]
+        if found:
+            return found[-1][:300]
+    return (lines[-1] if lines else "(no output)")[:300]
 
 
 def write_cifar_like(root: Path, n_train: int, n_test: int, seed: int = 0) -> Path:
@@ -148,10 +180,10 @@ def paper_run(data_dir: Path, device: str, quick: bool, work: Path) -> dict:
     start = time.perf_counter()
     try:
         status = train(cfg, work / "paper-run")
-    except Exception as exc:  # noqa: BLE001
+        wall = time.perf_counter() - start
+        evals = [json.loads(line) for line in (work / "paper-run" / "evals.jsonl").read_text().splitlines()]
+    except Exception as exc:  # noqa: BLE001 -- e.g. no Inception weights on a machine without ./setup.sh
         return {"error": f"{type(exc).__name__}: {str(exc).strip()[:300]}"}
-    wall = time.perf_counter() - start
-    evals = [json.loads(line) for line in (work / "paper-run" / "evals.jsonl").read_text().splitlines()]
     runtime = json.loads((work / "paper-run" / "config.json").read_text())["runtime"][-1]
     return {"iters": iters, "batch": cfg.batch_size, "wall_s": round(wall, 1),
             "train_s": round(status["train_seconds"], 1), "eval_s": round(status["eval_seconds"], 1),
@@ -160,7 +192,7 @@ def paper_run(data_dir: Path, device: str, quick: bool, work: Path) -> dict:
             "sample_s": evals[-1].get("sample_seconds") if evals else None, "runtime": runtime}
 
 
-def torchrun_check(data_dir: Path, device: str, quick: bool, work: Path) -> dict:
+def torchrun_check(data_dir: Path, device: str, quick: bool, work: Path, timeout_s: float) -> dict:
     """`torchrun --nproc_per_node N run_bench.py train` for a few steps (N = 2 on one GPU or a CPU)."""
     import torch
 
@@ -176,11 +208,11 @@ def torchrun_check(data_dir: Path, device: str, quick: bool, work: Path) -> dict
            "--iters", str(steps), "--batch-size", str(batch), "--warmup", "0", "--device",
            "cpu" if device == "cpu" else "auto", "--out", str(out)]
     start = time.perf_counter()
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    res = {"processes": n, "arch": arch, "steps": steps, "batch": batch, "returncode": r.returncode,
+    code, _, err = run_bounded(cmd, timeout_s)
+    res = {"processes": n, "arch": arch, "steps": steps, "batch": batch, "returncode": code,
            "wall_s": round(time.perf_counter() - start, 1)}
-    if r.returncode != 0:
-        res["error"] = (r.stderr.strip().splitlines() or ["(no output)"])[-1][:300]
+    if code != 0:
+        res["error"] = f"cut after {timeout_s:.0f} s (the check's time budget)" if code is None else error_line(err)
         return res
     rows = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
     runtime = json.loads((out / "config.json").read_text())["runtime"][-1]
@@ -190,8 +222,8 @@ def torchrun_check(data_dir: Path, device: str, quick: bool, work: Path) -> dict
     return res
 
 
-def cuda_tests() -> dict:
-    """tests/test_distributed.py's CUDA tests (skipped on machines without a GPU)."""
+def cuda_tests(timeout_s: float) -> dict:
+    """tests/test_distributed.py's `cuda` tests (the test suite hides GPUs from every other test)."""
     tests = REPO / "tests" / "test_distributed.py"
     if not tests.exists():
         return {"skipped": "the repository's tests are not here"}
@@ -199,9 +231,11 @@ def cuda_tests() -> dict:
         import pytest  # noqa: F401
     except ImportError:
         return {"skipped": "pytest is not installed"}
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tests), "-k", "cuda or gpu"],
-                       capture_output=True, text=True, timeout=600, cwd=REPO)
-    return {"returncode": r.returncode, "summary": (r.stdout.strip().splitlines() or [""])[-1]}
+    code, out, _ = run_bounded([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "cuda", str(tests)],
+                               timeout_s, cwd=REPO, env={**os.environ, "DIFFBENCH_TEST_CUDA": "1"})
+    if code is None:
+        return {"returncode": None, "summary": f"cut after {timeout_s:.0f} s (the check's time budget)"}
+    return {"returncode": code, "summary": (out.strip().splitlines() or [""])[-1]}
 
 
 def environment(device: str) -> dict:
@@ -244,7 +278,7 @@ def main(argv=None) -> int:
         rows = []
         for name, settings in (("fp32 eager", EAGER), ("fast path", FAST),
                                ("fast path + compile", {**FAST, "compile": True})):
-            if settings["compile"] and (args.no_compile or args.quick):
+            if settings["compile"] and (args.no_compile or args.quick or not device.startswith("cuda")):
                 continue
             say(f"measuring ddpm-unet, {name} ...")
             rows.append({"network": "ddpm-unet", "setting": name,
@@ -260,8 +294,10 @@ def main(argv=None) -> int:
         say("paper-cifar10-shaped run ...")
         result["paper_run"] = paper_run(data, device, args.quick, work)
         say("torchrun ...")
-        result["torchrun"] = torchrun_check(data, device, args.quick, work)
-        result["cuda_tests"] = cuda_tests() if device.startswith("cuda") else {"skipped": "no GPU in use"}
+        left = lambda: BUDGET_S - (time.perf_counter() - started)  # noqa: E731
+        result["torchrun"] = torchrun_check(data, device, args.quick, work, max(60.0, left() - 60))
+        result["cuda_tests"] = (cuda_tests(max(30.0, left())) if device.startswith("cuda")
+                                else {"skipped": "no GPU in use"})
     result["checks"] = checks(rows, device)
     result["seconds"] = round(time.perf_counter() - started, 1)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
@@ -302,7 +338,8 @@ def render(result: dict) -> str:
     pr = result["paper_run"]
     lines.append("paper-cifar10-shaped run: " + (pr["error"] if "error" in pr else
                  f"{pr['iters']} it x batch {pr['batch']} in {pr['train_s']} s ({pr['train_images_per_s']} img/s), "
-                 f"FID-{pr['fid_images']} = {pr['fid']:.2f} (generated data: a plumbing check, not a quality number) "
+                 f"FID-{pr['fid_images']} = {pr['fid'] if pr['fid'] is None else round(pr['fid'], 2)} (generated data: "
+                 "a plumbing check, not a quality number) "
                  f"in {pr['eval_s']} s"))
     tr = result["torchrun"]
     lines.append(f"torchrun, {tr['processes']} processes, {tr['arch']}, {tr['steps']} steps: "

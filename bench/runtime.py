@@ -9,8 +9,8 @@ GPUs it sees, so two processes can share one GPU in a test).
 
 Fast path, each part recorded in config.json's ``runtime`` list and the report:
 
-- ``precision = "auto"``: bf16 autocast of the network's forward (and so its backward) on CUDA,
-  fp32 on the CPU. Weights, optimizer state, EMA, the loss reduction and the method's weights
+- ``precision = "auto"``: bf16 autocast of the network's forward (and so its backward) on a CUDA
+  GPU with native bf16 (Ampere and later), else fp32. Weights, optimizer state, EMA, the loss reduction and the method's weights
   stay fp32 (the network's output is cast back to fp32 before the loss).
 - ``tf32`` (default true): TF32 matmuls and convolutions, CUDA only.
 - ``fused_adamw`` (default true): the fused AdamW kernel, CUDA only (the CPU uses foreach).
@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import sys
 from dataclasses import asdict, dataclass
 
 import torch
@@ -81,13 +82,31 @@ def init_processes(device: torch.device) -> str | None:
         return dist.get_backend()
     backend = os.environ.get("DIFFBENCH_DIST_BACKEND")
     if not backend:
-        own_gpu = device.type == "cuda" and size <= torch.cuda.device_count()
-        backend = "nccl" if own_gpu else "gloo"
+        on_node = int(os.environ.get("LOCAL_WORLD_SIZE", size))
+        shared = device.type == "cuda" and on_node > torch.cuda.device_count()
+        backend = "nccl" if device.type == "cuda" and not shared else "gloo"
+        if shared and rank == 0:  # NCCL refuses two processes on one GPU
+            print(f"warning: {on_node} processes share {torch.cuda.device_count()} GPU(s): using gloo, which is "
+                  "slow (fine for a check; give each process its own GPU for speed)", file=sys.stderr)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     timeout = datetime.timedelta(minutes=float(os.environ.get("DIFFBENCH_DIST_TIMEOUT_MIN", 180)))
     dist.init_process_group(backend, rank=rank, world_size=size, timeout=timeout)
     return backend
+
+
+@contextlib.contextmanager
+def full_fp32():
+    """No TF32 inside (evaluation: samples and feature extractors in plain fp32, like on a CPU)."""
+    if not torch.cuda.is_available():
+        yield
+        return
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def finish_processes() -> None:
@@ -181,7 +200,9 @@ def make_runtime(cfg) -> Runtime:
         raise ConfigError(f"gpus={cfg.gpus} asks for {cfg.gpus} process(es), but this is {size}: {how}")
     device = resolve_device(cfg.device, local_rank)
     cuda = device.type == "cuda"
-    precision = cfg.precision if cfg.precision != "auto" else ("bf16" if cuda else "fp32")
+    # auto: bf16 where the GPU has it natively (Ampere and later); emulated bf16 is slower than fp32
+    native_bf16 = cuda and torch.cuda.is_bf16_supported(including_emulation=False)
+    precision = cfg.precision if cfg.precision != "auto" else ("bf16" if native_bf16 else "fp32")
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
         torch.backends.cudnn.allow_tf32 = cfg.tf32
@@ -218,28 +239,37 @@ class StopRequested(BaseException):
         self.step = step
 
 
-_STOP = {"watching": False, "requested": False}
+_STOP = {"watching": False, "requested": False, "deferrable": False, "previous": None}
 
 
 def watch_stop_signal(signum: int):
     """From now on, signal `signum` asks training to checkpoint at the next step boundary and raise
-    :class:`StopRequested` (instead of acting at once, mid-step). Returns the previous handler."""
+    :class:`StopRequested`, while the training loop is stepping (:func:`stepping`); at any other
+    time (setup, evaluation) the previous handler acts at once, as before. Returns that handler."""
     import signal
 
-    def ask(_signum, _frame):
-        _STOP["requested"] = True
+    def ask(_signum, frame):
+        if _STOP["deferrable"]:
+            _STOP["requested"] = True
+        elif callable(_STOP["previous"]):
+            _STOP["previous"](_signum, frame)
 
-    previous = signal.signal(signum, ask)
-    _STOP.update(watching=True, requested=False)
-    return previous
+    _STOP.update(watching=True, requested=False, deferrable=False, previous=signal.getsignal(signum))
+    signal.signal(signum, ask)
+    return _STOP["previous"]
 
 
 def unwatch_stop_signal(signum: int, previous) -> None:
     """Give `signum` back to `previous` (what watch_stop_signal returned)."""
     import signal
 
-    signal.signal(signum, previous)
-    _STOP.update(watching=False, requested=False)
+    signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
+    _STOP.update(watching=False, requested=False, deferrable=False, previous=None)
+
+
+def stepping(on: bool) -> None:
+    """Whether the training loop will reach a step boundary soon (a watched signal can wait for it)."""
+    _STOP["deferrable"] = on
 
 
 def stop_requested(device: torch.device) -> bool:

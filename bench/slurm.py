@@ -42,7 +42,7 @@ class RunJob:
     def __call__(self) -> dict:
         import submitit
 
-        from bench.runtime import StopRequested, unwatch_stop_signal, watch_stop_signal
+        from bench.runtime import StopRequested, finish_processes, unwatch_stop_signal, watch_stop_signal
 
         env = submitit.JobEnvironment()
         if env.num_tasks > 1:
@@ -51,13 +51,21 @@ class RunJob:
         signum = env._usr_sig()
         requeue = watch_stop_signal(signum)
         try:
-            return execute_run(self.run, self.run_dir, self.train_fn, self.retry_failed)
+            out = execute_run(self.run, self.run_dir, self.train_fn, self.retry_failed)
         except StopRequested:
+            if env.global_rank != 0:  # rank 0 requeues the job, which restarts every task
+                return outcome_from_status(f"{self.run.get('workload')}/{self.run.get('label')}/seed"
+                                           f"{self.run.get('seed')}", Path(self.run_dir), "ran").as_dict()
             if callable(requeue):
-                requeue(signum, None)  # submitit: checkpoint() -> requeue the job -> exit (rank 0)
+                requeue(signum, None)  # submitit: checkpoint() -> requeue the job -> exit
             raise
         finally:
             unwatch_stop_signal(signum, requeue)
+            finish_processes()
+        if env.num_tasks > 1 and out.get("state") == "failed":
+            # A failed task exits non-zero, so that srun (--kill-on-bad-exit) stops the others.
+            raise RuntimeError(f"run {self.run_dir} failed: {out.get('reason')}")
+        return out
 
     def checkpoint(self, *args, **kwargs):
         from submitit.helpers import DelayedSubmission
@@ -83,6 +91,8 @@ def slurm_parameters(settings: dict, suite_name: str, cluster: str, gpus: int = 
         settings = {**settings, "gpus": gpus}
         p["tasks_per_node"] = gpus
         p["nodes"] = 1
+        if cluster == "slurm":
+            p["slurm_srun_args"] = ["--kill-on-bad-exit=1"]  # a failed process stops its job
     try:
         return _slurm_parameters(settings, p, cluster)
     except (TypeError, ValueError) as exc:
@@ -92,8 +102,8 @@ def slurm_parameters(settings: dict, suite_name: str, cluster: str, gpus: int = 
 def _slurm_parameters(settings: dict, p: dict, cluster: str) -> dict:
     if "time" in settings:
         p["timeout_min"] = parse_slurm_time(settings["time"])
-    if "gpus" in settings and cluster == "slurm":
-        p["gpus_per_node"] = int(settings["gpus"])
+    if "gpus" in settings and (cluster == "slurm" or (cluster == "local" and _has_cuda())):
+        p["gpus_per_node"] = int(settings["gpus"])  # submitit's local executor hides GPUs not asked for
     if "cpus_per_task" in settings:
         p["cpus_per_task"] = int(settings["cpus_per_task"])
     if "mem_gb" in settings:
@@ -110,6 +120,14 @@ def _slurm_parameters(settings: dict, p: dict, cluster: str) -> dict:
     if settings.get("additional"):
         p["slurm_additional_parameters"] = dict(settings["additional"])
     return p
+
+
+def _has_cuda() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
 
 
 SLURM_ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING",
@@ -202,7 +220,7 @@ def _wait_jobs(jobs, dirs, reporter, outcomes, cluster, started):
                 remaining.remove(item)
                 poller.remove(run)
                 try:
-                    out = outcome_from_dict(job.result())
+                    out = outcome_from_dict(job.results()[0])
                 except Exception as exc:  # noqa: BLE001 -- the job died outside execute_run
                     status = read_status(dirs[run.key])
                     if not status or status.get("state") not in ("done", "failed"):

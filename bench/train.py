@@ -48,7 +48,9 @@ from bench.runtime import (
     barrier,
     gather_objects,
     gather_slices,
+    full_fp32,
     make_runtime,
+    stepping,
     stop_requested,
 )
 from bench.spec import Method, ema_decay_at, loss_weights_at, optimizer_settings_at, timestep_probs_at
@@ -239,6 +241,17 @@ def save_checkpoint(state: RunState, path: Path) -> None:
     tmp.replace(path)
 
 
+def _use_optimizer_kernel(opt: torch.optim.Optimizer, fused: bool) -> None:
+    """AdamW's kernel as this process's runtime says (load_state_dict brings back the saved run's:
+    fused from a GPU, foreach from a CPU); the fused kernel keeps its step counts on the device."""
+    for group in opt.param_groups:
+        group["fused"], group["foreach"] = (True, None) if fused else (None, True)
+        for p in group["params"]:
+            st = opt.state.get(p)
+            if st and torch.is_tensor(st.get("step")):
+                st["step"] = st["step"].to(p.device if fused else "cpu", torch.float32)
+
+
 def resume(state: RunState, path: Path) -> None:
     """Restore a run from its checkpoint, so it goes on bit-for-bit as if never stopped (on the
     CPU; a checkpoint also resumes on another device, with that device's floating point)."""
@@ -256,6 +269,7 @@ def resume(state: RunState, path: Path) -> None:
         state.opt.load_state_dict(ckpt["opt"])
     except (RuntimeError, KeyError, ValueError) as exc:
         raise CheckpointError(f"checkpoint {path} does not fit this run ({str(exc)[:120]}); delete it to restart") from None
+    _use_optimizer_kernel(state.opt, state.rt.fused_adamw)
     rng = ckpt.get("rng_processes", [{"cpu": ckpt["rng_torch"]}])[state.rt.rank]
     torch.set_rng_state(rng["cpu"])
     if "cuda" in rng and state.rt.torch_device.type == "cuda":
@@ -280,9 +294,9 @@ def draw_batch(state: RunState, step: int) -> Batch:
     t = sample_timesteps(timestep_probs_at(state.method, step / cfg.iters, state.schedule), B, state.gens["t"])
     weights = loss_weights_at(state.method, t, step / cfg.iters, state.schedule, cfg.target).to(torch.float32)
     eps = torch.randn((B, *state.images.shape[1:]), generator=state.gens["noise"])[mine]
-    if dev.type == "cuda":  # pinned, so the copies do not wait for the step the device is computing
-        eps = eps.pin_memory()
-    batch = Batch(*(x if x is None else x.to(dev, non_blocking=True) for x in (idx, flip, t, weights, eps)), 0.0)
+    cuda = dev.type == "cuda"  # pinned, so the copies do not wait for the step the device is computing
+    batch = Batch(*(x if x is None else (x.pin_memory() if cuda else x).to(dev, non_blocking=True)
+                    for x in (idx, flip, t, weights, eps)), 0.0)
     batch.seconds = time.perf_counter() - start
     return batch
 
@@ -364,22 +378,26 @@ def train_step(state: RunState) -> dict:
 def _open_run_folder(cfg: TrainConfig, out: Path, record: dict, rt: Runtime) -> dict | None:
     """Write config.json (rank 0), or refuse a folder that holds another config; the final status
     of a finished run (nothing to do), else None."""
-    if (out / "config.json").exists():
-        old = fileio.read_json(out / "config.json")
-        saved = old.get("gpus", 1)
-        if saved != cfg.gpus:
-            raise ConfigError(
-                f"{out} holds a run trained by {saved} process(es) (gpus={saved}) and this run asks for {cfg.gpus}: "
-                f"resume it with gpus = {saved}" + (f" (torchrun --nproc_per_node {saved})" if saved > 1 else
-                                                    " (one process, no torchrun)") + ", or use another output folder")
-        changed = config_diff(old, record)
-        if changed:
-            raise ConfigError(f"{out} holds a run with a different config (differs in: {', '.join(changed)}); "
-                              "use another output folder or delete that one")
-    elif rt.rank == 0:
-        fileio.write_json(out / "config.json", {**record, "runtime": []})
     status = fileio.read_json(out / "status.json") if (out / "status.json").exists() else None
-    return status if status and status.get("state") == "done" else None
+    done = status if status and status.get("state") == "done" else None
+    if not (out / "config.json").exists():
+        if rt.rank == 0:
+            fileio.write_json(out / "config.json", {**record, "runtime": []})
+        return done
+    old = fileio.read_json(out / "config.json")
+    changed = config_diff(old, record)
+    if done and set(changed) <= {"gpus"}:  # finished: how many processes trained it no longer matters
+        return done
+    saved = old.get("gpus", 1)
+    if saved != cfg.gpus:
+        raise ConfigError(
+            f"{out} holds a run trained by {saved} process(es) (gpus={saved}) and this run asks for {cfg.gpus}: "
+            f"resume it with gpus = {saved}" + (f" (torchrun --nproc_per_node {saved})" if saved > 1 else
+                                                " (one process, no torchrun)") + ", or use another output folder")
+    if changed:
+        raise ConfigError(f"{out} holds a run with a different config (differs in: {', '.join(changed)}); "
+                          "use another output folder or delete that one")
+    return done
 
 
 def _record_runtime(out: Path, rt: Runtime, step: int) -> None:
@@ -396,10 +414,13 @@ def _evaluate(state: RunState, evaluator, events: TrainEvents | None) -> list[di
     """Evaluate the EMA weights (rank 0; the other processes wait), outside the training clock."""
     e_start = time.perf_counter()
     rows = []
+    stepping(False)  # a Slurm signal now requeues at once: an evaluation can outlast its warning
     if evaluator is not None:
         state.ema.eval()
-        rows = evaluator.evaluate(state.ema, state.schedule, state.cfg.target, state.step)
+        with full_fp32():  # samples and features in plain fp32 (no TF32), as on a CPU
+            rows = evaluator.evaluate(state.ema, state.schedule, state.cfg.target, state.step)
     barrier()
+    stepping(True)
     state.clocks["eval_seconds"] += time.perf_counter() - e_start
     if events and evaluator is not None:
         events.on_eval(state.step, rows)
@@ -443,6 +464,7 @@ def train(run: ResolvedRun | TrainConfig, out_dir, events: TrainEvents | None = 
 
     pending = []
     state.model.train()
+    stepping(True)
     while state.step < cfg.iters:
         # One step, logged; a non-finite loss ends the run as failed (every process sees the same loss).
         row = train_step(state)
@@ -471,8 +493,11 @@ def train(run: ResolvedRun | TrainConfig, out_dir, events: TrainEvents | None = 
                             reason=f"stopped by a signal at step {state.step}; resumes from here" if stop else None)
             pending = []
             if stop and state.step < cfg.iters:
+                barrier()  # every process leaves after rank 0 has written the checkpoint and the status
+                stepping(False)
                 raise StopRequested(state.step)
 
+    stepping(False)
     if main:
         _set_status(out, "done", state.step, state.clocks)
     barrier()

@@ -8,6 +8,11 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 # Tests never write into the user's cache.
 os.environ.setdefault("DIFFBENCH_CACHE", str(REPO / ".pytest_cache" / "diffbench-cache"))
+# The tests pin CPU semantics (bit-for-bit resume, equal numbers across runs) even on a GPU machine:
+# they see no GPU, except the `cuda` tests, which `python -m bench.gpu_check` runs with
+# DIFFBENCH_TEST_CUDA=1 -m cuda. Set before torch starts CUDA, so every subprocess inherits it.
+if not os.environ.get("DIFFBENCH_TEST_CUDA"):
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 needs_fashion = pytest.mark.skipif(not (FASHION_DIR / "train-images-idx3-ubyte.gz").exists(),
