@@ -65,7 +65,7 @@ class Evaluator:
             from bench.proxy import get_proxy
 
             ext = get_proxy(s["dataset"], s["resolution"], data_dir=s["data_dir"], cache_dir=s["cache_dir"],
-                            seed=s["proxy_seed"], verbose=s["verbose"])
+                            seed=s["proxy_seed"], verbose=s["verbose"]).to(device)
             ref = reference_stats(ext, s["dataset"], s["ref_split"], num=num_ref, data_dir=s["data_dir"],
                                   cache_dir=s["cache_dir"], images=images, verbose=s["verbose"])
             self._prepared["proxy"] = (ext, ref, self._noise_floor(ext, ref, images, num_ref))

@@ -295,7 +295,9 @@ class _GpuPool:
 
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        ids = [int(x) for x in visible.split(",") if x.strip().isdigit()] if visible else list(range(count))
+        entries = [x.strip() for x in visible.split(",")] if visible else [str(i) for i in range(count)]
+        # GPU UUIDs or MIG names: leave the workers' view alone rather than guess
+        ids = [int(x) for x in entries] if all(x.isdigit() for x in entries) else []
         self.busy = {g: 0 for g in ids[:count]}
 
     def take(self, n: int) -> list[int] | None:

@@ -208,6 +208,13 @@ class ProxyExtractor:
         origin = "shipped" if self.shipped else "trained here"
         self.source = (f"{self.name} ({origin}, test accuracy {info['test_accuracy']:.4f}, "
                        f"sha256 {self.weights_sha256[:12]})")
+        self.device = torch.device("cpu")
+
+    def to(self, device) -> "ProxyExtractor":
+        """Compute features on `device` (evaluation runs where the model trains)."""
+        self.device = torch.device(device)
+        self.model.to(self.device)
+        return self
 
     @torch.inference_mode()
     def features(self, images, batch_size: int = 1000) -> np.ndarray:
@@ -216,7 +223,7 @@ class ProxyExtractor:
         if images.shape[1] != self.in_ch or images.shape[2] != self.resolution or images.shape[3] != self.resolution:
             raise ValueError(f"{self.name} takes [N, {self.in_ch}, {self.resolution}, {self.resolution}] images, "
                              f"got {list(images.shape)}")
-        out = [self.model.features(_prep(images[lo:lo + batch_size])).float().cpu().numpy()
+        out = [self.model.features(_prep(images[lo:lo + batch_size].to(self.device))).float().cpu().numpy()
                for lo in range(0, len(images), batch_size)]
         return np.concatenate(out) * np.float32(self.scale)
 

@@ -49,6 +49,10 @@ def steps(run_dir) -> list[dict]:
     return fileio.read_jsonl(Path(run_dir) / "steps.jsonl")
 
 
+def strip_timing(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if not k.endswith("seconds") and k != "images_per_s"} for r in rows]
+
+
 def state(run_dir) -> dict:
     return torch.load(Path(run_dir) / "checkpoint.pt", weights_only=True)
 
@@ -95,9 +99,7 @@ def test_two_process_checkpoint_resumes_bit_for_bit_and_one_process_is_refused(t
     assert state(parts)["step"] == 4  # nothing changed
 
     assert cli(2, *args, "--out", str(parts)).returncode == 0
-    strip = lambda rows: [{k: v for k, v in r.items() if not k.endswith("seconds") and k != "images_per_s"}
-                          for r in rows]
-    assert strip(steps(whole)) == strip(steps(parts))
+    assert strip_timing(steps(whole)) == strip_timing(steps(parts))
     a, b = state(whole), state(parts)
     for part in ("model", "ema"):
         for name in a[part]:
@@ -163,9 +165,7 @@ def test_the_fast_path_is_off_on_the_cpu_and_changes_nothing(tmp_path):
     base = dict(dataset="synthetic", arch="unet-micro", iters=3, batch_size=4)
     train(TrainConfig(**base), tmp_path / "auto")
     train(TrainConfig(**base, device="cpu", precision="fp32", tf32=False, fused_adamw=False), tmp_path / "cpu")
-    strip = lambda rows: [{k: v for k, v in r.items() if not k.endswith("seconds") and k != "images_per_s"}
-                          for r in rows]
-    assert strip(steps(tmp_path / "auto")) == strip(steps(tmp_path / "cpu"))
+    assert strip_timing(steps(tmp_path / "auto")) == strip_timing(steps(tmp_path / "cpu"))
 
 
 def test_a_run_resumes_under_other_runtime_settings_and_records_each_stretch(tmp_path):
@@ -378,9 +378,7 @@ def test_a_signalled_submitit_job_checkpoints_at_a_step_requeues_and_resumes_exa
     else:
         assert cli(2, "train", "--dataset", "synthetic", "--arch", "unet-micro", "--iters", str(iters), "--batch-size", "4",
                    "--ckpt-every", "1000", "--seed", "3", "--out", str(tmp_path / "whole")).returncode == 0
-    strip = lambda rows: [{k: v for k, v in r.items() if not k.endswith("seconds") and k != "images_per_s"}
-                          for r in rows]
-    assert strip(steps(tmp_path / "whole")) == strip(steps(tmp_path / "parts"))
+    assert strip_timing(steps(tmp_path / "whole")) == strip_timing(steps(tmp_path / "parts"))
     a, b = state(tmp_path / "whole"), state(tmp_path / "parts")
     for part in ("model", "ema"):
         for name in a[part]:
@@ -427,5 +425,7 @@ def test_parallel_local_workers_spread_over_the_gpus(monkeypatch):
     assert pool.take(2) == [1, 0]
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5,7,9,11")
     assert _GpuPool().take(1) == [5]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-8a1c,GPU-77f0")
+    assert _GpuPool().take(1) is None
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert _GpuPool().take(1) is None  # no GPU: workers are left alone
