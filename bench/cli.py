@@ -92,7 +92,7 @@ def cmd_describe(args) -> None:
 #: `train` switches: flag -> (TrainConfig key, the value the flag sets)
 SWITCHES = {"zero_terminal_snr": ("zero_terminal_snr", True), "flip": ("flip", True),
             "no_ema_warmup": ("ema_warmup", False), "compile": ("compile", True), "no_tf32": ("tf32", False),
-            "no_fused_adamw": ("fused_adamw", False)}
+            "no_fused_adamw": ("fused_adamw", False), "class_cond": ("class_cond", True)}
 
 
 def train_config_from_args(args):
@@ -101,7 +101,7 @@ def train_config_from_args(args):
     d = {"method": args.method, "method_params": parse_sets(args.set), "plugins": [str(Path(p).resolve()) for p in args.plugins],
          "dataset": args.dataset, "arch": args.arch, "iters": args.iters, "seed": args.seed}
     for key in ("data_dir", "resolution", "batch_size", "lr", "warmup", "schedule", "target", "ema_decay",
-                "ckpt_every", "eval_every", "T", "device", "precision"):
+                "ckpt_every", "eval_every", "T", "device", "precision", "p_uncond"):
         value = getattr(args, key)
         if value is not None:
             d[key] = value
@@ -235,6 +235,8 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir")
     p.add_argument("--resolution", type=int)
     p.add_argument("--flip", action="store_true")
+    p.add_argument("--class-cond", action="store_true", help="labels to the network (the dataset must have labels)")
+    p.add_argument("--p-uncond", type=float, help="label dropout for classifier-free guidance (needs --class-cond)")
     p.add_argument("--arch", default="unet-tiny")
     p.add_argument("--iters", type=int, default=1000)
     p.add_argument("--batch-size", type=int)

@@ -35,6 +35,8 @@ class TrainConfig:
     data_dir: str | None = None
     resolution: int | None = None  # None: the dataset's own
     flip: bool = False
+    class_cond: bool = False  # labels to the network's label embedding (the dataset must have labels)
+    p_uncond: float = 0.0  # label dropout to the null label (classifier-free guidance), needs class_cond
     # Network and diffusion.
     arch: str = "unet-tiny"
     schedule: str = "linear"
@@ -124,6 +126,10 @@ class TrainConfig:
             bad("device", why)
         if self.precision not in PRECISIONS:
             bad("precision", f"is not one of {', '.join(PRECISIONS)}")
+        if not 0 <= self.p_uncond < 1:
+            bad("p_uncond", "must be in [0, 1)")
+        if self.p_uncond > 0 and not self.class_cond:
+            bad("p_uncond", "drops labels, and this run has none: set class_cond = true (--class-cond)")
         if self.gpus < 1:
             bad("gpus", "must be >= 1 (the number of processes, one per GPU)")
         if self.gpus > 1 and self.device.startswith("cuda:"):

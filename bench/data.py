@@ -8,6 +8,7 @@ A loader file defines NAME, CHANNELS, RESOLUTION, SOURCE and
 import functools
 import importlib.util
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -64,10 +65,25 @@ def load_dataset(name: str, split: str = "train", data_dir: str | None = None, r
         images, labels = info.load(split, data_dir, cache_dir() / "data" / name)
     except FileNotFoundError as exc:
         raise DatasetError(str(exc)) from None
+    labels = torch.from_numpy(np.array(labels, dtype=np.int64, copy=True))
+    if isinstance(images, np.memmap):  # a prepared set (bench/prepare.py): read in place, never copied
+        if resolution and images.shape[-1] != resolution:
+            raise DatasetError(f"{name} in {data_dir} was prepared at {images.shape[-1]} px, and {resolution} px "
+                               f"is asked: prepare it again with --resolution {resolution}, or drop resolution")
+        with warnings.catch_warnings():  # read-only map: training never writes to it
+            warnings.simplefilter("ignore", UserWarning)
+            mapped = torch.from_numpy(images)
+        mapped._diffbench_memmap = True  # see is_memory_mapped
+        return mapped, labels
     images = torch.from_numpy(np.array(images, dtype=np.uint8, copy=True))
     if resolution:
         images = resize_uint8(images, resolution)
-    return images, torch.from_numpy(np.array(labels, dtype=np.int64, copy=True))
+    return images, labels
+
+
+def is_memory_mapped(images: torch.Tensor) -> bool:
+    """Whether a training set is read from a memory-mapped file (a prepared set), not held in memory."""
+    return bool(getattr(images, "_diffbench_memmap", False))
 
 
 def to_model_range(images_uint8: torch.Tensor) -> torch.Tensor:

@@ -33,6 +33,19 @@ device                None               feature device (None: the model's devic
 proxy_seed            0                  seed of the proxy classifier's training
 kid_subsets           100                KID: number of subsets
 kid_subset_size       1000               KID: largest subset size
+num_classes           0                  a class-conditional model's K (set by training): image i
+                                         gets label i mod K, with the same noise as unconditional
+guidance_scale        1.0                classifier-free guidance: out = u + s (c - u) (1: the
+                                         conditional output alone, one forward per step)
+fid_mode              "clean"            clean-fid's mode for fid/kid: "clean" or "legacy_tensorflow"
+                                         (TensorFlow's resize, as published CIFAR10/ImageNet FIDs;
+                                         needs clean-fid's own inception-2015-12-05.pt)
+ref_stats             None               an .npz with mu and sigma (guided-diffusion's reference batches,
+                                         e.g. VIRTUAL_imagenet128_labeled.npz) as FID's reference
+                                         instead of statistics of the dataset (no KID, no noise floor)
+save_samples          False              write each evaluation's samples to the run folder as
+                                         samples/step<k>.npz (arr_0: uint8 NHWC, arr_1: labels of a
+                                         class-conditional run; guided-diffusion's sample format)
 verbose               False              print what is loaded or computed to stderr
 ====================  =================  =====================================================
 """
@@ -64,6 +77,11 @@ DEFAULTS = {
     "proxy_seed": 0,
     "kid_subsets": 100,
     "kid_subset_size": 1000,
+    "num_classes": 0,
+    "guidance_scale": 1.0,
+    "fid_mode": "clean",
+    "ref_stats": None,
+    "save_samples": False,
     "verbose": False,
 }
 
@@ -93,6 +111,24 @@ def resolve_spec(spec: dict | None, T: int | None = None) -> dict:
             raise ConfigError(f"eval: {key} must be an integer >= 2, got {out[key]!r}")
     if out["num_ref"] is not None and (not isinstance(out["num_ref"], int) or out["num_ref"] < 2):
         raise ConfigError(f"eval: num_ref must be an integer >= 2 or null, got {out['num_ref']!r}")
+    if not isinstance(out["num_classes"], int) or isinstance(out["num_classes"], bool) or out["num_classes"] < 0:
+        raise ConfigError(f"eval: num_classes must be an integer >= 0, got {out['num_classes']!r}")
+    if not isinstance(out["guidance_scale"], (int, float)) or isinstance(out["guidance_scale"], bool) \
+            or out["guidance_scale"] < 0:
+        raise ConfigError(f"eval: guidance_scale must be a number >= 0, got {out['guidance_scale']!r}")
+    if out["guidance_scale"] != 1.0 and not out["num_classes"]:
+        raise ConfigError("eval: guidance_scale needs a class-conditional run (class_cond = true)")
+    if out["fid_mode"] not in ("clean", "legacy_tensorflow"):
+        raise ConfigError(f"eval: fid_mode must be clean or legacy_tensorflow, got {out['fid_mode']!r}")
+    if out["ref_stats"] is not None:
+        from pathlib import Path
+
+        if not Path(str(out["ref_stats"])).is_file():
+            raise ConfigError(f"eval: ref_stats {out['ref_stats']!r} is not a file; give the path of an .npz with mu "
+                              "and sigma (e.g. guided-diffusion's VIRTUAL_imagenet128_labeled.npz)")
+        if "kid" in metrics:
+            raise ConfigError("eval: kid needs the reference's features, and ref_stats holds only mu and sigma; "
+                              "drop kid or ref_stats")
     if out["ref_split"] not in ("train", "test"):
         raise ConfigError(f"eval: ref_split must be train or test, got {out['ref_split']!r}")
     from bench.sampling import SAMPLERS, check_sampler_args

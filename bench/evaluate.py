@@ -51,7 +51,7 @@ class Evaluator:
     def prepare(self, device=None) -> float:
         """Load feature extractors and reference statistics (cached on disk and in this object).
         Returns the seconds spent; evaluate() calls it, so calling it first is optional."""
-        from bench.fid import reference_stats
+        from bench.fid import external_stats, reference_stats
         from bench.inception import get_inception
 
         t0 = time.perf_counter()
@@ -70,10 +70,15 @@ class Evaluator:
                                   cache_dir=s["cache_dir"], images=images, verbose=s["verbose"])
             self._prepared["proxy"] = (ext, ref, self._noise_floor(ext, ref, images, num_ref))
         if {"fid", "kid"} & set(s["metrics"]) and "inception" not in self._prepared:
-            ext = get_inception(s["inception"], device, verbose=s["verbose"])
-            ref = reference_stats(ext, s["dataset"], s["ref_split"], num=num_ref, data_dir=s["data_dir"],
-                                  cache_dir=s["cache_dir"], images=images, verbose=s["verbose"])
-            self._prepared["inception"] = (ext, ref, self._noise_floor(ext, ref, images, num_ref))
+            ext = get_inception(s["inception"], device, verbose=s["verbose"], mode=s["fid_mode"])
+            if s["ref_stats"]:  # a published reference (mu, sigma): nothing to compute, no floor
+                ref = external_stats(s["ref_stats"])
+                floor = {"source": "not computed: external reference statistics", "fd": None, "kid": None}
+            else:
+                ref = reference_stats(ext, s["dataset"], s["ref_split"], num=num_ref, data_dir=s["data_dir"],
+                                      cache_dir=s["cache_dir"], images=images, verbose=s["verbose"])
+                floor = self._noise_floor(ext, ref, images, num_ref)
+            self._prepared["inception"] = (ext, ref, floor)
         return time.perf_counter() - t0
 
     def _real_images(self, ref_images: torch.Tensor, num_ref: int) -> tuple[torch.Tensor | None, str]:
@@ -126,8 +131,27 @@ class Evaluator:
             atomic_write_bytes(cache, (json.dumps(floor) + "\n").encode())
         return floor
 
+    def _save_samples(self, images: torch.Tensor, step: int, out_dir) -> None:
+        """samples/step<k>.npz: arr_0 uint8 NHWC (and arr_1 the labels i mod K), the format of
+        guided-diffusion's sample batches, so external evaluators can read them."""
+        import io
+        from pathlib import Path
+
+        import numpy as np
+
+        from bench.fileio import atomic_write_bytes
+
+        arrays = {"arr_0": images.permute(0, 2, 3, 1).contiguous().numpy()}
+        if self.spec["num_classes"]:
+            arrays["arr_1"] = np.arange(len(images), dtype=np.int64) % self.spec["num_classes"]
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        atomic_write_bytes(Path(out_dir) / "samples" / f"step{int(step):08d}.npz", buf.getvalue())
+
     # -- the hook -----------------------------------------------------------------------------
-    def evaluate(self, model, schedule, target: str, step: int) -> list[dict]:
+    def evaluate(self, model, schedule, target: str, step: int, out_dir=None) -> list[dict]:
+        """Sample, score and return one row per metric; with save_samples, also write the samples
+        into `out_dir`/samples/ (the run folder)."""
         from bench.fid import feature_stats, frechet_distance, kernel_distance
         from bench.sampling import _model_device
 
@@ -141,9 +165,12 @@ class Evaluator:
         t1 = time.perf_counter()
         x = sample(model, schedule, target, s["num_images"], self._prepared["shape"], batch_size=s["batch_size"],
                    sampler=s["sampler"], steps=steps, eta=s["eta"], noise_seed=s["noise_seed"], clip_x0=s["clip_x0"],
-                   spacing=s["timestep_spacing"], ddpm_variance=s["ddpm_variance"])
+                   spacing=s["timestep_spacing"], ddpm_variance=s["ddpm_variance"], num_classes=s["num_classes"],
+                   guidance_scale=float(s["guidance_scale"]))
         images = to_uint8(x)
         sample_seconds = time.perf_counter() - t1
+        if s["save_samples"] and out_dir is not None:
+            self._save_samples(images, step, out_dir)
 
         values = []  # (metric, value, extractor, ref, noise floor, its source)
         for family, fd_name, kid_name in (("proxy", "proxy_fd", "proxy_kid"), ("inception", "fid", "kid")):
@@ -164,6 +191,10 @@ class Evaluator:
         ts = timestep_sequence(schedule.T, steps, s["timestep_spacing"])
         order = {m: k for k, m in enumerate(s["metrics"])}
         values.sort(key=lambda v: order[v[0]])
+        conditional = {"num_classes": s["num_classes"], "guidance_scale": float(s["guidance_scale"])} \
+            if s["num_classes"] else {}
+        if s["ref_stats"] or s["fid_mode"] != "clean":  # only then: older rows stay as they were
+            conditional.update(fid_mode=s["fid_mode"], ref_stats=s["ref_stats"])
         return [{
             "step": int(step), "metric": metric, "value": float(value), "feature_extractor": ext.name,
             "num_gen": s["num_images"], "ref_split": s["ref_split"], "num_ref": int(ref.num),
@@ -174,5 +205,5 @@ class Evaluator:
             "weights_sha1": ext.weights_sha1, "weights_sha256": getattr(ext, "weights_sha256", None),
             "weights_shipped": getattr(ext, "shipped", None), "timestep_spacing": s["timestep_spacing"],
             "timesteps": ",".join(map(str, ts)), "noise_floor": floor, "noise_floor_source": floor_source,
-            "sample_seconds": round(sample_seconds, 3), "setup_seconds": round(setup_seconds, 3),
+            "sample_seconds": round(sample_seconds, 3), "setup_seconds": round(setup_seconds, 3), **conditional,
         } for metric, value, ext, ref, floor, floor_source in values]

@@ -122,10 +122,31 @@ def select_subset(n_total: int, num: int | None, seed: int = 0) -> torch.Tensor 
     g = torch.Generator().manual_seed(seed)
     return torch.sort(torch.randperm(n_total, generator=g)[:num]).values
 
-def stats_key(extractor, dataset: str, split: str, resolution: int, num: int, subset_seed: int) -> dict:
-    return {"format": STATS_FORMAT, "dataset": dataset, "split": split, "resolution": int(resolution),
-            "num": int(num), "subset_seed": int(subset_seed), "extractor": extractor.name,
-            "weights_sha1": extractor.weights_sha1, "preprocess": extractor.preprocess}
+def stats_key(extractor, dataset: str, split: str, resolution: int, num: int, subset_seed: int,
+              data_dir=None) -> dict:
+    key = {"format": STATS_FORMAT, "dataset": dataset, "split": split, "resolution": int(resolution),
+           "num": int(num), "subset_seed": int(subset_seed), "extractor": extractor.name,
+           "weights_sha1": extractor.weights_sha1, "preprocess": extractor.preprocess}
+    if data_dir is not None:  # two folders of one dataset name (prepared sets) are two references
+        key["data_dir"] = str(Path(data_dir).resolve())
+    return key
+
+def external_stats(path) -> RefStats:
+    """FID reference statistics from an .npz with `mu` and `sigma` (guided-diffusion's reference
+    batches, e.g. VIRTUAL_imagenet128_labeled.npz, hold them beside the images); no features."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            mu, sigma = np.asarray(z["mu"], dtype=np.float64), np.asarray(z["sigma"], dtype=np.float64)
+            num = len(z["arr_0"]) if "arr_0" in z.files else 0
+    except (OSError, ValueError, KeyError) as exc:
+        raise ConfigError(f"ref_stats {path}: not an .npz with mu and sigma ({type(exc).__name__}); give guided-"
+                          "diffusion's reference batch or an .npz written with np.savez(mu=..., sigma=...)") from None
+    if mu.shape != (2048,) or sigma.shape != (2048, 2048):
+        raise ConfigError(f"ref_stats {path}: mu {mu.shape} and sigma {sigma.shape} are not Inception pool features "
+                          "(2048 and 2048 x 2048)")
+    digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12]
+    return RefStats(mu, sigma, None, num, {"ref_stats": str(path), "sha256": digest}, Path(path), computed=False)
+
 
 def stats_path(cache_dir, key: dict) -> Path:
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
@@ -150,7 +171,7 @@ def reference_stats(extractor, dataset: str, split: str = "train", *, num: int |
     res = int(images.shape[-1])
     idx = select_subset(n_total, num, subset_seed)
     n = n_total if idx is None else len(idx)
-    key = stats_key(extractor, dataset, split, res, n, subset_seed)
+    key = stats_key(extractor, dataset, split, res, n, subset_seed, data_dir)
     path = stats_path(cache_dir, key)
     if path.is_file():
         try:

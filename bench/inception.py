@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from bench.errors import BenchError
+from bench.errors import BenchError, ConfigError
 from bench.fileio import atomic_write
 
 INCEPTION_NAME = "inception-v3-tf"
@@ -240,6 +240,10 @@ def export_cleanfid_layout(weights: InceptionWeights, out_dir) -> Path:
 
 MICRO_BATCH = 4
 
+#: clean-fid's modes: "clean" (PIL bicubic resize outside the network) and "legacy_tensorflow"
+#: (the TensorFlow graph's own resize, as the published CIFAR10 and ImageNet FIDs were computed)
+FID_MODES = ("clean", "legacy_tensorflow")
+
 class InceptionNet(nn.Module):
     """(N, 3, 299, 299) float in [0, 255] -> (N, 2048) features, exactly clean-fid's
     InceptionV3W.forward in clean mode: layers((x - 128) / 128). Channels-last input."""
@@ -289,23 +293,39 @@ class InceptionExtractor:
     preprocess = PREPROCESS
 
     def __init__(self, weights: InceptionWeights | None = None, *, path=None, device="cpu",
-                 batch_size: int = 50, channels_last: bool = True, verbose: bool = False):
+                 batch_size: int = 50, channels_last: bool = True, verbose: bool = False, mode: str = "clean"):
         from cleanfid.resize import build_resizer
 
+        if mode not in FID_MODES:
+            raise ConfigError(f"fid_mode {mode!r} is not one of {', '.join(FID_MODES)}")
         self.device = torch.device(device)
         self.weights = weights or resolve_inception(path, device=self.device, verbose=verbose)
         self.weights_sha1 = self.weights.sha1
         self.source = self.weights.describe()
         self.batch_size = int(batch_size)
-        self.net = InceptionNet(_layers_of(self.weights), channels_last=channels_last).eval()
-        self._resize = build_resizer("clean")
+        self.mode = mode
+        if mode == "legacy_tensorflow":
+            # clean-fid's legacy mode: the TorchScript file resizes inside, as TensorFlow's graph did
+            # (published CIFAR10 / ImageNet FIDs). Only clean-fid's own file has that resize.
+            if self.weights.layout != "clean-fid":
+                raise ConfigError(
+                    f"fid_mode legacy_tensorflow needs clean-fid's {CLEANFID_FILENAME} (its TensorFlow-style "
+                    f"resize is inside the file), and the weights found are {self.source}: download it where "
+                    f"there is a network ({CLEANFID_URL}) and set inception = PATH or DIFFBENCH_INCEPTION")
+            self.name = f"{INCEPTION_NAME}-legacy_tensorflow"
+            self.preprocess = "clean-fid legacy_tensorflow: uint8 values as float, TF1 bilinear resize inside the graph"
+            self.net = self.weights.module.eval()
+        else:
+            self.net = InceptionNet(_layers_of(self.weights), channels_last=channels_last).eval()
+        self._resize = build_resizer(mode)
 
     def resize(self, img) -> torch.Tensor:
-        """clean-fid's clean-mode resize of one image: float32 [3, 299, 299] in [0, 255]."""
+        """clean-fid's resize of one image for this mode: float32 [3, H, W] in [0, 255] (299 x 299 in
+        clean mode; legacy_tensorflow leaves the size to the network)."""
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)  # PIL's mode= argument
             out = self._resize(_as_hwc3(img))
-        return torch.from_numpy(np.ascontiguousarray(out.transpose(2, 0, 1)))
+        return torch.from_numpy(np.ascontiguousarray(out.transpose(2, 0, 1))).float()  # legacy: uint8 as is
 
     @torch.inference_mode()
     def features(self, images, batch_size: int | None = None) -> np.ndarray:
@@ -313,17 +333,18 @@ class InceptionExtractor:
         n = len(images)
         out = np.empty((n, 2048), dtype=np.float32)
         for lo in range(0, n, bs):
-            batch = torch.stack([self.resize(images[i]) for i in range(lo, min(lo + bs, n))])
-            out[lo:lo + len(batch)] = self.net(batch.to(self.device)).float().cpu().numpy()
+            batch = torch.stack([self.resize(images[i]) for i in range(lo, min(lo + bs, n))]).to(self.device)
+            feats = self.net(batch) if self.mode == "clean" else self.net(batch, return_features=True)
+            out[lo:lo + len(batch)] = feats.reshape(len(batch), 2048).float().cpu().numpy()
         return out
 
 _EXTRACTORS: dict = {}
 
 
-def get_inception(path=None, device="cpu", verbose: bool = False) -> InceptionExtractor:
-    """A process-wide InceptionExtractor per (explicit path, env, device) (loading takes seconds)."""
-    key = (str(path), os.environ.get("DIFFBENCH_INCEPTION"), str(device))
+def get_inception(path=None, device="cpu", verbose: bool = False, mode: str = "clean") -> InceptionExtractor:
+    """A process-wide InceptionExtractor per (explicit path, env, device, mode) (loading takes seconds)."""
+    key = (str(path), os.environ.get("DIFFBENCH_INCEPTION"), str(device), mode)
     if key not in _EXTRACTORS:
-        _EXTRACTORS[key] = InceptionExtractor(path=path, device=device)
+        _EXTRACTORS[key] = InceptionExtractor(path=path, device=device, mode=mode)
         print(f"inception weights: {_EXTRACTORS[key].source}", file=sys.stderr)  # once per process
     return _EXTRACTORS[key]

@@ -188,13 +188,16 @@ def check_sampler_args(sampler: str, steps, eta: float, T: int, ddpm_variance: s
 @torch.inference_mode()
 def sample_batch(model, schedule, target: str, indices, shape, *, sampler: str = "ddim", steps=None,
                  eta: float = 0.0, noise_seed: int = 0, clip_x0: bool = True, spacing: str = "trailing",
-                 ddpm_variance: str = "large", device=None) -> torch.Tensor:
+                 ddpm_variance: str = "large", device=None, num_classes: int = 0,
+                 guidance_scale: float = 1.0) -> torch.Tensor:
     """Generate the images with the given global indices in one batch.
 
     Returns float32 [len(indices), *shape] on the CPU, clamped to [-1, 1].
     `clip_x0` clamps x0_hat to [-1, 1] at every step and recomputes eps_hat from it (as the
     DDPM reference code and diffusers' DDIM do); turning it off (for unbounded data, e.g. the
     tests' Gaussian) also leaves the output unclamped (:func:`to_uint8` clamps in any case).
+    A class-conditional model (num_classes K > 0) gives image i the label i mod K; with
+    guidance_scale s != 1 each step also runs the null label and uses u + s (c - u).
     """
     steps = check_sampler_args(sampler, steps, eta, schedule.T, ddpm_variance, spacing)
     device = torch.device(device) if device is not None else _model_device(model)
@@ -208,12 +211,13 @@ def sample_batch(model, schedule, target: str, indices, shape, *, sampler: str =
 
     gens = image_generators(noise_seed, indices)
     x = draw_noise(gens, shape, device)
+    net = _conditional(model, indices, num_classes, guidance_scale, device)
     for k, t in enumerate(ts):
         t_prev = ts[k + 1] if k + 1 < len(ts) else -1
         ab = ab_table[t]
         ab_prev = ab_table[t_prev] if t_prev >= 0 else 1.0
         tt = torch.full((B,), t, dtype=torch.long, device=device)
-        out = model(x.contiguous(memory_format=torch.channels_last) if channels_last else x, tt).float()
+        out = net(x.contiguous(memory_format=torch.channels_last) if channels_last else x, tt).float()
         x0_hat, eps_hat = schedule.predict_x0_eps(target, x, tt, out)
         if clip_x0:
             x0_hat = x0_hat.clamp(-1.0, 1.0)
@@ -234,12 +238,28 @@ def sample_batch(model, schedule, target: str, indices, shape, *, sampler: str =
     return (x.clamp(-1.0, 1.0) if clip_x0 else x).float().cpu()
 
 
+def _conditional(model, indices: list[int], num_classes: int, guidance_scale: float, device):
+    """The network as sampling calls it, (x, t) -> output: labels i mod K, and guidance."""
+    if not num_classes:
+        return model
+    y = torch.tensor([i % num_classes for i in indices], dtype=torch.long, device=device)
+    if guidance_scale == 1.0:
+        return lambda x, t: model(x, t, y)
+    null = torch.full_like(y, num_classes)
+
+    def guided(x, t):
+        cond, uncond = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null])).float().chunk(2)
+        return uncond + guidance_scale * (cond - uncond)
+
+    return guided
+
+
 def sample(model, schedule, target: str, num_images: int, shape, *, batch_size: int = 250,
            start_index: int = 0, **kwargs) -> torch.Tensor:
     """Generate images start_index .. start_index + num_images - 1 in batches of `batch_size`.
 
     Keyword arguments are those of :func:`sample_batch` (sampler, steps, eta, noise_seed,
-    clip_x0, spacing, ddpm_variance, device). Returns float32 [N, *shape] in [-1, 1] on the CPU.
+    clip_x0, spacing, ddpm_variance, device, num_classes, guidance_scale). Returns float32 [N, *shape] in [-1, 1] on the CPU.
     The result does not depend on batch_size. The model is put in eval mode for the call and
     restored afterwards.
     """

@@ -33,7 +33,7 @@ import torch
 from bench import fileio
 from bench.budget import is_eval_step
 from bench.config import TrainConfig
-from bench.data import dataset_info, load_dataset, to_model_range
+from bench.data import dataset_info, is_memory_mapped, load_dataset, to_model_range
 from bench.describe import trace
 from bench.diffusion import Schedule, make_schedule
 from bench.errors import CheckpointError, ConfigError, DivergenceError
@@ -106,14 +106,15 @@ def batch_indices(step: int, batch_size: int, n: int, seed: int, cache: dict) ->
     return torch.tensor(out)
 
 
-def stream_generators(seed: int) -> dict[str, torch.Generator]:
+def stream_generators(seed: int, label_dropout: bool = False) -> dict[str, torch.Generator]:
     """One generator per random stream, each seeded from the run's seed alone.
 
     Separate streams are what make seed k give every method the same noise and flips: the
     noise generator is never advanced by the timestep draw, whatever the method's distribution.
+    Label dropout (classifier-free guidance) has its own stream, only in runs that use it.
     """
-    return {name: torch.Generator().manual_seed(seed * 1_000_003 + offset)
-            for offset, name in ((101, "t"), (202, "noise"), (303, "flip"))}
+    streams = ((101, "t"), (202, "noise"), (303, "flip")) + (((404, "label"),) if label_dropout else ())
+    return {name: torch.Generator().manual_seed(seed * 1_000_003 + offset) for offset, name in streams}
 
 
 def sample_timesteps(probs: torch.Tensor, n: int, gen: torch.Generator) -> torch.Tensor:
@@ -150,11 +151,12 @@ class Batch:
     """One iteration's draw: this process's slice of the images (indices), flips and noise, and the
     whole global batch's timesteps and loss weights (for the log), all on the run's device."""
 
-    indices: torch.Tensor
+    images: torch.Tensor  # uint8, this process's slice
     flip: torch.Tensor | None
     t: torch.Tensor
     weights: torch.Tensor
     eps: torch.Tensor
+    labels: torch.Tensor | None  # class labels (the null label K where dropped), or None: unconditional
     seconds: float  # CPU time spent drawing it
 
 
@@ -167,7 +169,9 @@ class RunState:
     method: Method
     rt: Runtime
     schedule: Schedule  # tables on the CPU (the method's view); dev_schedule: the same on the device
-    images: torch.Tensor  # the training set, uint8 [N, C, H, W], on the device
+    images: torch.Tensor  # the training set, uint8 [N, C, H, W], on the device (or memory-mapped on the CPU)
+    labels: torch.Tensor | None  # int64 [N] beside `images` (class-conditional runs), else None
+    num_classes: int  # K of a class-conditional run (the null label is K), else 0
     model: torch.nn.Module
     ema: torch.nn.Module
     opt: torch.optim.Optimizer
@@ -203,19 +207,32 @@ def setup(cfg: TrainConfig, method: Method, rt: Runtime | None = None) -> RunSta
     rt = rt or make_runtime(cfg)
     device = rt.torch_device
     schedule = make_schedule(cfg.schedule, cfg.T, cfg.zero_terminal_snr)
-    images, _ = load_dataset(cfg.dataset, "train", cfg.data_dir, cfg.resolution)
+    images, labels = load_dataset(cfg.dataset, "train", cfg.data_dir, cfg.resolution)
+    num_classes = class_count(cfg, labels) if cfg.class_cond else 0
     # The seed fixes the initial weights, the same for every method (and every process).
     torch.manual_seed(cfg.seed)
     memory_format = torch.channels_last if rt.channels_last else torch.contiguous_format
-    model = build_model(cfg.arch, images.shape[1], images.shape[-1]).to(device, memory_format=memory_format)
+    conditioning = {"num_classes": num_classes} if num_classes else {}
+    model = build_model(cfg.arch, images.shape[1], images.shape[-1], **conditioning).to(device,
+                                                                                          memory_format=memory_format)
     if rt.rank > 0:  # dropout: each process its own masks (rank 0 keeps the one-process stream)
         torch.manual_seed(cfg.seed * 1_000_003 + 404 + rt.rank)
     ema = copy.deepcopy(model).requires_grad_(False)
     kernel = {"fused": True} if rt.fused_adamw else {"foreach": True}
     opt = torch.optim.AdamW(list(model.parameters()), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                             weight_decay=cfg.weight_decay, **kernel)
-    return RunState(cfg, method, rt, schedule, images.to(device), model, ema, opt, stream_generators(cfg.seed),
-                    memory_format)
+    # A memory-mapped set stays on the CPU (each batch is read from it); a small one moves whole.
+    resident = images if is_memory_mapped(images) else images.to(device)
+    return RunState(cfg, method, rt, schedule, resident, labels.to(resident.device) if num_classes else None,
+                    num_classes, model, ema, opt, stream_generators(cfg.seed, cfg.p_uncond > 0), memory_format)
+
+
+def class_count(cfg: TrainConfig, labels: torch.Tensor) -> int:
+    """K of a class-conditional run: the dataset's labels 0..K-1; one ConfigError line when it has none."""
+    if len(labels) == 0 or int(labels.min()) < 0:
+        raise ConfigError(f"class_cond: dataset {cfg.dataset!r} has no class labels; prepare it with class "
+                          "subfolders, or set class_cond = false")
+    return int(labels.max()) + 1
 
 
 def _process_rng(rt: Runtime) -> dict:
@@ -290,13 +307,25 @@ def draw_batch(state: RunState, step: int) -> Batch:
     mine = slice(rt.rank * b, (rt.rank + 1) * b)
     dev = rt.torch_device
     idx = batch_indices(step, B, len(state.images), cfg.seed, state.perm_cache)[mine]
+    images = state.images[idx.to(state.images.device)]
+    labels = None
+    if state.num_classes:
+        labels = state.labels[idx.to(state.labels.device)]
+        if cfg.p_uncond > 0:  # classifier-free guidance: some labels become the null label K
+            drop = (torch.rand(B, generator=state.gens["label"]) < cfg.p_uncond)[mine]
+            labels = torch.where(drop.to(labels.device), state.num_classes, labels)
     flip = (torch.rand(B, generator=state.gens["flip"]) < 0.5)[mine] if cfg.flip else None
     t = sample_timesteps(timestep_probs_at(state.method, step / cfg.iters, state.schedule), B, state.gens["t"])
     weights = loss_weights_at(state.method, t, step / cfg.iters, state.schedule, cfg.target).to(torch.float32)
     eps = torch.randn((B, *state.images.shape[1:]), generator=state.gens["noise"])[mine]
     cuda = dev.type == "cuda"  # pinned, so the copies do not wait for the step the device is computing
-    batch = Batch(*(x if x is None else (x.pin_memory() if cuda else x).to(dev, non_blocking=True)
-                    for x in (idx, flip, t, weights, eps)), 0.0)
+
+    def move(x):
+        if x is None or x.device == dev:
+            return x
+        return (x.pin_memory() if cuda else x).to(dev, non_blocking=True)
+
+    batch = Batch(*(move(x) for x in (images, flip, t, weights, eps, labels)), 0.0)
     batch.seconds = time.perf_counter() - start
     return batch
 
@@ -314,7 +343,7 @@ def train_step(state: RunState) -> dict:
         data_seconds = batch.seconds
     b = B // rt.world_size
     mine = slice(rt.rank * b, (rt.rank + 1) * b)
-    x0 = to_model_range(state.images[batch.indices])
+    x0 = to_model_range(batch.images)
     if batch.flip is not None:
         x0 = torch.where(batch.flip[:, None, None, None], x0.flip(-1), x0)
     t, eps = batch.t[mine], batch.eps
@@ -323,7 +352,7 @@ def train_step(state: RunState) -> dict:
     # Per-sample losses, weighted by the method, reduced in exactly one place (the network may run
     # in bf16; its output, the loss and the weights are fp32).
     with rt.autocast():
-        pred = state.net(x_t, t)
+        pred = state.net(x_t, t) if batch.labels is None else state.net(x_t, t, batch.labels)
     mse = (pred.float() - schedule.target(cfg.target, x0, eps, t)).square().mean(dim=(1, 2, 3))
     loss = (batch.weights[mine] * mse).mean()
 
@@ -410,7 +439,7 @@ def _record_runtime(out: Path, rt: Runtime, step: int) -> None:
         fileio.write_json(out / "config.json", {**record, "runtime": [*stretches, now]})
 
 
-def _evaluate(state: RunState, evaluator, events: TrainEvents | None) -> list[dict]:
+def _evaluate(state: RunState, evaluator, events: TrainEvents | None, out: Path) -> list[dict]:
     """Evaluate the EMA weights (rank 0; the other processes wait), outside the training clock."""
     e_start = time.perf_counter()
     rows = []
@@ -418,7 +447,7 @@ def _evaluate(state: RunState, evaluator, events: TrainEvents | None) -> list[di
     if evaluator is not None:
         state.ema.eval()
         with full_fp32():  # samples and features in plain fp32 (no TF32), as on a CPU
-            rows = evaluator.evaluate(state.ema, state.schedule, state.cfg.target, state.step)
+            rows = evaluator.evaluate(state.ema, state.schedule, state.cfg.target, state.step, out_dir=out)
     barrier()
     stepping(True)
     state.clocks["eval_seconds"] += time.perf_counter() - e_start
@@ -434,6 +463,8 @@ def train(run: ResolvedRun | TrainConfig, out_dir, events: TrainEvents | None = 
     run = run if isinstance(run, ResolvedRun) else resolve_run(run)
     cfg, method = run.config, run.method
     rt = make_runtime(cfg)  # before anything is written: a device or process count this machine lacks
+    if cfg.class_cond:  # and a dataset without labels
+        class_count(cfg, load_dataset(cfg.dataset, "train", cfg.data_dir, cfg.resolution)[1])
     main = rt.rank == 0
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -460,7 +491,7 @@ def train(run: ResolvedRun | TrainConfig, out_dir, events: TrainEvents | None = 
     if run.eval_spec is not None and main:
         from bench.evaluate import Evaluator
 
-        evaluator = Evaluator(run.eval_spec)
+        evaluator = Evaluator({**run.eval_spec, "num_classes": state.num_classes})
 
     pending = []
     state.model.train()
@@ -481,7 +512,7 @@ def train(run: ResolvedRun | TrainConfig, out_dir, events: TrainEvents | None = 
 
         # Evaluate, then checkpoint (the logs are flushed with every checkpoint, never ahead of it).
         eval_due = run.eval_spec is not None and is_eval_step(state.step, cfg.iters, cfg.eval_every)
-        eval_rows = _evaluate(state, evaluator, events) if eval_due else []
+        eval_rows = _evaluate(state, evaluator, events, out) if eval_due else []
         stop = stop_requested(rt.torch_device)  # a Slurm time limit or pre-emption: checkpoint now
         if stop or eval_due or state.step == cfg.iters or state.step % cfg.ckpt_every == 0:
             if main:

@@ -1,0 +1,136 @@
+"""Class conditioning (labels, label dropout, sampling labels i mod K, guidance) and the FID
+options that make numbers comparable with papers (fid_mode, ref_stats, save_samples)."""
+
+import numpy as np
+import pytest
+import torch
+
+from bench.errors import ConfigError
+from bench.eval_spec import resolve_spec
+from bench.sampling import sample
+from bench.train import TrainConfig, train
+
+
+class Recorder(torch.nn.Module):
+    """A fake network: output = (label + 1) / 10 everywhere, recording the labels it sees."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(()))
+        self.seen = []
+
+    def forward(self, x, t, y=None):
+        self.seen.append(None if y is None else y.tolist())
+        value = torch.zeros(len(x)) if y is None else (y.float() + 1) / 10
+        return value.view(-1, 1, 1, 1).expand_as(x) + 0 * self.w
+
+
+def test_sampling_gives_image_i_the_label_i_mod_k_with_the_same_noise():
+    from bench.diffusion import make_schedule
+
+    sch = make_schedule()
+    net = Recorder()
+    x_cond = sample(net, sch, "x0", 7, (1, 4, 4), batch_size=3, steps=1, num_classes=3)
+    assert net.seen == [[0, 1, 2], [0, 1, 2], [0]]  # images 0-2, 3-5, 6: labels i mod 3
+    # With one step to t = 0 an x0-model's output is the sample: image i is (i mod 3 + 1) / 10.
+    assert torch.allclose(x_cond[:, 0, 0, 0], torch.tensor([0.1, 0.2, 0.3, 0.1, 0.2, 0.3, 0.1]))
+
+
+def test_guidance_mixes_the_conditional_and_the_null_outputs():
+    from bench.diffusion import make_schedule
+
+    sch = make_schedule()
+    net = Recorder()
+    x = sample(net, sch, "x0", 2, (1, 2, 2), batch_size=2, steps=1, num_classes=4, guidance_scale=3.0,
+               clip_x0=False)
+    assert net.seen == [[0, 1, 4, 4]]  # one forward of conditional and null labels together
+    # u + s (c - u): null label 4 -> 0.5; labels 0, 1 -> 0.1, 0.2
+    expected = torch.tensor([0.5 + 3 * (0.1 - 0.5), 0.5 + 3 * (0.2 - 0.5)])
+    assert torch.allclose(x[:, 0, 0, 0], expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("spec, what", [
+    ({"fid_mode": "tf"}, "fid_mode"),
+    ({"ref_stats": "/nonexistent/ref.npz"}, "ref_stats"),
+    ({"guidance_scale": 2.0}, "guidance_scale needs a class-conditional run"),
+    ({"num_classes": -1}, "num_classes"),
+])
+def test_bad_evaluation_options_are_one_line(spec, what):
+    with pytest.raises(ConfigError, match=what):
+        resolve_spec(spec)
+
+
+def test_kid_cannot_use_external_statistics(tmp_path):
+    p = tmp_path / "ref.npz"
+    np.savez(p, mu=np.zeros(2048), sigma=np.eye(2048))
+    with pytest.raises(ConfigError, match="kid needs"):
+        resolve_spec({"metrics": ["fid", "kid"], "ref_stats": str(p)})
+
+
+@pytest.mark.parametrize("cfg, what", [
+    (dict(p_uncond=0.1), "set class_cond = true"),
+    (dict(class_cond=True, p_uncond=1.0), "p_uncond"),
+])
+def test_bad_conditioning_settings_are_one_line(tmp_path, cfg, what):
+    with pytest.raises(ConfigError, match=what):
+        train(TrainConfig(dataset="synthetic", arch="unet-micro", iters=2, batch_size=4, **cfg), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_saved_samples_are_the_evaluated_images_in_guided_diffusions_format(tmp_path):
+    from bench.sampling import to_uint8
+
+    spec = {"dataset": "synthetic", "metrics": ["proxy_fd"], "num_images": 6, "sampler_steps": 2, "batch_size": 6,
+            "save_samples": True}
+    cfg = TrainConfig(dataset="synthetic", arch="unet-micro", iters=2, batch_size=4, eval_every=2, eval=spec)
+    train(cfg, tmp_path / "run")
+    with np.load(tmp_path / "run" / "samples" / "step00000002.npz") as z:
+        arr = z["arr_0"]
+        assert z.files == ["arr_0"]
+    assert arr.dtype == np.uint8 and arr.shape == (6, 16, 16, 1)
+    # The same images as sampling the saved EMA again with the spec's fixed noise.
+    from bench.diffusion import make_schedule
+    from bench.models import build_model
+
+    ema = build_model("unet-micro", 1, 16).to(memory_format=torch.channels_last)
+    ema.load_state_dict(torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["ema"])
+    again = to_uint8(sample(ema, make_schedule(), "eps", 6, (1, 16, 16), batch_size=6, steps=2,
+                            spacing="linspace"))
+    assert np.array_equal(arr, again.permute(0, 2, 3, 1).numpy())
+
+
+def test_fid_against_external_reference_statistics(tmp_path):
+    """ref_stats: FID against a published (mu, sigma), e.g. guided-diffusion's reference batch."""
+    from bench.evaluate import Evaluator
+    from bench.fid import feature_stats, frechet_distance
+    from bench.inception import get_inception
+
+    images = torch.randint(0, 256, (6, 1, 16, 16), dtype=torch.uint8)
+    mu, sigma = feature_stats(get_inception().features(images))
+    ref = tmp_path / "VIRTUAL_ref.npz"
+    np.savez(ref, mu=mu, sigma=sigma, arr_0=np.zeros((6, 16, 16, 3), np.uint8))
+    ev = Evaluator({"dataset": "synthetic", "metrics": ["fid"], "num_images": 4, "sampler_steps": 1,
+                    "batch_size": 4, "ref_stats": str(ref), "cache_dir": str(tmp_path / "cache")})
+    from bench.diffusion import make_schedule
+    from bench.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("unet-micro", 1, 16)
+    rows = ev.evaluate(model, make_schedule(), "eps", 1)
+    assert len(rows) == 1 and rows[0]["metric"] == "fid" and rows[0]["ref_stats"] == str(ref)
+    assert rows[0]["noise_floor"] is None and rows[0]["num_ref"] == 6
+    from bench.sampling import to_uint8
+
+    gen = to_uint8(sample(model, make_schedule(), "eps", 4, (1, 16, 16), batch_size=4, steps=1, spacing="linspace"))
+    g_mu, g_sigma = feature_stats(get_inception().features(gen))
+    assert rows[0]["value"] == pytest.approx(float(frechet_distance(g_mu, g_sigma, mu, sigma)), rel=1e-6)
+
+
+def test_legacy_tensorflow_mode_needs_clean_fids_own_file():
+    from bench.inception import InceptionExtractor, resolve_inception
+
+    weights = resolve_inception(allow_download=False)
+    if weights.layout == "clean-fid":
+        pytest.skip("clean-fid's own file is here: legacy mode works")
+    with pytest.raises(ConfigError, match="legacy_tensorflow needs clean-fid's inception-2015-12-05.pt"):
+        InceptionExtractor(weights, mode="legacy_tensorflow")
