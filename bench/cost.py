@@ -59,9 +59,11 @@ class RunCost:
 
 def train_throughput(suite: Suite, run: RunSpec) -> float:
     """Training images per second assumed for a run (see the module docstring)."""
+    arch = run.config["arch"]
+    if arch in suite.cost.get("arch_images_per_s", {}):
+        return float(suite.cost["arch_images_per_s"][arch])
     if "train_images_per_s" in suite.cost:
         return float(suite.cost["train_images_per_s"])
-    arch = run.config["arch"]
     ref_res, ips = TRAIN_IMAGES_PER_S.get(arch, (16, 100.0))
     res = run.config.get("resolution") or _native_resolution(run.config["dataset"]) or ref_res
     return ips * (ref_res / res) ** 2

@@ -12,7 +12,8 @@ resolution            None               image size (None: the dataset's own)
 metrics               proxy_fd,          any of "proxy_fd", "proxy_kid" (bench/proxy.py: fast,
                       proxy_kid          CPU default) and "fid", "kid" (bench/fid.py, Inception)
 num_images            1000               generated images per evaluation (num_gen)
-num_ref               None               reference images (None: as many as num_images); a
+num_ref               None               reference images (None: as many as num_images; "all": the
+                                         whole split, e.g. a prepared training set); a
                                          fixed random subset (seed 0) of the split
 ref_split             "train"            "train" or "test"
 sampler               "ddim"             "ddim" or "ddpm" (ancestral)
@@ -43,6 +44,9 @@ fid_mode              "clean"            clean-fid's mode for fid/kid: "clean" o
 ref_stats             None               an .npz with mu and sigma (guided-diffusion's reference batches,
                                          e.g. VIRTUAL_imagenet128_labeled.npz) as FID's reference
                                          instead of statistics of the dataset (no KID, no noise floor)
+final_num_images      None               also evaluate the end of the budget with this many images,
+                                         as metrics "<metric>_final" (e.g. FID-50k beside the FID-10k
+                                         curve; the curve's own points keep one N, as speed-ups need)
 save_samples          False              write each evaluation's samples to the run folder as
                                          samples/step<k>.npz (arr_0: uint8 NHWC, arr_1: labels of a
                                          class-conditional run; guided-diffusion's sample format)
@@ -82,6 +86,7 @@ DEFAULTS = {
     "fid_mode": "clean",
     "ref_stats": None,
     "save_samples": False,
+    "final_num_images": None,
     "verbose": False,
 }
 
@@ -109,8 +114,8 @@ def resolve_spec(spec: dict | None, T: int | None = None) -> dict:
     for key in ("num_images", "batch_size", "kid_subsets", "kid_subset_size"):
         if not isinstance(out[key], int) or isinstance(out[key], bool) or out[key] < 2:
             raise ConfigError(f"eval: {key} must be an integer >= 2, got {out[key]!r}")
-    if out["num_ref"] is not None and (not isinstance(out["num_ref"], int) or out["num_ref"] < 2):
-        raise ConfigError(f"eval: num_ref must be an integer >= 2 or null, got {out['num_ref']!r}")
+    if out["num_ref"] not in (None, "all") and (not isinstance(out["num_ref"], int) or out["num_ref"] < 2):
+        raise ConfigError(f"eval: num_ref must be an integer >= 2, \"all\" or null, got {out['num_ref']!r}")
     if not isinstance(out["num_classes"], int) or isinstance(out["num_classes"], bool) or out["num_classes"] < 0:
         raise ConfigError(f"eval: num_classes must be an integer >= 0, got {out['num_classes']!r}")
     if not isinstance(out["guidance_scale"], (int, float)) or isinstance(out["guidance_scale"], bool) \
@@ -118,6 +123,10 @@ def resolve_spec(spec: dict | None, T: int | None = None) -> dict:
         raise ConfigError(f"eval: guidance_scale must be a number >= 0, got {out['guidance_scale']!r}")
     if out["guidance_scale"] != 1.0 and not out["num_classes"]:
         raise ConfigError("eval: guidance_scale needs a class-conditional run (class_cond = true)")
+    if out["final_num_images"] is not None and (not isinstance(out["final_num_images"], int)
+                                                or isinstance(out["final_num_images"], bool)
+                                                or out["final_num_images"] < 2):
+        raise ConfigError(f"eval: final_num_images must be an integer >= 2 or null, got {out['final_num_images']!r}")
     if out["fid_mode"] not in ("clean", "legacy_tensorflow"):
         raise ConfigError(f"eval: fid_mode must be clean or legacy_tensorflow, got {out['fid_mode']!r}")
     if out["ref_stats"] is not None:

@@ -58,7 +58,7 @@ class Evaluator:
         s = self.spec
         device = torch.device(s["device"] or device or "cpu")
         images = self._ref_images()
-        num_ref = s["num_ref"] if s["num_ref"] is not None else s["num_images"]
+        num_ref = {None: s["num_images"], "all": None}.get(s["num_ref"], s["num_ref"])  # None below: all
         if "shape" not in self._prepared:
             self._prepared["shape"] = tuple(images.shape[1:])
         if {"proxy_fd", "proxy_kid"} & set(s["metrics"]) and "proxy" not in self._prepared:
@@ -85,6 +85,7 @@ class Evaluator:
         """num_images real images disjoint from the reference set: from the rest of the reference
         split when it has enough left, else from the other split (fixed subset, seed 1)."""
         from bench.data import load_dataset
+        from bench.errors import DatasetError
         from bench.fid import select_subset
 
         s, n = self.spec, self.spec["num_images"]
@@ -97,7 +98,10 @@ class Evaluator:
                 pick = rest[select_subset(len(rest), n, 1)] if len(rest) > n else rest
                 return ref_images[pick], f"{n} real {s['ref_split']} images outside the reference subset"
         other = "train" if s["ref_split"] == "test" else "test"
-        images, _ = load_dataset(s["dataset"], split=other, data_dir=s["data_dir"], resolution=s["resolution"])
+        try:
+            images, _ = load_dataset(s["dataset"], split=other, data_dir=s["data_dir"], resolution=s["resolution"])
+        except DatasetError:  # e.g. a prepared training set alone, all of it the reference
+            return None, f"not computed: no {other} split and no real images outside the reference set"
         if len(images) < n:
             return None, f"not computed: fewer than {n} real images outside the reference set"
         pick = select_subset(len(images), n, 1)

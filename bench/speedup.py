@@ -95,6 +95,7 @@ LOWER_IS_BETTER = {"fid", "kid", "proxy_fd", "proxy_kid", "fd", "loss"}
 
 
 def lower_is_better(metric: str) -> bool:
+    metric = metric.removesuffix("_final")  # an end-of-budget evaluation with more images
     return metric in LOWER_IS_BETTER or metric.endswith("_fd") or metric.endswith("_kid") or metric.endswith("fid")
 
 

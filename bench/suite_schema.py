@@ -141,7 +141,8 @@ EVAL_SCHEMA = {
     "eta": (float, False, _nonneg),
     "batch_size": (int, False, _positive),
     "ref_split": (str, False, None),
-    "num_ref": (int, False, _positive),
+    "num_ref": ((int, str), False, lambda v: None if v == "all" or (isinstance(v, int) and v > 0)
+                 else 'must be a number of images > 0 or "all"'),
 }
 
 #: [eval] keys that the workload sets (the evaluator's reference data is the training data set)
@@ -163,6 +164,8 @@ REPORT_SCHEMA = {
 COST_SCHEMA = {
     "device": (str, False, None),
     "train_images_per_s": (float, False, _positive),
+    "arch_images_per_s": (dict, False, lambda v: None if all(isinstance(x, (int, float)) and x > 0 for x in v.values())
+                          else "must map architecture names to training images/s > 0"),
     "forward_ratio": (float, False, _positive),
     "startup_s": (float, False, _nonneg),
     "eval_overhead_s": (float, False, _nonneg),

@@ -448,6 +448,13 @@ def _evaluate(state: RunState, evaluator, events: TrainEvents | None, out: Path)
         state.ema.eval()
         with full_fp32():  # samples and features in plain fp32 (no TF32), as on a CPU
             rows = evaluator.evaluate(state.ema, state.schedule, state.cfg.target, state.step, out_dir=out)
+            final_n = evaluator.spec["final_num_images"]
+            if final_n and state.step == state.cfg.iters:  # e.g. FID-50k at the end, beside the FID-10k curve
+                from bench.evaluate import Evaluator
+
+                final = Evaluator({**evaluator.spec, "num_images": final_n, "final_num_images": None})
+                rows += [{**r, "metric": f"{r['metric']}_final"}
+                         for r in final.evaluate(state.ema, state.schedule, state.cfg.target, state.step)]
     barrier()
     stepping(True)
     state.clocks["eval_seconds"] += time.perf_counter() - e_start

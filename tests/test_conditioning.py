@@ -134,3 +134,15 @@ def test_legacy_tensorflow_mode_needs_clean_fids_own_file():
         pytest.skip("clean-fid's own file is here: legacy mode works")
     with pytest.raises(ConfigError, match="legacy_tensorflow needs clean-fid's inception-2015-12-05.pt"):
         InceptionExtractor(weights, mode="legacy_tensorflow")
+
+
+def test_the_end_of_the_budget_can_be_evaluated_with_more_images(tmp_path):
+    """final_num_images: e.g. FID-50k at the end beside the FID-10k curve, as another metric."""
+    from bench import fileio
+
+    spec = {"dataset": "synthetic", "metrics": ["proxy_fd"], "num_images": 4, "sampler_steps": 1, "batch_size": 8,
+            "final_num_images": 8}
+    train(TrainConfig(dataset="synthetic", arch="unet-micro", iters=4, batch_size=4, eval_every=2, eval=spec),
+          tmp_path / "run")
+    rows = [(r["step"], r["metric"], r["num_gen"]) for r in fileio.read_jsonl(tmp_path / "run" / "evals.jsonl")]
+    assert rows == [(2, "proxy_fd", 4), (4, "proxy_fd", 4), (4, "proxy_fd_final", 8)]
