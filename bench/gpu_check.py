@@ -10,7 +10,8 @@ read by the real cifar10 loader):
    the speed-up of the fast path over fp32 eager (target: at least 2x);
    (data time is the CPU's drawing of the next batch, which overlaps the GPU's step: an upper
    bound on what the data pipeline costs);
-2. the same for the largest other network of the project that fits;
+2. the same for the largest other network of the project that fits (dit-xl/2 at 32 px, else the
+   next one down; --quick: the largest under 2M parameters);
 3. a 300-iteration paper-cifar10-shaped run (ddpm-unet, batch 128, the suite's optimizer and
    schedule) with one FID evaluation of 2,000 samples (DDIM 100 steps) on the GPU;
 4. ``torchrun`` with 2 processes on the one GPU (or one per GPU when there are more) for 20 steps;
@@ -155,12 +156,14 @@ def throughput(arch: str, settings: dict, data_dir: Path, device: str, quick: bo
     return out
 
 
-def largest_other_arch(exclude: str = "ddpm-unet") -> list[str]:
-    """The project's other networks, largest first (parameter count at 3 channels, 32x32)."""
-    from bench.models import ARCHS, build_model
+def largest_other_arch(exclude: str = "ddpm-unet", max_params: int | None = None) -> list[str]:
+    """The project's other networks, largest first (parameters at 3 channels, 32x32, counted on the
+    meta device: nothing is allocated), at most `max_params` (the quick mode's toy sizes)."""
+    from bench.models import ARCHS, count_parameters
 
-    sizes = {a: sum(p.numel() for p in build_model(a, 3, 32).parameters()) for a in ARCHS if a != exclude}
-    return sorted(sizes, key=sizes.get, reverse=True)
+    # DiTs at patch 2 only: /4 and /8 are the same network on 4x and 16x fewer tokens
+    sizes = {a: count_parameters(a, 3, 32) for a in ARCHS if a != exclude and not a.endswith(("/4", "/8"))}
+    return sorted((a for a in sizes if max_params is None or sizes[a] <= max_params), key=sizes.get, reverse=True)
 
 
 def paper_run(data_dir: Path, device: str, quick: bool, work: Path) -> dict:
@@ -283,7 +286,7 @@ def main(argv=None) -> int:
             say(f"measuring ddpm-unet, {name} ...")
             rows.append({"network": "ddpm-unet", "setting": name,
                          **throughput("ddpm-unet", settings, data, device, args.quick)})
-        for arch in largest_other_arch():
+        for arch in largest_other_arch(max_params=2_000_000 if args.quick else None):
             say(f"measuring {arch} ...")
             pair = [{"network": arch, "setting": name, **throughput(arch, settings, data, device, args.quick)}
                     for name, settings in (("fp32 eager", EAGER), ("fast path", FAST))]
