@@ -146,3 +146,42 @@ def test_the_end_of_the_budget_can_be_evaluated_with_more_images(tmp_path):
           tmp_path / "run")
     rows = [(r["step"], r["metric"], r["num_gen"]) for r in fileio.read_jsonl(tmp_path / "run" / "evals.jsonl")]
     assert rows == [(2, "proxy_fd", 4), (4, "proxy_fd", 4), (4, "proxy_fd_final", 8)]
+
+
+def test_a_class_conditional_run_learns_labels_drops_some_and_resumes_exactly(tmp_path):
+    """class_cond: the labels reach the network's table (rows of seen classes move), label dropout
+    sends some to the null row K, the dropout stream is checkpointed, and the run resumes bit for bit."""
+    from bench import fileio
+    from bench.train import TrainEvents
+
+    base = dict(dataset="synthetic", arch="unet-micro", iters=6, batch_size=8, ckpt_every=3, warmup=0, lr=1e-2,
+                class_cond=True, p_uncond=0.5, eval_every=6,
+                eval={"dataset": "synthetic", "metrics": ["proxy_fd"], "num_images": 4, "sampler_steps": 1})
+    train(TrainConfig(**base), tmp_path / "whole")
+
+    class Stop(Exception):
+        pass
+
+    class StopAt4(TrainEvents):
+        def on_step(self, step, iters, row):
+            if step == 4:
+                raise Stop
+
+    with pytest.raises(Stop):
+        train(TrainConfig(**base), tmp_path / "parts", StopAt4())
+    train(TrainConfig(**base), tmp_path / "parts")
+    a = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "parts" / "checkpoint.pt", weights_only=True)
+    assert set(a["rng"]) == {"t", "noise", "flip", "label"}
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), name
+    table = [k for k in a["model"] if "label" in k and k.endswith("weight")]
+    assert table and a["model"][table[0]].shape[0] == 11  # 10 classes and the null label
+    torch.manual_seed(0)
+    from bench.models import build_model
+
+    init = build_model("unet-micro", 1, 16, num_classes=10).state_dict()[table[0]]
+    moved = (a["model"][table[0]] - init).abs().sum(dim=1) > 0
+    assert moved[10] and moved[:10].sum() >= 5  # the null row and the rows of seen classes trained
+    rows = fileio.read_jsonl(tmp_path / "whole" / "evals.jsonl")
+    assert rows[-1]["num_classes"] == 10 and rows[-1]["guidance_scale"] == 1.0
