@@ -86,7 +86,7 @@ def run_cost(suite: Suite, run: RunSpec) -> RunCost:
     points = len(eval_steps(cfg["iters"], every)) if evaluates(cfg.get("eval"), every) else 0
     ev = {**DEFAULTS, **{k: v for k, v in (cfg.get("eval") or {}).items() if v is not None}}
     steps = ev["sampler_steps"] or (cfg.get("T", 1000) if ev["sampler"] == "ddpm" else min(50, cfg.get("T", 1000)))
-    n_img = int(ev["num_images"]) * points
+    n_img = int(ev["num_images"]) * points + (int(ev.get("final_num_images") or 0) if points else 0)
     nfe = n_img * int(steps)
     ips = train_throughput(suite, run)
     forward_ratio = float(suite.cost.get("forward_ratio", DEFAULT_FORWARD_RATIO))
