@@ -1,0 +1,77 @@
+"""Training on a prepared set (bench/prepare.py): read through the memory map, never copied into
+memory; class conditioning needs its labels."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from bench.errors import ConfigError
+from bench.train import TrainConfig, setup, train
+
+
+def make_folder(root, classes=("cats", "dogs"), per_class=6, size=(20, 14)):
+    rng = np.random.default_rng(0)
+    for c in classes:
+        for i in range(per_class):
+            d = root / c if c else root
+            d.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(d / f"{c}{i}.png")
+    return root
+
+
+def mapped_file(address: int) -> str | None:
+    """The file mapped at `address` in this process (Linux /proc/self/maps), or None."""
+    with open("/proc/self/maps") as f:
+        for line in f:
+            fields = line.split()
+            lo, hi = (int(x, 16) for x in fields[0].split("-"))
+            if lo <= address < hi:
+                return fields[5] if len(fields) > 5 else None
+    return None
+
+
+@pytest.fixture
+def prepared(tmp_path):
+    from bench.prepare import prepare
+
+    return prepare("folder", str(make_folder(tmp_path / "src")), tmp_path / "prep", resolution=8, workers=1,
+                   progress=False)
+
+
+def test_training_reads_a_prepared_set_in_place(prepared, tmp_path):
+    from bench.data import is_memory_mapped, load_dataset
+    from bench.resolve import resolve_run
+
+    cfg = TrainConfig(dataset="folder", data_dir=str(prepared), arch="unet-micro", iters=3, batch_size=4,
+                      class_cond=True)
+    state = setup(cfg, resolve_run(cfg).method)
+    assert is_memory_mapped(state.images) and state.images.device.type == "cpu"
+    # The training set is the file's pages: its memory lies in a mapping of images.npy (no copy).
+    assert state.images.shape == (12, 3, 8, 8)
+    assert mapped_file(state.images.data_ptr()) == str((prepared / "images.npy").resolve())
+    # ... and training on it runs, with its labels (2 classes from the subfolders).
+    assert state.num_classes == 2 and state.labels.tolist() == [0] * 6 + [1] * 6
+    status = train(cfg, tmp_path / "run")
+    assert status["state"] == "done"
+    load_dataset.cache_clear()
+
+
+def test_class_conditioning_on_a_set_without_labels_is_one_error_line(tmp_path):
+    from bench.data import load_dataset
+    from bench.prepare import prepare
+
+    flat = prepare("folder", str(make_folder(tmp_path / "src", classes=("",))), tmp_path / "prep", resolution=8,
+                   workers=1, progress=False)
+    cfg = TrainConfig(dataset="folder", data_dir=str(flat), arch="unet-micro", iters=2, batch_size=4, class_cond=True)
+    with pytest.raises(ConfigError, match="has no class labels"):
+        train(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    load_dataset.cache_clear()
+
+
+def test_a_resolution_other_than_the_prepared_one_is_refused(prepared):
+    from bench.data import load_dataset
+    from bench.errors import DatasetError
+
+    with pytest.raises(DatasetError, match="prepared at 8 px.*--resolution 16"):
+        load_dataset("folder", "train", str(prepared), 16)
