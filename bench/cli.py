@@ -213,6 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_report)
     _fid_args(sub.add_parser("fid", parents=[plugin_opt],
                              help="FID between two image folders, or a folder and DATASET:SPLIT"))
+    from bench.prepare import add_prepare_parser
+
+    add_prepare_parser(sub)
     return parser
 
 

@@ -372,8 +372,14 @@ def _train_and_cache(dataset: str, res: int, seed: int, data_dir, train_split: _
     from bench.data import load_dataset
     from bench.fileio import atomic_write
 
+    from bench.errors import ConfigError, DatasetError
+
     train_x, train_y = train_split()
-    test_x, test_y = load_dataset(dataset, split="test", data_dir=data_dir, resolution=res)
+    try:
+        test_x, test_y = load_dataset(dataset, split="test", data_dir=data_dir, resolution=res)
+    except DatasetError:
+        raise ConfigError(f"proxy metrics train a classifier on {dataset} and check it on its test split, which "
+                          f"{dataset} does not have here; evaluate it with metrics = [\"fid\"]") from None
     t0 = time.perf_counter()
     model = train_proxy(train_x, train_y, seed=seed, verbose=verbose)
     train_seconds = time.perf_counter() - t0
