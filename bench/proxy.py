@@ -370,9 +370,8 @@ def _train_and_cache(dataset: str, res: int, seed: int, data_dir, train_split: _
                      json_path: Path, verbose: bool) -> ProxyExtractor:
     """Train the extractor here (deterministic code, machine-dependent floats) and cache it with its record."""
     from bench.data import load_dataset
-    from bench.fileio import atomic_write
-
     from bench.errors import ConfigError, DatasetError
+    from bench.fileio import atomic_write
 
     train_x, train_y = train_split()
     try:
