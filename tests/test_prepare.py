@@ -7,7 +7,12 @@ import io
 import json
 import pickle
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from fractions import Fraction
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -237,6 +242,51 @@ def test_resume_after_interruption_matches_a_clean_run(tmp_path, monkeypatch):
     assert manifest(out)["skipped"] == manifest(clean)["skipped"]
 
 
+KILL_SCRIPT = """
+import multiprocessing, os, signal, sys
+sys.path.insert(0, {repo!r})
+from bench import prepare as P
+
+def hook(split, chunk):
+    if chunk == 1:  # die hard after two chunks, workers still running: no cleanup of any kind
+        with open({pids!r}, "w") as f:
+            f.write(" ".join(str(p.pid) for p in multiprocessing.active_children()))
+        os.kill(os.getpid(), signal.SIGKILL)
+
+P._after_chunk = hook
+P.prepare("imagenet128", {src!r}, {out!r}, 16, workers=2, progress=False, chunk_size=4)
+"""
+
+
+def alive(pid: int) -> bool:
+    try:
+        return not Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc to see the workers end")
+def test_sigkill_leaves_a_resumable_partial_and_no_orphans(tmp_path):
+    make_tree(tmp_path / "src")
+    out, pids = tmp_path / "out", tmp_path / "pids"
+    script = KILL_SCRIPT.format(repo=str(Path(P.__file__).parent.parent), pids=str(pids), src=str(tmp_path / "src"),
+                                out=str(out))
+    with open(tmp_path / "stderr", "wb") as err:  # a file, not a pipe: orphaned workers would hold a pipe open
+        proc = subprocess.run([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=err, timeout=60)
+    assert proc.returncode == -signal.SIGKILL, (tmp_path / "stderr").read_text()[-2000:]
+    assert json.loads((tmp_path / "out.partial" / "progress-train.json").read_text())["chunks_done"] == 2
+    workers = [int(p) for p in pids.read_text().split()]
+    assert len(workers) == 2
+    deadline = time.monotonic() + 10
+    while any(alive(p) for p in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(alive(p) for p in workers), "decode workers outlived their killed parent"
+    P.prepare("imagenet128", str(tmp_path / "src"), out, R, workers=1, progress=False)
+    clean = P.prepare("imagenet128", str(tmp_path / "src"), tmp_path / "clean", R, workers=1, progress=False)
+    assert (out / "images.npy").read_bytes() == (clean / "images.npy").read_bytes()
+    assert manifest(out)["sha256"] == manifest(clean)["sha256"]
+
+
 def test_resume_refuses_a_changed_source(tmp_path, monkeypatch):
     make_tree(tmp_path / "src", per_class=2)
 
@@ -410,3 +460,13 @@ def test_cli_prepare(tmp_path, monkeypatch, capsys):
     args = parser.parse_args(["prepare", "mnist"])
     with pytest.raises(ConfigError):
         args.func(args)
+
+
+def test_parquet_without_pyarrow_is_one_line(tmp_path, monkeypatch):
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "train-00000.parquet").write_bytes(b"PAR1")
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)  # what an environment without pyarrow sees
+    with pytest.raises(DatasetError) as exc:
+        P.prepare("imagenet128", str(tmp_path / "hf"), tmp_path / "out", R, workers=1, progress=False)
+    assert "pip install pyarrow" in one_line(exc)
+    assert not (tmp_path / "out.partial").exists()
