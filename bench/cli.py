@@ -128,7 +128,7 @@ def cmd_train(args) -> None:
     run = resolve_run(train_config_from_args(args), where="command line")
     cfg = run.config
     res = f"-{cfg.resolution}" if cfg.resolution else ""
-    out = Path(args.out) if args.out else REPO / "results" / "train" / f"{cfg.dataset}{res}_{cfg.arch}" / \
+    out = Path(args.out) if args.out else REPO / "results" / "train" / f"{cfg.dataset}{res}_{cfg.arch.replace('/', '-')}" / \
         run.method.label / f"seed{cfg.seed}"
     console = Console(quiet=not is_main())  # under torchrun, rank 0 speaks for all
     console.print(f"training {cfg.method} -> {out}")

@@ -57,7 +57,8 @@ def _protocol_lines(evals: pd.DataFrame) -> list[str]:
     if evals.empty:
         return ["- no evaluations recorded yet"]
     cols = [c for c in ("feature_extractor", "weights_sha1", "weights_sha256", "weights_shipped", "num_gen", "num_ref",
-                        "ref_split", "sampler", "sampler_steps", "timestep_spacing", "eta", "noise_seed") if c in evals]
+                        "ref_split", "sampler", "sampler_steps", "timestep_spacing", "eta", "noise_seed", "fid_mode",
+                        "ref_stats", "num_classes", "guidance_scale") if c in evals]
     for metric, g in evals.groupby("metric", sort=True):
         combos = g[cols].drop_duplicates() if cols else pd.DataFrame([{}])
         for _, c in combos.iterrows():
@@ -83,10 +84,16 @@ def _protocol_lines(evals: pd.DataFrame) -> list[str]:
                 sampler += f", eta {show('eta')}"
             if d.get("noise_seed") is not None:
                 sampler += f", fixed noise (seed {show('noise_seed')})"
+            reference = (f"the external statistics {d['ref_stats']} ({show('num_ref')} images)" if d.get("ref_stats")
+                         else f"{show('num_ref')} reference images of the {show('ref_split')} split")
+            extra = f"; clean-fid mode {d['fid_mode']}" if d.get("fid_mode") else ""
+            if d.get("num_classes"):
+                extra += (f"; class-conditional, image i labelled i mod {show('num_classes')}, guidance scale "
+                          f"{show('guidance_scale')}")
             lines.append(
                 f"- **{metric}** ({'lower' if lower_is_better(metric) else 'higher'} is better): features "
-                f"{features}; N = {show('num_gen')} generated images (EMA weights) against {show('num_ref')} "
-                f"reference images of the {show('ref_split')} split; {sampler}")
+                f"{features}; N = {show('num_gen')} generated images (EMA weights) against {reference}; "
+                f"{sampler}{extra}")
         steps = sorted(int(s) for s in g.step.dropna().unique())
         shown = ", ".join(map(str, steps[:12])) + (", ..." if len(steps) > 12 else "")
         lines.append(f"  evaluated at iterations {shown}")

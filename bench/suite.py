@@ -302,7 +302,8 @@ def _workloads(datasets: list[dict], archs: list[str], ck: _Checker, validate: b
             except BenchError as exc:
                 ck.fail(f"grid.datasets[{i}].name", str(exc))
         for arch in archs:
-            wname = f"{d['name']}-{shown}_{arch}" if shown else f"{d['name']}_{arch}"
+            folder_arch = arch.replace("/", "-")  # dit-s/2 -> dit-s-2: a workload is one folder
+            wname = f"{d['name']}-{shown}_{folder_arch}" if shown else f"{d['name']}_{folder_arch}"
             if any(w.name == wname for w in workloads):
                 ck.fail(f"grid.datasets[{i}]", f"workload {wname!r} appears twice")
             overrides = {k: d[k] for k in ("data_dir", "flip") if k in d}
