@@ -27,3 +27,20 @@ def isolated_registry(monkeypatch):
     registry.load_plugins()
     monkeypatch.setattr(registry, "_loaded", dict(registry._loaded))
     monkeypatch.setattr(registry, "_loaded_paths", set(registry._loaded_paths))
+
+
+class Interrupted(Exception):
+    """What train_until raises inside training (a crash between two checkpoints)."""
+
+
+def train_until(cfg, out, step: int) -> None:
+    """Train `cfg` into `out` and interrupt it just after `step`."""
+    from bench.train import TrainEvents, train
+
+    class StopAt(TrainEvents):
+        def on_step(self, done, iters, row):
+            if done == step:
+                raise Interrupted
+
+    with pytest.raises(Interrupted):
+        train(cfg, out, StopAt())

@@ -4,6 +4,7 @@ options that make numbers comparable with papers (fid_mode, ref_stats, save_samp
 import numpy as np
 import pytest
 import torch
+from conftest import train_until
 
 from bench.errors import ConfigError
 from bench.eval_spec import resolve_spec
@@ -152,23 +153,13 @@ def test_a_class_conditional_run_learns_labels_drops_some_and_resumes_exactly(tm
     """class_cond: the labels reach the network's table (rows of seen classes move), label dropout
     sends some to the null row K, the dropout stream is checkpointed, and the run resumes bit for bit."""
     from bench import fileio
-    from bench.train import TrainEvents
 
     base = dict(dataset="synthetic", arch="unet-micro", iters=6, batch_size=8, ckpt_every=3, warmup=0, lr=1e-2,
                 class_cond=True, p_uncond=0.5, eval_every=6,
                 eval={"dataset": "synthetic", "metrics": ["proxy_fd"], "num_images": 4, "sampler_steps": 1})
     train(TrainConfig(**base), tmp_path / "whole")
 
-    class Stop(Exception):
-        pass
-
-    class StopAt4(TrainEvents):
-        def on_step(self, step, iters, row):
-            if step == 4:
-                raise Stop
-
-    with pytest.raises(Stop):
-        train(TrainConfig(**base), tmp_path / "parts", StopAt4())
+    train_until(TrainConfig(**base), tmp_path / "parts", 4)
     train(TrainConfig(**base), tmp_path / "parts")
     a = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=True)
     b = torch.load(tmp_path / "parts" / "checkpoint.pt", weights_only=True)

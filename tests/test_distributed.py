@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, train_until
 
 from bench import fileio
 from bench.errors import ConfigError
@@ -171,16 +171,7 @@ def test_the_fast_path_is_off_on_the_cpu_and_changes_nothing(tmp_path):
 def test_a_run_resumes_under_other_runtime_settings_and_records_each_stretch(tmp_path):
     base = dict(dataset="synthetic", arch="unet-micro", iters=6, batch_size=4, ckpt_every=3)
 
-    class Stop(Exception):
-        pass
-
-    class StopAt4(TrainEvents):
-        def on_step(self, step, iters, row):
-            if step == 4:
-                raise Stop
-
-    with pytest.raises(Stop):
-        train(TrainConfig(**base), tmp_path / "run", StopAt4())
+    train_until(TrainConfig(**base), tmp_path / "run", 4)
     status = train(TrainConfig(**base, precision="bf16"), tmp_path / "run")
     assert status["state"] == "done"
     runtime = json.loads((tmp_path / "run" / "config.json").read_text())["runtime"]
@@ -250,21 +241,8 @@ def test_the_runner_refuses_cuda_runs_before_anything_runs(tmp_path):
 def test_a_gpu_checkpoint_resumes_on_the_cpu_and_back(tmp_path):
     base = dict(dataset="synthetic", arch="unet-micro", iters=6, batch_size=4, ckpt_every=2)
 
-    class Stop(Exception):
-        pass
-
-    class StopAt(TrainEvents):
-        def __init__(self, at):
-            self.at = at
-
-        def on_step(self, step, iters, row):
-            if step == self.at:
-                raise Stop
-
-    with pytest.raises(Stop):
-        train(TrainConfig(**base, device="cuda"), tmp_path / "run", StopAt(3))
-    with pytest.raises(Stop):
-        train(TrainConfig(**base, device="cpu"), tmp_path / "run", StopAt(5))
+    train_until(TrainConfig(**base, device="cuda"), tmp_path / "run", 3)
+    train_until(TrainConfig(**base, device="cpu"), tmp_path / "run", 5)
     assert train(TrainConfig(**base, device="cuda"), tmp_path / "run")["state"] == "done"
     runtime = json.loads((tmp_path / "run" / "config.json").read_text())["runtime"]
     assert [(r["from_step"], r["device"].split(":")[0]) for r in runtime] == [(0, "cuda"), (2, "cpu"), (4, "cuda")]
