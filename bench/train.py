@@ -227,6 +227,16 @@ def setup(cfg: TrainConfig, method: Method, rt: Runtime | None = None) -> RunSta
                     num_classes, model, ema, opt, stream_generators(cfg.seed, cfg.p_uncond > 0), memory_format)
 
 
+def check_data_and_network(cfg: TrainConfig) -> None:
+    """Load the training set (cached: setup reuses it), check its labels for a class-conditional run,
+    and build the network on the meta device (nothing allocated): an unknown architecture or a
+    resolution it cannot take fails here, before the run folder is written."""
+    images, labels = load_dataset(cfg.dataset, "train", cfg.data_dir, cfg.resolution)
+    classes = class_count(cfg, labels) if cfg.class_cond else 0
+    with torch.device("meta"):
+        build_model(cfg.arch, images.shape[1], images.shape[-1], **({"num_classes": classes} if classes else {}))
+
+
 def class_count(cfg: TrainConfig, labels: torch.Tensor) -> int:
     """K of a class-conditional run: the dataset's labels 0..K-1; one ConfigError line when it has none."""
     if len(labels) == 0 or int(labels.min()) < 0:
@@ -469,9 +479,8 @@ def train(run: ResolvedRun | TrainConfig, out_dir, events: TrainEvents | None = 
     every torchrun process calls it; rank 0 writes the files."""
     run = run if isinstance(run, ResolvedRun) else resolve_run(run)
     cfg, method = run.config, run.method
-    rt = make_runtime(cfg)  # before anything is written: a device or process count this machine lacks
-    if cfg.class_cond:  # and a dataset without labels
-        class_count(cfg, load_dataset(cfg.dataset, "train", cfg.data_dir, cfg.resolution)[1])
+    rt = make_runtime(cfg)  # before anything is written: a device or process count this machine lacks,
+    check_data_and_network(cfg)  # data that cannot be read, a network that does not fit it
     main = rt.rank == 0
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -75,3 +75,14 @@ def test_a_resolution_other_than_the_prepared_one_is_refused(prepared):
 
     with pytest.raises(DatasetError, match="prepared at 8 px.*--resolution 16"):
         load_dataset("folder", "train", str(prepared), 16)
+
+
+@pytest.mark.parametrize("arch, resolution, what", [
+    ("dit-s/2", 15, "divisible by its patch size 2"),
+    ("dit-h/2", None, "unknown architecture 'dit-h/2'"),
+])
+def test_a_network_that_cannot_take_the_data_is_refused_before_anything_is_written(tmp_path, arch, resolution, what):
+    cfg = TrainConfig(dataset="synthetic", arch=arch, resolution=resolution, iters=1, batch_size=2)
+    with pytest.raises(ConfigError, match=what):
+        train(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
