@@ -31,12 +31,14 @@ from pathlib import Path
 import torch
 
 from bench import fileio
+from bench.batches import Batch, draw_batch, stream_generators
 from bench.budget import is_eval_step
+from bench.checkpoint import resume, save_checkpoint
 from bench.config import TrainConfig
 from bench.data import dataset_info, is_memory_mapped, load_dataset, to_model_range
 from bench.describe import trace
 from bench.diffusion import Schedule, make_schedule
-from bench.errors import CheckpointError, ConfigError, DivergenceError
+from bench.errors import ConfigError, DivergenceError
 from bench.models import build_model
 from bench.perf import tune_allocator
 from bench.registry import get_method
@@ -47,16 +49,12 @@ from bench.runtime import (
     StopRequested,
     barrier,
     full_fp32,
-    gather_objects,
     gather_slices,
     make_runtime,
     stepping,
     stop_requested,
 )
-from bench.spec import Method, ema_decay_at, loss_weights_at, optimizer_settings_at, timestep_probs_at
-
-CHECKPOINT_FORMAT = 2  # 2: one generator per random stream (timesteps, noise, flips); world_size since
-                       # multi-process training (absent: 1)
+from bench.spec import Method, ema_decay_at, optimizer_settings_at
 
 
 def run_record(cfg: TrainConfig, method: Method | None = None) -> dict:
@@ -76,59 +74,6 @@ def _set_status(out: Path, state: str, step: int, clocks: dict, reason: str | No
     write_status(out, state, step, reason, **clocks)
 
 
-def load_checkpoint(path: Path) -> dict:
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(
-            f"checkpoint {path} is unreadable ({type(exc).__name__}); delete it to restart the run from scratch"
-        ) from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"checkpoint {path} is not a diffbench checkpoint (format {CHECKPOINT_FORMAT}); delete it to restart")
-    return ckpt
-
-
-def batch_indices(step: int, batch_size: int, n: int, seed: int, cache: dict) -> torch.Tensor:
-    """Indices of the images in iteration `step`: consecutive slices of per-epoch permutations.
-
-    Each epoch's permutation comes from its own seed, so the order is a pure function of
-    (seed, step): nothing to save for resume, and equal for every method with the same seed.
-    """
-    start = step * batch_size
-    out = []
-    while len(out) < batch_size:
-        epoch, offset = divmod(start + len(out), n)
-        if cache.get("epoch") != epoch:
-            g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-            cache.update(epoch=epoch, perm=torch.randperm(n, generator=g))
-        take = min(batch_size - len(out), n - offset)
-        out.extend(cache["perm"][offset: offset + take].tolist())
-    return torch.tensor(out)
-
-
-def stream_generators(seed: int, label_dropout: bool = False) -> dict[str, torch.Generator]:
-    """One generator per random stream, each seeded from the run's seed alone.
-
-    Separate streams are what make seed k give every method the same noise and flips: the
-    noise generator is never advanced by the timestep draw, whatever the method's distribution.
-    Label dropout (classifier-free guidance) has its own stream, only in runs that use it.
-    """
-    streams = ((101, "t"), (202, "noise"), (303, "flip")) + (((404, "label"),) if label_dropout else ())
-    return {name: torch.Generator().manual_seed(seed * 1_000_003 + offset) for offset, name in streams}
-
-
-def sample_timesteps(probs: torch.Tensor, n: int, gen: torch.Generator) -> torch.Tensor:
-    """n timesteps from `probs` by inverse CDF of n uniforms from `gen`.
-
-    Every method consumes exactly n uniforms per step and maps uniform u to the same quantile
-    of its own distribution, so methods at one seed share their random numbers (common random
-    numbers) and the draw does not depend on how torch.multinomial uses a generator.
-    """
-    cdf = torch.cumsum(probs.double(), 0)
-    u = torch.rand(n, generator=gen, dtype=torch.float64) * cdf[-1]
-    return torch.searchsorted(cdf, u, right=True).clamp_(max=len(probs) - 1)
-
-
 def ema_warmup_decay(step: int) -> float:
     """(1 + k) / (10 + k) at step k (0-based). The EMA's window grows with the run (about k / 9 steps),
     so the random initialisation's share of it, the product of these decays, is about 1e-5 after
@@ -144,20 +89,6 @@ class TrainEvents:
 
     def on_eval(self, step: int, rows: list[dict]) -> None:
         """After every evaluation, with its evals.jsonl rows."""
-
-
-@dataclass
-class Batch:
-    """One iteration's draw: this process's slice of the images (indices), flips and noise, and the
-    whole global batch's timesteps and loss weights (for the log), all on the run's device."""
-
-    images: torch.Tensor  # uint8, this process's slice
-    flip: torch.Tensor | None
-    t: torch.Tensor
-    weights: torch.Tensor
-    eps: torch.Tensor
-    labels: torch.Tensor | None  # class labels (the null label K where dropped), or None: unconditional
-    seconds: float  # CPU time spent drawing it
 
 
 @dataclass
@@ -243,101 +174,6 @@ def class_count(cfg: TrainConfig, labels: torch.Tensor) -> int:
         raise ConfigError(f"class_cond: dataset {cfg.dataset!r} has no class labels; prepare it with class "
                           "subfolders, or set class_cond = false")
     return int(labels.max()) + 1
-
-
-def _process_rng(rt: Runtime) -> dict:
-    """This process's global RNG states (dropout draws from them)."""
-    rng = {"cpu": torch.get_rng_state()}
-    if rt.torch_device.type == "cuda":
-        rng["cuda"] = torch.cuda.get_rng_state(rt.torch_device)
-    return rng
-
-
-def save_checkpoint(state: RunState, path: Path) -> None:
-    """checkpoint.pt, atomically: state_dicts, every RNG state, the step and the clocks. Every
-    process calls it (each one's RNG state is saved); rank 0 writes."""
-    rngs = gather_objects(_process_rng(state.rt))
-    if state.rt.rank != 0:
-        return
-    gens = state.gen_states or {name: g.get_state() for name, g in state.gens.items()}
-    data = {"format": CHECKPOINT_FORMAT, "step": state.step, "world_size": state.rt.world_size,
-            "model": state.model.state_dict(), "ema": state.ema.state_dict(), "opt": state.opt.state_dict(),
-            "rng_torch": rngs[0]["cpu"], "rng_processes": rngs, "rng": gens, "clocks": state.clocks}
-    tmp = path.with_suffix(".pt.tmp")
-    torch.save(data, tmp)
-    tmp.replace(path)
-
-
-def _use_optimizer_kernel(opt: torch.optim.Optimizer, fused: bool) -> None:
-    """AdamW's kernel as this process's runtime says (load_state_dict brings back the saved run's:
-    fused from a GPU, foreach from a CPU); the fused kernel keeps its step counts on the device."""
-    for group in opt.param_groups:
-        group["fused"], group["foreach"] = (True, None) if fused else (None, True)
-        for p in group["params"]:
-            st = opt.state.get(p)
-            if st and torch.is_tensor(st.get("step")):
-                st["step"] = st["step"].to(p.device if fused else "cpu", torch.float32)
-
-
-def resume(state: RunState, path: Path) -> None:
-    """Restore a run from its checkpoint, so it goes on bit-for-bit as if never stopped (on the
-    CPU; a checkpoint also resumes on another device, with that device's floating point)."""
-    ckpt = load_checkpoint(path)
-    saved = int(ckpt.get("world_size", 1))
-    if saved != state.rt.world_size:
-        raise CheckpointError(
-            f"checkpoint {path} was written by {saved} process(es) (gpus={saved}) and this run has "
-            f"{state.rt.world_size}: resume it with gpus = {saved}"
-            + (f" (torchrun --nproc_per_node {saved})" if saved > 1 else " (one process, no torchrun)")
-            + ", or delete the run folder to restart")
-    try:
-        state.model.load_state_dict(ckpt["model"])
-        state.ema.load_state_dict(ckpt["ema"])
-        state.opt.load_state_dict(ckpt["opt"])
-    except (RuntimeError, KeyError, ValueError) as exc:
-        raise CheckpointError(f"checkpoint {path} does not fit this run ({str(exc)[:120]}); delete it to restart") from None
-    _use_optimizer_kernel(state.opt, state.rt.fused_adamw)
-    rng = ckpt.get("rng_processes", [{"cpu": ckpt["rng_torch"]}])[state.rt.rank]
-    torch.set_rng_state(rng["cpu"])
-    if "cuda" in rng and state.rt.torch_device.type == "cuda":
-        torch.cuda.set_rng_state(rng["cuda"], state.rt.torch_device)
-    for name, g in state.gens.items():
-        g.set_state(ckpt["rng"][name])
-    state.step, state.clocks = int(ckpt["step"]), dict(ckpt["clocks"])
-    state.prefetched = state.gen_states = None
-
-
-def draw_batch(state: RunState, step: int) -> Batch:
-    """Iteration `step`'s random draws. The whole global batch is drawn from the run's generators
-    (so nothing depends on the number of processes); this process keeps its slice of the images,
-    flips and noise, and the global timesteps and loss weights for the log."""
-    cfg, rt, B = state.cfg, state.rt, state.cfg.batch_size
-    start = time.perf_counter()
-    b = B // rt.world_size
-    mine = slice(rt.rank * b, (rt.rank + 1) * b)
-    dev = rt.torch_device
-    idx = batch_indices(step, B, len(state.images), cfg.seed, state.perm_cache)[mine]
-    images = state.images[idx.to(state.images.device)]
-    labels = None
-    if state.num_classes:
-        labels = state.labels[idx.to(state.labels.device)]
-        if cfg.p_uncond > 0:  # classifier-free guidance: some labels become the null label K
-            drop = (torch.rand(B, generator=state.gens["label"]) < cfg.p_uncond)[mine]
-            labels = torch.where(drop.to(labels.device), state.num_classes, labels)
-    flip = (torch.rand(B, generator=state.gens["flip"]) < 0.5)[mine] if cfg.flip else None
-    t = sample_timesteps(timestep_probs_at(state.method, step / cfg.iters, state.schedule), B, state.gens["t"])
-    weights = loss_weights_at(state.method, t, step / cfg.iters, state.schedule, cfg.target).to(torch.float32)
-    eps = torch.randn((B, *state.images.shape[1:]), generator=state.gens["noise"])[mine]
-    cuda = dev.type == "cuda"  # pinned, so the copies do not wait for the step the device is computing
-
-    def move(x):
-        if x is None or x.device == dev:
-            return x
-        return (x.pin_memory() if cuda else x).to(dev, non_blocking=True)
-
-    batch = Batch(*(move(x) for x in (images, flip, t, weights, eps, labels)), 0.0)
-    batch.seconds = time.perf_counter() - start
-    return batch
 
 
 def train_step(state: RunState) -> dict:

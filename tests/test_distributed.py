@@ -111,8 +111,9 @@ def test_two_process_checkpoint_resumes_bit_for_bit_and_one_process_is_refused(t
 
 def test_a_resumed_run_uses_this_machines_optimizer_kernel(tmp_path):
     """load_state_dict brings back the saved optimizer's kernel (fused, from a GPU); the runtime's wins."""
+    from bench.checkpoint import resume
     from bench.resolve import resolve_run
-    from bench.train import resume, setup
+    from bench.train import setup
 
     cfg = TrainConfig(dataset="synthetic", arch="unet-micro", iters=4, batch_size=4, ckpt_every=2)
     out = tmp_path / "run"
@@ -128,8 +129,9 @@ def test_a_resumed_run_uses_this_machines_optimizer_kernel(tmp_path):
 
 
 def test_resume_refuses_a_checkpoint_of_another_process_count(tmp_path):
+    from bench.checkpoint import resume
     from bench.errors import CheckpointError
-    from bench.train import resume, setup
+    from bench.train import setup
 
     cfg = TrainConfig(dataset="synthetic", arch="unet-micro", iters=2, batch_size=4)
     out = tmp_path / "run"

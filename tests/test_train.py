@@ -356,7 +356,7 @@ def test_train_wires_data_and_noise_apart_from_the_timestep_draw(tmp_path, monke
 
 
 def test_noise_stream_does_not_depend_on_the_timestep_distribution():
-    from bench.train import sample_timesteps, stream_generators
+    from bench.batches import sample_timesteps, stream_generators
 
     T, B = 1000, 64
     uniform = torch.full((T,), 1.0 / T, dtype=torch.float64)
