@@ -44,13 +44,11 @@ a manifest is never overwritten without --force. The source check compares the s
 (and parquet shard sizes, cifar10's data hash), not every file's contents or time stamps.
 
 Decoding runs in `workers` processes (default: every core this process may use), forked like torch's
-DataLoader workers; they end by themselves if the parent is killed. `python -m bench.prepare --bench`
+DataLoader workers; they end by themselves if the parent is killed. `python -m bench.speed_prepare`
 measures prepare's images/s and the images/s of gathering training batches from the memory map.
 """
 
 import argparse
-import hashlib
-import json
 import os
 import re
 import shutil
@@ -59,18 +57,17 @@ import sys
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from glob import glob
 from io import BytesIO
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from PIL import Image
 
 from bench.errors import ConfigError, DatasetError
 from bench.fileio import read_json, write_json
+from bench.prepare_sources import Plan, Split, _resolution, default_out, make_plan, parse_kind
+from bench.prepared import _npy_header, _sha256, load_prepared, verify_prepared  # noqa: F401 (re-exported API)
 
 KINDS = ("imagenet128", "cifar10", "folder")
 DEFAULT_RESOLUTION = {"imagenet128": 128, "cifar10": 32}
@@ -145,263 +142,6 @@ def _exit_with_parent(parent: int) -> None:
     while os.getppid() == parent:
         time.sleep(0.5)
     os._exit(1)
-
-
-# ---------------------------------------------------------------------------------------------
-# Sources: what to read, in which order, with which labels
-
-
-@dataclass
-class Split:
-    name: str
-    items: list[str]  # names, in output order (relative paths, shard#row, split/index)
-    labels: np.ndarray  # int64, one per item
-    read: Callable[[int, int], list]  # (start, stop) -> payloads for decode_task
-
-
-@dataclass
-class Plan:
-    kind: str
-    src: str
-    source_kind: str
-    resolution: int
-    label_map: dict | str
-    splits: list[Split]
-    extra: dict = field(default_factory=dict)  # e.g. parquet shard names, cifar10 data hash
-
-    def fingerprint(self) -> str:
-        h = hashlib.sha256(json.dumps([self.kind, self.src, self.source_kind, self.resolution, self.extra]).encode())
-        for split in self.splits:
-            h.update(split.name.encode())
-            for label, name in zip(split.labels.tolist(), split.items):
-                h.update(f"{label}\t{name}\n".encode())
-        return h.hexdigest()
-
-
-def _is_image(name: str) -> bool:
-    return os.path.splitext(name)[1].lower() in IMAGE_EXTS
-
-
-def _scan(folder: Path) -> tuple[list[str], list[str]]:
-    """(sorted subfolder names, sorted image file names) directly in `folder`; hidden entries ignored."""
-    dirs, files = [], []
-    with os.scandir(folder) as it:
-        for e in it:
-            if e.name.startswith("."):
-                continue
-            if e.is_dir():
-                dirs.append(e.name)
-            elif e.is_file() and _is_image(e.name):
-                files.append(e.name)
-    return sorted(dirs), sorted(files)
-
-
-def _walk_images(folder: Path) -> list[str]:
-    """Image files under `folder`, as sorted posix paths relative to it."""
-    out = []
-    for root, dirs, files in os.walk(folder):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        rel = Path(root).relative_to(folder)
-        out += [(rel / f).as_posix() for f in files if _is_image(f) and not f.startswith(".")]
-    return sorted(out)
-
-
-def _file_split(root: Path, names: list[str], labels: list[int]) -> Split:
-    paths = [str(root / n) for n in names]
-    return Split("train", names, np.asarray(labels, dtype=np.int64), lambda a, b: paths[a:b])
-
-
-def _imagenet_tree(src: Path) -> Plan | None:
-    root = src / "train" if (src / "train").is_dir() else src
-    dirs, files = _scan(root)
-    wnids = [d for d in dirs if WNID.fullmatch(d)]
-    if wnids:
-        names, labels = [], []
-        for label, wnid in enumerate(wnids):
-            for f in _scan(root / wnid)[1]:
-                names.append(f"{wnid}/{f}")
-                labels.append(label)
-        return Plan("imagenet128", str(root), "ilsvrc-tree", 0, {w: i for i, w in enumerate(wnids)},
-                    [_file_split(root, names, labels)])
-    flat = [(m.group(1), f) for f in files if (m := FLAT_NAME.fullmatch(f))]
-    if flat:
-        flat.sort()  # by WordNet id, then file name: the tree's order
-        wnids = sorted({w for w, _ in flat})
-        index = {w: i for i, w in enumerate(wnids)}
-        return Plan("imagenet128", str(root), "ilsvrc-flat", 0, index,
-                    [_file_split(root, [f for _, f in flat], [index[w] for w, _ in flat])])
-    return None
-
-
-def _pyarrow_parquet():
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise DatasetError("reading parquet shards needs pyarrow, which is not installed; "
-                           "install it: pip install pyarrow") from None
-    return pq
-
-
-def _parquet_shards(src: str) -> list[Path]:
-    if any(c in src for c in "*?["):
-        return [Path(p) for p in sorted(glob(src)) if p.endswith(".parquet")]
-    path = Path(src)
-    if path.is_file():
-        return [path] if path.suffix == ".parquet" else []
-    shards = sorted(path.rglob("*.parquet"))
-    train = [p for p in shards if p.name.startswith("train")]
-    return train or shards  # the HF layout holds train-/validation-/test- shards side by side
-
-
-class _ParquetReader:
-    """Image bytes of global rows [a, b), read one row group at a time (never a whole shard)."""
-
-    def __init__(self, shards: list[Path], row_counts: list[int]):
-        self.shards = shards
-        self.starts = np.cumsum([0] + row_counts)
-        self.groups = {}  # shard -> first row of each row group, then the shard's row count
-        self.cached = (None, None, None)  # (shard, row group, list of bytes)
-
-    def _row(self, shard: int, row: int) -> bytes:
-        pq = _pyarrow_parquet()
-        if shard not in self.groups:
-            meta = pq.ParquetFile(self.shards[shard]).metadata
-            self.groups[shard] = np.cumsum([0] + [meta.row_group(g).num_rows for g in range(meta.num_row_groups)])
-        starts = self.groups[shard]
-        g = int(np.searchsorted(starts, row, side="right") - 1)
-        if self.cached[:2] != (shard, g):
-            table = pq.ParquetFile(self.shards[shard]).read_row_group(g, columns=["image"])
-            self.cached = (shard, g, table.column("image").combine_chunks().field("bytes").to_pylist())
-        return self.cached[2][row - int(starts[g])]
-
-    def __call__(self, a: int, b: int) -> list:
-        out = []
-        for i in range(a, b):
-            shard = int(np.searchsorted(self.starts, i, side="right") - 1)
-            out.append(self._row(shard, i - int(self.starts[shard])))
-        return out
-
-
-def _imagenet_parquet(src: str) -> Plan | None:
-    shards = _parquet_shards(src)
-    if not shards:
-        return None
-    pq = _pyarrow_parquet()
-    names, labels, counts = [], [], []
-    for shard in shards:
-        pf = pq.ParquetFile(shard)
-        if "image" not in pf.schema_arrow.names or "label" not in pf.schema_arrow.names:
-            raise DatasetError(f"{shard} has no image/label columns (columns: {', '.join(pf.schema_arrow.names)}); "
-                               "point SRC at Hugging Face imagenet-1k parquet shards")
-        n = pf.metadata.num_rows
-        counts.append(n)
-        names += [f"{shard.name}#{r}" for r in range(n)]
-        labels.append(pf.read(columns=["label"]).column("label").to_numpy().astype(np.int64))
-    split = Split("train", names, np.concatenate(labels), _ParquetReader(shards, counts))
-    extra = {"shards": [[s.name, s.stat().st_size, n] for s, n in zip(shards, counts)]}
-    return Plan("imagenet128", src, "hf-parquet", 0, PARQUET_LABELS, [split], extra)
-
-
-def _plan_imagenet(src: str | None) -> Plan:
-    if not src:
-        raise DatasetError("imagenet128 needs SRC: the ILSVRC2012 train folder (nXXXXXXXX/*.JPEG) or "
-                           "imagenet-1k parquet shards, e.g. prepare imagenet128 /data/ILSVRC2012/train")
-    path = Path(src)
-    is_glob = any(c in src for c in "*?[")
-    if not is_glob and not path.exists():
-        raise DatasetError(f"{src} does not exist; pass the ILSVRC2012 train folder or a folder of "
-                           "imagenet-1k parquet shards as SRC")
-    if not is_glob:
-        path = path.resolve()  # the same folder spelled another way is the same source on a rerun
-        src = str(path)
-    plan = None if is_glob or path.is_file() else _imagenet_tree(path)
-    plan = plan or _imagenet_parquet(src)
-    if plan is None:
-        tars = [] if is_glob or path.is_file() else sorted(path.glob("n*.tar"))
-        hint = ("it holds .tar archives: extract each nXXXXXXXX.tar into nXXXXXXXX/" if tars else
-                "expected nXXXXXXXX/*.JPEG, nXXXXXXXX_*.JPEG or imagenet-1k *.parquet shards")
-        raise DatasetError(f"no ImageNet images in {src}: {hint}")
-    return plan
-
-
-def _plan_folder(src: str | None) -> Plan:
-    if not src:
-        raise DatasetError("folder needs a path: prepare folder:PATH --resolution R")
-    root = Path(src).resolve()
-    if not root.is_dir():
-        raise DatasetError(f"{src} is not a folder; pass a folder of images as folder:PATH")
-    dirs, files = _scan(root)
-    classes = [(d, _walk_images(root / d)) for d in dirs]
-    classes = [(d, names) for d, names in classes if names]
-    if classes and files:
-        raise DatasetError(f"{src} has images both at the top ({files[0]}, ...) and in class subfolders; "
-                           "move the top-level images into a class folder (or out)")
-    if classes:
-        names = [f"{d}/{n}" for d, ns in classes for n in ns]
-        labels = [i for i, (_, ns) in enumerate(classes) for _ in ns]
-        label_map = {d: i for i, (d, _) in enumerate(classes)}
-        return Plan("folder", str(root), "folder-classes", 0, label_map, [_file_split(root, names, labels)])
-    if not files:
-        raise DatasetError(f"no images in {src} (looked for {', '.join(sorted(IMAGE_EXTS))} files, "
-                           "directly or in class subfolders); point folder:PATH at a folder of images")
-    return Plan("folder", str(root), "folder-flat", 0, UNLABELLED, [_file_split(root, files, [-1] * len(files))])
-
-
-def _plan_cifar10(src: str | None) -> Plan:
-    from bench.data import cache_dir, dataset_info
-
-    loader = dataset_info("cifar10")
-    splits, h = [], hashlib.sha256()
-    for name in ("train", "test"):
-        try:
-            images, labels = loader.load(name, src, cache_dir() / "data" / "cifar10")
-        except FileNotFoundError as exc:
-            raise DatasetError(str(exc)) from None
-        hwc = np.ascontiguousarray(np.asarray(images, dtype=np.uint8).transpose(0, 2, 3, 1))
-        labels = np.asarray(labels, dtype=np.int64)
-        h.update(hwc.tobytes())
-        h.update(labels.tobytes())
-        splits.append(Split(name, [f"{name}/{i:05d}" for i in range(len(hwc))], labels,
-                            lambda a, b, x=hwc: list(x[a:b])))
-    classes = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-    return Plan("cifar10", str(Path(src).resolve() if src else cache_dir() / "data" / "cifar10"), "cifar10-python", 0,
-                {c: i for i, c in enumerate(classes)}, splits, {"data_sha256": h.hexdigest()})
-
-
-def parse_kind(kind: str, src: str | None) -> tuple[str, str | None]:
-    """'folder:PATH' -> ('folder', PATH); other kinds as given."""
-    if kind.startswith("folder:"):
-        if src:
-            raise ConfigError(f"folder:PATH takes its path after the colon; drop the extra SRC {src!r}")
-        return "folder", kind.split(":", 1)[1]
-    if kind not in KINDS:
-        raise ConfigError(f"unknown prepare kind {kind!r}; use imagenet128, cifar10 or folder:PATH")
-    return kind, src
-
-
-def _resolution(kind: str, resolution: int | None) -> int:
-    if resolution is None:
-        if kind not in DEFAULT_RESOLUTION:
-            raise ConfigError("folder:PATH needs --resolution R (the side of the square images to write)")
-        return DEFAULT_RESOLUTION[kind]
-    if int(resolution) < 1:
-        raise ConfigError(f"--resolution {resolution} must be a positive number of pixels")
-    return int(resolution)
-
-
-def make_plan(kind: str, src: str | None, resolution: int) -> Plan:
-    plan = {"imagenet128": _plan_imagenet, "folder": _plan_folder, "cifar10": _plan_cifar10}[kind](src)
-    plan.resolution = resolution
-    return plan
-
-
-def default_out(kind: str, src: str | None = None, resolution: int | None = None) -> Path:
-    """$DIFFBENCH_CACHE/prepared/<name>-<resolution>; a folder's name is its last path component."""
-    from bench.data import cache_dir
-
-    kind, src = parse_kind(kind, src)
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(src).resolve().name) if kind == "folder" else kind
-    return cache_dir() / "prepared" / f"{name}-{_resolution(kind, resolution)}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -564,14 +304,6 @@ def _npy_version(path: Path) -> tuple:
         return np.lib.format.read_magic(f)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 23):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _command(plan: Plan, out: Path) -> str:
     kind = f"folder:{plan.src}" if plan.kind == "folder" else f"{plan.kind} {plan.src}"
     return f"python run_bench.py prepare {kind} --resolution {plan.resolution} --out {out}"
@@ -674,62 +406,6 @@ def prepare(kind: str, src: str | None, out: Path | None = None, resolution: int
 
 
 # ---------------------------------------------------------------------------------------------
-# Reading a prepared folder back
-
-
-def _npy_header(path: Path):
-    """(shape, dtype, data offset) of a .npy file, reading only its header."""
-    with open(path, "rb") as f:
-        version = np.lib.format.read_magic(f)
-        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, _, dtype = read_header(f)
-        return shape, dtype, f.tell()
-
-
-def verify_prepared(path, check_hash: bool = False) -> dict:
-    """The manifest of a prepared folder, after checking that every array file exists and that its
-    header and size match the manifest's counts and resolution (and, with check_hash, its sha256).
-    A mismatch is a one-line DatasetError naming the file."""
-    path = Path(path)
-    try:
-        manifest = read_json(path / "manifest.json")
-    except (OSError, ValueError):
-        raise DatasetError(f"{path} is not a prepared dataset (no readable manifest.json); "
-                           f"make one with: python run_bench.py prepare KIND SRC --out {path}") from None
-    fix = f"re-run prepare: {manifest.get('command', 'python run_bench.py prepare ...')} --force"
-    r = manifest["resolution"]
-    for split in manifest["splits"].values():
-        n = split["written"]
-        for name, shape, dtype in ((split["images"], (n, 3, r, r), np.uint8), (split["labels"], (n,), np.int64)):
-            file = path / name
-            if not file.is_file():
-                raise DatasetError(f"{file} is missing; {fix}")
-            try:
-                got_shape, got_dtype, offset = _npy_header(file)
-            except (OSError, ValueError) as exc:
-                raise DatasetError(f"{file} is not a readable .npy file ({exc}); {fix}") from None
-            if got_shape != shape or got_dtype != np.dtype(dtype):
-                raise DatasetError(f"{file} holds {got_dtype} {got_shape}, the manifest says {np.dtype(dtype)} {shape}; "
-                                   f"{fix}")
-            size, expected = file.stat().st_size, offset + int(np.prod(shape)) * np.dtype(dtype).itemsize
-            if size != expected:
-                raise DatasetError(f"{file} is {size} bytes, {expected} expected (cut short or altered); {fix}")
-            if check_hash and _sha256(file) != split["sha256"][name]:
-                raise DatasetError(f"{file} does not match the sha256 in its manifest (altered); {fix}")
-    return manifest
-
-
-def load_prepared(path, split: str = "train"):
-    """(uint8 memmap [N, 3, R, R], int64 labels [N]) of a prepared folder; the images stay on disk."""
-    manifest = verify_prepared(path)
-    if split not in manifest["splits"]:
-        raise FileNotFoundError(f"{path} holds no {split} split (only {', '.join(manifest['splits'])}); "
-                                'evaluate against the train split: ref_split = "train"')
-    files = manifest["splits"][split]
-    return np.load(Path(path) / files["images"], mmap_mode="r"), np.load(Path(path) / files["labels"])
-
-
-# ---------------------------------------------------------------------------------------------
 # Command line
 
 
@@ -760,81 +436,3 @@ def cmd_prepare(args) -> None:
           f"{c['written'] / s if s > 0 else float('inf'):.0f} images/s")
 
 
-# ---------------------------------------------------------------------------------------------
-# Speed benchmark: python -m bench.prepare --bench
-
-
-def _write_photo_like_jpegs(root: Path, n: int, wnids: int = 4, seed: int = 0) -> float:
-    """ILSVRC-style tree of `n` JPEGs of ImageNet's typical size (about 400 x 350, quality 90) whose
-    content compresses like a photo (smooth shapes plus grain), not like pure noise or flat colour.
-    Returns the mean file size in bytes."""
-    rng = np.random.default_rng(seed)
-    sizes = []
-    for i in range(n):
-        w, h = int(rng.integers(380, 440)), int(rng.integers(330, 380))
-        blobs = Image.fromarray(rng.integers(0, 256, (h // 4, w // 4, 3), dtype=np.uint8))
-        arr = np.asarray(blobs.resize((w, h), Image.Resampling.BICUBIC), dtype=np.int16)
-        arr = arr + rng.normal(0, 10, (h, w, 3)).astype(np.int16)  # grain: about 85 KiB a file at quality 90
-        folder = root / f"n{10000000 + i % wnids:08d}"
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"{folder.name}_{i}.JPEG"
-        Image.fromarray(arr.clip(0, 255).astype(np.uint8)).save(path, quality=90)
-        sizes.append(path.stat().st_size)
-    return float(np.mean(sizes))
-
-
-def _pool_startup_seconds(workers: int) -> float:
-    """Seconds to start `workers` decoding processes as prepare does."""
-    t = time.perf_counter()
-    _start_pool(workers).shutdown()
-    return time.perf_counter() - t
-
-
-def speed_benchmark(n_jpegs: int = 400, workers: tuple = (1, 2), n_load: int = 2000, batch: int = 128,
-                    resolution: int = 128, batches: int = 50) -> dict:
-    """Print and return prepare's images/s (per worker count) and the images/s of gathering random
-    training batches from a prepared images.npy memory map."""
-    import tempfile
-
-    import torch
-
-    out = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        mean_bytes = _write_photo_like_jpegs(tmp / "src", n_jpegs)
-        print(f"{n_jpegs} JPEGs, about 400x350, quality 90, mean {mean_bytes / 1024:.0f} KiB; {os.cpu_count()} CPUs")
-        out["worker_startup_s"] = _pool_startup_seconds(max(workers))
-        print(f"starting {max(workers)} decode workers: {out['worker_startup_s']:.2f} s (paid once per run)")
-        for w in workers:
-            t = time.perf_counter()
-            prepare("imagenet128", str(tmp / "src"), tmp / f"out{w}", resolution, workers=w, progress=False)
-            rate = n_jpegs / (time.perf_counter() - t)
-            out[f"prepare_workers{w}"] = rate
-            print(f"prepare, workers={w}: {rate:.0f} images/s ({rate / w:.0f} per worker; wall time incl. start-up)")
-        images = np.lib.format.open_memmap(tmp / "images.npy", mode="w+", dtype=np.uint8,
-                                           shape=(n_load, 3, resolution, resolution))
-        images[:] = np.random.default_rng(0).integers(0, 256, images.shape, dtype=np.uint8)
-        images.flush()
-        del images
-        mm = np.load(tmp / "images.npy", mmap_mode="r")
-        rng = np.random.default_rng(1)
-        t = time.perf_counter()
-        for _ in range(batches):
-            x = torch.from_numpy(mm[np.sort(rng.choice(n_load, batch, replace=False))])
-        rate = batches * batch / (time.perf_counter() - t)
-        out["load_memmap"] = rate
-        print(f"memmap gather, {n_load} images at {resolution} px, random sorted batches of {batch}: "
-              f"{rate:.0f} images/s ({x.shape}; page cache warm)")
-    return out
-
-
-if __name__ == "__main__":
-    ap = argparse.ArgumentParser(prog="python -m bench.prepare")
-    ap.add_argument("--bench", action="store_true", help="measure prepare and memmap loading speed")
-    ap.add_argument("--images", type=int, default=400)
-    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    a = ap.parse_args()
-    if a.bench:
-        speed_benchmark(a.images, tuple(a.workers))
-    else:
-        ap.print_help()

@@ -16,7 +16,8 @@ SOURCE = "ILSVRC2012 train (Russakovsky et al. 2015); python run_bench.py prepar
 
 
 def load(split: str, data_dir: str | None, cache_dir: Path):
-    from bench.prepare import default_out, load_prepared, verify_prepared
+    from bench.prepare_sources import default_out
+    from bench.prepared import load_prepared, verify_prepared
 
     if split == "test":
         raise FileNotFoundError("imagenet128 has no test split (prepare writes the ILSVRC train split only); "
