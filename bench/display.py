@@ -89,17 +89,7 @@ class RichReporter(Reporter):
         self.console.print(f"[bold]suite {suite.name}[/bold]: {total} runs, {total - len(todo)} already finished, "
                            f"{len(todo)} to run")
         if self.live and todo:
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-                TimeRemainingColumn,
-            )
-
-            self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                     TimeElapsedColumn(), TimeRemainingColumn(), console=self.console)
+            self.progress = progress_bar(self.console)
             self.progress.start()
             self.suite_task = self.progress.add_task(f"suite {suite.name}", total=len(todo))
 
@@ -248,3 +238,18 @@ class FilePoller:
     def _loop(self):
         while not self._stop.wait(self.interval):
             self.poll()
+
+
+def progress_bar(console, unit: str = ""):
+    """The project's rich progress bar: description, bar, done/total [unit], elapsed, remaining."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    *([TextColumn(unit)] if unit else []), TimeElapsedColumn(), TimeRemainingColumn(), console=console)

@@ -1,5 +1,5 @@
-"""The GPU check, one command for whoever has a GPU: ``python -m bench.gpu_check`` (about 5 minutes
-on one data-centre GPU, at most 8 by design). Prints a table and writes ``gpu_check.json``.
+"""The GPU check, one command for whoever has a GPU: ``python -m bench.gpu_check`` (sized for a
+few minutes on one data-centre GPU, not yet timed on one; its subprocesses are cut at 8 minutes). Prints a table and writes ``gpu_check.json``.
 
 In one process, on generated CIFAR-shaped data (32x32x3 uint8 written in CIFAR10's own format,
 read by the real cifar10 loader):

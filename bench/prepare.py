@@ -239,17 +239,10 @@ def _progress_bar(enabled: bool):
     if not enabled:
         return None
     from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
 
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("images"),
-                    TimeElapsedColumn(), TimeRemainingColumn(), console=Console(stderr=True))
+    from bench.display import progress_bar
+
+    return progress_bar(Console(stderr=True), "images")
 
 
 def _run_split(partial: Path, split: Split, saved: dict, resolution: int, pool, workers: int, bar) -> None:
