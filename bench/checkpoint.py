@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from bench.errors import CheckpointError
+from bench.fileio import atomic_write
 from bench.runtime import Runtime, gather_objects
 
 if TYPE_CHECKING:
@@ -50,9 +51,8 @@ def save_checkpoint(state: RunState, path: Path) -> None:
     data = {"format": CHECKPOINT_FORMAT, "step": state.step, "world_size": state.rt.world_size,
             "model": state.model.state_dict(), "ema": state.ema.state_dict(), "opt": state.opt.state_dict(),
             "rng_torch": rngs[0]["cpu"], "rng_processes": rngs, "rng": gens, "clocks": state.clocks}
-    tmp = path.with_suffix(".pt.tmp")
-    torch.save(data, tmp)
-    tmp.replace(path)
+    # A failed write (a full disk) leaves the previous checkpoint and no partial file behind.
+    atomic_write(path, lambda f: torch.save(data, f))
 
 
 def _use_optimizer_kernel(opt: torch.optim.Optimizer, fused: bool) -> None:

@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, needs_fashion
+from conftest import REPO, needs_fashion, train_until
 
 from bench import fileio
 from bench.data import load_dataset
@@ -165,6 +165,25 @@ def test_corrupt_checkpoint_refused_without_loss(tmp_path):
         train(cfg, tmp_path)
     assert (tmp_path / "checkpoint.pt").read_bytes() == b"not a checkpoint"  # nothing overwritten
     assert len(fileio.read_jsonl(tmp_path / "steps.jsonl")) == 4
+
+
+def test_a_checkpoint_write_that_fails_keeps_the_previous_one_and_no_partial_file(tmp_path, monkeypatch):
+    import errno
+
+    out = tmp_path / "run"
+    train_until(TrainConfig(**SMALL), out, 5)  # checkpoint at step 4
+    before = (out / "checkpoint.pt").read_bytes()
+    real_save = torch.save
+
+    def disk_full(obj, f, *args, **kwargs):
+        real_save(obj, f, *args, **kwargs)  # the bytes go out, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        train(TrainConfig(**SMALL), out)  # resumes at 4, fails writing the checkpoint at 8
+    assert (out / "checkpoint.pt").read_bytes() == before
+    assert sorted(p.name for p in out.iterdir() if "tmp" in p.name) == []
 
 
 def test_different_config_in_same_folder_refused(tmp_path):
