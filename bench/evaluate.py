@@ -33,6 +33,26 @@ from bench.eval_spec import resolve_spec
 from bench.sampling import check_sampler_args, sample, timestep_sequence, to_uint8
 
 
+def check_eval_data(spec: dict) -> None:
+    """The splits an evaluation reads exist: its reference split, and the test split the proxy
+    classifier is checked on. One ConfigError line before a run folder is written, not at the
+    first evaluation after hours of training."""
+    from bench.data import load_dataset
+    from bench.errors import ConfigError, DatasetError
+
+    s = resolve_spec(spec)
+    where = s["dataset"] + (f" ({s['data_dir']})" if s["data_dir"] else "")
+    needs = [(s["ref_split"], f'ref_split = "{s["ref_split"]}"', 'set ref_split = "train"')]
+    if {"proxy_fd", "proxy_kid"} & set(s["metrics"]) and s["ref_split"] != "test":
+        needs.append(("test", "proxy metrics check their classifier on the test split",
+                      'evaluate it with metrics = ["fid"]'))
+    for split, why, fix in needs:
+        try:
+            load_dataset(s["dataset"], split=split, data_dir=s["data_dir"], resolution=s["resolution"])
+        except DatasetError:
+            raise ConfigError(f"eval: {why}, and {where} has no {split} split; {fix}") from None
+
+
 class Evaluator:
     """Samples ``num_images`` images with fixed noise and computes the configured metrics."""
 

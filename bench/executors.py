@@ -272,7 +272,7 @@ def _run_inline(todo, dirs, train_fn, retry_failed, reporter, outcomes):
 
 def _prepare_evaluators(todo, reporter):
     """Train proxy classifiers and reference statistics once, before parallel workers race to."""
-    from bench.evaluate import Evaluator
+    from bench.evaluate import Evaluator, check_eval_data
     from bench.resolve import resolve_run
 
     seen = set()
@@ -281,6 +281,7 @@ def _prepare_evaluators(todo, reporter):
         key = json.dumps(spec, sort_keys=True)
         if spec is not None and key not in seen:
             seen.add(key)
+            check_eval_data(spec)
             reporter.message(f"preparing evaluation on {spec['dataset']} (feature extractor and reference "
                              "statistics; cached after the first time)")
             Evaluator(spec).prepare()

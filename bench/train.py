@@ -317,6 +317,10 @@ def train(run: ResolvedRun | TrainConfig, out_dir, events: TrainEvents | None = 
     cfg, method = run.config, run.method
     rt = make_runtime(cfg)  # before anything is written: a device or process count this machine lacks,
     check_data_and_network(cfg)  # data that cannot be read, a network that does not fit it
+    if run.eval_spec is not None:
+        from bench.evaluate import check_eval_data
+
+        check_eval_data(run.eval_spec)  # a split the evaluation needs and the dataset lacks
     main = rt.rank == 0
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

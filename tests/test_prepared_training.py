@@ -86,3 +86,21 @@ def test_a_network_that_cannot_take_the_data_is_refused_before_anything_is_writt
     with pytest.raises(ConfigError, match=what):
         train(cfg, tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("metrics, ref_split, what", [
+    (["proxy_fd"], "train", r"^eval: proxy metrics check their classifier on the test split, and folder \(.*prep\) "
+                            r"has no test split; evaluate it with metrics = \[\"fid\"\]$"),
+    (["fid"], "test", r"^eval: ref_split = \"test\", and folder \(.*prep\) has no test split; "
+                      r"set ref_split = \"train\"$"),
+])
+def test_an_evaluation_on_a_split_the_set_lacks_is_refused_before_training(prepared, tmp_path, metrics, ref_split,
+                                                                             what):
+    from bench.data import load_dataset
+
+    cfg = TrainConfig(dataset="folder", data_dir=str(prepared), arch="unet-micro", iters=2, batch_size=4,
+                      eval={"metrics": metrics, "ref_split": ref_split, "num_images": 4})
+    with pytest.raises(ConfigError, match=what):
+        train(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    load_dataset.cache_clear()
