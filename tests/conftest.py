@@ -19,6 +19,36 @@ needs_fashion = pytest.mark.skipif(not (FASHION_DIR / "train-images-idx3-ubyte.g
                                    reason="Debian dataset-fashion-mnist not installed (./setup.sh installs it)")
 
 
+# The most the tests hold on disk at once (measured: 1.2 GB, the paper-suite tests' checkpoints);
+# a passing test's tmp_path is removed when it ends (pyproject's tmp_path_retention_policy).
+TMP_NEEDED_GB = 1.5
+
+
+def _tmp_space(config) -> str:
+    """Where tmp_path lives and how much is free there, as a line; WARNING first when too little."""
+    import shutil
+    import tempfile
+
+    where = config.option.basetemp or tempfile.gettempdir()
+    while not os.path.exists(where):
+        where = os.path.dirname(where)
+    free_gb = shutil.disk_usage(where).free / 1e9
+    line = f"tmp_path under {where}: {free_gb:.1f} GB free (the tests need about {TMP_NEEDED_GB} GB)"
+    return line if free_gb >= TMP_NEEDED_GB else f"WARNING: {line}; free some space or pass --basetemp DIR"
+
+
+def pytest_report_header(config):
+    return _tmp_space(config)
+
+
+def pytest_sessionstart(session):
+    """A full disk otherwise shows up as hundreds of setup errors: say so first, even under -q."""
+    line = _tmp_space(session.config)
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if line.startswith("WARNING") and reporter is not None:
+        reporter.write_line(line, yellow=True, bold=True)
+
+
 @pytest.fixture(autouse=True)
 def isolated_registry(monkeypatch):
     """Plugins a test loads leave the method registry as it was afterwards."""
