@@ -37,7 +37,8 @@ kid_subset_size       1000               KID: largest subset size
 num_classes           0                  a class-conditional model's K (set by training): image i
                                          gets label i mod K, with the same noise as unconditional
 guidance_scale        1.0                classifier-free guidance: out = u + s (c - u) (1: the
-                                         conditional output alone, one forward per step)
+                                         conditional output alone, one forward per step); != 1
+                                         needs class_cond = true (checked with the run's config)
 fid_mode              "clean"            clean-fid's mode for fid/kid: "clean" or "legacy_tensorflow"
                                          (TensorFlow's resize, as published CIFAR10/ImageNet FIDs;
                                          needs clean-fid's own inception-2015-12-05.pt)
@@ -121,8 +122,6 @@ def resolve_spec(spec: dict | None, T: int | None = None) -> dict:
     if not isinstance(out["guidance_scale"], (int, float)) or isinstance(out["guidance_scale"], bool) \
             or out["guidance_scale"] < 0:
         raise ConfigError(f"eval: guidance_scale must be a number >= 0, got {out['guidance_scale']!r}")
-    if out["guidance_scale"] != 1.0 and not out["num_classes"]:
-        raise ConfigError("eval: guidance_scale needs a class-conditional run (class_cond = true)")
     if out["final_num_images"] is not None and (not isinstance(out["final_num_images"], int)
                                                 or isinstance(out["final_num_images"], bool)
                                                 or out["final_num_images"] < 2):

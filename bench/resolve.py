@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from bench.budget import evaluates
-from bench.errors import BenchError
+from bench.errors import BenchError, ConfigError
 from bench.spec import Method
 
 
@@ -70,4 +70,7 @@ def _resolve(key: str, cache_env: str | None) -> ResolvedRun:
         from bench.eval_spec import resolve_spec
 
         spec = resolve_spec(evaluator_spec(cfg), T=cfg.T)
+        # num_classes is the data's, known when training starts; guidance needs labels to mix with.
+        if spec["guidance_scale"] != 1.0 and not cfg.class_cond:
+            raise ConfigError("eval: guidance_scale needs a class-conditional run (class_cond = true)")
     return ResolvedRun(cfg, method, spec, json.loads(json.dumps(run_record(cfg, method), default=str)))
