@@ -128,8 +128,8 @@ def cmd_train(args) -> None:
     run = resolve_run(train_config_from_args(args), where="command line")
     cfg = run.config
     res = f"-{cfg.resolution}" if cfg.resolution else ""
-    out = Path(args.out) if args.out else REPO / "results" / "train" / f"{cfg.dataset}{res}_{cfg.arch.replace('/', '-')}" / \
-        run.method.label / f"seed{cfg.seed}"
+    out = Path(args.out) if args.out else Path(args.results) / "train" / \
+        f"{cfg.dataset}{res}_{cfg.arch.replace('/', '-')}" / run.method.label / f"seed{cfg.seed}"
     console = Console(quiet=not is_main())  # under torchrun, rank 0 speaks for all
     console.print(f"training {cfg.method} -> {out}")
 
@@ -257,7 +257,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-every", type=int)
     p.add_argument("--eval-metrics", help="comma-separated, e.g. proxy_fd,fid")
     p.add_argument("--eval-images", type=int)
-    p.add_argument("--out", help="run folder (default results/train/<workload>/<label>/seed<k>)")
+    p.add_argument("--out", help="run folder (default <--results>/train/<workload>/<label>/seed<k>)")
     g = p.add_argument_group("device and speed (how the run executes, not what it is: bench/runtime.py)")
     g.add_argument("--device", help="auto (the default: CUDA when torch sees a GPU), cpu, cuda or cuda:K")
     g.add_argument("--precision", help="auto (the default: bf16 autocast on CUDA, fp32 on the CPU), fp32 or bf16")

@@ -430,3 +430,12 @@ def test_a_resolved_run_is_the_callers_own(monkeypatch, tmp_path):
     assert b.record["lr"] == TrainConfig().lr and b.eval_spec["num_images"] == 1000 and b.method is a.method
     monkeypatch.setenv("DIFFBENCH_CACHE", str(tmp_path / "other"))
     assert resolve_run(cfg).eval_spec["cache_dir"] == str(tmp_path / "other" / "eval")
+
+
+def test_train_without_out_writes_under_the_results_option(tmp_path, capsys):
+    from bench.cli import main
+
+    assert main(["--results", str(tmp_path / "res"), "train", "--dataset", "synthetic", "--arch", "unet-micro",
+                 "--iters", "2", "--batch-size", "4"]) == 0
+    run = tmp_path / "res" / "train" / "synthetic_unet-micro" / "baseline" / "seed0"
+    assert (run / "status.json").exists() and str(run) in capsys.readouterr().out.replace("\n", "")
