@@ -72,6 +72,14 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "config") -> "TrainConfig":
+        cfg = cls(**cls.typed_values(d, where))
+        cfg.validate(where)
+        return cfg
+
+    @classmethod
+    def typed_values(cls, d: dict, where: str = "config") -> dict:
+        """`d` with each value checked against its field's type (an int where a float is due becomes
+        a float); ranges and checks across keys are validate()'s."""
         if not isinstance(d, dict):
             raise ConfigError(f"{where}: expected a table of settings, got {type(d).__name__}")
         fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -94,9 +102,7 @@ class TrainConfig:
             if not isinstance(value, want) or (want is int and isinstance(value, bool)):
                 raise ConfigError(f"{where}: key {key!r} must be {want.__name__}, got {value!r}")
             values[key] = value
-        cfg = cls(**values)
-        cfg.validate(where)
-        return cfg
+        return values
 
     def validate(self, where: str = "config") -> None:
         def bad(key, why):

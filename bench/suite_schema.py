@@ -279,15 +279,36 @@ def parse_train(data: dict, ck: _Checker, path: Path | None, validate: bool) -> 
         if fields is not None and k not in fields:
             known = ", ".join(f for f in fields if f not in GRID_KEYS)
             ck.fail(f"train.{k}", f"unknown training setting; known: {known}")
-        if validate and fields is not None:
-            from bench.config import TrainConfig
-            from bench.errors import BenchError
-
-            try:
-                TrainConfig.from_dict({k: train[k]}, where="[train]")
-            except BenchError as exc:
-                ck.fail(f"train.{k}", str(exc).removeprefix("[train]: "))
+    if validate and fields is not None:
+        _check_train_values(train, data.get("budget"), ck)
     return dict(train)
+
+
+def _check_train_values(train: dict, budget, ck: _Checker) -> None:
+    """Each [train] value's type, then its range beside the keys that are valid alone and the
+    budget's batch size: checks across keys (p_uncond needs class_cond, batch_size divisible by gpus)
+    see the suite's values, not the defaults."""
+    from bench.config import TrainConfig
+    from bench.errors import BenchError
+
+    def error(check, d: dict) -> str | None:
+        try:
+            check(d, where="[train]")
+        except BenchError as exc:
+            return str(exc).removeprefix("[train]: ")
+        return None
+
+    for k, v in train.items():
+        reason = error(TrainConfig.typed_values, {k: v})
+        if reason is not None:
+            ck.fail(f"train.{k}", reason)
+    context = {k: v for k, v in train.items() if error(TrainConfig.from_dict, {k: v}) is None}
+    if isinstance(budget, dict) and type(budget.get("batch_size")) is int:
+        context["batch_size"] = budget["batch_size"]
+    for k, v in train.items():
+        reason = error(TrainConfig.from_dict, {**context, k: v})
+        if reason is not None:
+            ck.fail(f"train.{k}", reason)
 
 
 GRID_KEY_OWNERS = {"iters": "[budget]", "batch_size": "[budget]", "eval": "[eval]", "eval_every": "[eval] every",

@@ -160,6 +160,9 @@ BAD = [
     ('lr = 1e-3', 'lr = 1e-3\niters = 5', "'train.iters'", "set by [budget]"),
     ('lr = 1e-3', 'lr = "fast"', "train.lr", "must be float"),
     ('lr = 1e-3', 'lr = -1.0', "lr=-1.0", "must be > 0"),
+    ('lr = 1e-3', 'p_uncond = 0.1', "'train.p_uncond'", "set class_cond = true"),
+    ('lr = 1e-3', 'p_uncond = 0.1\nclass_cond = "yes"', "'train.class_cond'", "must be bool"),
+    ('lr = 1e-3', 'gpus = 3', "'train.gpus'", "batch_size=4 is not divisible by gpus=3"),
     ('num_images = 16', 'num_images = 16\n[report]\nmetric = "fid"', "'report.metric'",
      "not among [eval] metrics"),
     ('num_images = 16', 'num_images = 16\n[report]\nbaseline = "p2"', "'report.baseline'",
@@ -276,3 +279,12 @@ def test_headline_must_be_one_of_the_targets(tmp_path):
         load_suite(write(tmp_path, text))
     ok = load_suite(write(tmp_path, VALID + "\n[report]\ntargets = [1.0, 0.5]\nheadline = 0.5\n", "ok.toml"))
     assert ok.report["targets"] == [0.5, 1.0] and ok.report["headline"] == 0.5
+
+
+def test_train_settings_are_checked_together_with_the_suites_other_values(tmp_path):
+    """p_uncond needs class_cond, gpus must divide the budget's batch: a suite that sets both keys
+    (not the defaults) loads."""
+    text = VALID.replace("lr = 1e-3", "lr = 1e-3\nclass_cond = true\np_uncond = 0.1\ngpus = 2")
+    suite = load_suite(write(tmp_path, text.replace('datasets = ["synthetic"]', 'datasets = ["synthetic"]'), "ok.toml"))
+    config = suite.runs()[0].config
+    assert config["class_cond"] and config["p_uncond"] == 0.1 and config["gpus"] == 2 and config["batch_size"] == 4
