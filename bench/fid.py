@@ -245,8 +245,13 @@ def cli_fid(path_a: str, path_b: str, **opts) -> float:
     if unknown:
         raise ConfigError(f"cli_fid: unknown option {sorted(unknown)[0]!r}")
     opts = {k: v for k, v in opts.items() if v is not None}
+    if "num" in opts and (isinstance(opts["num"], bool) or not isinstance(opts["num"], int) or opts["num"] < 2):
+        raise ConfigError(f"--num must be an integer >= 2 (FID needs a covariance of the features), got {opts['num']!r}")
     for side in (path_a, path_b):  # fail before loading Inception
-        if not Path(side).is_dir() and ":" not in side:
+        if Path(side).is_dir():
+            if not list_images(side):
+                raise ConfigError(f"no images found under {side}")
+        elif ":" not in side:
             raise ConfigError(f"{side!r} is neither a folder nor a dataset statistic written dataset:split "
                               "(e.g. fashion-mnist:train)")
     if opts.get("threads"):

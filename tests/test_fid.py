@@ -273,3 +273,16 @@ def test_cli_rejects_bad_arguments(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(BenchError, match="no images"):
         F.folder_features(CountingExtractor(), tmp_path / "empty")
+
+
+
+@pytest.mark.parametrize("num, what", [(1, "--num must be an integer >= 2"), (0, "--num must be"), (None, "no images")])
+def test_cli_fid_refuses_before_loading_inception(tmp_path, monkeypatch, num, what):
+    def no_inception(*args, **kwargs):
+        raise AssertionError("Inception was loaded")
+
+    monkeypatch.setattr(F, "get_inception", no_inception)
+    save_pngs(torch.zeros(3, 1, 8, 8, dtype=torch.uint8), tmp_path / "imgs")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(BenchError, match=what):
+        F.cli_fid(str(tmp_path / "imgs"), str(tmp_path / ("imgs" if num is not None else "empty")), num=num)
