@@ -50,7 +50,8 @@ final_num_images      None               also evaluate the end of the budget wit
                                          curve; the curve's own points keep one N, as speed-ups need)
 save_samples          False              write each evaluation's samples to the run folder as
                                          samples/step<k>.npz (arr_0: uint8 NHWC, arr_1: labels of a
-                                         class-conditional run; guided-diffusion's sample format)
+                                         class-conditional run; guided-diffusion's sample format);
+                                         final_num_images' set as samples/step<k>_final.npz
 verbose               False              print what is loaded or computed to stderr
 ====================  =================  =====================================================
 """

@@ -155,8 +155,8 @@ class Evaluator:
             atomic_write_bytes(cache, (json.dumps(floor) + "\n").encode())
         return floor
 
-    def _save_samples(self, images: torch.Tensor, step: int, out_dir) -> None:
-        """samples/step<k>.npz: arr_0 uint8 NHWC (and arr_1 the labels i mod K), the format of
+    def _save_samples(self, images: torch.Tensor, name: str, out_dir) -> None:
+        """samples/<name>.npz: arr_0 uint8 NHWC (and arr_1 the labels i mod K), the format of
         guided-diffusion's sample batches, so external evaluators can read them."""
         import io
         from pathlib import Path
@@ -170,12 +170,12 @@ class Evaluator:
             arrays["arr_1"] = np.arange(len(images), dtype=np.int64) % self.spec["num_classes"]
         buf = io.BytesIO()
         np.savez(buf, **arrays)
-        atomic_write_bytes(Path(out_dir) / "samples" / f"step{int(step):08d}.npz", buf.getvalue())
+        atomic_write_bytes(Path(out_dir) / "samples" / f"{name}.npz", buf.getvalue())
 
     # -- the hook -----------------------------------------------------------------------------
-    def evaluate(self, model, schedule, target: str, step: int, out_dir=None) -> list[dict]:
+    def evaluate(self, model, schedule, target: str, step: int, out_dir=None, samples_suffix: str = "") -> list[dict]:
         """Sample, score and return one row per metric; with save_samples, also write the samples
-        into `out_dir`/samples/ (the run folder)."""
+        into `out_dir`/samples/step<k><samples_suffix>.npz (the run folder)."""
         from bench.fid import feature_stats, frechet_distance, kernel_distance
         from bench.sampling import _model_device
 
@@ -194,7 +194,7 @@ class Evaluator:
         images = to_uint8(x)
         sample_seconds = time.perf_counter() - t1
         if s["save_samples"] and out_dir is not None:
-            self._save_samples(images, step, out_dir)
+            self._save_samples(images, f"step{int(step):08d}{samples_suffix}", out_dir)
 
         values = []  # (metric, value, extractor, ref, noise floor, its source)
         for family, fd_name, kid_name in (("proxy", "proxy_fd", "proxy_kid"), ("inception", "fid", "kid")):

@@ -300,7 +300,8 @@ def _evaluate(state: RunState, evaluator, events: TrainEvents | None, out: Path)
 
                 final = Evaluator({**evaluator.spec, "num_images": final_n, "final_num_images": None})
                 rows += [{**r, "metric": f"{r['metric']}_final"}
-                         for r in final.evaluate(state.ema, state.schedule, state.cfg.target, state.step)]
+                         for r in final.evaluate(state.ema, state.schedule, state.cfg.target, state.step,
+                                                 out_dir=out, samples_suffix="_final")]
     barrier()
     stepping(True)
     state.clocks["eval_seconds"] += time.perf_counter() - e_start

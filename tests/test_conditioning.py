@@ -142,11 +142,14 @@ def test_the_end_of_the_budget_can_be_evaluated_with_more_images(tmp_path):
     from bench import fileio
 
     spec = {"dataset": "synthetic", "metrics": ["proxy_fd"], "num_images": 4, "sampler_steps": 1, "batch_size": 8,
-            "final_num_images": 8}
+            "final_num_images": 8, "save_samples": True}
     train(TrainConfig(dataset="synthetic", arch="unet-micro", iters=4, batch_size=4, eval_every=2, eval=spec),
           tmp_path / "run")
     rows = [(r["step"], r["metric"], r["num_gen"]) for r in fileio.read_jsonl(tmp_path / "run" / "evals.jsonl")]
     assert rows == [(2, "proxy_fd", 4), (4, "proxy_fd", 4), (4, "proxy_fd_final", 8)]
+    # Every evaluation's samples are saved, the final set under its own name.
+    saved = {p.name: np.load(p)["arr_0"].shape[0] for p in (tmp_path / "run" / "samples").iterdir()}
+    assert saved == {"step00000002.npz": 4, "step00000004.npz": 4, "step00000004_final.npz": 8}
 
 
 def test_a_class_conditional_run_learns_labels_drops_some_and_resumes_exactly(tmp_path):
