@@ -242,3 +242,18 @@ def test_lr_sweep_reports_the_best_tuned_baseline(tmp_path):
     assert "| fast " in sweep and "1.00x" in sweep
     main = text.split("### Paired speed-up over `baseline`")[1].split("####")[0]
     assert "1.80x" in main and "baseline-lr0.003" not in main  # sweep runs stay out of the main table
+
+
+def test_the_noise_floor_line_says_why_a_floor_is_missing():
+    import pandas as pd
+
+    from bench.report_stats import _floor_lines
+
+    base = pd.DataFrame({"seed": [0], "step": [4], "value": [3.0]})
+    skipped = pd.DataFrame({"metric": ["fid"], "noise_floor": [None], "num_gen": [8],
+                            "noise_floor_source": ["not computed: external reference statistics"]})
+    assert _floor_lines(skipped, base) == ["- **Noise floor**: not computed: external reference statistics."]
+    old = pd.DataFrame({"metric": ["fid"], "num_gen": [8]})
+    assert _floor_lines(old, base) == ["- **Noise floor**: not recorded (runs from before it was measured)."]
+    measured = skipped.assign(noise_floor=[0.5], noise_floor_source=["8 real test images"])
+    assert "is 0.5" in _floor_lines(measured, base)[0] and "6.0x the floor" in _floor_lines(measured, base)[0]
