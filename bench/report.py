@@ -154,6 +154,8 @@ def _workload_section(ctx: _Report, w: str, fr: pd.DataFrame) -> list[str]:
 
 def _metric_section(ctx: _Report, w: str, w_evals: pd.DataFrame, budget: int, metric: str,
                     fr: pd.DataFrame) -> list[str]:
+    if metric.endswith("_final"):
+        return _final_metric_section(ctx, w, w_evals, budget, metric)
     tag, target, sec = f"{w} / {metric}", None, []
     if ctx.baseline:
         main = [label for label in ctx.order if label not in ctx.sweep or label == ctx.baseline]
@@ -185,6 +187,27 @@ def _metric_section(ctx: _Report, w: str, w_evals: pd.DataFrame, budget: int, me
     if stem:
         sec += [f"![{metric} vs iterations]({_fig(stem)}.png) ([PDF]({_fig(stem)}.pdf))", ""]
     return sec
+
+
+def _final_metric_section(ctx: _Report, w: str, w_evals: pd.DataFrame, budget: int, metric: str) -> list[str]:
+    """A metric measured once, at the end of the budget (final_num_images): no curve to cross, so no
+    speed-up; the final values and their paired differences from the baseline."""
+    if not ctx.baseline:
+        return []
+    main = [label for label in ctx.order if label not in ctx.sweep or label == ctx.baseline]
+    rows = speedup_rows(w_evals, ctx.baseline, main, budget, metric, **ctx.stats_kw)
+    if not rows:
+        return []
+    disp = speedup_display(rows, [], ctx.headline, final_values(w_evals, metric, budget))
+    ctx.parts["md_sp"] += [f"### {w} / {metric} (end of the budget)", "", to_markdown(disp), ""]
+    ctx.parts["tex_sp"].append(to_latex(disp, f"{metric} at the end of the budget, paired difference from "
+                                              f"{ctx.baseline} ({w})", f"tab:final:{_safe(w)}:{_safe(metric)}"))
+    better = "negative" if lower_is_better(metric) else "positive"
+    return [f"### {metric}: the end of the budget", "",
+            f"Measured once, after the last iteration, with more images than the curve's points "
+            f"(final_num_images), so it has no speed-up. 'final - baseline' is the paired difference from "
+            f"seed k of `{ctx.baseline}` ({better} is better) with its {100 * ctx.stats_kw['confidence']:g}% "
+            "t-interval over the seeds.", "", to_markdown(disp), ""]
 
 
 def _figure_section(ctx: _Report, w: str, w_runs: list[dict]) -> list[str]:

@@ -62,6 +62,9 @@ def test_paper_imagenet128_at_cpu_size(tmp_path, monkeypatch):
     assert result.ok, [(o.key, o.reason) for o in result.outcomes]
     report = build_report(tmp_path / "results" / suite.name).read_text()
     assert "fid_final" in report and "class-conditional, image i labelled i mod 3" in report
+    # FID at the end of the budget is one number per run: final values and paired differences, no speed-up.
+    assert "### fid_final: the end of the budget" in report and "speed-up over `baseline` (fid_final)" not in report
+    assert "fid_final at fractions" not in report
     evals = (tmp_path / "results" / suite.name / "tables" / "evaluations.csv").read_text()
     assert "fid_final" in evals
     load_dataset.cache_clear()
