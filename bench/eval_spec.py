@@ -138,6 +138,7 @@ def resolve_spec(spec: dict | None, T: int | None = None) -> dict:
         if "kid" in metrics:
             raise ConfigError("eval: kid needs the reference's features, and ref_stats holds only mu and sigma; "
                               "drop kid or ref_stats")
+        _check_ref_stats(str(out["ref_stats"]))
     if out["ref_split"] not in ("train", "test"):
         raise ConfigError(f"eval: ref_split must be train or test, got {out['ref_split']!r}")
     from bench.sampling import SAMPLERS, check_sampler_args
@@ -152,3 +153,30 @@ def resolve_spec(spec: dict | None, T: int | None = None) -> dict:
     except ConfigError as exc:
         raise ConfigError(f"eval: {exc}" + (f" (T = {T})" if T else "")) from None
     return out
+
+
+def _check_ref_stats(path: str) -> None:
+    """mu (2048,) and sigma (2048, 2048) in the .npz, read from the arrays' headers only (a suite
+    check must not load 32 MB per run); bench.fid.external_stats loads and checks them again."""
+    import zipfile
+
+    import numpy as np
+
+    shapes = {}
+    try:
+        with zipfile.ZipFile(path) as zf:
+            for name in zf.namelist():
+                if name in ("mu.npy", "sigma.npy"):
+                    with zf.open(name) as f:
+                        version = np.lib.format.read_magic(f)
+                        read = np.lib.format.read_array_header_1_0 if version[0] == 1 else \
+                            np.lib.format.read_array_header_2_0
+                        shapes[name[:-4]] = read(f)[0]
+    except (OSError, ValueError, zipfile.BadZipFile):
+        pass
+    if set(shapes) != {"mu", "sigma"}:
+        raise ConfigError(f"eval: ref_stats {path}: not an .npz with mu and sigma; give guided-diffusion's reference "
+                          "batch or an .npz written with np.savez(mu=..., sigma=...)")
+    if shapes["mu"] != (2048,) or shapes["sigma"] != (2048, 2048):
+        raise ConfigError(f"eval: ref_stats {path}: mu {shapes['mu']} and sigma {shapes['sigma']} are not Inception "
+                          "pool features (2048 and 2048 x 2048)")

@@ -67,6 +67,20 @@ def test_kid_cannot_use_external_statistics(tmp_path):
         resolve_spec({"metrics": ["fid", "kid"], "ref_stats": str(p)})
 
 
+@pytest.mark.parametrize("arrays, what", [
+    (dict(m=np.zeros(2048), s=np.eye(2)), "not an .npz with mu and sigma"),
+    (dict(mu=np.zeros(10), sigma=np.eye(10)), r"mu \(10,\) and sigma \(10, 10\) are not Inception pool features"),
+])
+def test_a_ref_stats_file_without_inception_statistics_is_refused_when_the_spec_is_read(tmp_path, arrays, what):
+    p = tmp_path / "ref.npz"
+    np.savez_compressed(p, **arrays)
+    with pytest.raises(ConfigError, match=what):
+        resolve_spec({"metrics": ["fid"], "ref_stats": str(p)})
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    with pytest.raises(ConfigError, match="not an .npz with mu and sigma"):
+        resolve_spec({"metrics": ["fid"], "ref_stats": str(tmp_path / "junk.npz")})
+
+
 @pytest.mark.parametrize("cfg, what", [
     (dict(p_uncond=0.1), "set class_cond = true"),
     (dict(class_cond=True, p_uncond=1.0), "p_uncond"),
