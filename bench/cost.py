@@ -87,7 +87,7 @@ def run_cost(suite: Suite, run: RunSpec) -> RunCost:
     ev = {**DEFAULTS, **{k: v for k, v in (cfg.get("eval") or {}).items() if v is not None}}
     steps = ev["sampler_steps"] or (cfg.get("T", 1000) if ev["sampler"] == "ddpm" else min(50, cfg.get("T", 1000)))
     n_img = int(ev["num_images"]) * points + (int(ev.get("final_num_images") or 0) if points else 0)
-    nfe = n_img * int(steps)
+    nfe = n_img * int(steps) * (2 if float(ev.get("guidance_scale", 1.0)) != 1.0 else 1)  # guided: c and u
     ips = train_throughput(suite, run)
     forward_ratio = float(suite.cost.get("forward_ratio", DEFAULT_FORWARD_RATIO))
     overhead = float(suite.cost.get("startup_s", DEFAULT_STARTUP_S)) + points * float(

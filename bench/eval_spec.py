@@ -27,6 +27,7 @@ clip_x0               True               clamp x0_hat to [-1, 1] at every sampli
 timestep_spacing      "linspace"         which timesteps a short sampler visits: "linspace" (T-1 .. 0,
                                          both ends), "leading" (ends at 0), "trailing" (starts at
                                          T-1 but with few steps never visits small t: 10 steps stop at 99)
+                                         or "quadratic" (DDIM's quadratic spacing, T-1 .. 0, dense near t = 0)
 ddpm_variance         "large"            ddpm sigma^2: "large" = beta (DDPM paper), "small" =
                                          posterior variance (then ddpm equals ddim with eta 1)
 inception             None               Inception weights path (else the lookup in bench/inception.py)
@@ -121,7 +122,7 @@ def resolve_spec(spec: dict | None, T: int | None = None) -> dict:
     if not isinstance(out["num_classes"], int) or isinstance(out["num_classes"], bool) or out["num_classes"] < 0:
         raise ConfigError(f"eval: num_classes must be an integer >= 0, got {out['num_classes']!r}")
     if not isinstance(out["guidance_scale"], (int, float)) or isinstance(out["guidance_scale"], bool) \
-            or out["guidance_scale"] < 0:
+            or not 0 <= out["guidance_scale"] < float("inf"):
         raise ConfigError(f"eval: guidance_scale must be a number >= 0, got {out['guidance_scale']!r}")
     if out["final_num_images"] is not None and (not isinstance(out["final_num_images"], int)
                                                 or isinstance(out["final_num_images"], bool)

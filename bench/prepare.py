@@ -374,7 +374,7 @@ def prepare(kind: str, src: str | None, out: Path | None = None, resolution: int
     kind, src = parse_kind(kind, src)
     resolution = _resolution(kind, resolution)
     out = Path(out) if out else default_out(kind, src, resolution)
-    workers = int(workers or _cpus())
+    workers = _cpus() if workers is None else int(workers)
     if workers < 1:
         raise ConfigError(f"--workers {workers} must be at least 1")
     _check_out(out, force)

@@ -54,6 +54,8 @@ def test_guidance_mixes_the_conditional_and_the_null_outputs():
     ({"fid_mode": "tf"}, "fid_mode"),
     ({"ref_stats": "/nonexistent/ref.npz"}, "ref_stats"),
     ({"num_classes": -1}, "num_classes"),
+    ({"guidance_scale": float("nan")}, "guidance_scale must be a number >= 0"),
+    ({"guidance_scale": float("inf")}, "guidance_scale must be a number >= 0"),
 ])
 def test_bad_evaluation_options_are_one_line(spec, what):
     with pytest.raises(ConfigError, match=what):

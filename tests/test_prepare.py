@@ -470,3 +470,12 @@ def test_parquet_without_pyarrow_is_one_line(tmp_path, monkeypatch):
         P.prepare("imagenet128", str(tmp_path / "hf"), tmp_path / "out", R, workers=1, progress=False)
     assert "pip install pyarrow" in one_line(exc)
     assert not (tmp_path / "out.partial").exists()
+
+
+@pytest.mark.parametrize("workers", [0, -2])
+def test_workers_below_one_are_refused(tmp_path, workers):
+    from bench.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=f"--workers {workers} must be at least 1"):
+        P.prepare("imagenet128", str(tmp_path), tmp_path / "out", R, workers=workers, progress=False)
+    assert not (tmp_path / "out").exists()

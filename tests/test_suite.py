@@ -250,6 +250,18 @@ def test_cost_estimate_by_hand():
     assert est.total_s == pytest.approx(4 * (64 / 450 + 128 / 1125 + 5) + 5)
 
 
+def test_guided_sampling_costs_two_network_evaluations_per_step(tmp_path):
+    from bench.cost import run_cost
+
+    text = VALID.replace("lr = 1e-3", "lr = 1e-3\nclass_cond = true").replace(
+        "num_images = 16", "num_images = 16\nsampler_steps = 5")
+    plain = load_suite(write(tmp_path, text, "plain.toml"))
+    guided = load_suite(write(tmp_path, text.replace("sampler_steps = 5", "sampler_steps = 5\nguidance_scale = 2.0"),
+                              "guided.toml"))
+    n_plain, n_guided = (run_cost(s, s.runs()[0]).network_evals for s in (plain, guided))
+    assert n_plain == 2 * 16 * 5 and n_guided == 2 * n_plain
+
+
 def test_plan_lists_every_run_and_the_totals():
     s = load_suite("smoke")
     text = describe_plan(s, {s.runs()[0].key: "done"}, jobs=2)
