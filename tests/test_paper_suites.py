@@ -71,9 +71,9 @@ def test_paper_imagenet128_at_cpu_size(tmp_path, monkeypatch):
 
 
 def test_archs_cifar10_at_cpu_size(tmp_path, monkeypatch):
+    from bench.config import TrainConfig
     from bench.data import load_dataset
     from bench.gpu_check import write_cifar_like
-    from bench.config import TrainConfig
     from bench.train import check_data_and_network
 
     monkeypatch.setenv("DIFFBENCH_CACHE", str(tmp_path / "cache"))
