@@ -51,7 +51,10 @@ def save_checkpoint(state: RunState, path: Path) -> None:
     data = {"format": CHECKPOINT_FORMAT, "step": state.step, "world_size": state.rt.world_size,
             "model": state.model.state_dict(), "ema": state.ema.state_dict(), "opt": state.opt.state_dict(),
             "rng_torch": rngs[0]["cpu"], "rng_processes": rngs, "rng": gens, "clocks": state.clocks}
-    # A failed write (a full disk) leaves the previous checkpoint and no partial file behind.
+    # A failed write (a full disk) leaves the previous checkpoint and no partial file behind; a write
+    # killed with its process leaves its temporary file (fileio.atomic_write's name), removed here.
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        stale.unlink(missing_ok=True)
     atomic_write(path, lambda f: torch.save(data, f))
 
 

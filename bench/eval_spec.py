@@ -123,7 +123,7 @@ def resolve_spec(spec: dict | None, T: int | None = None) -> dict:
         raise ConfigError(f"eval: num_classes must be an integer >= 0, got {out['num_classes']!r}")
     if not isinstance(out["guidance_scale"], (int, float)) or isinstance(out["guidance_scale"], bool) \
             or not 0 <= out["guidance_scale"] < float("inf"):
-        raise ConfigError(f"eval: guidance_scale must be a number >= 0, got {out['guidance_scale']!r}")
+        raise ConfigError(f"eval: guidance_scale must be a finite number >= 0, got {out['guidance_scale']!r}")
     if out["final_num_images"] is not None and (not isinstance(out["final_num_images"], int)
                                                 or isinstance(out["final_num_images"], bool)
                                                 or out["final_num_images"] < 2):
@@ -160,6 +160,7 @@ def _check_ref_stats(path: str) -> None:
     """mu (2048,) and sigma (2048, 2048) in the .npz, read from the arrays' headers only (a suite
     check must not load 32 MB per run); bench.fid.external_stats loads and checks them again."""
     import zipfile
+    import zlib
 
     import numpy as np
 
@@ -167,13 +168,14 @@ def _check_ref_stats(path: str) -> None:
     try:
         with zipfile.ZipFile(path) as zf:
             for name in zf.namelist():
-                if name in ("mu.npy", "sigma.npy"):
+                key = name.removesuffix(".npy")  # np.load's names, as external_stats reads them
+                if key in ("mu", "sigma"):
                     with zf.open(name) as f:
                         version = np.lib.format.read_magic(f)
                         read = np.lib.format.read_array_header_1_0 if version[0] == 1 else \
                             np.lib.format.read_array_header_2_0
-                        shapes[name[:-4]] = read(f)[0]
-    except (OSError, ValueError, zipfile.BadZipFile):
+                        shapes[key] = read(f)[0]
+    except (OSError, ValueError, EOFError, NotImplementedError, zipfile.BadZipFile, zlib.error):
         pass
     if set(shapes) != {"mu", "sigma"}:
         raise ConfigError(f"eval: ref_stats {path}: not an .npz with mu and sigma; give guided-diffusion's reference "

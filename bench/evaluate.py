@@ -33,13 +33,15 @@ from bench.eval_spec import resolve_spec
 from bench.sampling import check_sampler_args, sample, timestep_sequence, to_uint8
 
 
-def check_eval_data(spec: dict) -> None:
+def check_eval_data(spec: dict, cache: bool = True) -> None:
     """The splits an evaluation reads exist: its reference split, and the test split the proxy
-    classifier is checked on. One ConfigError line before a run folder is written, not at the
-    first evaluation after hours of training."""
+    classifier is checked on. One error line before a run folder is written, not at the first
+    evaluation after hours of training. cache=False: nothing stays in memory (a process that
+    does not evaluate)."""
     from bench.data import load_dataset
     from bench.errors import ConfigError, DatasetError
 
+    load = load_dataset if cache else load_dataset.__wrapped__
     s = resolve_spec(spec)
     where = s["dataset"] + (f" ({s['data_dir']})" if s["data_dir"] else "")
     needs = [(s["ref_split"], f'ref_split = "{s["ref_split"]}"', 'set ref_split = "train"')]
@@ -48,8 +50,14 @@ def check_eval_data(spec: dict) -> None:
                       'evaluate it with metrics = ["fid"]'))
     for split, why, fix in needs:
         try:
-            load_dataset(s["dataset"], split=split, data_dir=s["data_dir"], resolution=s["resolution"])
-        except DatasetError:
+            load(s["dataset"], split=split, data_dir=s["data_dir"], resolution=s["resolution"])
+        except DatasetError as exc:
+            if split == "train":
+                raise  # the data itself is missing or unusable: its own message says what to do
+            try:  # is it this split that is missing, or the whole dataset?
+                load(s["dataset"], split="train", data_dir=s["data_dir"], resolution=s["resolution"])
+            except DatasetError:
+                raise exc from None
             raise ConfigError(f"eval: {why}, and {where} has no {split} split; {fix}") from None
 
 
@@ -181,6 +189,10 @@ class Evaluator:
 
         t0 = time.perf_counter()
         s = self.spec
+        if s["guidance_scale"] != 1.0 and not s["num_classes"]:
+            from bench.errors import ConfigError
+
+            raise ConfigError("eval: guidance_scale needs a class-conditional model (num_classes > 0)")
         steps = check_sampler_args(s["sampler"], s["sampler_steps"], s["eta"], schedule.T, s["ddpm_variance"],
                                    s["timestep_spacing"])
         model_device = _model_device(model)

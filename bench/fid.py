@@ -249,8 +249,10 @@ def cli_fid(path_a: str, path_b: str, **opts) -> float:
         raise ConfigError(f"--num must be an integer >= 2 (FID needs a covariance of the features), got {opts['num']!r}")
     for side in (path_a, path_b):  # fail before loading Inception
         if Path(side).is_dir():
-            if not list_images(side):
-                raise ConfigError(f"no images found under {side}")
+            found = len(list_images(side))
+            if found < 2:
+                raise ConfigError(f"no images found under {side}" if not found else
+                                  f"{side} holds 1 image; FID needs at least 2 (a covariance of the features)")
         elif ":" not in side:
             raise ConfigError(f"{side!r} is neither a folder nor a dataset statistic written dataset:split "
                               "(e.g. fashion-mnist:train)")

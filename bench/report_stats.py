@@ -310,7 +310,7 @@ def _floor_lines(g: pd.DataFrame, base: pd.DataFrame) -> list[str]:
     if "noise_floor" not in g or g.noise_floor.dropna().empty:
         sources = g.noise_floor_source.dropna() if "noise_floor_source" in g else g.iloc[0:0]
         why = sources.iloc[0] if len(sources) else "not recorded (runs from before it was measured)"
-        return [f"- **Noise floor**: {why}."]
+        return [f"- **Noise floor**: {str(why).rstrip('.')}."]
     floor = float(g.noise_floor.dropna().iloc[0])
     src = g.noise_floor_source.dropna().iloc[0] if "noise_floor_source" in g else "real images"
     n_gen = int(g.num_gen.dropna().iloc[0]) if "num_gen" in g and g.num_gen.notna().any() else "?"

@@ -73,4 +73,7 @@ def _resolve(key: str, cache_env: str | None) -> ResolvedRun:
         # num_classes is the data's, known when training starts; guidance needs labels to mix with.
         if spec["guidance_scale"] != 1.0 and not cfg.class_cond:
             raise ConfigError("eval: guidance_scale needs a class-conditional run (class_cond = true)")
+        if spec["guidance_scale"] != 1.0 and cfg.p_uncond == 0:
+            raise ConfigError("eval: guidance_scale mixes in the null label's output, which p_uncond = 0 never "
+                              "trains; set p_uncond (e.g. 0.1) or guidance_scale = 1")
     return ResolvedRun(cfg, method, spec, json.loads(json.dumps(run_record(cfg, method), default=str)))

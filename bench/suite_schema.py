@@ -305,6 +305,9 @@ def _check_train_values(train: dict, budget, ck: _Checker) -> None:
     context = {k: v for k, v in train.items() if error(TrainConfig.from_dict, {k: v}) is None}
     if isinstance(budget, dict) and type(budget.get("batch_size")) is int:
         context["batch_size"] = budget["batch_size"]
+    reason = error(TrainConfig.from_dict, context)
+    if reason is not None:  # values valid alone that clash; the reason names them
+        ck.fail("train", reason)
     for k, v in train.items():
         reason = error(TrainConfig.from_dict, {**context, k: v})
         if reason is not None:

@@ -316,13 +316,13 @@ def train(run: ResolvedRun | TrainConfig, out_dir, events: TrainEvents | None = 
     every torchrun process calls it; rank 0 writes the files."""
     run = run if isinstance(run, ResolvedRun) else resolve_run(run)
     cfg, method = run.config, run.method
-    rt = make_runtime(cfg)  # before anything is written: a device or process count this machine lacks,
+    rt = make_runtime(cfg)  # before anything is written: a device or process count this machine lacks
+    main = rt.rank == 0
     check_data_and_network(cfg)  # data that cannot be read, a network that does not fit it
     if run.eval_spec is not None:
         from bench.evaluate import check_eval_data
 
-        check_eval_data(run.eval_spec)  # a split the evaluation needs and the dataset lacks
-    main = rt.rank == 0
+        check_eval_data(run.eval_spec, cache=main)  # a split the evaluation needs and the dataset lacks
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tune_allocator()

@@ -29,7 +29,7 @@ def _tmp_space(config) -> str:
     import shutil
     import tempfile
 
-    where = config.option.basetemp or tempfile.gettempdir()
+    where = os.path.abspath(config.option.basetemp or tempfile.gettempdir())
     while not os.path.exists(where):
         where = os.path.dirname(where)
     free_gb = shutil.disk_usage(where).free / 1e9

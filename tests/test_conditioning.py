@@ -54,8 +54,8 @@ def test_guidance_mixes_the_conditional_and_the_null_outputs():
     ({"fid_mode": "tf"}, "fid_mode"),
     ({"ref_stats": "/nonexistent/ref.npz"}, "ref_stats"),
     ({"num_classes": -1}, "num_classes"),
-    ({"guidance_scale": float("nan")}, "guidance_scale must be a number >= 0"),
-    ({"guidance_scale": float("inf")}, "guidance_scale must be a number >= 0"),
+    ({"guidance_scale": float("nan")}, "guidance_scale must be a finite number >= 0"),
+    ({"guidance_scale": float("inf")}, "guidance_scale must be a finite number >= 0"),
 ])
 def test_bad_evaluation_options_are_one_line(spec, what):
     with pytest.raises(ConfigError, match=what):
@@ -83,10 +83,44 @@ def test_a_ref_stats_file_without_inception_statistics_is_refused_when_the_spec_
         resolve_spec({"metrics": ["fid"], "ref_stats": str(tmp_path / "junk.npz")})
 
 
+
+def test_ref_stats_members_are_read_as_np_load_reads_them(tmp_path):
+    import zipfile
+
+    # Members named without .npy (np.load accepts them) and extra arrays, as in guided-diffusion's files.
+    p = tmp_path / "bare.npz"
+    np.savez(p, mu=np.zeros(2048), sigma=np.zeros((2048, 2048), np.float32), arr_0=np.zeros((2, 4, 4, 3), np.uint8))
+    with zipfile.ZipFile(p) as src, zipfile.ZipFile(tmp_path / "renamed.npz", "w") as dst:
+        for name in src.namelist():
+            dst.writestr(name.removesuffix(".npy"), src.read(name))
+    for path in (p, tmp_path / "renamed.npz"):
+        assert resolve_spec({"metrics": ["fid"], "ref_stats": str(path)})["ref_stats"] == str(path)
+        with np.load(path) as z:
+            assert z["mu"].shape == (2048,)
+    # A damaged compressed member is one error line, not a zlib traceback.
+    q = tmp_path / "damaged.npz"
+    np.savez_compressed(q, mu=np.arange(2048.0), sigma=np.ones((2048, 2048)))
+    data = bytearray(q.read_bytes())
+    data[60:400] = bytes(340)
+    q.write_bytes(bytes(data))
+    with pytest.raises(ConfigError, match="not an .npz with mu and sigma"):
+        resolve_spec({"metrics": ["fid"], "ref_stats": str(q)})
+
+
+def test_guidance_on_an_unconditional_model_is_refused_by_the_evaluator():
+    from bench.diffusion import make_schedule
+    from bench.evaluate import Evaluator
+
+    ev = Evaluator({"dataset": "synthetic", "metrics": ["proxy_fd"], "num_images": 4, "guidance_scale": 2.0})
+    with pytest.raises(ConfigError, match="needs a class-conditional model"):
+        ev.evaluate(Recorder(), make_schedule(), "eps", 1)
+
+
 @pytest.mark.parametrize("cfg, what", [
     (dict(p_uncond=0.1), "set class_cond = true"),
     (dict(class_cond=True, p_uncond=1.0), "p_uncond"),
     (dict(eval={"guidance_scale": 2.0}), "guidance_scale needs a class-conditional run"),
+    (dict(class_cond=True, eval={"guidance_scale": 2.0}), "p_uncond = 0 never trains"),
 ])
 def test_bad_conditioning_settings_are_one_line(tmp_path, cfg, what):
     with pytest.raises(ConfigError, match=what):

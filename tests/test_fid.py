@@ -276,13 +276,16 @@ def test_cli_rejects_bad_arguments(tmp_path):
 
 
 
-@pytest.mark.parametrize("num, what", [(1, "--num must be an integer >= 2"), (0, "--num must be"), (None, "no images")])
-def test_cli_fid_refuses_before_loading_inception(tmp_path, monkeypatch, num, what):
+@pytest.mark.parametrize("num, other, what", [(1, "imgs", "--num must be an integer >= 2"),
+                                             (0, "imgs", "--num must be"), (None, "empty", "no images"),
+                                             (None, "one", "holds 1 image; FID needs at least 2")])
+def test_cli_fid_refuses_before_loading_inception(tmp_path, monkeypatch, num, other, what):
     def no_inception(*args, **kwargs):
         raise AssertionError("Inception was loaded")
 
     monkeypatch.setattr(F, "get_inception", no_inception)
     save_pngs(torch.zeros(3, 1, 8, 8, dtype=torch.uint8), tmp_path / "imgs")
+    save_pngs(torch.zeros(1, 1, 8, 8, dtype=torch.uint8), tmp_path / "one")
     (tmp_path / "empty").mkdir()
     with pytest.raises(BenchError, match=what):
-        F.cli_fid(str(tmp_path / "imgs"), str(tmp_path / ("imgs" if num is not None else "empty")), num=num)
+        F.cli_fid(str(tmp_path / "imgs"), str(tmp_path / other), num=num)

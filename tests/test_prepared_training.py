@@ -104,3 +104,22 @@ def test_an_evaluation_on_a_split_the_set_lacks_is_refused_before_training(prepa
         train(cfg, tmp_path / "run")
     assert not (tmp_path / "run").exists()
     load_dataset.cache_clear()
+
+
+def test_the_evaluation_check_names_missing_data_as_such_and_can_leave_nothing_cached(prepared, tmp_path):
+    from bench.data import load_dataset
+    from bench.errors import DatasetError
+    from bench.evaluate import check_eval_data
+
+    # A dataset that is not there at all gets the loader's own message, not "has no test split".
+    with pytest.raises(DatasetError) as info:
+        check_eval_data({"dataset": "folder", "data_dir": str(tmp_path / "absent"), "metrics": ["proxy_fd"]})
+    assert "has no" not in str(info.value) and "absent" in str(info.value)
+    # A process that never evaluates (a rank > 0) checks without keeping the split in memory.
+    load_dataset.cache_clear()
+    check_eval_data({"dataset": "folder", "data_dir": str(prepared), "metrics": ["fid"], "resolution": 8},
+                    cache=False)
+    assert load_dataset.cache_info().currsize == 0
+    check_eval_data({"dataset": "folder", "data_dir": str(prepared), "metrics": ["fid"], "resolution": 8})
+    assert load_dataset.cache_info().currsize == 1
+    load_dataset.cache_clear()

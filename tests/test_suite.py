@@ -163,6 +163,7 @@ BAD = [
     ('lr = 1e-3', 'p_uncond = 0.1', "'train.p_uncond'", "set class_cond = true"),
     ('lr = 1e-3', 'p_uncond = 0.1\nclass_cond = "yes"', "'train.class_cond'", "must be bool"),
     ('lr = 1e-3', 'gpus = 3', "'train.gpus'", "batch_size=4 is not divisible by gpus=3"),
+    ('lr = 1e-3', 'lr = 1e-3\ngpus = 2\ndevice = "cuda:0"', "key 'train':", "device='cuda:0' names one GPU"),
     ('num_images = 16', 'num_images = 16\n[report]\nmetric = "fid"', "'report.metric'",
      "not among [eval] metrics"),
     ('num_images = 16', 'num_images = 16\n[report]\nbaseline = "p2"', "'report.baseline'",
@@ -253,7 +254,7 @@ def test_cost_estimate_by_hand():
 def test_guided_sampling_costs_two_network_evaluations_per_step(tmp_path):
     from bench.cost import run_cost
 
-    text = VALID.replace("lr = 1e-3", "lr = 1e-3\nclass_cond = true").replace(
+    text = VALID.replace("lr = 1e-3", "lr = 1e-3\nclass_cond = true\np_uncond = 0.1").replace(
         "num_images = 16", "num_images = 16\nsampler_steps = 5")
     plain = load_suite(write(tmp_path, text, "plain.toml"))
     guided = load_suite(write(tmp_path, text.replace("sampler_steps = 5", "sampler_steps = 5\nguidance_scale = 2.0"),
@@ -297,6 +298,6 @@ def test_train_settings_are_checked_together_with_the_suites_other_values(tmp_pa
     """p_uncond needs class_cond, gpus must divide the budget's batch: a suite that sets both keys
     (not the defaults) loads."""
     text = VALID.replace("lr = 1e-3", "lr = 1e-3\nclass_cond = true\np_uncond = 0.1\ngpus = 2")
-    suite = load_suite(write(tmp_path, text.replace('datasets = ["synthetic"]', 'datasets = ["synthetic"]'), "ok.toml"))
+    suite = load_suite(write(tmp_path, text, "ok.toml"))
     config = suite.runs()[0].config
     assert config["class_cond"] and config["p_uncond"] == 0.1 and config["gpus"] == 2 and config["batch_size"] == 4

@@ -185,6 +185,13 @@ def test_a_checkpoint_write_that_fails_keeps_the_previous_one_and_no_partial_fil
     assert (out / "checkpoint.pt").read_bytes() == before
     assert sorted(p.name for p in out.iterdir() if "tmp" in p.name) == []
 
+    # A write killed with its process leaves its temporary file; the next checkpoint removes it.
+    monkeypatch.setattr(torch, "save", real_save)
+    stale = out / ".checkpoint.pt.abc123.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    train(TrainConfig(**SMALL), out)
+    assert not stale.exists() and sorted(p.name for p in out.iterdir() if "tmp" in p.name) == []
+
 
 def test_different_config_in_same_folder_refused(tmp_path):
     train(TrainConfig(**{**SMALL, "iters": 4}), tmp_path)
