@@ -50,7 +50,6 @@ measures prepare's images/s and the images/s of gathering training batches from 
 
 import argparse
 import os
-import re
 import shutil
 import signal
 import sys
@@ -66,14 +65,9 @@ from PIL import Image
 
 from bench.errors import ConfigError, DatasetError
 from bench.fileio import read_json, write_json
-from bench.prepare_sources import Plan, Split, _resolution, default_out, make_plan, parse_kind
+from bench.prepare_sources import UNLABELLED, Plan, Split, _resolution, default_out, make_plan, parse_kind
 from bench.prepared import _npy_header, _sha256, load_prepared, verify_prepared  # noqa: F401 (re-exported API)
 
-KINDS = ("imagenet128", "cifar10", "folder")
-DEFAULT_RESOLUTION = {"imagenet128": 128, "cifar10": 32}
-IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
-WNID = re.compile(r"n\d{8}")
-FLAT_NAME = re.compile(r"(n\d{8})_.+")
 CHUNK = 1024  # images per resumable unit: one progress record per chunk
 TASK = 32  # images per job sent to a worker: small enough that 2 workers share 400 images evenly
 SPLIT_FILES = {"train": ("images.npy", "labels.npy"), "test": ("images_test.npy", "labels_test.npy")}
@@ -81,8 +75,6 @@ TRANSFORM = ("ADM center_crop_arr (openai/guided-diffusion image_datasets.py): c
              "side >= 2R, halve both sides (floor) with Image.BOX; resize with Image.BICUBIC so the short side "
              "is R (other side round(side * R / short), Python round); crop R x R at floor((side - R) / 2); "
              "no flip")
-PARQUET_LABELS = "from the parquet label column"
-UNLABELLED = "unlabelled: a flat folder, every label is -1"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,13 +20,6 @@ DEFAULT_RESOLUTION = {"imagenet128": 128, "cifar10": 32}
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 WNID = re.compile(r"n\d{8}")
 FLAT_NAME = re.compile(r"(n\d{8})_.+")
-CHUNK = 1024  # images per resumable unit: one progress record per chunk
-TASK = 32  # images per job sent to a worker: small enough that 2 workers share 400 images evenly
-SPLIT_FILES = {"train": ("images.npy", "labels.npy"), "test": ("images_test.npy", "labels_test.npy")}
-TRANSFORM = ("ADM center_crop_arr (openai/guided-diffusion image_datasets.py): convert to RGB; while the short "
-             "side >= 2R, halve both sides (floor) with Image.BOX; resize with Image.BICUBIC so the short side "
-             "is R (other side round(side * R / short), Python round); crop R x R at floor((side - R) / 2); "
-             "no flip")
 PARQUET_LABELS = "from the parquet label column"
 UNLABELLED = "unlabelled: a flat folder, every label is -1"
 
