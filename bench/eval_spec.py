@@ -139,7 +139,7 @@ def resolve_spec(spec: dict | None, T: int | None = None) -> dict:
         if "kid" in metrics:
             raise ConfigError("eval: kid needs the reference's features, and ref_stats holds only mu and sigma; "
                               "drop kid or ref_stats")
-        _check_ref_stats(str(out["ref_stats"]))
+        check_ref_stats(str(out["ref_stats"]))
     if out["ref_split"] not in ("train", "test"):
         raise ConfigError(f"eval: ref_split must be train or test, got {out['ref_split']!r}")
     from bench.sampling import SAMPLERS, check_sampler_args
@@ -156,9 +156,9 @@ def resolve_spec(spec: dict | None, T: int | None = None) -> dict:
     return out
 
 
-def _check_ref_stats(path: str) -> None:
+def check_ref_stats(path: str) -> None:
     """mu (2048,) and sigma (2048, 2048) in the .npz, read from the arrays' headers only (a suite
-    check must not load 32 MB per run); bench.fid.external_stats loads and checks them again."""
+    check must not load 32 MB per run); bench.fid.external_stats loads them after this check."""
     import zipfile
     import zlib
 

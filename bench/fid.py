@@ -134,16 +134,16 @@ def stats_key(extractor, dataset: str, split: str, resolution: int, num: int, su
 def external_stats(path) -> RefStats:
     """FID reference statistics from an .npz with `mu` and `sigma` (guided-diffusion's reference
     batches, e.g. VIRTUAL_imagenet128_labeled.npz, hold them beside the images); no features."""
+    from bench.eval_spec import check_ref_stats
+
+    check_ref_stats(str(path))  # names and shapes, each wrong one a single line
     try:
         with np.load(path, allow_pickle=False) as z:
             mu, sigma = np.asarray(z["mu"], dtype=np.float64), np.asarray(z["sigma"], dtype=np.float64)
             num = len(z["arr_0"]) if "arr_0" in z.files else 0
-    except (OSError, ValueError, KeyError) as exc:
-        raise ConfigError(f"ref_stats {path}: not an .npz with mu and sigma ({type(exc).__name__}); give guided-"
-                          "diffusion's reference batch or an .npz written with np.savez(mu=..., sigma=...)") from None
-    if mu.shape != (2048,) or sigma.shape != (2048, 2048):
-        raise ConfigError(f"ref_stats {path}: mu {mu.shape} and sigma {sigma.shape} are not Inception pool features "
-                          "(2048 and 2048 x 2048)")
+    except (OSError, ValueError, KeyError, EOFError) as exc:  # the headers read, the data does not
+        raise ConfigError(f"ref_stats {path}: its arrays do not load ({type(exc).__name__}); the file is damaged") \
+            from None
     digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12]
     return RefStats(mu, sigma, None, num, {"ref_stats": str(path), "sha256": digest}, Path(path), computed=False)
 
