@@ -33,15 +33,18 @@ def batch_indices(step: int, batch_size: int, n: int, seed: int, cache: dict) ->
     return torch.tensor(out)
 
 
-def stream_generators(seed: int, label_dropout: bool = False) -> dict[str, torch.Generator]:
-    """One generator per random stream, each seeded from the run's seed alone.
+def stream_generators(seed: int, label_dropout: bool = False, stream_seed: int | None = None) -> dict[str, torch.Generator]:
+    """One generator per random stream, each seeded from the run's seed alone; with `stream_seed`
+    (a method's ``streams`` slot, the placebo's) the timestep and noise streams from that instead.
 
     Separate streams are what make seed k give every method the same noise and flips: the
     noise generator is never advanced by the timestep draw, whatever the method's distribution.
     Label dropout (classifier-free guidance) has its own stream, only in runs that use it.
     """
     streams = ((101, "t"), (202, "noise"), (303, "flip")) + (((404, "label"),) if label_dropout else ())
-    return {name: torch.Generator().manual_seed(seed * 1_000_003 + offset) for offset, name in streams}
+    own = seed if stream_seed is None else stream_seed
+    return {name: torch.Generator().manual_seed((own if name in ("t", "noise") else seed) * 1_000_003 + offset)
+            for offset, name in streams}
 
 
 def sample_timesteps(probs: torch.Tensor, n: int, gen: torch.Generator) -> torch.Tensor:

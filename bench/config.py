@@ -45,6 +45,7 @@ class TrainConfig:
     zero_terminal_snr: bool = False
     # Optimisation: the compute budget is iters x batch_size images.
     iters: int = 1000
+    budget_iters: int = 0  # the workload's budget when this run trains past it (an extended baseline); 0: iters
     batch_size: int = 128
     lr: float = 2e-4
     warmup: int = 100
@@ -104,6 +105,16 @@ class TrainConfig:
             values[key] = value
         return values
 
+    @property
+    def budget(self) -> int:
+        """The workload's budget N: the iterations every method trains (an extended baseline goes on)."""
+        return self.budget_iters or self.iters
+
+    @property
+    def extended(self) -> bool:
+        """Trained past the workload's budget (the baseline of a suite with baseline_extend > 1)."""
+        return 0 < self.budget_iters < self.iters
+
     def validate(self, where: str = "config") -> None:
         def bad(key, why):
             raise ConfigError(f"{where}: {key}={getattr(self, key)!r} {why}")
@@ -118,6 +129,8 @@ class TrainConfig:
         for key in ("warmup", "eval_every", "threads", "seed"):
             if getattr(self, key) < 0:
                 bad(key, "must be >= 0")
+        if not 0 <= self.budget_iters <= self.iters:
+            bad("budget_iters", f"must be in [0, iters = {self.iters}] (0: the run's own iters)")
         if self.T < 2:
             bad("T", "must be >= 2")
         if not self.lr > 0:

@@ -49,6 +49,17 @@ ref_stats             None               an .npz with mu and sigma (guided-diffu
 final_num_images      None               also evaluate the end of the budget with this many images,
                                          as metrics "<metric>_final" (e.g. FID-50k beside the FID-10k
                                          curve; the curve's own points keep one N, as speed-ups need)
+noise_sets            1                  at the evaluation at the workload's budget, and at every
+                                         evaluation of an extended baseline (the headline reads its
+                                         curve), the metric is the mean over this many noise sets of
+                                         num_images images each (noise_seed, noise_seed + 1, ...); the
+                                         rows keep every set's value (set_values) and their sd (value_sd),
+                                         the report's measure of the metric's own noise
+sampler2              None               a second sampler for the evaluation at the budget, e.g.
+                                         {sampler = "ddim", sampler_steps = 50, timestep_spacing =
+                                         "linspace"} (keys: sampler, sampler_steps, timestep_spacing,
+                                         eta), as metrics "<metric>_sampler2": the report shows the
+                                         final differences under both samplers and flags sign changes
 save_samples          False              write each evaluation's samples to the run folder as
                                          samples/step<k>.npz (arr_0: uint8 NHWC, arr_1: labels of a
                                          class-conditional run; guided-diffusion's sample format);
@@ -90,6 +101,8 @@ DEFAULTS = {
     "ref_stats": None,
     "save_samples": False,
     "final_num_images": None,
+    "noise_sets": 1,
+    "sampler2": None,
     "verbose": False,
 }
 
@@ -128,6 +141,10 @@ def resolve_spec(spec: dict | None, T: int | None = None) -> dict:
                                                 or isinstance(out["final_num_images"], bool)
                                                 or out["final_num_images"] < 2):
         raise ConfigError(f"eval: final_num_images must be an integer >= 2 or null, got {out['final_num_images']!r}")
+    if not isinstance(out["noise_sets"], int) or isinstance(out["noise_sets"], bool) or out["noise_sets"] < 1:
+        raise ConfigError(f"eval: noise_sets must be an integer >= 1, got {out['noise_sets']!r}")
+    if out["sampler2"] is not None:
+        out["sampler2"] = _check_sampler2(out["sampler2"], T)
     if out["fid_mode"] not in ("clean", "legacy_tensorflow"):
         raise ConfigError(f"eval: fid_mode must be clean or legacy_tensorflow, got {out['fid_mode']!r}")
     if out["ref_stats"] is not None:
@@ -153,6 +170,30 @@ def resolve_spec(spec: dict | None, T: int | None = None) -> dict:
                            out["timestep_spacing"])
     except ConfigError as exc:
         raise ConfigError(f"eval: {exc}" + (f" (T = {T})" if T else "")) from None
+    return out
+
+
+SAMPLER2_KEYS = ("sampler", "sampler_steps", "timestep_spacing", "eta")
+
+
+def _check_sampler2(value, T: int | None) -> dict:
+    """sampler2: a table of sampler settings, each checked as the main sampler's are."""
+    from bench.sampling import SAMPLERS, check_sampler_args
+
+    if not isinstance(value, dict) or not value:
+        raise ConfigError(f"eval: sampler2 must be a table such as {{sampler = \"ddim\", sampler_steps = 50}}, "
+                          f"got {value!r}")
+    unknown = sorted(set(value) - set(SAMPLER2_KEYS))
+    if unknown:
+        raise ConfigError(f"eval: sampler2 has unknown key {unknown[0]!r}; its keys: {', '.join(SAMPLER2_KEYS)}")
+    out = {"sampler": "ddim", "sampler_steps": 50, "timestep_spacing": "linspace", "eta": 0.0, **value}
+    if out["sampler"] not in SAMPLERS:
+        raise ConfigError(f"eval: sampler2: unknown sampler {out['sampler']!r}; use one of {', '.join(SAMPLERS)}")
+    try:
+        check_sampler_args(out["sampler"], out["sampler_steps"], out["eta"], T or 10**9, DEFAULTS["ddpm_variance"],
+                           out["timestep_spacing"])
+    except ConfigError as exc:
+        raise ConfigError(f"eval: sampler2: {exc}") from None
     return out
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import torch
 
 from bench.eval_spec import resolve_spec
@@ -67,6 +68,14 @@ class Evaluator:
     def __init__(self, spec: dict | None = None):
         self.spec = resolve_spec(spec)
         self._prepared: dict = {}
+
+    def variant(self, **change) -> "Evaluator":
+        """This evaluation with some spec keys changed (another sampler, another N); it shares this
+        one's feature extractors and reference statistics when N and the metrics are unchanged."""
+        other = Evaluator({**self.spec, **change})
+        if other.spec["num_images"] == self.spec["num_images"] and other.spec["metrics"] == self.spec["metrics"]:
+            other._prepared = self._prepared
+        return other
 
     # -- one-time setup ------------------------------------------------------------------------
     def _ref_images(self) -> torch.Tensor:
@@ -181,12 +190,13 @@ class Evaluator:
         atomic_write_bytes(Path(out_dir) / "samples" / f"{name}.npz", buf.getvalue())
 
     # -- the hook -----------------------------------------------------------------------------
-    def evaluate(self, model, schedule, target: str, step: int, out_dir=None, samples_suffix: str = "") -> list[dict]:
+    def evaluate(self, model, schedule, target: str, step: int, out_dir=None, samples_suffix: str = "",
+                 noise_sets: int = 1) -> list[dict]:
         """Sample, score and return one row per metric; with save_samples, also write the samples
-        into `out_dir`/samples/step<k><samples_suffix>.npz (the run folder)."""
-        from bench.fid import feature_stats, frechet_distance, kernel_distance
-        from bench.sampling import _model_device
-
+        into `out_dir`/samples/step<k><samples_suffix>.npz (the run folder). With `noise_sets` K > 1
+        the same is done under K noise sets (noise_seed, noise_seed + 1, ...), each of num_images
+        images, and a row's value is their mean (the Frechet distance's bias is the one at
+        num_images, as on every other point of the curve), with set_values and value_sd beside it."""
         t0 = time.perf_counter()
         s = self.spec
         if s["guidance_scale"] != 1.0 and not s["num_classes"]:
@@ -195,20 +205,59 @@ class Evaluator:
             raise ConfigError("eval: guidance_scale needs a class-conditional model (num_classes > 0)")
         steps = check_sampler_args(s["sampler"], s["sampler_steps"], s["eta"], schedule.T, s["ddpm_variance"],
                                    s["timestep_spacing"])
-        model_device = _model_device(model)
-        setup_seconds = self.prepare(model_device)
+        from bench.sampling import _model_device
 
-        t1 = time.perf_counter()
+        setup_seconds = self.prepare(_model_device(model))
+        per_set, sample_seconds = [], 0.0
+        for j in range(max(1, int(noise_sets))):
+            t1 = time.perf_counter()
+            images = self._sample(model, schedule, target, steps, s["noise_seed"] + j)
+            sample_seconds += time.perf_counter() - t1
+            if j == 0 and s["save_samples"] and out_dir is not None:
+                self._save_samples(images, f"step{int(step):08d}{samples_suffix}", out_dir)
+            per_set.append(self._score(images))
+        eval_seconds = time.perf_counter() - t0
+
+        ts = timestep_sequence(schedule.T, steps, s["timestep_spacing"])
+        conditional = {"num_classes": s["num_classes"], "guidance_scale": float(s["guidance_scale"])} \
+            if s["num_classes"] else {}
+        if s["ref_stats"] or s["fid_mode"] != "clean":  # only then: older rows stay as they were
+            conditional.update(fid_mode=s["fid_mode"], ref_stats=s["ref_stats"])
+        rows = []
+        for k, (metric, _, ext, ref, floor, floor_source) in enumerate(per_set[0]):
+            values = [float(scores[k][1]) for scores in per_set]
+            spread = {"set_values": ",".join(repr(v) for v in values),
+                      "value_sd": float(np.std(values, ddof=1))} if len(values) > 1 else {}
+            rows.append({
+                "step": int(step), "metric": metric, "value": float(np.mean(values)), "feature_extractor": ext.name,
+                "num_gen": s["num_images"], "ref_split": s["ref_split"], "num_ref": int(ref.num),
+                "sampler": s["sampler"], "sampler_steps": steps,
+                "eta": float(s["eta"]) if s["sampler"] == "ddim" else None,
+                "eval_seconds": round(eval_seconds, 3),
+                "dataset": s["dataset"], "resolution": int(self._prepared["shape"][-1]), "noise_seed": s["noise_seed"],
+                "noise_sets": len(values), **spread,
+                "weights_sha1": ext.weights_sha1, "weights_sha256": getattr(ext, "weights_sha256", None),
+                "weights_shipped": getattr(ext, "shipped", None), "timestep_spacing": s["timestep_spacing"],
+                "timesteps": ",".join(map(str, ts)), "noise_floor": floor, "noise_floor_source": floor_source,
+                "sample_seconds": round(sample_seconds, 3), "setup_seconds": round(setup_seconds, 3), **conditional,
+            })
+        return rows
+
+    def _sample(self, model, schedule, target: str, steps: int, noise_seed: int) -> torch.Tensor:
+        """num_images samples as uint8 under `noise_seed`."""
+        s = self.spec
         x = sample(model, schedule, target, s["num_images"], self._prepared["shape"], batch_size=s["batch_size"],
-                   sampler=s["sampler"], steps=steps, eta=s["eta"], noise_seed=s["noise_seed"], clip_x0=s["clip_x0"],
+                   sampler=s["sampler"], steps=steps, eta=s["eta"], noise_seed=noise_seed, clip_x0=s["clip_x0"],
                    spacing=s["timestep_spacing"], ddpm_variance=s["ddpm_variance"], num_classes=s["num_classes"],
                    guidance_scale=float(s["guidance_scale"]))
-        images = to_uint8(x)
-        sample_seconds = time.perf_counter() - t1
-        if s["save_samples"] and out_dir is not None:
-            self._save_samples(images, f"step{int(step):08d}{samples_suffix}", out_dir)
+        return to_uint8(x)
 
-        values = []  # (metric, value, extractor, ref, noise floor, its source)
+    def _score(self, images: torch.Tensor) -> list[tuple]:
+        """(metric, value, extractor, reference, noise floor, its source) per configured metric, in
+        the spec's order."""
+        from bench.fid import feature_stats, frechet_distance, kernel_distance
+
+        s, values = self.spec, []
         for family, fd_name, kid_name in (("proxy", "proxy_fd", "proxy_kid"), ("inception", "fid", "kid")):
             if family not in self._prepared:
                 continue
@@ -222,24 +271,6 @@ class Evaluator:
                 kid = kernel_distance(feats, ref.feats, num_subsets=s["kid_subsets"],
                                       max_subset_size=s["kid_subset_size"], seed=0)
                 values.append((kid_name, kid, ext, ref, floor["kid"], floor["source"]))
-        eval_seconds = time.perf_counter() - t0
-
-        ts = timestep_sequence(schedule.T, steps, s["timestep_spacing"])
         order = {m: k for k, m in enumerate(s["metrics"])}
         values.sort(key=lambda v: order[v[0]])
-        conditional = {"num_classes": s["num_classes"], "guidance_scale": float(s["guidance_scale"])} \
-            if s["num_classes"] else {}
-        if s["ref_stats"] or s["fid_mode"] != "clean":  # only then: older rows stay as they were
-            conditional.update(fid_mode=s["fid_mode"], ref_stats=s["ref_stats"])
-        return [{
-            "step": int(step), "metric": metric, "value": float(value), "feature_extractor": ext.name,
-            "num_gen": s["num_images"], "ref_split": s["ref_split"], "num_ref": int(ref.num),
-            "sampler": s["sampler"], "sampler_steps": steps,
-            "eta": float(s["eta"]) if s["sampler"] == "ddim" else None,
-            "eval_seconds": round(eval_seconds, 3),
-            "dataset": s["dataset"], "resolution": int(self._prepared["shape"][-1]), "noise_seed": s["noise_seed"],
-            "weights_sha1": ext.weights_sha1, "weights_sha256": getattr(ext, "weights_sha256", None),
-            "weights_shipped": getattr(ext, "shipped", None), "timestep_spacing": s["timestep_spacing"],
-            "timesteps": ",".join(map(str, ts)), "noise_floor": floor, "noise_floor_source": floor_source,
-            "sample_seconds": round(sample_seconds, 3), "setup_seconds": round(setup_seconds, 3), **conditional,
-        } for metric, value, ext, ref, floor, floor_source in values]
+        return values

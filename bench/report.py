@@ -33,7 +33,8 @@ import pandas as pd
 from bench.fileio import atomic_write_bytes
 from bench.report_figures import _safe, figure_curves, figure_loss_quartiles, figure_optimizer, figure_timesteps
 from bench.report_stats import (
-    AA_LABEL,
+    PLACEBO,
+    early_targets,
     final_values,
     limits_lines,
     speedup_display,
@@ -49,6 +50,7 @@ from bench.report_tables import (
     _read_json,
     binned_steps,
     curves_table,
+    run_budget,
     evaluations_table,
     find_runs,
     fractions_display,
@@ -57,7 +59,8 @@ from bench.report_tables import (
     to_markdown,
 )
 from bench.report_text import _machine_lines, _protocol_lines, _runtime_lines, _training_lines
-from bench.speedup import lower_is_better
+from bench.report_noise import metric_noise, noise_lines, sampler_robustness
+from bench.speedup import BOOTSTRAP_MIN_SEEDS, lower_is_better
 from bench.suite_schema import REPORT_DEFAULTS
 
 
@@ -137,7 +140,7 @@ def _workload_section(ctx: _Report, w: str, fr: pd.DataFrame) -> list[str]:
     """One workload: per metric its speed-ups, fractions and curve; the training figures; the limits."""
     w_runs = [r for r in ctx.runs if r["workload"] == w]
     w_evals = ctx.evals[ctx.evals.workload == w] if not ctx.evals.empty else ctx.evals
-    budget = max((r["config"].get("iters") or 0) for r in w_runs)
+    budget = max((run_budget(r["config"]) or 0) for r in w_runs)
     sec = [f"## Workload {w}", ""]
     for metric in ctx.metrics:
         sec += _metric_section(ctx, w, w_evals, budget, metric, fr)
@@ -154,22 +157,28 @@ def _workload_section(ctx: _Report, w: str, fr: pd.DataFrame) -> list[str]:
 
 def _metric_section(ctx: _Report, w: str, w_evals: pd.DataFrame, budget: int, metric: str,
                     fr: pd.DataFrame) -> list[str]:
+    if metric.endswith("_sampler2"):
+        return []  # read beside its metric (sampler robustness)
     if metric.endswith("_final"):
         return _final_metric_section(ctx, w, w_evals, budget, metric)
     tag, target, sec = f"{w} / {metric}", None, []
     if ctx.baseline:
         main = [label for label in ctx.order if label not in ctx.sweep or label == ctx.baseline]
-        rows = speedup_rows(w_evals, ctx.baseline, main, budget, metric, **ctx.stats_kw)
+        extend = _baseline_extend(ctx, w, budget)
+        rows = speedup_rows(w_evals, ctx.baseline, main, budget, metric, extend=extend, **ctx.stats_kw)
         if rows:
             ctx.parts["sp"].append(speedup_frame(rows, ctx.targets).assign(
-                workload=w, metric=metric, baseline=ctx.baseline, budget_iters=budget))
-            target = rows[0][f"speedup@{ctx.headline:g}"].target
+                workload=w, metric=metric, baseline=ctx.baseline, budget_iters=budget, baseline_extend=extend))
+            early = early_targets(ctx.targets)
+            target = rows[0][f"speedup@{ctx.headline:g}"].target if ctx.headline in early else None
             disp = speedup_display(rows, ctx.targets, ctx.headline, final_values(w_evals, metric, budget))
             ctx.parts["md_sp"] += [f"### {tag}", "", to_markdown(disp), ""]
             ctx.parts["tex_sp"].append(to_latex(disp, f"Paired speed-up over {ctx.baseline} ({metric}, {w})",
                                                 f"tab:speedup:{_safe(w)}:{_safe(metric)}"))
-            sec += _speedup_text(rows, ctx.baseline, metric, budget, ctx.targets, ctx.headline, ctx.stats_kw)
+            sec += _speedup_text(rows, ctx.baseline, metric, budget, extend, early, ctx.stats_kw,
+                                 _baseline_slots(ctx, w))
             sec += [to_markdown(disp), ""]
+            sec += _noise_section(ctx, w_evals, metric, budget, main)
             sec += _sweep_section(w_evals, ctx.baseline, ctx.sweep, metric, budget, ctx.order, ctx.stats_kw,
                                   ctx.headline)
     fsub = fr[(fr.workload == w) & (fr.metric == metric)] if not fr.empty else pd.DataFrame()
@@ -258,8 +267,8 @@ def _header_lines(ctx: _Report) -> list[str]:
     lines = [f"# Suite `{info.get('name') or ctx.suite_dir.name}`: report", ""]
     if info.get("description"):
         lines += [info["description"].strip(), ""]
-    lines += [f"Generated {time.strftime('%Y-%m-%d %H:%M:%S')} from `{ctx.suite_dir}`"
-              + (f" (suite file `{info['file']}`)" if info.get("file") else "") + ".", "",
+    lines += [f"Generated {time.strftime('%Y-%m-%d %H:%M:%S')} from the results folder `{ctx.suite_dir.name}`"
+              + (f" (suite file `{_short_path(info['file'])}`)" if info.get("file") else "") + ".", "",
               f"Runs: {len(runs)} found; {len(done)} done, {len(failed)} failed, "
               f"{len(unfinished)} unfinished." + (" Tables use every evaluation recorded so far; a method's "
                                                   "seed-mean curve stops where one of its seeds stops."
@@ -299,31 +308,81 @@ def _footer_lines(ctx: _Report) -> list[str]:
                     "- [figures/](figures/): PNG and PDF of every figure", ""]
 
 
-def _speedup_text(rows, baseline, metric, budget, targets, headline, kw) -> list[str]:
-    """What the speed-up table's numbers are, with this suite's targets and seed counts."""
+def _speedup_text(rows, baseline, metric, budget, extend, early, kw, baseline_slots) -> list[str]:
+    """What the speed-up table's numbers are, with this suite's budget, extension and seed counts."""
     n = rows[0]["n_paired"]
-    f_stars = ", ".join(f"{_num(rows[0][f'speedup@{f:g}'].target)} at {100 * f:g}%" for f in targets)
-    how = ("a t-interval on log speed-up (n - 1 degrees of freedom)" if 3 <= n < 6 else
-           f"a paired bootstrap over seeds ({kw['n_boot']} resamples, RNG seed {kw['seed']})" if n >= 6 else
-           "no interval: fewer than 3 paired seeds (\"too few seeds\")")
+    conf = 100 * kw["confidence"]
+    how = ("a t-interval on log speed-up (n - 1 degrees of freedom)" if 3 <= n < BOOTSTRAP_MIN_SEEDS else
+           f"a paired bootstrap over seeds ({kw['n_boot']} resamples, RNG seed {kw['seed']})"
+           if n >= BOOTSTRAP_MIN_SEEDS and kw["n_boot"] > 0 else
+           "a t-interval on log speed-up" if n >= 3 else "no interval: fewer than 3 paired seeds (\"too few seeds\")")
     better = "negative" if lower_is_better(metric) else "positive"
-    aa = (" The A/A row compares the baseline's seed halves as if they were two methods: the spread noise "
-          "alone gives (its pairs are different seeds, so it is wider than a paired method's)."
-          if any(r["method_label"] == AA_LABEL for r in rows) else "")
-    return [f"### Paired speed-up over `{baseline}` ({metric})", "",
+    family = [r for r in rows if not r["is_baseline"] and not r["is_control"]]
+    controls = [r["method_label"] for r in rows if r["is_control"]]
+    ext = (f"`{baseline}` trained on to {extend:g}x the budget ({extend * budget:g} iterations) with the same "
+           "evaluation grid, so a method can be worth up to that much" if extend > 1 else
+           f"`{baseline}` was not extended past the budget ([budget] baseline_extend = 1), so no speed-up above 1x "
+           "can be shown (a seed that beats its baseline seed is '>= 1x')")
+    same_run = ("; its schedule does not depend on training progress (warm-up and EMA warm-up count iterations), "
+                "so its first iterations are those of a run that stops at the budget" if not baseline_slots else
+                f"; it fills the slots {', '.join(baseline_slots)}, whose schedules follow training progress, so the "
+                f"extended baseline is its own run at {extend:g}x the budget, not the budget's run continued")
+    text = [f"### Paired speed-up over `{baseline}` ({metric})",
             f"Seeds are paired: seed k of a method shares initialisation, data order, timestep draws' random "
-            f"numbers and noise with seed k of `{baseline}`. Target F*(f) = `{baseline}`'s {metric} at fraction f "
-            f"of the {budget}-iteration budget; each seed's target is its own baseline seed's value there, whose "
-            f"seed mean is F* ({f_stars}). Per seed, speed-up = iterations the baseline seed needs / iterations "
-            f"the method's seed needs to reach that target (interpolated between evaluations: linearly, or in "
-            f"log-iterations on a geometric grid). The headline, fixed in the suite before the runs, is read at "
-            f"F* = {100 * headline:g}% of the budget, where a method up to {1 / headline:.2f}x slower than the "
-            f"baseline still gets a number: the geometric mean over {n} paired seeds with {how}, in brackets. "
-            f"Bounds get no interval: '<= x', some seeds never reached the target and were counted at the "
-            f"budget's end; '>= x', some were at the target by their first evaluation; '~x', both. At 100% a "
-            f"seed that reaches its target is >= 1x by construction, so that column has no interval; read "
-            f"the end of the budget from 'final - baseline': the paired difference of the final {metric} "
-            f"({better} is better), mean [t-interval].{aa} Per-seed values are in tables/speedup.csv.", ""]
+            f"numbers and noise with seed k of `{baseline}`. **Headline: the baseline-equivalent speed-up at the "
+            f"budget**, the paper's reading of \"2x\": per seed, the iterations `{baseline}`'s seed k needs to "
+            f"reach the method's seed-k {metric} at the {budget}-iteration budget, divided by {budget} (read on "
+            f"the baseline's curve, interpolated in log-iterations). {ext}{same_run if extend > 1 else ''}. "
+            f"Geometric mean over {n} paired seeds with {how}, {conf:g}%, in brackets. Bounds get no interval: "
+            f"'>= x', some seeds were better than the baseline's whole curve; '<= x', some ended no better than "
+            f"the baseline's first evaluation. 'final - baseline' is the paired difference of the {metric} at the "
+            f"budget ({better} is better), mean [t-interval]."]
+    if family:
+        text += [f"**Holm-adjusted** columns correct for the {len(family)} method{'s' * (len(family) != 1)} tested against `{baseline}` "
+                 f"(controls are outside that family): each is the t-interval at the level Holm's step-down gives it "
+                 f"(between {conf:g}% and {100 - (100 - conf) / len(family):.3g}%), with the adjusted p-value; an "
+                 "adjusted interval excludes 1 (or 0) exactly when Holm rejects. Read claims from these."]
+    if controls:
+        text += [f"Controls: {', '.join(f'`{c}`' for c in controls)}"
+                 + (" (the baseline with its timestep and noise streams re-seeded: same initialisation and data, so "
+                    "every difference is noise; its intervals should cover 1 and 0)" if PLACEBO in controls else "")
+                 + "."]
+    if early:
+        shown = ", ".join(f"{100 * f:g}%" for f in early)
+        text += [f"Secondary, the **early-training rate**: each seed's own baseline value at a fraction f of the "
+                 f"budget ({shown}) is the target F*(f); speed-up = iterations the baseline seed needs / "
+                 f"iterations the method's seed needs to reach it (unadjusted intervals). It measures how fast "
+                 f"training starts, not the quality at the budget. Per-seed values are in tables/speedup.csv."]
+    return [line for t in text for line in (t, "")]
+
+
+def _baseline_extend(ctx: _Report, w: str, budget: int) -> float:
+    """How far the baseline's runs of workload `w` were trained, in budgets (1: not extended)."""
+    its = [r["config"].get("iters") or 0 for r in ctx.runs if r["workload"] == w and r["label"] == ctx.baseline]
+    return max(1.0, max(its) / budget) if its and budget else 1.0
+
+
+def _baseline_slots(ctx: _Report, w: str) -> list[str]:
+    cfg = next((r["config"] for r in ctx.runs if r["workload"] == w and r["label"] == ctx.baseline), {})
+    return [s for s in cfg.get("method_slots") or [] if s != "streams"]
+
+
+def _noise_section(ctx: _Report, w_evals: pd.DataFrame, metric: str, budget: int, labels: list[str]) -> list[str]:
+    """The metric's noise at the budget, and the final differences under the second sampler."""
+    summary, table = metric_noise(w_evals, metric, ctx.baseline, budget, labels)
+    sec = ["#### The metric's own noise", ""] + noise_lines(summary, table, metric) + [""]
+    if not table.empty:
+        sec += [to_markdown(table.round(3)), ""]
+    robust = sampler_robustness(w_evals, metric, ctx.baseline, budget, labels, ctx.stats_kw["confidence"])
+    if not robust.empty:
+        flips = list(robust[robust.sign == "changes"].method)
+        sec += ["#### Sampler robustness", "",
+                "The final checkpoints evaluated with a second sampler (one noise set): the paired final differences "
+                "under both. " + (f"**The sign changes for {', '.join(flips)}**: their ranking against the baseline "
+                                  "depends on the sampler." if flips else
+                                  "No method's difference changes sign."), "", to_markdown(robust), ""]
+    return sec
+
 
 def _sweep_section(evals, baseline, sweep, metric, budget, order, kw, headline) -> list[str]:
     """The baseline at each learning rate of [grid] lr_sweep, and the methods against the best one."""
@@ -350,6 +409,13 @@ def _sweep_section(evals, baseline, sweep, metric, budget, order, kw, headline) 
     disp = speedup_display(rows, [headline], headline, finals)
     return out + [f"Against the best-tuned baseline `{best}` (every other method keeps the shared learning rate):",
                   "", to_markdown(disp), ""]
+
+def _short_path(path: str) -> str:
+    """A suite file's path as a committed report may show it: suites/<name>.toml for a shipped
+    suite, else the file's name (never a machine's absolute folder)."""
+    p = Path(path)
+    return f"{p.parent.name}/{p.name}" if p.parent.name == "suites" else p.name
+
 
 def _fig(stem: str) -> str:
     return f"figures/{stem}"

@@ -17,16 +17,29 @@ import pandas as pd
 
 from bench.fileio import iter_jsonl
 from bench.speedup import (
+    EquivalentSpeedup,
     PairedDifference,
     PairedSpeedup,
     aa_split,
+    baseline_equivalent,
+    holm,
+    holm_levels,
     lower_is_better,
     paired_difference,
     paired_speedup,
     relative_improvement,
+    t_interval_at,
+    t_pvalue,
 )
 
 AA_LABEL = "A/A: baseline vs baseline"
+#: the registered control method (methods/placebo.py); its labels are controls, not methods under test
+PLACEBO = "placebo"
+
+
+def is_control(label: str) -> bool:
+    """The A/A row and the placebo's labels: shown beside the methods, outside Holm's family."""
+    return label == AA_LABEL or label == PLACEBO or label.startswith(PLACEBO + "-")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -49,60 +62,107 @@ def _paired(base: tuple, meth: tuple) -> tuple:
     return bs, bv[bi], ms, mv[mi], seeds
 
 
-def _stats_row(base: tuple, meth: tuple, *, budget, targets, lib, confidence, n_boot, seed,
+def _stats_row(base: tuple, meth: tuple, *, budget, targets, lib, confidence, n_boot, seed, extend=1.0,
                is_baseline: bool = False) -> dict:
     bs, bv, ms, mv, seeds = _paired(base, meth)
     row = {"seeds": seeds, "n_paired": len(seeds)}
+    row["equiv"] = baseline_equivalent(bs, bv, ms, mv, budget=budget, extend=extend, seeds=seeds,
+                                       lower_is_better=lib, confidence=confidence, n_boot=n_boot, seed=seed,
+                                       is_baseline=is_baseline)
     for f in targets:
         s = paired_speedup(bs, bv, ms, mv, budget=budget, fraction=f, seeds=seeds, lower_is_better=lib,
                            confidence=confidence, n_boot=n_boot, seed=seed, is_baseline=is_baseline)
         row[f"speedup@{f:g}"] = s
-    row["final_diff"] = paired_difference(bs, bv, ms, mv, budget=budget, seeds=seeds, confidence=confidence)
+    d = paired_difference(bs, bv, ms, mv, budget=budget, seeds=seeds, confidence=confidence)
+    row["final_diff"] = d
+    row["final_p"] = t_pvalue(d.per_seed) if d.interval == "t" else None
     return row
 
 
+def early_targets(targets) -> list[float]:
+    """The early-training rate's fractions: f < 1 (at f = 1 it only encodes the final difference's sign)."""
+    return [float(f) for f in targets if float(f) < 1.0]
+
+
 def speedup_rows(evals: pd.DataFrame, baseline: str, labels: list[str], budget: float, metric: str, *,
-                 targets, confidence: float = 0.95, n_boot: int = 2000, seed: int = 0) -> list[dict]:
-    """Per method label: paired speed-ups at every target fraction and the paired final
-    difference against `baseline`; then the A/A row (the baseline's seed halves)."""
+                 targets, extend: float = 1.0, confidence: float = 0.95, n_boot: int = 2000,
+                 seed: int = 0) -> list[dict]:
+    """Per method label against `baseline`: the baseline-equivalent speed-up at the budget (the
+    headline, B's curve read up to extend x budget), the early-training rate at every target
+    fraction f < 1 and the paired final difference, with Holm-adjusted intervals across the
+    methods that are not controls; then, when no placebo ran, the A/A row (the baseline's seed halves)."""
     g = evals[evals.metric == metric]
     base_df = g[g.method_label == baseline]
     if base_df.empty:
         return []
     lib = lower_is_better(metric)
     base = seed_curves(base_df)
-    kw = dict(budget=budget, targets=targets, lib=lib, confidence=confidence, n_boot=n_boot, seed=seed)
+    kw = dict(budget=budget, targets=early_targets(targets), lib=lib, confidence=confidence, n_boot=n_boot,
+              seed=seed, extend=extend)
     rows = []
     for label in labels:
         sub = g[g.method_label == label]
         if sub.empty:
             continue
-        row = {"method_label": label, "is_baseline": label == baseline,
-               **_stats_row(base, seed_curves(sub), is_baseline=label == baseline, **kw)}
-        rows.append(row)
+        rows.append({"method_label": label, "is_baseline": label == baseline, "is_control": is_control(label),
+                     **_stats_row(base, seed_curves(sub), is_baseline=label == baseline, **kw)})
     # A/A: the second half of the baseline's seeds as if it were a method, paired with the first half.
     bs, bv, b_seeds = base
     first, second = aa_split(len(b_seeds))
-    if first:
+    if first and not any(r["is_control"] for r in rows):
         half1 = (bs, bv[first], list(range(len(first))))
         half2 = (bs, bv[second], list(range(len(second))))
         aa = _stats_row(half1, half2, **kw)
         aa["seeds"] = [f"{b_seeds[i]}|{b_seeds[j]}" for i, j in zip(first, second)]
-        rows.append({"method_label": AA_LABEL, "is_baseline": False, **aa})
+        rows.append({"method_label": AA_LABEL, "is_baseline": False, "is_control": True, **aa})
+    adjust_holm(rows, confidence)
     return rows
 
 
+def adjust_holm(rows: list[dict], confidence: float) -> None:
+    """Holm-adjusted p-values and intervals (bench.speedup.holm_levels) of the headline and of the
+    final difference, across the rows that are neither the baseline nor a control."""
+    family = [r for r in rows if not r["is_baseline"] and not r["is_control"]]
+    for key, p_of, sample_of, transform in (
+            ("equiv", lambda r: r["equiv"].p_value, lambda r: r["equiv"].log_s, np.exp),
+            ("final_diff", lambda r: r["final_p"], lambda r: r["final_diff"].per_seed, lambda x: x)):
+        ps = {r["method_label"]: p_of(r) for r in family}
+        adjusted, levels = holm(ps), holm_levels(ps, confidence)
+        for r in family:
+            label, ci = r["method_label"], None
+            if ps[label] is not None:
+                lo_hi = t_interval_at(sample_of(r), levels[label])
+                ci = (float(transform(lo_hi[0])), float(transform(lo_hi[1]))) if lo_hi else None
+            r[f"{key}_holm"] = {"p": ps[label], "p_adj": adjusted[label], "level": levels[label], "ci": ci,
+                                "m": len(family)}
+
+
 def speedup_frame(rows: list[dict], targets) -> pd.DataFrame:
-    """The machine-readable table (tables/speedup.csv): one row per method and target."""
+    """The machine-readable table (tables/speedup.csv): per method, one row for the headline
+    (statistic "baseline_equivalent") and one per early-training target (statistic "early_rate")."""
     out = []
+
+    def flat(obj) -> dict:
+        return {k: (json.dumps(v) if isinstance(v, list) else v) for k, v in obj.as_dict().items()}
+
     for r in rows:
-        for f in targets:
-            s = r[f"speedup@{f:g}"]
-            d = r["final_diff"]
-            out.append({"method_label": r["method_label"], "fraction": f, **{
-                k: (json.dumps(v) if isinstance(v, list) else v) for k, v in s.as_dict().items() if k != "fraction"},
-                "final_diff_mean": d.mean, "final_diff_ci_low": d.ci_low, "final_diff_ci_high": d.ci_high,
-                "final_diff_relative": d.relative_mean, "final_diff_interval": d.interval})
+        d = r["final_diff"]
+        common = {"method_label": r["method_label"], "is_control": r["is_control"],
+                  "final_diff_mean": d.mean, "final_diff_ci_low": d.ci_low, "final_diff_ci_high": d.ci_high,
+                  "final_diff_relative": d.relative_mean, "final_diff_interval": d.interval,
+                  "final_diff_p": r.get("final_p")}
+        fh = r.get("final_diff_holm") or {}
+        common.update(final_diff_p_holm=fh.get("p_adj"), final_diff_holm_level=fh.get("level"),
+                      final_diff_holm_low=(fh.get("ci") or (None, None))[0],
+                      final_diff_holm_high=(fh.get("ci") or (None, None))[1])
+        e, eh = r["equiv"], r.get("equiv_holm") or {}
+        out.append({**common, "statistic": "baseline_equivalent", "fraction": 1.0,
+                    **{k: v for k, v in flat(e).items() if k not in ("budget",)},
+                    "p_holm": eh.get("p_adj"), "holm_level": eh.get("level"),
+                    "holm_low": (eh.get("ci") or (None, None))[0], "holm_high": (eh.get("ci") or (None, None))[1]})
+        for f in early_targets(targets):
+            sp = r[f"speedup@{f:g}"]
+            out.append({**common, "statistic": "early_rate", **flat(sp)})
     return pd.DataFrame(out)
 
 
@@ -110,7 +170,7 @@ def format_speedup(s: PairedSpeedup) -> tuple[str, str]:
     """(point, interval) as the report prints them. A bound is always printed as such: "<= x" (some
     seeds never reached; "not reached (<= x)" when at least half of them), ">= x" (some seeds were
     at the target by their first evaluation), "~x" (bounds both ways); those get no interval, only
-    a note of how many seeds are bounds. At f = 1 the interval cell says it is one-sided."""
+    a note of how many seeds are bounds."""
     if s.interval == "none":
         return "1 (reference)", ""
     if s.speedup is None:
@@ -130,6 +190,36 @@ def format_speedup(s: PairedSpeedup) -> tuple[str, str]:
     if s.ci_low is None:
         return f"{s.speedup:.2f}x", f"too few seeds (n={n})"
     return f"{s.speedup:.2f}x", f"[{s.ci_low:.2f}, {s.ci_high:.2f}] ({s.interval}, n={n})"
+
+
+def equivalent_cell(e: EquivalentSpeedup) -> str:
+    """The headline cell, e.g. "1.35x [1.10, 1.66]", ">= 1.71x; 2 of 4 seeds beyond the baseline's
+    curve", "<= 0.14x; 4 of 4 seeds no better than the baseline's first evaluation"."""
+    if e.interval == "none":
+        return "1 (reference)"
+    if e.speedup is None:
+        return "no data"
+    n = e.n_paired
+    notes = ([f"{e.n_beyond} of {n} seeds beyond the baseline's {e.extend:g}x curve"] if e.lower_bound else []) + \
+        ([f"{e.n_before} of {n} seeds no better than the baseline's first evaluation"] if e.upper_bound else [])
+    if e.lower_bound and e.upper_bound:
+        return f"~{e.speedup:.2f}x; " + ", ".join(notes)
+    if e.lower_bound:
+        return f">= {e.speedup:.2f}x; {notes[0]}"
+    if e.upper_bound:
+        return f"<= {e.speedup:.2f}x; {notes[0]}"
+    if e.ci_low is None:
+        return f"{e.speedup:.2f}x; too few seeds (n={n})"
+    return f"{e.speedup:.2f}x [{e.ci_low:.2f}, {e.ci_high:.2f}]"
+
+
+def holm_cell(h: dict | None, ratio: bool) -> str:
+    """A Holm-adjusted interval with its adjusted p-value; '-' outside the family or without a test."""
+    if not h or h["ci"] is None:
+        return "-"
+    lo, hi = h["ci"]
+    shown = f"[{lo:.2f}, {hi:.2f}]" if ratio else f"[{lo:.3g}, {hi:.3g}]"
+    return f"{shown} p={h['p_adj']:.2g}"
 
 
 def format_difference(d: PairedDifference, digits: int = 4) -> str:
@@ -153,17 +243,24 @@ def speedup_cell(s) -> str:
     return f"{point} [{s.ci_low:.2f}, {s.ci_high:.2f}]"
 
 
-def speedup_display(rows: list[dict], targets, headline: float, finals: dict[str, str]) -> pd.DataFrame:
-    """The table people read: speed-up with its interval at each target (the headline's column
-    marked), the paired final difference, and the final value (mean ± sd over seeds)."""
+def speedup_display(rows: list[dict], targets, headline: float, finals: dict[str, str],
+                    with_equiv: bool = True) -> pd.DataFrame:
+    """The table people read: the baseline-equivalent speed-up at the budget (the headline) and the
+    paired final difference, each with its unadjusted and its Holm-adjusted interval, the final
+    value (mean ± sd over seeds), and the early-training rate at each target f < 1."""
     out = []
     for r in rows:
+        base = r["is_baseline"]
         line = {"method": r["method_label"], "paired seeds": r["n_paired"]}
-        for f in targets:
-            name = f"F* at {100 * f:g}%" + (" (headline)" if f == headline else "")
-            line[name] = "1 (reference)" if r["is_baseline"] else speedup_cell(r[f"speedup@{f:g}"])
-        line["final - baseline (paired)"] = "0 (reference)" if r["is_baseline"] else format_difference(r["final_diff"])
+        if with_equiv:
+            line["speed-up at the budget (baseline-equivalent)"] = equivalent_cell(r["equiv"])
+            line["Holm-adjusted"] = "1 (reference)" if base else holm_cell(r.get("equiv_holm"), True)
+        line["final - baseline (paired)"] = "0 (reference)" if base else format_difference(r["final_diff"])
+        line["final, Holm-adjusted"] = "0 (reference)" if base else holm_cell(r.get("final_diff_holm"), False)
         line["final (mean ± sd)"] = finals.get(r["method_label"], "")
+        for f in early_targets(targets):
+            name = f"early rate, F* at {100 * f:g}%"
+            line[name] = "1 (reference)" if base else speedup_cell(r[f"speedup@{f:g}"])
         out.append(line)
     return pd.DataFrame(out)
 

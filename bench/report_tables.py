@@ -49,13 +49,18 @@ def find_runs(suite_dir: Path) -> list[dict]:
         })
     return runs
 
+def run_budget(cfg: dict) -> int | None:
+    """The workload's budget N of a run's config: its iters, or budget_iters for an extended baseline."""
+    return cfg.get("budget_iters") or cfg.get("iters")
+
+
 def evaluations_table(suite_dir: Path, runs: list[dict] | None = None) -> pd.DataFrame:
     """One tidy row per evaluation: run identity, step, images seen, metric, value, protocol."""
     runs = find_runs(suite_dir) if runs is None else runs
     rows = []
     for r in runs:
         cfg = r["config"]
-        iters, batch = cfg.get("iters"), cfg.get("batch_size")
+        iters, batch, budget = cfg.get("iters"), cfg.get("batch_size"), run_budget(cfg)
         for e in read_jsonl(r["dir"] / "evals.jsonl"):
             step = e.get("step")
             rows.append({
@@ -63,7 +68,7 @@ def evaluations_table(suite_dir: Path, runs: list[dict] | None = None) -> pd.Dat
                 "seed": r["seed"], "dataset": cfg.get("dataset"), "resolution": cfg.get("resolution"),
                 "arch": cfg.get("arch"), "iters": iters, "batch_size": batch, "step": step,
                 "images_seen": step * batch if step is not None and batch else None,
-                "fraction": step / iters if step is not None and iters else None,
+                "fraction": step / budget if step is not None and budget else None,
                 **{k: v for k, v in e.items() if k != "step"},
             })
     cols = ["workload", "method_label", "method", "seed", "dataset", "resolution", "arch", "iters", "batch_size",
@@ -133,7 +138,7 @@ def curves_table(evals: pd.DataFrame, runs: list[dict]) -> pd.DataFrame:
 def _budgets(runs: list[dict]) -> dict[str, int]:
     out = {}
     for r in runs:
-        it = r["config"].get("iters")
+        it = run_budget(r["config"])
         if it:
             out[r["workload"]] = max(out.get(r["workload"], 0), int(it))
     return out

@@ -20,7 +20,10 @@ def _machine_lines(runs: list[dict]) -> list[str]:
         m = r.get("machine")
         if not m:
             continue
-        desc = f"{m.get('platform')}, {m.get('processor')}, {m.get('cpu_count')} CPUs"
+        desc = f"{m.get('platform')}, {m.get('cpu_model') or m.get('processor')}, {m.get('cpu_count')} CPUs"
+        if m.get("cpu_flags") is not None:
+            desc += f" (instruction set: {', '.join(m['cpu_flags']) or 'none listed'}"
+            desc += f"; torch CPU kernels {m['torch_cpu_capability']})" if m.get("torch_cpu_capability") else ")"
         if m.get("gpus"):
             desc += ", GPU: " + ", ".join(m["gpus"])
         if m.get("torch"):
@@ -105,13 +108,22 @@ COMMON_KEYS = ("lr", "warmup", "grad_clip", "weight_decay", "beta1", "beta2", "e
 def _training_lines(runs: list[dict]) -> list[str]:
     lines = []
     by_workload: dict[str, dict] = {}
+    extended: dict[str, dict] = {}
     for r in runs:
         if r["config"]:
-            by_workload.setdefault(r["workload"], r["config"])
+            cfg = r["config"]
+            if cfg.get("budget_iters") and cfg["budget_iters"] < cfg.get("iters", 0):
+                extended.setdefault(r["workload"], {**cfg, "label": r["label"]})
+            else:
+                by_workload.setdefault(r["workload"], cfg)
     for w, cfg in sorted(by_workload.items()):
         images = (cfg.get("iters") or 0) * (cfg.get("batch_size") or 0)
         settings = ", ".join(f"{k} {cfg[k]}" for k in COMMON_KEYS if k in cfg)
+        ext = extended.get(w)
+        more = (f"; the baseline `{ext['label']}` trains on to {ext['iters']} iterations "
+                f"({ext['iters'] / ext['budget_iters']:g}x the budget, the same evaluation grid continued)"
+                if ext else "")
         lines.append(f"- **{w}**: dataset {cfg.get('dataset')} at resolution {cfg.get('resolution') or 'native'}, "
                      f"architecture {cfg.get('arch')}; budget {cfg.get('iters')} iterations x batch "
-                     f"{cfg.get('batch_size')} = {images:,} images for every method; {settings}")
+                     f"{cfg.get('batch_size')} = {images:,} images for every method{more}; {settings}")
     return lines

@@ -147,16 +147,43 @@ def write_failed(run_dir: Path, step: int, reason: str, error: str) -> None:
     write_status(run_dir, "failed", step, reason, error=error)
 
 
+#: instruction-set extensions that change which floating-point kernels run (and so the last bits)
+CPU_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "asimd", "sve")
+
+
+def cpu_model() -> tuple[str, list[str]]:
+    """The CPU's model name and its instruction-set extensions among CPU_FLAGS (Linux's
+    /proc/cpuinfo; elsewhere platform.processor() and no flags)."""
+    name, flags = platform.processor() or platform.machine(), []
+    try:
+        text = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return name, flags
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key in ("model name", "Model", "cpu model") and value.strip():
+            name = value.strip()
+        elif key in ("flags", "Features") and not flags:
+            have = set(value.split())
+            flags = [f for f in CPU_FLAGS if f in have]
+    return name, flags
+
+
 def machine_info() -> dict:
-    """Where a run ran (machine.json; the report lists these)."""
+    """Where a run ran (machine.json; the report lists these): the CPU model and instruction set
+    are there because floating-point results differ between machines (training rounds differently)."""
+    model, flags = cpu_model()
     info = {"hostname": socket.gethostname(), "platform": platform.platform(), "machine": platform.machine(),
-            "processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+            "processor": platform.processor() or platform.machine(), "cpu_model": model, "cpu_flags": flags,
+            "cpu_count": os.cpu_count(),
             "python": platform.python_version(), "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
     try:
         import torch
 
         info["torch"] = torch.__version__
         info["torch_threads"] = torch.get_num_threads()
+        info["torch_cpu_capability"] = torch.backends.cpu.get_cpu_capability()
         if torch.cuda.is_available():
             info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     except ImportError:

@@ -9,6 +9,8 @@ or folder passed with ``--plugins``). It declares:
     * ``weighting``: :meth:`Method.loss_weights` returns per-sample loss weights.
     * ``optimizer``: :meth:`Method.optimizer` returns the learning-rate scale and Adam betas.
     * ``ema``: :meth:`Method.ema_decay` returns the EMA decay.
+    * ``streams``: :meth:`Method.stream_seed` returns the seed of the timestep and noise streams
+      (the placebo's slot: the baseline on other random numbers, same initialisation and data).
   The harness calls only the hooks of declared slots; an undeclared slot keeps the baseline
   behaviour (uniform t, weight 1, base optimizer, base EMA decay).
 - ``params``: typed hyperparameters with defaults and allowed ranges (:class:`Param`).
@@ -33,9 +35,10 @@ import torch
 
 from bench.errors import ConfigError, HyperparameterError
 
-SLOTS = ("timesteps", "weighting", "optimizer", "ema")
+SLOTS = ("timesteps", "weighting", "optimizer", "ema", "streams")
 #: the hook each slot fills
-HOOKS = {"timesteps": "timestep_probs", "weighting": "loss_weights", "optimizer": "optimizer", "ema": "ema_decay"}
+HOOKS = {"timesteps": "timestep_probs", "weighting": "loss_weights", "optimizer": "optimizer", "ema": "ema_decay",
+         "streams": "stream_seed"}
 
 
 @dataclass(frozen=True)
@@ -154,6 +157,11 @@ class Method:
         """``ema`` slot: the EMA decay at progress p, given the configured base decay."""
         return base
 
+    def stream_seed(self, seed: int) -> int:
+        """``streams`` slot: the seed of the timestep and noise streams of a run with seed `seed`
+        (initialisation, data order and flips keep the run's seed)."""
+        return seed
+
     # -- description --------------------------------------------------------------------------
     def non_default_params(self) -> dict[str, Any]:
         return {k: v for k, v in self.hp.items() if v != self.params[k].default}
@@ -193,6 +201,11 @@ def optimizer_settings_at(method: Method, p: float, beta1: float, beta2: float) 
 def ema_decay_at(method: Method, p: float, base: float) -> float:
     """The EMA decay at progress p: the method's if it fills ``ema``, else the configured one."""
     return method.ema_decay(p, base) if "ema" in method.slots else base
+
+
+def stream_seed_at(method: Method, seed: int) -> int:
+    """The timestep and noise streams' seed: the method's if it fills ``streams``, else the run's."""
+    return int(method.stream_seed(seed)) if "streams" in method.slots else seed
 
 
 def check_slots(cls: type) -> None:

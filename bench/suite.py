@@ -13,6 +13,10 @@ so methods are compared at equal images seen. Layout of a suite file (see suites
                                                       rates, labelled baseline-lr<value>; the report
                                                       shows the best-tuned baseline)
     [budget]   iters, batch_size                     (the same for every method)
+               baseline_extend = E                   (optional, >= 1: the baseline trains on to E x iters
+                                                      with the same evaluation grid, so the report can
+                                                      read how many baseline iterations a method's
+                                                      result at the budget is worth; bench/speedup.py)
     [train]    any other TrainConfig setting: lr, warmup, grad_clip, ema_decay, schedule, T, ...,
                and where it runs: device, gpus, precision, compile (bench/runtime.py)
     [eval]     every (iterations between evaluations), metrics, num_images, sampler, ...
@@ -131,6 +135,7 @@ class Suite:
     slurm: dict
     source_text: str = ""
     jobs: int = 1  # default parallel local runs (`run --jobs` overrides)
+    baseline_extend: float = 1.0  # the baseline's runs train to baseline_extend x iters
     _runs: list[RunSpec] = field(default_factory=list, repr=False)
 
     @property
@@ -148,6 +153,11 @@ class Suite:
             sweep = {self.baseline: float(self.train.get("lr", _default_lr())), **sweep}
         return sweep
 
+    @property
+    def baseline_iters(self) -> int:
+        """Iterations of the baseline's runs: the budget times baseline_extend, rounded to an integer."""
+        return int(round(self.iters * self.baseline_extend))
+
     def runs(self) -> list[RunSpec]:
         """Every run, workload by workload, then seed by seed, then method by method (so that an
         interrupted suite has whole seeds of every method first)."""
@@ -162,6 +172,9 @@ class Suite:
         cfg.update(method=m.name, method_params=copy.deepcopy(m.params), dataset=w.dataset, resolution=w.resolution,
                    arch=w.arch, seed=seed, iters=self.iters, batch_size=self.batch_size,
                    eval_every=self.eval_every, eval=copy.deepcopy(self.eval))
+        if m.label == self.baseline and self.baseline_iters > self.iters:
+            # The extended baseline: the same run continued past the budget (its evaluation grid too).
+            cfg.update(iters=self.baseline_iters, budget_iters=self.iters)
         return RunSpec(self.name, w.name, m.label, seed, cfg)
 
     def to_dict(self) -> dict:
@@ -176,7 +189,8 @@ class Suite:
                            **w.overrides} for w in self.workloads],
             "seeds": self.seeds,
             "budget": {"iters": self.iters, "batch_size": self.batch_size,
-                       "images": self.iters * self.batch_size},
+                       "images": self.iters * self.batch_size, "baseline_extend": self.baseline_extend,
+                       "baseline_iters": self.baseline_iters},
             "train": self.train,
             "eval": {"every": self.eval_every, **self.eval},
             "report": self.report,
@@ -257,7 +271,8 @@ def parse_suite(data: dict, *, path: Path | None = None, source_text: str = "", 
                   workloads=workloads, seeds=seeds, iters=budget["iters"], batch_size=budget["batch_size"],
                   train=train, eval_every=ev.pop("every"), eval=ev, report=report,
                   cost=ck.table(data, "cost", COST_SCHEMA), slurm=ck.table(data, "slurm", SLURM_SCHEMA),
-                  source_text=source_text, jobs=head.get("jobs", 1))
+                  source_text=source_text, jobs=head.get("jobs", 1),
+                  baseline_extend=float(budget.get("baseline_extend", 1.0)))
     if validate:
         _validate_runs(suite, ck)
     return suite

@@ -130,7 +130,8 @@ GRID_SCHEMA = {
                  lambda v: None if v and all(x > 0 for x in v) else "must be learning rates > 0"),
 }
 
-BUDGET_SCHEMA = {"iters": (int, True, _positive), "batch_size": (int, True, _positive)}
+BUDGET_SCHEMA = {"iters": (int, True, _positive), "batch_size": (int, True, _positive),
+                 "baseline_extend": (float, False, lambda v: None if v >= 1 else "must be >= 1 (1: no extension)")}
 
 EVAL_SCHEMA = {
     "every": (int, True, _positive),
@@ -197,8 +198,8 @@ REPORT_DEFAULTS = {"baseline": "baseline", "fractions": [0.25, 0.5, 0.75, 1.0], 
                    "confidence": 0.95, "seed": 0}
 
 #: TrainConfig keys that the grid, the budget and [eval] set; [train] may not set them
-GRID_KEYS = ("method", "method_params", "dataset", "resolution", "arch", "seed", "iters", "batch_size",
-             "eval", "eval_every")
+GRID_KEYS = ("method", "method_params", "dataset", "resolution", "arch", "seed", "iters", "budget_iters",
+             "batch_size", "eval", "eval_every")
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -314,7 +315,7 @@ def _check_train_values(train: dict, budget, ck: _Checker) -> None:
             ck.fail(f"train.{k}", reason)
 
 
-GRID_KEY_OWNERS = {"iters": "[budget]", "batch_size": "[budget]", "eval": "[eval]", "eval_every": "[eval] every",
+GRID_KEY_OWNERS = {"iters": "[budget]", "budget_iters": "[budget] baseline_extend", "batch_size": "[budget]", "eval": "[eval]", "eval_every": "[eval] every",
                    "seed": "[grid] seeds", "method": "[grid] methods", "method_params": "[grid] methods",
                    "dataset": "[grid] datasets", "resolution": "[grid] datasets", "arch": "[grid] archs"}
 

@@ -54,7 +54,7 @@ from bench.runtime import (
     stepping,
     stop_requested,
 )
-from bench.spec import Method, ema_decay_at, optimizer_settings_at
+from bench.spec import Method, ema_decay_at, optimizer_settings_at, stream_seed_at
 
 
 def run_record(cfg: TrainConfig, method: Method | None = None) -> dict:
@@ -155,7 +155,8 @@ def setup(cfg: TrainConfig, method: Method, rt: Runtime | None = None) -> RunSta
     # A memory-mapped set stays on the CPU (each batch is read from it); a small one moves whole.
     resident = images if is_memory_mapped(images) else images.to(device)
     return RunState(cfg, method, rt, schedule, resident, labels.to(resident.device) if num_classes else None,
-                    num_classes, model, ema, opt, stream_generators(cfg.seed, cfg.p_uncond > 0), memory_format)
+                    num_classes, model, ema, opt,
+                    stream_generators(cfg.seed, cfg.p_uncond > 0, stream_seed_at(method, cfg.seed)), memory_format)
 
 
 def check_data_and_network(cfg: TrainConfig) -> None:
@@ -286,27 +287,44 @@ def _record_runtime(out: Path, rt: Runtime, step: int) -> None:
 
 
 def _evaluate(state: RunState, evaluator, events: TrainEvents | None, out: Path) -> list[dict]:
-    """Evaluate the EMA weights (rank 0; the other processes wait), outside the training clock."""
+    """Evaluate the EMA weights (rank 0; the other processes wait), outside the training clock.
+    At the workload's budget, and at every evaluation of an extended baseline (the headline reads
+    its whole curve), the metric is averaged over the spec's `noise_sets`; at the budget also the
+    second sampler (`sampler2`) and the larger final set (`final_num_images`) are evaluated."""
     e_start = time.perf_counter()
     rows = []
     stepping(False)  # a Slurm signal now requeues at once: an evaluation can outlast its warning
     if evaluator is not None:
+        cfg, spec = state.cfg, evaluator.spec
+        at_budget = state.step == cfg.budget
+        sets = spec["noise_sets"] if at_budget or cfg.extended else 1
         state.ema.eval()
         with full_fp32():  # samples and features in plain fp32 (no TF32), as on a CPU
-            rows = evaluator.evaluate(state.ema, state.schedule, state.cfg.target, state.step, out_dir=out)
-            final_n = evaluator.spec["final_num_images"]
-            if final_n and state.step == state.cfg.iters:  # e.g. FID-50k at the end, beside the FID-10k curve
-                from bench.evaluate import Evaluator
-
-                final = Evaluator({**evaluator.spec, "num_images": final_n, "final_num_images": None})
-                rows += [{**r, "metric": f"{r['metric']}_final"}
-                         for r in final.evaluate(state.ema, state.schedule, state.cfg.target, state.step,
-                                                 out_dir=out, samples_suffix="_final")]
+            rows = evaluator.evaluate(state.ema, state.schedule, cfg.target, state.step, out_dir=out, noise_sets=sets)
+            if at_budget:
+                rows += _budget_evaluations(state, evaluator, out)
     barrier()
     stepping(True)
     state.clocks["eval_seconds"] += time.perf_counter() - e_start
     if events and evaluator is not None:
         events.on_eval(state.step, rows)
+    return rows
+
+
+def _budget_evaluations(state: RunState, evaluator, out: Path) -> list[dict]:
+    """The extra evaluations at the budget: `final_num_images` (e.g. FID-50k beside the FID-10k
+    curve, as "<metric>_final") and the second sampler (as "<metric>_sampler2")."""
+    spec, cfg, rows = evaluator.spec, state.cfg, []
+    extra = []
+    if spec["final_num_images"]:
+        extra.append(("_final", {"num_images": spec["final_num_images"]}, "_final"))
+    if spec["sampler2"]:
+        extra.append(("_sampler2", dict(spec["sampler2"]), "_sampler2"))
+    for suffix, change, samples_suffix in extra:
+        other = evaluator.variant(**change, final_num_images=None, sampler2=None, noise_sets=1)
+        rows += [{**r, "metric": f"{r['metric']}{suffix}"}
+                 for r in other.evaluate(state.ema, state.schedule, cfg.target, state.step, out_dir=out,
+                                         samples_suffix=samples_suffix)]
     return rows
 
 
@@ -368,7 +386,8 @@ def train(run: ResolvedRun | TrainConfig, out_dir, events: TrainEvents | None = 
                                               "lower lr or check the method's hyperparameters")
 
         # Evaluate, then checkpoint (the logs are flushed with every checkpoint, never ahead of it).
-        eval_due = run.eval_spec is not None and is_eval_step(state.step, cfg.iters, cfg.eval_every)
+        eval_due = run.eval_spec is not None and (is_eval_step(state.step, cfg.iters, cfg.eval_every)
+                                                  or state.step == cfg.budget)
         eval_rows = _evaluate(state, evaluator, events, out) if eval_due else []
         stop = stop_requested(rt.torch_device)  # a Slurm time limit or pre-emption: checkpoint now
         if stop or eval_due or state.step == cfg.iters or state.step % cfg.ckpt_every == 0:

@@ -66,3 +66,6 @@ class Combined(Method):
 
     def ema_decay(self, p, base):
         return self.owner["ema"].ema_decay(p, base)
+
+    def stream_seed(self, seed):
+        return self.owner["streams"].stream_seed(seed)
