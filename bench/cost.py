@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from bench.budget import eval_steps, evaluates
+from bench.budget import eval_steps, evaluates, noise_sets_at
 
 if TYPE_CHECKING:
     from bench.suite import RunSpec, Suite
@@ -82,12 +82,20 @@ def run_cost(suite: Suite, run: RunSpec) -> RunCost:
     from bench.eval_spec import DEFAULTS
 
     cfg = run.config
-    every = cfg.get("eval_every", 0)
-    points = len(eval_steps(cfg["iters"], every)) if evaluates(cfg.get("eval"), every) else 0
+    every, budget = cfg.get("eval_every", 0), cfg.get("budget_iters") or None
+    at = eval_steps(cfg["iters"], every, budget) if evaluates(cfg.get("eval"), every) else []
+    points = len(at)
     ev = {**DEFAULTS, **{k: v for k, v in (cfg.get("eval") or {}).items() if v is not None}}
-    steps = ev["sampler_steps"] or (cfg.get("T", 1000) if ev["sampler"] == "ddpm" else min(50, cfg.get("T", 1000)))
-    n_img = int(ev["num_images"]) * points + (int(ev.get("final_num_images") or 0) if points else 0)
-    nfe = n_img * int(steps) * (2 if float(ev.get("guidance_scale", 1.0)) != 1.0 else 1)  # guided: c and u
+    T = cfg.get("T", 1000)
+    steps = ev["sampler_steps"] or (T if ev["sampler"] == "ddpm" else min(50, T))
+    sets = sum(noise_sets_at(s, cfg["iters"], budget, int(ev.get("noise_sets") or 1)) for s in at)
+    n_img = int(ev["num_images"]) * sets + (int(ev.get("final_num_images") or 0) if points else 0)
+    nfe = n_img * int(steps)
+    second = ev.get("sampler2") if points else None
+    if second:  # one set at the budget with the second sampler
+        n_img += int(ev["num_images"])
+        nfe += int(ev["num_images"]) * int(second.get("sampler_steps") or min(50, T))
+    nfe *= 2 if float(ev.get("guidance_scale", 1.0)) != 1.0 else 1  # guided: c and u
     ips = train_throughput(suite, run)
     forward_ratio = float(suite.cost.get("forward_ratio", DEFAULT_FORWARD_RATIO))
     overhead = float(suite.cost.get("startup_s", DEFAULT_STARTUP_S)) + points * float(

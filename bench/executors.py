@@ -251,7 +251,7 @@ class _RunEvents:
 
     def on_step(self, step: int, iters: int, row: dict) -> None:
         self.reporter.run_step(self.run, step, iters)
-        if self.evaluating and is_eval_step(step, iters, self.every):
+        if self.evaluating and is_eval_step(step, iters, self.every, self.run.config.get("budget_iters") or None):
             self.reporter.run_eval(self.run, step, [], evaluating=True)
 
     def on_eval(self, step: int, rows: list[dict]) -> None:

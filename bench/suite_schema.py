@@ -193,7 +193,7 @@ TOP_LEVEL = ("suite", "grid", "budget", "train", "eval", "report", "cost", "slur
 DATASET_KEYS = {"name": (str, True, None), "resolution": (int, False, lambda v: None if v >= 4 else "must be >= 4"),
                 "data_dir": (str, False, None), "flip": (bool, False, None)}
 
-REPORT_DEFAULTS = {"baseline": "baseline", "fractions": [0.25, 0.5, 0.75, 1.0], "targets": [0.5, 0.75, 1.0],
+REPORT_DEFAULTS = {"baseline": "baseline", "fractions": [0.25, 0.5, 0.75, 1.0], "targets": [0.5, 0.75],
                    "headline": 0.75, "bootstrap": 2000,
                    "confidence": 0.95, "seed": 0}
 

@@ -32,7 +32,7 @@ import torch
 
 from bench import fileio
 from bench.batches import Batch, draw_batch, stream_generators
-from bench.budget import is_eval_step
+from bench.budget import is_eval_step, noise_sets_at
 from bench.checkpoint import resume, save_checkpoint
 from bench.config import TrainConfig
 from bench.data import dataset_info, is_memory_mapped, load_dataset, to_model_range
@@ -297,7 +297,7 @@ def _evaluate(state: RunState, evaluator, events: TrainEvents | None, out: Path)
     if evaluator is not None:
         cfg, spec = state.cfg, evaluator.spec
         at_budget = state.step == cfg.budget
-        sets = spec["noise_sets"] if at_budget or cfg.extended else 1
+        sets = noise_sets_at(state.step, cfg.iters, cfg.budget, spec["noise_sets"])
         state.ema.eval()
         with full_fp32():  # samples and features in plain fp32 (no TF32), as on a CPU
             rows = evaluator.evaluate(state.ema, state.schedule, cfg.target, state.step, out_dir=out, noise_sets=sets)
@@ -386,8 +386,7 @@ def train(run: ResolvedRun | TrainConfig, out_dir, events: TrainEvents | None = 
                                               "lower lr or check the method's hyperparameters")
 
         # Evaluate, then checkpoint (the logs are flushed with every checkpoint, never ahead of it).
-        eval_due = run.eval_spec is not None and (is_eval_step(state.step, cfg.iters, cfg.eval_every)
-                                                  or state.step == cfg.budget)
+        eval_due = run.eval_spec is not None and is_eval_step(state.step, cfg.iters, cfg.eval_every, cfg.budget)
         eval_rows = _evaluate(state, evaluator, events, out) if eval_due else []
         stop = stop_requested(rt.torch_device)  # a Slurm time limit or pre-emption: checkpoint now
         if stop or eval_due or state.step == cfg.iters or state.step % cfg.ckpt_every == 0:
