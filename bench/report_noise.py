@@ -3,12 +3,14 @@
 - ``metric_noise``: at the budget every run evaluates its final EMA weights under K noise sets
   (the evaluation spec's ``noise_sets``; rows keep each set's value in ``set_values``). The
   sampling sd of one value at the metric's N is the within-run sd over the sets, pooled over
-  runs; the value the report uses is the mean over the K sets, so its sd is that / sqrt(K). Beside
-  it, per method, the paired between-seed sd: the sd over seeds of d_k = M_k - B_k (each the mean
-  over the sets), the spread every interval of the report is built from. The metric is precise
-  enough when the used value's sd is at most a third of the paired sd; the report says when it
-  is not. The noise sets are shared by every method (set j of M_k and of B_k use the same
-  noise), so part of the noise cancels in d_k: the within-seed sd of d over the sets is shown too.
+  runs; the value the report uses is the mean over the K sets, so its sd is that / sqrt(K). The
+  noise sets are shared by every method (set j of M_k and of B_k use the same noise), so the part
+  of that noise that moves every model's value together cancels in a paired difference d_k =
+  M_k - B_k: the noise that reaches the report's paired statistics is the within-seed sd of d over
+  the sets, pooled over seeds, / sqrt(K). Per method it is compared with the paired between-seed
+  sd (the sd over seeds of d_k, each the mean over the sets), the spread every interval of the
+  report is built from: the metric is precise enough when it is at most a third of it; the report
+  says when it is not.
 - ``sampler_robustness``: the paired final differences under the suite's sampler and under its
   second sampler (``sampler2``, metric "<metric>_sampler2"), with a flag where the sign changes.
 """
@@ -63,9 +65,10 @@ def metric_noise(evals: pd.DataFrame, metric: str, baseline: str | None, budget:
             continue
         paired_sd = float(np.std([d.mean() for d in diffs], ddof=1))
         sd_diff = _pooled_sd(diffs)
-        ratio = summary["sd_used"] / paired_sd if summary["sd_used"] is not None and paired_sd > 0 else None
+        noise = sd_diff / np.sqrt(k) if sd_diff is not None else None
+        ratio = noise / paired_sd if noise is not None and paired_sd > 0 else None
         rows.append({"method": label, "seeds": len(diffs), "paired between-seed sd": paired_sd,
-                     "metric sd of one difference (K sets)": sd_diff / np.sqrt(k) if sd_diff is not None else None,
+                     f"metric sd of a paired difference (mean of {k} sets)": noise,
                      "metric sd / paired sd": ratio,
                      "precise enough (<= 1/3)": None if ratio is None else ("yes" if ratio <= NOISE_RATIO_MAX else "no")})
     return summary, pd.DataFrame(rows)
@@ -85,18 +88,21 @@ def noise_lines(summary: dict, table: pd.DataFrame, metric: str) -> list[str]:
     text = (f"Each run's final EMA weights were evaluated under {k} noise sets of {n} images each. One value of "
             f"{metric} at N = {n} scatters with sd {summary['sd_one']:.3g} (within-run sd over the sets, pooled over "
             f"{summary['runs']} runs); the value used at the budget is the mean of the {k} sets, sd "
-            f"{summary['sd_used']:.3g}.")
+            f"{summary['sd_used']:.3g}. Every method is evaluated on the same noise sets, so the part of this noise "
+            "that moves all models together cancels in the paired differences the report is built from; the table "
+            "gives, per method, the metric's sd of a paired difference (within-seed sd over the sets / sqrt(K)) "
+            "against the paired between-seed sd.")
     if table.empty:
         return [text]
     bad = table[table["precise enough (<= 1/3)"] == "no"]
     ratios = table["metric sd / paired sd"].dropna()
     if bad.empty and len(ratios):
-        text += (f" Against the paired between-seed sd of every method it is at most {ratios.max():.2f} of it: "
-                 "the metric's noise is small against the spread the intervals are built from.")
+        text += (f" It is at most {ratios.max():.2f} of the paired sd for every method: the metric's noise is small "
+                 "against the spread the intervals are built from.")
     elif len(ratios):
         text += (f" **Not precise enough** for {', '.join(bad.method)}: there the metric's sd is more than a third of "
-                 f"the paired between-seed sd (up to {ratios.max():.2f}x), so part of what the intervals show is the "
-                 "metric's own noise; more images or noise sets would narrow them.")
+                 f"the paired between-seed sd (up to {ratios.max():.2f} of it), so part of what their intervals show "
+                 "is the metric's own noise; more images or noise sets would narrow them.")
     return [text]
 
 

@@ -79,6 +79,14 @@ def _stats_row(base: tuple, meth: tuple, *, budget, targets, lib, confidence, n_
     return row
 
 
+def same_n(g: pd.DataFrame) -> pd.DataFrame:
+    """The rows of one metric at one number of generated images (the Frechet distance's bias depends
+    on N, so values at different N are never compared): the most common N, when rows differ."""
+    if "num_gen" not in g or g.num_gen.nunique(dropna=True) <= 1:
+        return g
+    return g[g.num_gen == g.num_gen.mode().iloc[0]]
+
+
 def early_targets(targets) -> list[float]:
     """The early-training rate's fractions: f < 1 (at f = 1 it only encodes the final difference's sign)."""
     return [float(f) for f in targets if float(f) < 1.0]
@@ -91,7 +99,7 @@ def speedup_rows(evals: pd.DataFrame, baseline: str, labels: list[str], budget: 
     headline, B's curve read up to extend x budget), the early-training rate at every target
     fraction f < 1 and the paired final difference, with Holm-adjusted intervals across the
     methods that are not controls; then, when no placebo ran, the A/A row (the baseline's seed halves)."""
-    g = evals[evals.metric == metric]
+    g = same_n(evals[evals.metric == metric])
     base_df = g[g.method_label == baseline]
     if base_df.empty:
         return []
@@ -376,7 +384,7 @@ def _ema_lines(runs: list[dict]) -> list[str]:
     cfg = next((r["config"] for r in runs if r["config"].get("iters")), None)
     if not cfg or cfg.get("ema_decay") is None:
         return []
-    decay, k = float(cfg["ema_decay"]), int(cfg["iters"]) - 1
+    decay, k = float(cfg["ema_decay"]), int(cfg.get("budget_iters") or cfg["iters"]) - 1  # at the budget
     if cfg.get("ema_warmup"):
         eff = min(decay, (1 + k) / (10 + k))
         why = ("the warm-up term, not the configured decay" if eff < decay else "the configured decay")

@@ -20,18 +20,24 @@ STEPS = [100, 200, 300, 400]
 #   fast     [9, 6, 5, 4]  -> seed k reaches that target exactly at step 200: paired speed-up 2 per seed
 #   slow     [12, 11, 10, 9] -> never reaches it: "not reached", an upper bound of 400 / 400
 CURVES = {"baseline": [11, 9, 7, 6], "fast": [9, 6, 5, 4], "slow": [12, 11, 10, 9]}
+# The baseline is extended to 2x the budget (baseline_extend = 2): it goes on to 800 iterations.
+# fast ends at 4 + offset, the baseline seed's value at 700: worth 700 / 400 = 1.75 iterations per
+# iteration; slow ends at 9 + offset, the baseline's at 200: 0.5.
+EXT_STEPS = [100, 200, 300, 400, 500, 600, 700, 800]
+EXT_CURVE = [11, 9, 7, 6, 5, 4.5, 4, 3.5]
 OFFSETS = {0: -1.0, 1: 0.0, 2: 1.0}
 PARAMS = {"baseline": ("baseline", {}, []), "fast": ("clts", {"mu": 0.3, "sigma": 0.25}, ["timesteps"]),
           "slow": ("mdlrc", {"beta1_end": 0.5, "compensation": "variance"}, ["optimizer"]),
           "baseline-lr0.003": ("baseline", {}, [])}
 
 
-def write_run(root: Path, label: str, seed: int, iters: int = 400, state: str = "done", curve=None, T: int = 10):
+def write_run(root: Path, label: str, seed: int, iters: int = 400, state: str = "done", curve=None, T: int = 10,
+              steps=STEPS, budget_iters: int = 0):
     d = root / WORKLOAD / label / f"seed{seed}"
     d.mkdir(parents=True)
     method, params, slots = PARAMS[label]
     cfg = {"method": method, "method_params": {}, "dataset": "synthetic", "resolution": None, "arch": "unet-tiny",
-           "iters": iters, "batch_size": 8, "lr": 1e-3, "warmup": 0, "grad_clip": 0.5, "ema_decay": 0.99,
+           "iters": iters, "budget_iters": budget_iters, "batch_size": 8, "lr": 1e-3, "warmup": 0, "grad_clip": 0.5, "ema_decay": 0.99,
            "ema_warmup": True, "schedule": "linear", "T": T, "target": "eps",
            "seed": seed, "eval_every": 100, "eval": {"metrics": ["proxy_fd"]}, "method_label": label,
            "method_slots": slots, "method_resolved_params": params, "method_source": f"source of {method}"}
@@ -39,7 +45,7 @@ def write_run(root: Path, label: str, seed: int, iters: int = 400, state: str = 
     curve = CURVES[label] if curve is None else curve
     last = iters if state == "done" else 200
     evals = []
-    for step, v in zip(STEPS, curve):
+    for step, v in zip(steps, curve):
         if step > last:
             break
         evals.append({"step": step, "metric": "proxy_fd", "value": v + OFFSETS.get(seed, 0.0),
@@ -78,7 +84,9 @@ def write_run(root: Path, label: str, seed: int, iters: int = 400, state: str = 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     root = tmp_path_factory.mktemp("results") / "demo"
-    for label in ("baseline", "fast", "slow"):
+    for seed in (0, 1, 2):
+        write_run(root, "baseline", seed, iters=800, budget_iters=400, steps=EXT_STEPS, curve=EXT_CURVE)
+    for label in ("fast", "slow"):
         for seed in (0, 1, 2):
             write_run(root, label, seed)
     # A fourth seed of `slow` diverged at step 200.
@@ -94,7 +102,7 @@ def results(tmp_path_factory):
 def test_tidy_evaluation_table(results):
     root, report = results
     df = pd.read_csv(report.parent / "tables" / "evaluations.csv")
-    assert len(df) == 3 * 3 * 4 + 2  # three full methods x 3 seeds x 4 evaluations, plus the failed seed's 2
+    assert len(df) == 3 * 8 + 2 * 3 * 4 + 2  # the extended baseline's 8, two methods x 3 seeds x 4, the failed seed's 2
     for col in ("workload", "method_label", "method", "seed", "step", "images_seen", "fraction", "metric", "value",
                 "feature_extractor", "num_gen", "sampler", "sampler_steps"):
         assert col in df.columns
@@ -103,42 +111,49 @@ def test_tidy_evaluation_table(results):
 
 
 def _at(sp, label, fraction):
-    return sp[(sp.method_label == label) & (sp.fraction == fraction)].iloc[0]
+    early = sp[sp.statistic == "early_rate"]
+    return early[(early.method_label == label) & (early.fraction == fraction)].iloc[0]
 
 
 def test_paired_speedup_numbers(results):
     root, report = results
     sp = pd.read_csv(report.parent / "tables" / "speedup.csv")
-    assert _at(sp, "baseline", 1.0).speedup == 1.0
-    assert _at(sp, "baseline", 1.0).target == pytest.approx(6.0)  # mean of the seeds' targets 5, 6, 7
-    # fast: every seed reaches its own baseline seed's target at 200 (f = 1: 400 / 200; f = 0.5: its
-    # first evaluation already is at the target 8 / 9 / 10, 200 / 100). At f = 0.75 the target is
-    # 6 / 7 / 8, crossed at 100 + (8 - 6) / (8 - 5) * 100 = 166.7 by seed 0: 300 / 166.7 = 1.8.
-    for f, want in ((0.5, 2.0), (0.75, 1.8), (1.0, 2.0)):
-        row = _at(sp, "fast", f)
-        assert row.speedup == pytest.approx(want) and row.n_paired == 3 and row.n_reached == 3
-        assert not row.upper_bound
+    # The headline: baseline-equivalent iterations at the budget, read on the extended baseline.
+    eq = sp[sp.statistic == "baseline_equivalent"].set_index("method_label")
+    assert eq.loc["baseline", "speedup"] == 1.0 and eq.loc["baseline", "interval"] == "none"
+    fast, slow = eq.loc["fast"], eq.loc["slow"]
+    assert fast.speedup == pytest.approx(1.75) and fast.interval == "t" and fast.n_paired == 3
+    assert (fast.ci_low, fast.ci_high) == pytest.approx((1.75, 1.75)) and fast.p_value == 0.0
+    assert json.loads(fast.baseline_steps) == pytest.approx([700, 700, 700])
+    # slow's fourth seed failed and has no baseline partner: 3 pairs, each worth 200 / 400.
+    assert slow.speedup == pytest.approx(0.5) and slow.n_paired == 3 and slow.n_dropped == 0
+    assert fast.baseline_extend == 2.0 and fast.budget_iters == 400
+    # Holm over the two methods (the A/A row is a control): both p = 0, adjusted 0.
+    assert fast.p_holm == 0.0 and slow.p_holm == 0.0 and fast.holm_level == pytest.approx(0.975)
+    # The early-training rate: fast reaches its own baseline seed's 75% target (6 / 7 / 8) at
+    # 100 + (8 - 6) / (8 - 5) * 100 = 166.7 for seed 0: 300 / 166.7 = 1.8.
     row = _at(sp, "fast", 0.75)
+    assert row.speedup == pytest.approx(1.8) and row.n_paired == 3 and row.n_reached == 3 and not row.upper_bound
     assert row.interval == "t" and row.ci_low == pytest.approx(1.8) and row.ci_high == pytest.approx(1.8)
-    # f = 0.5: at the target by the first evaluation, so 2 is only a lower bound; f = 1: one-sided.
+    # f = 0.5: at the target by the first evaluation, so 2 is only a lower bound. No f = 1 column.
     row = _at(sp, "fast", 0.5)
-    assert row.lower_bound and row.n_first == 3 and row.interval == "censored" and math.isnan(row.ci_low)
-    assert _at(sp, "fast", 1.0).interval == "one-sided" and math.isnan(_at(sp, "fast", 1.0).ci_low)
+    assert row.speedup == pytest.approx(2.0) and row.lower_bound and row.n_first == 3 and row.interval == "censored"
+    assert set(sp[sp.statistic == "early_rate"].fraction) == {0.5, 0.75}
     # Paired final difference: fast ends 2 below the baseline on every seed.
-    assert _at(sp, "fast", 1.0).final_diff_mean == pytest.approx(-2.0)
-    # slow never reaches: counted at its last evaluation (400), so 400 / 400 = 1 is an upper bound.
-    # Its fourth seed failed and has no baseline partner: 3 pairs.
-    slow = _at(sp, "slow", 1.0)
-    assert slow.upper_bound and slow.n_reached == 0 and slow.n_paired == 3 and slow.speedup == pytest.approx(1.0)
+    assert fast.final_diff_mean == pytest.approx(-2.0)
+    # slow never reaches the 75% target: counted at its last evaluation (400), an upper bound.
+    assert _at(sp, "slow", 0.75).upper_bound and _at(sp, "slow", 0.75).n_reached == 0
     # A/A: 3 baseline seeds give one pair (seed 0 vs seed 2; seed 1 is left out): too few seeds.
     aa = _at(sp, "A/A: baseline vs baseline", 0.5)
     assert aa.n_paired == 1 and aa.interval == "too few seeds" and math.isnan(aa.ci_low)
     md = (report.parent / "tables" / "speedup.md").read_text()
-    for text in (">= 2.00x", "1.80x [1.80, 1.80]", "2.00x; one-sided at f = 1, no interval", "not reached (<= 1.00x)",
-                 "too few seeds", "1 (reference)", "(headline)"):
+    for text in ("1.75x [1.75, 1.75]", "0.50x [0.50, 0.50]", ">= 2.00x", "1.80x [1.80, 1.80]", "not reached (<= ",
+                 "too few seeds", "1 (reference)", "baseline-equivalent", "Holm-adjusted"):
         assert text in md, text
     tex = (report.parent / "tables" / "speedup.tex").read_text()
     assert r"\begin{tabular}" in tex and r"\toprule" in tex and "proxy\\_fd" in tex
+    text = report.read_text()
+    assert "trains on to 800 iterations (2x the budget" in text and "trained on to 2x the budget (800 iterations)" in text
 
 
 def test_report_states_its_limits(results):
@@ -202,7 +217,7 @@ def test_find_runs_skips_report_and_torn_lines(results):
     root, _ = results
     runs = find_runs(root)
     assert len(runs) == 10 and all(r["workload"] == WORKLOAD for r in runs)
-    assert len(evaluations_table(root, runs)) == 38
+    assert len(evaluations_table(root, runs)) == 50
 
 
 def test_report_of_an_empty_or_unfinished_suite(tmp_path):

@@ -111,7 +111,7 @@ def test_runs_every_run_into_its_folder_then_skips_them(tmp_path, calls):
     assert all(o.final["proxy_fd"] > 0 for o in res.outcomes)
 
     again = run_suite(suite, results_root=tmp_path / "results", progress=False, train_fn=logged_train)
-    assert [o.action for o in again.outcomes] == ["skipped"] * 4 and again.ok
+    assert [o.action for o in again.outcomes] == ["skipped"] * 6 and again.ok
     assert len(calls()) == 4  # nothing ran
 
 
@@ -331,21 +331,27 @@ def test_smoke_end_to_end(tmp_path, isolated_registry):
         d = Path(o.run_dir)
         for f in ("config.json", "steps.jsonl", "evals.jsonl", "method_trace.json", "status.json", "machine.json"):
             assert (d / f).is_file(), (d, f)
-        assert [r["step"] for r in fileio.read_jsonl(d / "evals.jsonl") if r["metric"] == "proxy_fd"] == [4, 8]
+        rows = fileio.read_jsonl(d / "evals.jsonl")
+        extended = o.key.split("/")[1] == "baseline"  # [budget] baseline_extend = 2: trains to 16
+        assert [r["step"] for r in rows if r["metric"] == "proxy_fd"] == ([4, 8, 12, 16] if extended else [4, 8])
+        # noise_sets = 2 at the budget (and everywhere on the extended baseline); the second sampler at 8.
+        assert [r["noise_sets"] for r in rows if r["metric"] == "proxy_fd"] == ([2] * 4 if extended else [1, 2])
+        assert [(r["step"], r["sampler_steps"]) for r in rows if r["metric"] == "proxy_fd_sampler2"] == [(8, 3)]
     report = build_report(suite_dir)
     text = report.read_text()
     assert "proxy_fd" in text and "Paired speed-up over `baseline`" in text and "## Failed runs" in text
     assert "too few seeds" in text and "### What this report does not show" in text
+    assert "Controls: `placebo`" in text and "#### The metric's own noise" in text and "#### Sampler robustness" in text
     assert (report.parent / "tables" / "evaluations.csv").is_file()
     again = run_suite("smoke", results_root=results, progress=False)
-    assert [o.action for o in again.outcomes] == ["skipped"] * 4
+    assert [o.action for o in again.outcomes] == ["skipped"] * 6
 
     # A diverging method fails alone; the other run of the suite finishes.
     plugin = tmp_path / "explode.py"
     plugin.write_text(EXPLODE)
     text = (REPO / "suites" / "smoke.toml").read_text()
     text = text.replace('name = "smoke"', 'name = "smoke-explode"')
-    text = text.replace('methods = ["baseline", "clts"]', 'methods = ["baseline", "explode"]')
+    text = text.replace('methods = ["baseline", "clts", "placebo"]', 'methods = ["baseline", "explode"]')
     text = text.replace("seeds = [0, 1]", "seeds = [0]")
     text = text.replace("[train]\n", f"[train]\nplugins = [{json.dumps(str(plugin))}]\n")
     path = tmp_path / "smoke-explode.toml"

@@ -11,7 +11,7 @@ from bench.suite import available_suites, load_suite
 from bench.suite_schema import SuiteError, parse_slurm_time
 
 REPO = Path(__file__).resolve().parent.parent
-SHIPPED = ["mini", "smoke", "paper-cifar10", "ablation-clts", "ablation-mdlrc"]
+SHIPPED = ["mini", "smoke", "paper-cifar10", "ablation-clts", "ablation-mdlrc", "cpu-reference", "cpu-reference-pilot"]
 
 VALID = """
 [suite]
@@ -50,9 +50,10 @@ def test_shipped_suites_load_and_validate(name):
     runs = suite.runs()
     assert len(runs) == len(suite.methods) * len(suite.workloads) * len(suite.seeds)
     assert len({r.key for r in runs}) == len(runs)
-    # One budget per workload: equal images seen for every method.
+    # One budget per workload: equal images seen for every method (an extended baseline trains past it).
     for w in suite.workloads:
-        images = {r.config["iters"] * r.config["batch_size"] for r in runs if r.workload == w.name}
+        images = {(r.config.get("budget_iters") or r.config["iters"]) * r.config["batch_size"]
+                  for r in runs if r.workload == w.name}
         assert len(images) == 1
     assert suite.report["baseline"] == "baseline"
     assert set(available_suites()) >= set(SHIPPED)
@@ -60,10 +61,11 @@ def test_shipped_suites_load_and_validate(name):
 
 def test_mini_is_the_cpu_default():
     s = load_suite("mini")
-    assert [m.label for m in s.methods] == ["baseline", "p2", "min_snr", "clts", "mdlrc", "combined"]
+    assert [m.label for m in s.methods] == ["baseline", "p2", "min_snr", "clts", "mdlrc", "combined", "placebo"]
     assert [w.name for w in s.workloads] == ["fashion-mnist-12_unet-micro"]
     assert len(s.seeds) >= 4  # paired t-intervals need >= 3; 4 leaves one seed of slack
-    assert len(eval_steps(s.iters, s.eval_every)) >= 4
+    assert s.baseline_extend >= 2 and s.eval["noise_sets"] >= 3
+    assert len(eval_steps(s.baseline_iters, s.eval_every)) >= 4
     assert s.eval["metrics"][0] == "proxy_fd" and s.report["metric"] == "proxy_fd"
     assert s.eval["sampler_steps"] <= 20 and s.eval["num_images"] <= 512
     # The sampler reaches t = 0 and visits the low-noise steps P2 and Min-SNR down-weight.
@@ -129,6 +131,37 @@ def test_plugin_paths_are_relative_to_the_suite_file(tmp_path, isolated_registry
     assert s.runs()[0].config["plugins"] == [str(tmp_path / "plugins" / "halfweight.py")]
 
 
+def test_reference_study_and_mdlrc_controls_on_minis_workload():
+    """cpu-reference: mini's workload past the bend, 8 paired seeds, the six methods, the placebo and
+    MDLRC's two controls; ablation-mdlrc has the controls on mini's workload and budget too."""
+    mini, ref, abl = load_suite("mini"), load_suite("cpu-reference"), load_suite("ablation-mdlrc")
+    assert [w.name for w in ref.workloads] == [w.name for w in abl.workloads] == [w.name for w in mini.workloads]
+    for key in ("lr", "warmup", "grad_clip", "ema_decay", "ema_warmup", "schedule", "target"):
+        assert ref.train[key] == mini.train[key] == abl.train[key], key
+    assert ref.batch_size == mini.batch_size == abl.batch_size and abl.iters == mini.iters
+    assert len(ref.seeds) == 8 and ref.baseline_extend >= 2 and ref.eval["noise_sets"] >= 3
+    assert ref.eval["sampler2"] == {"sampler": "ddim", "sampler_steps": 50, "timestep_spacing": "linspace"}
+    labels = [m.label for m in ref.methods]
+    assert set(labels) >= {"baseline", "p2", "min_snr", "clts", "mdlrc", "combined", "placebo", "lr_control",
+                           "mdlrc-compensationnone"}
+    assert {"lr_control", "mdlrc-compensationnone", "mdlrc"} <= {m.label for m in abl.methods}
+
+
+def test_baseline_extend_trains_the_baseline_on(tmp_path):
+    s = load_suite(write(tmp_path, VALID.replace("batch_size = 4", "batch_size = 4\nbaseline_extend = 2.5")))
+    its = {r.label: (r.config["iters"], r.config.get("budget_iters", 0)) for r in s.runs()}
+    assert its == {"baseline": (25, 10), "min_snr-gamma3": (10, 0)}
+    assert s.to_dict()["budget"]["baseline_extend"] == 2.5 and s.to_dict()["budget"]["baseline_iters"] == 25
+    assert eval_steps(25, 5, 10) == [5, 10, 15, 20, 25]
+    assert eval_steps(25, 4, 10) == [4, 8, 10, 12, 16, 20, 24, 25]  # the budget is always evaluated
+    bad = write(tmp_path, VALID.replace("batch_size = 4", "batch_size = 4\nbaseline_extend = 0.5"), "bad.toml")
+    with pytest.raises(SuiteError, match="budget.baseline_extend.*must be >= 1"):
+        load_suite(bad)
+    own = write(tmp_path, VALID.replace("lr = 1e-3", "lr = 1e-3\nbudget_iters = 3"), "own.toml")
+    with pytest.raises(SuiteError, match="train.budget_iters.*baseline_extend"):
+        load_suite(own)
+
+
 def test_default_report_settings(tmp_path):
     s = load_suite(write(tmp_path, VALID))
     assert s.report["metric"] == "proxy_fd" and s.report["baseline"] == "baseline"
@@ -176,6 +209,10 @@ BAD = [
     ('num_images = 16', 'num_images = 16\nsampler = "euler"', "'eval'", "unknown sampler 'euler'"),
     ('num_images = 16', 'num_images = 16\nnoise_seed = "x"', "'eval.noise_seed'", "must be an integer"),
     ('num_images = 16', 'num_images = 16\ndataset = "cifar10"', "'eval.dataset'", "set by [grid] datasets"),
+    ('num_images = 16', 'num_images = 16\nnoise_sets = 0', "'eval'", "noise_sets must be an integer >= 1"),
+    ('num_images = 16', 'num_images = 16\nsampler2 = { sampler = "euler" }', "'eval'", "sampler2: unknown sampler"),
+    ('num_images = 16', 'num_images = 16\nsampler2 = { steps = 50 }', "'eval'", "sampler2 has unknown key 'steps'"),
+    ('num_images = 16', 'num_images = 16\nsampler2 = 50', "'eval'", "sampler2 must be a table"),
 ]
 
 
@@ -208,8 +245,9 @@ def test_one_evaluation_rule_for_training_runner_and_cost():
     assert not evaluates({}, 0) and evaluates({}, 5) and evaluates({"metrics": ["proxy_fd"]}, 0)
     # The cost model counts no evaluation for a run without one, and the end for eval_every = 0.
     s = load_suite("smoke")
-    run = s.runs()[0]
-    assert run_cost(s, run).eval_points == 2
+    run = s.runs()[1]  # clts, seed 0 (runs()[0] is the extended baseline: 4 evaluation points)
+    assert run.label == "clts" and run_cost(s, run).eval_points == 2
+    assert run_cost(s, s.runs()[0]).eval_points == 4
     bare = type(run)(run.suite, run.workload, run.label, run.seed, {**run.config, "eval": {}, "eval_every": 0})
     assert run_cost(s, bare).eval_points == 0
     only_end = type(run)(run.suite, run.workload, run.label, run.seed, {**run.config, "eval_every": 0})
@@ -237,18 +275,23 @@ def test_cost_estimate_by_hand():
     s = load_suite("smoke")
     est = estimate_cost(s)
     _, c = est.runs[0]
-    # 8 iterations x batch 8 = 64 images at 450 img/s; evaluations at 4 and 8, 32 images each,
-    # 2 sampler steps: 128 network evaluations at 450 x 2.5 per second; 3 s startup + 2 x 1 s
-    # (smoke.toml sets train_images_per_s 450 and startup_s 3; forward_ratio and eval_overhead_s
-    # are the defaults 2.5 and 1).
-    assert (c.train_images, c.eval_points, c.sample_images, c.network_evals) == (64, 2, 64, 128)
-    assert c.train_s == pytest.approx(64 / 450)
-    assert c.sample_s == pytest.approx(128 / (450 * 2.5))
-    assert c.overhead_s == pytest.approx(5.0)
-    assert est.train_images == 4 * 64 and est.sample_images == 4 * 64
+    # The extended baseline: 16 iterations x batch 8 = 128 images at 450 img/s; evaluations at 4, 8,
+    # 12 and 16, each the mean of 2 noise sets of 32 images with 2 sampler steps (256 images, 512
+    # network evaluations), plus the second sampler at the budget (32 images x 3 steps = 96):
+    # 608 network evaluations at 450 x 2.5 per second; 3 s startup + 4 x 1 s (smoke.toml sets
+    # train_images_per_s 450 and startup_s 3; forward_ratio and eval_overhead_s are the defaults).
+    assert (c.train_images, c.eval_points, c.sample_images, c.network_evals) == (128, 4, 288, 608)
+    assert c.train_s == pytest.approx(128 / 450)
+    assert c.sample_s == pytest.approx(608 / (450 * 2.5))
+    assert c.overhead_s == pytest.approx(7.0)
+    # clts and placebo: 64 images; evaluations at 4 (one set) and 8 (two sets, and the second
+    # sampler): 96 + 32 = 128 images, 96 x 2 + 32 x 3 = 288 network evaluations.
+    _, m = est.runs[1]
+    assert (m.train_images, m.eval_points, m.sample_images, m.network_evals) == (64, 2, 128, 288)
+    assert est.train_images == 2 * 128 + 4 * 64 and est.sample_images == 2 * 288 + 4 * 128
     # Plus the one-time evaluator setup of 5 s.
     assert est.setup_s == 5.0
-    assert est.total_s == pytest.approx(4 * (64 / 450 + 128 / 1125 + 5) + 5)
+    assert est.total_s == pytest.approx(2 * (128 / 450 + 608 / 1125 + 7) + 4 * (64 / 450 + 288 / 1125 + 5) + 5)
 
 
 def test_guided_sampling_costs_two_network_evaluations_per_step(tmp_path):
@@ -268,7 +311,7 @@ def test_plan_lists_every_run_and_the_totals():
     text = describe_plan(s, {s.runs()[0].key: "done"}, jobs=2)
     for r in s.runs():
         assert r.key in text
-    assert "done" in text and "images to train: 256" in text and "images to sample: 256" in text
+    assert "done" in text and "images to train: 512" in text and "images to sample: 1,088" in text
     assert "estimated time" in text and "2 parallel jobs" in text
 
 

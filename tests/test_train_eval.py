@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import numpy as np
+import torch
 import pytest
 from conftest import REPO
 
@@ -74,3 +75,48 @@ def test_cli_fid_of_two_folders(tmp_path):
     missing = subprocess.run([sys.executable, "run_bench.py", "fid", str(tmp_path / "nope"), str(tmp_path / "a")],
                              cwd=REPO, capture_output=True, text=True)
     assert missing.returncode == 2 and missing.stderr.startswith("error: ")
+
+
+def test_placebo_shares_initialisation_and_data_but_not_the_random_streams():
+    from bench.batches import draw_batch
+    from bench.registry import get_method
+    from bench.train import setup
+
+    placebo = get_method("placebo")
+    assert placebo.slots == {"streams"} and placebo.stream_seed(3) == 1_000_003
+    assert get_method("placebo", {"offset": 2}).stream_seed(3) == 2_000_003
+    cfg = TrainConfig(dataset="synthetic", iters=4, batch_size=8, flip=True)
+    base, plac = setup(cfg, get_method("baseline")), setup(cfg, placebo)
+    for a, b in zip(base.model.parameters(), plac.model.parameters()):
+        assert torch.equal(a, b)  # the same initial weights
+    for step in range(3):
+        x, y = draw_batch(base, step), draw_batch(plac, step)
+        assert torch.equal(x.images, y.images) and torch.equal(x.flip, y.flip)  # the same data order and flips
+        assert not torch.equal(x.t, y.t) and not torch.equal(x.eps, y.eps)  # other timesteps and noise
+
+
+def test_extended_baseline_evaluates_its_budget_with_noise_sets_and_the_second_sampler(tmp_path):
+    spec = {**EVAL, "metrics": ["proxy_fd"], "noise_sets": 3,
+            "sampler2": {"sampler": "ddim", "sampler_steps": 3, "timestep_spacing": "linspace"}}
+    base = dict(CFG, eval=spec, eval_every=3)
+    train(TrainConfig(method="baseline", **{**base, "iters": 12, "budget_iters": 5}), tmp_path / "ext")
+    train(TrainConfig(method="baseline", **{**base, "iters": 5}), tmp_path / "plain")
+    ext, plain = (fileio.read_jsonl(tmp_path / d / "evals.jsonl") for d in ("ext", "plain"))
+    # The extended run evaluates every 3 iterations, at its end, and at the budget 5; each with 3 noise sets.
+    assert [(r["step"], r["noise_sets"]) for r in ext if r["metric"] == "proxy_fd"] == \
+        [(3, 3), (5, 3), (6, 3), (9, 3), (12, 3)]
+    assert [r["step"] for r in ext if r["metric"] == "proxy_fd_sampler2"] == [5]
+    # The run that stops at the budget: one set at 3, three at its end; the second sampler there.
+    assert [(r["step"], r["noise_sets"]) for r in plain if r["metric"] == "proxy_fd"] == [(3, 1), (5, 3)]
+    at5 = {r["metric"]: r for r in ext if r["step"] == 5}
+    again = {r["metric"]: r for r in plain if r["step"] == 5}
+    # The first 5 iterations of the extended baseline are the 5-iteration run's (no progress-dependent
+    # schedule), so the values at the budget are the same numbers.
+    assert at5["proxy_fd"]["value"] == again["proxy_fd"]["value"]
+    assert at5["proxy_fd_sampler2"]["value"] == again["proxy_fd_sampler2"]["value"]
+    sets = [float(v) for v in at5["proxy_fd"]["set_values"].split(",")]
+    assert len(set(sets)) == 3 and at5["proxy_fd"]["value"] == pytest.approx(np.mean(sets))
+    assert at5["proxy_fd"]["value_sd"] == pytest.approx(np.std(sets, ddof=1))
+    assert at5["proxy_fd_sampler2"]["sampler_steps"] == 3 and at5["proxy_fd_sampler2"]["noise_sets"] == 1
+    with pytest.raises(Exception, match="budget_iters"):
+        TrainConfig.from_dict({**base, "iters": 5, "budget_iters": 6})
