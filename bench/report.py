@@ -32,6 +32,7 @@ import pandas as pd
 
 from bench.fileio import atomic_write_bytes
 from bench.report_figures import _safe, figure_curves, figure_loss_quartiles, figure_optimizer, figure_timesteps
+from bench.report_noise import metric_noise, noise_lines, sampler_robustness
 from bench.report_stats import (
     PLACEBO,
     early_targets,
@@ -46,20 +47,18 @@ from bench.report_stats import (
 from bench.report_tables import (
     _method_order,
     _method_table,
-    _num,
     _read_json,
     binned_steps,
     curves_table,
-    run_budget,
     evaluations_table,
     find_runs,
     fractions_display,
     fractions_table,
+    run_budget,
     to_latex,
     to_markdown,
 )
 from bench.report_text import _machine_lines, _protocol_lines, _runtime_lines, _training_lines
-from bench.report_noise import metric_noise, noise_lines, sampler_robustness
 from bench.speedup import BOOTSTRAP_MIN_SEEDS, lower_is_better
 from bench.suite_schema import REPORT_DEFAULTS
 
