@@ -191,7 +191,7 @@ def _metric_section(ctx: _Report, w: str, w_evals: pd.DataFrame, budget: int, me
                 "'not all seeds': past the last evaluation that every seed reached.",
                 "", to_markdown(disp), ""]
     stem = figure_curves(ctx.evals, w, metric, target, ctx.order, ctx.fig_dir,
-                         f"F*: baseline at {100 * ctx.headline:g}% of the budget (headline target)")
+                         f"F*: baseline at {100 * ctx.headline:g}% of the budget (early-training target)")
     if stem:
         sec += [f"![{metric} vs iterations]({_fig(stem)}.png) ([PDF]({_fig(stem)}.pdf))", ""]
     return sec
@@ -375,11 +375,14 @@ def _noise_section(ctx: _Report, w_evals: pd.DataFrame, metric: str, budget: int
     robust = sampler_robustness(w_evals, metric, ctx.baseline, budget, labels, ctx.stats_kw["confidence"])
     if not robust.empty:
         flips = list(robust[robust.sign == "changes"].method)
+        noise = list(robust[robust.sign.str.startswith("changes (")].method)
         sec += ["#### Sampler robustness", "",
                 "The final checkpoints evaluated with a second sampler (one noise set): the paired final differences "
                 "under both. " + (f"**The sign changes for {', '.join(flips)}**: their ranking against the baseline "
                                   "depends on the sampler." if flips else
-                                  "No method's difference changes sign."), "", to_markdown(robust), ""]
+                                  "No method's difference that an interval separates from 0 changes sign.")
+                + (f" ({', '.join(noise)}: the sign changes between two differences whose intervals both contain 0.)"
+                   if noise else ""), "", to_markdown(robust), ""]
     return sec
 
 

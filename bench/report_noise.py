@@ -12,7 +12,9 @@
   report is built from: the metric is precise enough when it is at most a third of it; the report
   says when it is not.
 - ``sampler_robustness``: the paired final differences under the suite's sampler and under its
-  second sampler (``sampler2``, metric "<metric>_sampler2"), with a flag where the sign changes.
+  second sampler (``sampler2``, metric "<metric>_sampler2"), with a flag where the sign of the
+  mean changes; a change between two differences whose intervals both contain 0 is noise, and
+  is shown as such rather than flagged.
 """
 
 from __future__ import annotations
@@ -133,9 +135,10 @@ def sampler_robustness(evals: pd.DataFrame, metric: str, baseline: str | None, b
         if any(d is None or d.mean is None for d in ds):
             continue
         flip = np.sign(ds[0].mean) != np.sign(ds[1].mean)
+        clear = any(d.ci_low is not None and (d.ci_low > 0 or d.ci_high < 0) for d in ds)
+        sign = "same" if not flip else "changes" if clear else "changes (both intervals contain 0)"
         rows.append({"method": label, f"final - baseline, {_sampler_name(evals, metric)}": format_difference(ds[0]),
-                     f"final - baseline, {_sampler_name(evals, second)}": format_difference(ds[1]),
-                     "sign": "changes" if flip else "same"})
+                     f"final - baseline, {_sampler_name(evals, second)}": format_difference(ds[1]), "sign": sign})
     return pd.DataFrame(rows)
 
 

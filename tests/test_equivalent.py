@@ -191,7 +191,7 @@ def test_metric_noise_against_the_paired_spread_by_hand():
     assert row["precise enough (<= 1/3)"] == "no"
     assert "**Not precise enough** for m" in noise_lines(summary, table, "proxy_fd")[0]
     robust = sampler_robustness(ev, "proxy_fd", "baseline", 100, ["baseline", "m"]).set_index("method")
-    assert robust.loc["m", "sign"] == "changes"
+    assert robust.loc["m", "sign"] == "changes"  # the second sampler's interval [0.5, 0.5] excludes 0
     assert robust.loc["m", "final - baseline, ddim 50 steps, quadratic"] == "0.5 [0.5, 0.5]"
     assert robust.loc["m", "final - baseline, ddim 10 steps, quadratic"].startswith("-0.5 [")
     # Without noise sets the report says the noise was not measured and how to measure it.
@@ -199,3 +199,17 @@ def test_metric_noise_against_the_paired_spread_by_hand():
     none, empty = metric_noise(single, "proxy_fd", "baseline", 100, ["m"])
     assert none == {} and empty.empty
     assert "noise_sets = 3" in noise_lines({}, pd.DataFrame(), "proxy_fd")[0]
+
+
+def test_a_sign_change_between_two_noisy_differences_is_not_flagged():
+    import pandas as pd
+
+    from bench.report_noise import sampler_robustness
+
+    rows = []
+    for k, (d1, d2) in enumerate(((-1.0, 0.5), (-0.5, -0.4), (0.0, 0.2))):  # means -0.5 and +0.1
+        rows += [_budget_rows("baseline", k, [10.0 + k]), _budget_rows("m", k, [10.0 + k + d1]),
+                 _budget_rows("baseline", k, [20.0 + k], "proxy_fd_sampler2", 50),
+                 _budget_rows("m", k, [20.0 + k + d2], "proxy_fd_sampler2", 50)]
+    robust = sampler_robustness(pd.DataFrame(rows), "proxy_fd", "baseline", 100, ["baseline", "m"])
+    assert robust.set_index("method").loc["m", "sign"] == "changes (both intervals contain 0)"

@@ -187,6 +187,7 @@ def test_fractions_and_curves(results):
     assert b.loc[1.0, "mean"] == pytest.approx(6)
     cv = pd.read_csv(report.parent / "tables" / "curves.csv")
     assert set(cv[cv.method_label == "slow"].step) == {100, 200}
+    assert max(cv[cv.method_label == "baseline"].step) == 800  # the extended baseline's whole curve
 
 
 def test_report_md_says_what_every_number_is(results):
