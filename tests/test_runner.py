@@ -111,7 +111,7 @@ def test_runs_every_run_into_its_folder_then_skips_them(tmp_path, calls):
     assert all(o.final["proxy_fd"] > 0 for o in res.outcomes)
 
     again = run_suite(suite, results_root=tmp_path / "results", progress=False, train_fn=logged_train)
-    assert [o.action for o in again.outcomes] == ["skipped"] * 6 and again.ok
+    assert [o.action for o in again.outcomes] == ["skipped"] * 4 and again.ok
     assert len(calls()) == 4  # nothing ran
 
 
