@@ -206,7 +206,7 @@ def _final_metric_section(ctx: _Report, w: str, w_evals: pd.DataFrame, budget: i
     rows = speedup_rows(w_evals, ctx.baseline, main, budget, metric, **ctx.stats_kw)
     if not rows:
         return []
-    disp = speedup_display(rows, [], ctx.headline, final_values(w_evals, metric, budget))
+    disp = speedup_display(rows, [], ctx.headline, final_values(w_evals, metric, budget), with_equiv=False)
     ctx.parts["md_sp"] += [f"### {w} / {metric} (end of the budget)", "", to_markdown(disp), ""]
     ctx.parts["tex_sp"].append(to_latex(disp, f"{metric} at the end of the budget, paired difference from "
                                               f"{ctx.baseline} ({w})", f"tab:final:{_safe(w)}:{_safe(metric)}"))
@@ -228,7 +228,7 @@ def _figure_section(ctx: _Report, w: str, w_runs: list[dict]) -> list[str]:
                 traces[r["label"]] = tr
     binned = []
     for r in w_runs:
-        b = binned_steps(r["dir"] / "steps.jsonl", r["config"].get("iters") or 1)
+        b = binned_steps(r["dir"] / "steps.jsonl", run_budget(r["config"]) or 1)  # the extended baseline: to the budget
         if not b.empty:
             binned.append(b.assign(method_label=r["label"], seed=r["seed"]))
     binned = pd.concat(binned, ignore_index=True) if binned else pd.DataFrame()
@@ -340,7 +340,10 @@ def _speedup_text(rows, baseline, metric, budget, extend, early, kw, baseline_sl
         text += [f"**Holm-adjusted** columns correct for the {len(family)} method{'s' * (len(family) != 1)} tested against `{baseline}` "
                  f"(controls are outside that family): each is the t-interval at the level Holm's step-down gives it "
                  f"(between {conf:g}% and {100 - (100 - conf) / len(family):.3g}%), with the adjusted p-value; an "
-                 "adjusted interval excludes 1 (or 0) exactly when Holm rejects. Read claims from these."]
+                 "adjusted interval excludes 1 (or 0) exactly when Holm rejects, so the claims it separates from "
+                 f"the null hold together at a family-wise error of at most {100 - conf:g}%. Read claims from these; "
+                 "their ends are not simultaneous bounds on every method's size (Bonferroni's level, "
+                 f"{100 - (100 - conf) / len(family):.3g}% for all, would give those)."]
     if controls:
         text += [f"Controls: {', '.join(f'`{c}`' for c in controls)}"
                  + (" (the baseline with its timestep and noise streams re-seeded: same initialisation and data, so "

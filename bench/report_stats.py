@@ -103,6 +103,8 @@ def speedup_rows(evals: pd.DataFrame, baseline: str, labels: list[str], budget: 
     base_df = g[g.method_label == baseline]
     if base_df.empty:
         return []
+    # Controls by what ran (a placebo under any label), else by label.
+    placebos = set(g[g.method == PLACEBO].method_label) if "method" in g else set()
     lib = lower_is_better(metric)
     base = seed_curves(base_df)
     kw = dict(budget=budget, targets=early_targets(targets), lib=lib, confidence=confidence, n_boot=n_boot,
@@ -112,7 +114,8 @@ def speedup_rows(evals: pd.DataFrame, baseline: str, labels: list[str], budget: 
         sub = g[g.method_label == label]
         if sub.empty:
             continue
-        rows.append({"method_label": label, "is_baseline": label == baseline, "is_control": is_control(label),
+        rows.append({"method_label": label, "is_baseline": label == baseline,
+                     "is_control": label != baseline and (is_control(label) or label in placebos),
                      **_stats_row(base, seed_curves(sub), is_baseline=label == baseline, **kw)})
     # A/A: the second half of the baseline's seeds as if it were a method, paired with the first half.
     bs, bv, b_seeds = base
@@ -208,7 +211,9 @@ def equivalent_cell(e: EquivalentSpeedup) -> str:
     if e.speedup is None:
         return "no data"
     n = e.n_paired
-    notes = ([f"{e.n_beyond} of {n} seeds beyond the baseline's {e.extend:g}x curve"] if e.lower_bound else []) + \
+    reach = max((s for s, b in zip(e.per_seed, e.bounds) if b == ">="), default=e.extend)
+    notes = ([f"{e.n_beyond} of {n} seeds better than the baseline's whole curve (to {reach:g}x the budget)"]
+             if e.lower_bound else []) + \
         ([f"{e.n_before} of {n} seeds no better than the baseline's first evaluation"] if e.upper_bound else [])
     if e.lower_bound and e.upper_bound:
         return f"~{e.speedup:.2f}x; " + ", ".join(notes)
@@ -287,12 +292,16 @@ def final_values(evals: pd.DataFrame, metric: str, budget: float) -> dict[str, s
 # Training facts from steps.jsonl.
 
 
-def step_summary(path: Path, grad_clip: float | None, lr: float | None = None, warmup: int = 0) -> dict:
-    """One pass over steps.jsonl: steps, clipped steps, mean and smallest learning-rate factor.
-    Logs from before `lr_scale` was recorded get it back from lr / (base lr x warm-up factor)."""
+def step_summary(path: Path, grad_clip: float | None, lr: float | None = None, warmup: int = 0,
+                 budget: int | None = None) -> dict:
+    """One pass over steps.jsonl (up to `budget`: an extended baseline's later steps are not the
+    workload's): steps, clipped steps, mean and smallest learning-rate factor. Logs from before
+    `lr_scale` was recorded get it back from lr / (base lr x warm-up factor)."""
     n = clipped = 0
     scale_sum, scale_min = 0.0, math.inf
     for row in iter_jsonl(path):
+        if budget and isinstance(row.get("step"), (int, float)) and row["step"] > budget:
+            continue
         n += 1
         if "clipped" in row:
             clipped += bool(row["clipped"])
@@ -315,7 +324,8 @@ def training_facts(runs: list[dict], order: list[str]) -> pd.DataFrame:
     acc: dict[str, dict] = {}
     for r in runs:
         cfg = r["config"]
-        s = step_summary(r["dir"] / "steps.jsonl", cfg.get("grad_clip"), cfg.get("lr"), cfg.get("warmup") or 0)
+        s = step_summary(r["dir"] / "steps.jsonl", cfg.get("grad_clip"), cfg.get("lr"), cfg.get("warmup") or 0,
+                         cfg.get("budget_iters") or None)
         if not s["steps"]:
             continue
         a = acc.setdefault(r["label"], {"steps": 0, "clipped": 0, "scale": 0.0, "min": math.inf,

@@ -89,7 +89,7 @@ def binned_steps(path: Path, iters: int, n_bins: int = N_BINS) -> pd.DataFrame:
     sums: dict[int, dict] = {}
     for row in iter_jsonl(path):
         step = row.get("step")
-        if not isinstance(step, (int, float)):
+        if not isinstance(step, (int, float)) or step > iters:  # an extended baseline: to the budget
             continue
         b = int((step - 1) // width)
         acc = sums.setdefault(b, {"n": {k: 0 for k in keys}, "s": {k: 0.0 for k in keys}})

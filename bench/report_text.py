@@ -116,6 +116,8 @@ def _training_lines(runs: list[dict]) -> list[str]:
                 extended.setdefault(r["workload"], {**cfg, "label": r["label"]})
             else:
                 by_workload.setdefault(r["workload"], cfg)
+    for w, ext in extended.items():
+        by_workload.setdefault(w, {**ext, "iters": ext["budget_iters"]})  # only the extended baseline ran
     for w, cfg in sorted(by_workload.items()):
         images = (cfg.get("iters") or 0) * (cfg.get("batch_size") or 0)
         settings = ", ".join(f"{k} {cfg[k]}" for k in COMMON_KEYS if k in cfg)

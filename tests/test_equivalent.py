@@ -73,7 +73,7 @@ def test_bounds_beyond_the_curve_and_before_its_first_evaluation():
     assert e.lower_bound and e.upper_bound and e.interval == "censored" and e.ci_low is None and e.p_value is None
     assert equivalent_cell(e).startswith("~")
     only_beyond = baseline_equivalent(B_GRID, b[[0, 2, 2]], M_GRID, m[[0, 2, 2]], budget=BUDGET, extend=2.5)
-    assert equivalent_cell(only_beyond).startswith(">= ") and "1 of 3 seeds beyond the baseline's 2.5x curve" in \
+    assert equivalent_cell(only_beyond).startswith(">= ") and "1 of 3 seeds better than the baseline's whole curve (to 2.5x" in \
         equivalent_cell(only_beyond)
 
 
@@ -213,3 +213,23 @@ def test_a_sign_change_between_two_noisy_differences_is_not_flagged():
                  _budget_rows("m", k, [20.0 + k + d2], "proxy_fd_sampler2", 50)]
     robust = sampler_robustness(pd.DataFrame(rows), "proxy_fd", "baseline", 100, ["baseline", "m"])
     assert robust.set_index("method").loc["m", "sign"] == "changes (both intervals contain 0)"
+
+
+def test_a_placebo_under_another_label_is_a_control_outside_holms_family():
+    import pandas as pd
+
+    from bench.report_stats import speedup_rows
+
+    b, m = curves([2.0, 2.2, 1.8])
+    rows = []
+    for label, method, grid, vals in (("baseline", "baseline", B_GRID, b), ("fast", "clts", M_GRID, m),
+                                      ("my-control", "placebo", M_GRID, b[:, :M_GRID.size] + 0.01)):
+        for k, curve in enumerate(vals):
+            rows += [{"method_label": label, "method": method, "seed": k, "step": float(s), "metric": "proxy_fd",
+                      "value": float(v), "num_gen": 500} for s, v in zip(grid, curve)]
+    out = {r["method_label"]: r for r in speedup_rows(pd.DataFrame(rows), "baseline", ["baseline", "fast",
+                                                                                        "my-control"],
+                                                      BUDGET, "proxy_fd", targets=[0.5], extend=2.5)}
+    assert out["my-control"]["is_control"] and "equiv_holm" not in out["my-control"]
+    assert out["fast"]["equiv_holm"]["m"] == 1 and not out["fast"]["is_control"]
+    assert "A/A: baseline vs baseline" not in out  # the placebo replaces the A/A row

@@ -173,6 +173,7 @@ def test_report_states_its_limits(results):
     # (sum 174.875): (3 x 299.75 + 174.875) / 1400.
     assert facts.loc["slow", "lr_factor_mean"] == pytest.approx((3 * 299.75 + 174.875) / 1400)
     assert facts.loc["slow", "optimizer_slot"]
+    assert facts.loc["baseline", "steps"] == 3 * 400  # the extended baseline's facts stop at the budget
     assert facts.loc["slow", "lr_factor_min"] == pytest.approx(0.5)
     assert facts.loc["fast", "clipped_fraction"] == pytest.approx(0.25) and not facts.loc["fast", "optimizer_slot"]
     assert "| 0.767 " in limits and "25.0% (clip 0.5)" in limits and "1 (no optimizer slot)" in limits
