@@ -66,26 +66,22 @@ def test_interrupted_run_resumes_bit_for_bit(tmp_path, method):
 
 
 def test_sigkill_and_rerun_equals_uninterrupted(tmp_path):
-    """A real kill -9 of the command-line process between checkpoints."""
-    args = [sys.executable, "run_bench.py", "train", "--method", "clts", "--dataset", "synthetic", "--iters", "60",
-            "--batch-size", "8", "--ckpt-every", "5", "--seed", "3"]
-    subprocess.run(args + ["--out", str(tmp_path / "whole")], cwd=REPO, check=True, capture_output=True)
-    proc = subprocess.Popen(args + ["--out", str(tmp_path / "killed")], cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    """A real kill -9 of the command-line process between checkpoints, at a step fixed in advance:
+    the test plugin (tests/plugins/faulty.py) SIGKILLs its own process during iteration 20 of 60
+    (progress p = 19 / 60 rounds to fault step 4 of its 8), so no clock decides where it lands."""
+    plugin = str(REPO / "tests" / "plugins" / "faulty.py")
+    args = [sys.executable, "run_bench.py", "train", "--method", "faulty", "--plugins", plugin, "--dataset",
+            "synthetic", "--iters", "60", "--batch-size", "8", "--ckpt-every", "5", "--seed", "3"]
+    env = {k: v for k, v in os.environ.items() if k != "FAULTS"}
+    subprocess.run(args + ["--out", str(tmp_path / "whole")], cwd=REPO, check=True, capture_output=True, env=env)
+    killed = subprocess.run(args + ["--out", str(tmp_path / "killed")], cwd=REPO, capture_output=True,
+                            env={**env, "FAULTS": "a:kill@4"})
+    assert killed.returncode == -signal.SIGKILL
     status = tmp_path / "killed" / "status.json"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if fileio.read_json(status)["step"] >= 20:
-                break
-        except (FileNotFoundError, json.JSONDecodeError):
-            pass
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
     killed_at = fileio.read_json(status)["step"]
-    assert 20 <= killed_at < 60, "the kill landed outside the run"
-    subprocess.run(args + ["--out", str(tmp_path / "killed")], cwd=REPO, check=True, capture_output=True)
+    assert killed_at == 15 and fileio.read_json(status)["state"] == "running"  # the checkpoint before the kill
+    assert len(fileio.read_jsonl(tmp_path / "killed" / "steps.jsonl")) == 15
+    subprocess.run(args + ["--out", str(tmp_path / "killed")], cwd=REPO, check=True, capture_output=True, env=env)
     for a, b in zip(weights(tmp_path / "whole"), weights(tmp_path / "killed")):
         assert_same_state(a, b)
     rows = fileio.read_jsonl(tmp_path / "killed" / "steps.jsonl")
