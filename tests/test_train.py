@@ -1,14 +1,12 @@
 """The training loop: determinism, exact resume after a kill, logs, and bad input."""
 
 import gzip
-import json
 import os
 import pickle
 import signal
 import struct
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
