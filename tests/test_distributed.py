@@ -11,10 +11,9 @@ runs them on a GPU.
 
 import json
 import os
+import signal
 import subprocess
 import sys
-import signal
-import time
 from pathlib import Path
 
 import pytest
