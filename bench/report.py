@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 
 from bench.fileio import atomic_write_bytes
+from bench.intervals import BOOTSTRAP_MIN_SEEDS
 from bench.report_figures import _safe, figure_curves, figure_loss_quartiles, figure_optimizer, figure_timesteps
 from bench.report_noise import metric_noise, noise_lines, sampler_robustness
 from bench.report_stats import (
@@ -59,7 +60,7 @@ from bench.report_tables import (
     to_markdown,
 )
 from bench.report_text import _machine_lines, _protocol_lines, _runtime_lines, _training_lines
-from bench.speedup import BOOTSTRAP_MIN_SEEDS, lower_is_better
+from bench.speedup import lower_is_better
 from bench.suite_schema import REPORT_DEFAULTS
 
 

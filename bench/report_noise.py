@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from bench.report_stats import format_difference, seed_curves
+from bench.report_stats import format_difference, pair_seeds, seed_curves
 from bench.speedup import paired_difference
 
 #: the metric's sd may be at most this share of the paired between-seed sd
@@ -126,12 +126,8 @@ def sampler_robustness(evals: pd.DataFrame, metric: str, baseline: str | None, b
             if b.empty or x.empty:
                 ds.append(None)
                 continue
-            bs, bv, b_seeds = seed_curves(b)
-            xs, xv, x_seeds = seed_curves(x)
-            seeds = [s for s in b_seeds if s in x_seeds]
-            ds.append(paired_difference(bs, bv[[b_seeds.index(s) for s in seeds]], xs,
-                                        xv[[x_seeds.index(s) for s in seeds]], budget=budget, seeds=seeds,
-                                        confidence=confidence))
+            bs, bv, xs, xv, seeds = pair_seeds(seed_curves(b), seed_curves(x))
+            ds.append(paired_difference(bs, bv, xs, xv, budget=budget, seeds=seeds, confidence=confidence))
         if any(d is None or d.mean is None for d in ds):
             continue
         flip = np.sign(ds[0].mean) != np.sign(ds[1].mean)

@@ -15,21 +15,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from bench.curves import relative_improvement
 from bench.fileio import iter_jsonl
+from bench.intervals import holm, holm_levels, t_interval_at, t_pvalue
 from bench.speedup import (
     EquivalentSpeedup,
     PairedDifference,
     PairedSpeedup,
     aa_split,
     baseline_equivalent,
-    holm,
-    holm_levels,
     lower_is_better,
     paired_difference,
     paired_speedup,
-    relative_improvement,
-    t_interval_at,
-    t_pvalue,
 )
 
 AA_LABEL = "A/A: baseline vs baseline"
@@ -52,7 +49,7 @@ def seed_curves(df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, list[int]]:
     return wide.columns.to_numpy(dtype=float), wide.to_numpy(dtype=float), list(wide.index)
 
 
-def _paired(base: tuple, meth: tuple) -> tuple:
+def pair_seeds(base: tuple, meth: tuple) -> tuple:
     """The rows of both groups for the seeds they share, in one order (the pairing)."""
     bs, bv, b_seeds = base
     ms, mv, m_seeds = meth
@@ -64,7 +61,7 @@ def _paired(base: tuple, meth: tuple) -> tuple:
 
 def _stats_row(base: tuple, meth: tuple, *, budget, targets, lib, confidence, n_boot, seed, extend=1.0,
                is_baseline: bool = False) -> dict:
-    bs, bv, ms, mv, seeds = _paired(base, meth)
+    bs, bv, ms, mv, seeds = pair_seeds(base, meth)
     row = {"seeds": seeds, "n_paired": len(seeds)}
     row["equiv"] = baseline_equivalent(bs, bv, ms, mv, budget=budget, extend=extend, seeds=seeds,
                                        lower_is_better=lib, confidence=confidence, n_boot=n_boot, seed=seed,
@@ -131,7 +128,7 @@ def speedup_rows(evals: pd.DataFrame, baseline: str, labels: list[str], budget: 
 
 
 def adjust_holm(rows: list[dict], confidence: float) -> None:
-    """Holm-adjusted p-values and intervals (bench.speedup.holm_levels) of the headline and of the
+    """Holm-adjusted p-values and intervals (bench.intervals.holm_levels) of the headline and of the
     final difference, across the rows that are neither the baseline nor a control."""
     family = [r for r in rows if not r["is_baseline"] and not r["is_control"]]
     for key, p_of, sample_of, transform in (

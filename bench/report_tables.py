@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from bench.curves import complete_points, values_at_fractions
 from bench.fileio import iter_jsonl, read_jsonl
 from bench.report_stats import seed_curves
-from bench.speedup import complete_points, values_at_fractions
 
 SKIP_DIRS = {"report", "_submitit", "figures", "tables"}
 

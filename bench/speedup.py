@@ -39,22 +39,8 @@ B. Secondary: the early-training rate (``paired_speedup``): crossings of each se
    only show the sign of each seed's final difference (point 5b), so the report reads the end of
    the budget from A and from the paired final difference (point 7) instead.
 
-Intervals (both statistics, and the final difference): the geometric mean of s_k (speed-ups are
-ratios: 2x and 0.5x must average to 1x) with a Student t interval on log s_k, n - 1 degrees of
-freedom, for 3 <= n < 20 paired seeds; "too few seeds" below 3 (point estimate only). From 20
-seeds on a paired bootstrap (``n_boot`` resamples of seed indices, the pair moving together,
-percentile interval) may replace it: below 20 the percentile bootstrap under-covers (simulated
-coverage of a nominal 95% interval: 85.6% at n = 6, 88.6% at n = 8), the t interval does not
-lean on more than log s_k being roughly normal. Each interval comes with the two-sided p-value of
-its t test (log s = 0, or d = 0), which ``holm`` adjusts across the methods of a workload.
-
-Multiple comparisons (``holm``, ``holm_levels``): m methods compared with one baseline are m
-tests. Holm's step-down: sort the p-values, p_(1) <= ... <= p_(m); reject while p_(j) <=
-alpha / (m - j + 1); adjusted p_(j) = max over i <= j of min(1, (m - i + 1) p_(i)). The adjusted
-interval of the j-th smallest p-value is the t interval at level 1 - alpha / (m - j + 1), and from
-the first hypothesis Holm does not reject on, every later one keeps that hypothesis's level: an
-adjusted interval excludes the null exactly when Holm rejects it. Methods without a p-value (a
-bound, too few seeds) count in m with p = 1.
+Intervals (both statistics, and the final difference): bench/intervals.py (t intervals below 20
+paired seeds, the percentile bootstrap from 20, p-values, Holm's adjustment across methods).
 
 Early-training rate (B):
 
@@ -78,7 +64,7 @@ Early-training rate (B):
    so on a geometric grid with f * budget between two evaluations n_B,k can be slightly below
    f * budget (log-interpolation lies below the chord); on the evaluations themselves it is exact.
 3. Per seed: s_k = n_B,k / n_M,k.
-4. Headline: the geometric mean of s_k over the paired seeds (speed-ups are ratios: 2x and 0.5x
+4. Over seeds: the geometric mean of s_k over the paired seeds (speed-ups are ratios: 2x and 0.5x
    must average to 1x). Interval on log s_k at level ``confidence``:
    - n < 3 paired seeds: no interval ("too few seeds"); the point estimate is still given.
      With fewer than 3 seeds a spread estimate is too unstable to print an interval.
@@ -125,7 +111,7 @@ Early-training rate (B):
    defect (the A/A pairs are different seeds, so they are not noise-matched like B_k and M_k).
 9. The baseline row: speed-up exactly 1, no interval (interval "none"; ``is_baseline=True``).
 
-This module needs numpy and scipy.stats only: never torch or pandas (the report runs without them).
+This module (with bench/curves.py and bench/intervals.py) needs numpy and scipy.stats only: never torch or pandas (the report runs without them).
 """
 
 from __future__ import annotations
@@ -133,7 +119,16 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
-from scipy import stats
+
+from bench.curves import (
+    as_curves,
+    complete_points,
+    first_crossing,
+    is_geometric,
+    value_at,
+    values_at,
+)
+from bench.intervals import log_interval, t_interval, t_pvalue
 
 #: metrics for which a smaller value is better; any other metric is taken as higher-is-better
 LOWER_IS_BETTER = {"fid", "kid", "proxy_fd", "proxy_kid", "fd", "loss"}
@@ -142,103 +137,6 @@ LOWER_IS_BETTER = {"fid", "kid", "proxy_fd", "proxy_kid", "fd", "loss"}
 def lower_is_better(metric: str) -> bool:
     metric = metric.removesuffix("_final").removesuffix("_sampler2")  # end-of-budget evaluations
     return metric in LOWER_IS_BETTER or metric.endswith("_fd") or metric.endswith("_kid") or metric.endswith("fid")
-
-
-def _as_curves(steps, values) -> tuple[np.ndarray, np.ndarray]:
-    steps = np.asarray(steps, dtype=float)
-    values = np.asarray(values, dtype=float)
-    if values.ndim == 1:
-        values = values[None, :]
-    if steps.ndim != 1 or values.shape[1] != steps.shape[0]:
-        raise ValueError(f"steps has shape {steps.shape} but values has shape {values.shape}; "
-                         "values must be [seeds, len(steps)]")
-    if np.any(np.diff(steps) <= 0):
-        raise ValueError("evaluation steps must be strictly increasing")
-    return steps, values
-
-
-def complete_points(steps, values, budget: float | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Keep the evaluation points within the budget where every seed has a finite value."""
-    steps, values = _as_curves(steps, values)
-    keep = np.all(np.isfinite(values), axis=0)
-    if budget is not None:
-        keep &= steps <= budget
-    return steps[keep], values[:, keep]
-
-
-def _is_geometric(steps: np.ndarray) -> bool:
-    """A geometric grid: >= 3 positive points with a constant ratio (1e-6 relative) above 1.0001."""
-    if steps.size < 3 or steps[0] <= 0:
-        return False
-    ratios = steps[1:] / steps[:-1]
-    return bool(ratios[0] > 1.0001 and np.all(np.abs(ratios - ratios[0]) <= 1e-6 * ratios[0]))
-
-
-def _crossing(steps: np.ndarray, curve: np.ndarray, target: float, log_steps: bool = False) -> float | None:
-    """First crossing of `target` by a lower-is-better curve, interpolated linearly in steps or,
-    with `log_steps`, in log-steps; None when never reached."""
-    reached = np.flatnonzero(curve <= target)
-    if reached.size == 0:
-        return None
-    i = int(reached[0])
-    if i == 0:
-        return float(steps[0])  # no earlier point to interpolate from
-    v0, v1 = curve[i - 1], curve[i]
-    s0, s1 = steps[i - 1], steps[i]
-    frac = (v0 - target) / (v0 - v1)  # v0 > target >= v1, so the denominator is positive
-    if log_steps:
-        return float(s0 * (s1 / s0) ** frac)
-    return float(s0 + frac * (s1 - s0))
-
-
-def crossing_step(steps, curve, target: float, lower_is_better: bool = True) -> float | None:
-    """Iterations a curve needs to reach `target`: the first evaluation at or past the target,
-    linearly interpolated with the evaluation before it; None when it is never reached."""
-    steps = np.asarray(steps, dtype=float)
-    curve = np.asarray(curve, dtype=float)
-    if not lower_is_better:
-        curve, target = -curve, -target
-    return _crossing(steps, curve, target)
-
-
-def value_at(steps, curve, at: float) -> float:
-    """The curve's value at iteration `at` by linear interpolation; NaN outside the evaluated range."""
-    steps = np.asarray(steps, dtype=float)
-    curve = np.asarray(curve, dtype=float)
-    if steps.size == 0 or at < steps[0] or at > steps[-1]:
-        return float("nan")
-    return float(np.interp(at, steps, curve))
-
-
-def values_at_fractions(steps, values, budget: float, fractions=(0.25, 0.5, 0.75, 1.0)) -> list[dict]:
-    """Metric at fixed fractions of the budget: per fraction, the seed mean and standard deviation
-    (ddof 1; NaN with one seed) of each seed's curve linearly interpolated at fraction * budget.
-    Points where a seed has no value are dropped for every seed. `status` says why a mean is NaN:
-    "before first evaluation", "after last complete evaluation", "no data"."""
-    steps, values = complete_points(steps, values, budget)
-    rows = []
-    for f in fractions:
-        at = f * budget
-        per_seed = np.array([value_at(steps, v, at) for v in values]) if values.size else np.array([])
-        finite = per_seed[np.isfinite(per_seed)] if per_seed.size else per_seed
-        ok = per_seed.size > 0 and finite.size == per_seed.size
-        if ok:
-            status = "ok"
-        elif steps.size == 0:
-            status = "no data"
-        elif at < steps[0]:
-            status = "before first evaluation"
-        else:
-            status = "after last complete evaluation"
-        rows.append({
-            "fraction": float(f),
-            "step": float(at),
-            "mean": float(per_seed.mean()) if ok else float("nan"),
-            "std": float(per_seed.std(ddof=1)) if ok and per_seed.size > 1 else float("nan"),
-            "n_seeds": int(per_seed.size) if ok else 0,
-            "status": status,
-        })
-    return rows
 
 
 # ----------------------------------------------------------------------------------------------
@@ -299,8 +197,8 @@ def _seed_ids(seeds, n: int) -> list:
 
 
 def _check_paired(steps_b, b_values, steps_m, m_values):
-    bs, bv = _as_curves(steps_b, b_values)
-    ms, mv = _as_curves(steps_m, m_values)
+    bs, bv = as_curves(steps_b, b_values)
+    ms, mv = as_curves(steps_m, m_values)
     if bv.shape[0] != mv.shape[0]:
         raise ValueError(f"paired seeds: baseline has {bv.shape[0]} seeds, method {mv.shape[0]}")
     return bs, bv, ms, mv
@@ -321,47 +219,12 @@ def _seed_crossings(bs, b_row, ms, m_row, budget, at, log_b, log_m):
     target = value_at(bs_k, bv_k, at)
     if not np.isfinite(target):
         return None
-    n_b = _crossing(bs_k, bv_k, target, log_b)
-    n_m = _crossing(ms_k, mv_k, target, log_m)
+    n_b = first_crossing(bs_k, bv_k, target, log_b)
+    n_m = first_crossing(ms_k, mv_k, target, log_m)
     if n_b is None or n_b <= 0 or (n_m is not None and n_m <= 0):
         return None
     first = n_m is not None and mv_k[0] <= target  # at the target by M_k's first evaluation: a lower bound
     return target, n_b, n_m, float(ms_k[-1]), first
-
-
-#: fewest paired seeds for which the percentile bootstrap may replace the t interval
-BOOTSTRAP_MIN_SEEDS = 20
-
-
-def _t_interval(x: np.ndarray, confidence: float) -> tuple[float, float]:
-    half = stats.t.ppf(0.5 + confidence / 2, x.size - 1) * x.std(ddof=1) / np.sqrt(x.size)
-    return float(x.mean() - half), float(x.mean() + half)
-
-
-def t_pvalue(x) -> float | None:
-    """Two-sided p-value of the one-sample t test of mean(x) = 0; None below 3 values. A sample with
-    no spread is 0 when its mean is not 0 and 1 when it is."""
-    x = np.asarray(x, dtype=float)
-    if x.size < 3:
-        return None
-    sd = x.std(ddof=1)
-    if sd == 0:
-        return 1.0 if x.mean() == 0 else 0.0
-    tstat = x.mean() / (sd / np.sqrt(x.size))
-    return float(2 * stats.t.sf(abs(tstat), x.size - 1))
-
-
-def _log_interval(log_s: np.ndarray, confidence: float, n_boot: int, seed: int):
-    """(low, high, kind) of the interval on log s_k (module docstring, "Intervals")."""
-    n = log_s.size
-    if n < 3:
-        return None, None, "too few seeds"
-    if n < BOOTSTRAP_MIN_SEEDS or n_boot <= 0:
-        return (*_t_interval(log_s, confidence), "t")
-    idx = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))  # pairs move together
-    reps = log_s[idx].mean(axis=1)
-    alpha = (1.0 - confidence) / 2.0
-    return float(np.quantile(reps, alpha)), float(np.quantile(reps, 1.0 - alpha)), "bootstrap"
 
 
 def paired_speedup(steps_b, b_values, steps_m, m_values, *, budget: float, fraction: float = 1.0, seeds=None,
@@ -376,7 +239,7 @@ def paired_speedup(steps_b, b_values, steps_m, m_values, *, budget: float, fract
         ms, mv = bs, bv
     ids = _seed_ids(seeds, bv.shape[0])
     sign = 1.0 if lower_is_better else -1.0  # curves are made lower-is-better, targets reported back
-    log_b, log_m = _is_geometric(bs[bs <= budget]), _is_geometric(ms[ms <= budget])
+    log_b, log_m = is_geometric(bs[bs <= budget]), is_geometric(ms[ms <= budget])
     rows = [_seed_crossings(bs, sign * bv[k], ms, sign * mv[k], budget, fraction * budget, log_b, log_m)
             for k in range(bv.shape[0])]
     kept = [k for k, r in enumerate(rows) if r is not None]
@@ -409,19 +272,10 @@ def paired_speedup(steps_b, b_values, steps_m, m_values, *, budget: float, fract
     if fraction >= 1.0:
         out.interval = "one-sided"  # point 5b
         return out
-    lo, hi, out.interval = _log_interval(log_s, confidence, n_boot, seed)
+    lo, hi, out.interval = log_interval(log_s, confidence, n_boot, seed)
     if lo is not None:
         out.ci_low, out.ci_high = float(np.exp(lo)), float(np.exp(hi))
     return out
-
-
-def _values_at(steps: np.ndarray, values: np.ndarray, at: float) -> np.ndarray:
-    """Every row of `values` [seeds, P] linearly interpolated at `at` (inside the grid)."""
-    j = int(np.clip(np.searchsorted(steps, at), 1, steps.size - 1)) if steps.size > 1 else 0
-    if steps.size == 1 or at == steps[j]:
-        return values[:, j]
-    w = (at - steps[j - 1]) / (steps[j] - steps[j - 1])
-    return values[:, j - 1] + w * (values[:, j] - values[:, j - 1])
 
 
 def paired_difference(steps_b, b_values, steps_m, m_values, *, budget: float, seeds=None,
@@ -441,7 +295,7 @@ def paired_difference(steps_b, b_values, steps_m, m_values, *, budget: float, se
     at = min(bs[-1], ms[-1])  # compare both at the same iteration
     if at < bs[0] or at < ms[0]:
         return out
-    b_at, m_at = _values_at(bs, bv, at), _values_at(ms, mv, at)
+    b_at, m_at = values_at(bs, bv, at), values_at(ms, mv, at)
     d = m_at - b_at
     out.n, out.step, out.seeds = int(d.size), float(at), [ids[k] for k in kept]
     out.per_seed, out.mean = d.tolist(), float(d.mean())
@@ -450,7 +304,7 @@ def paired_difference(steps_b, b_values, steps_m, m_values, *, budget: float, se
     out.relative_mean = rel if np.isfinite(rel) else None
     out.interval = "t" if d.size >= 3 else "too few seeds"
     if d.size >= 3:
-        out.ci_low, out.ci_high = _t_interval(d, confidence)
+        out.ci_low, out.ci_high = t_interval(d, confidence)
     return out
 
 
@@ -458,24 +312,6 @@ def aa_split(n: int) -> tuple[list[int], list[int]]:
     """Two disjoint halves of the seed order for the A/A control; the middle seed of an odd n is left out."""
     half = n // 2
     return list(range(half)), list(range(n - half, n))
-
-
-def relative_improvement(steps, values, budget: float, last: float = 0.2,
-                         lower_is_better: bool = True) -> float | None:
-    """Relative improvement of the seed-mean curve over the last `last` fraction of the budget:
-    (mean at (1 - last) * budget - mean at the end) / |mean at (1 - last) * budget| for
-    lower-is-better metrics (positive = still improving), where the end is the last complete
-    evaluation within the budget (the budget itself on the suite's grids). None when the curve
-    does not cover (1 - last) * budget."""
-    steps, values = complete_points(steps, values, budget)
-    if steps.size == 0:
-        return None
-    mean = values.mean(axis=0)
-    start = value_at(steps, mean, (1.0 - last) * budget)
-    if not np.isfinite(start) or start == 0:
-        return None
-    gain = (start - mean[-1]) if lower_is_better else (mean[-1] - start)
-    return float(gain / abs(start))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -512,11 +348,6 @@ class EquivalentSpeedup:
         return asdict(self)
 
 
-def _log_crossing(steps: np.ndarray, curve: np.ndarray, target: float) -> float | None:
-    """First crossing of `target` by a lower-is-better curve, interpolated in log-iterations."""
-    return _crossing(steps, curve, target, log_steps=True)
-
-
 def baseline_equivalent(steps_b, b_values, steps_m, m_values, *, budget: float, extend: float = 1.0,
                         seeds=None, lower_is_better: bool = True, confidence: float = 0.95, n_boot: int = 2000,
                         seed: int = 0, is_baseline: bool = False) -> EquivalentSpeedup:
@@ -541,7 +372,7 @@ def baseline_equivalent(steps_b, b_values, steps_m, m_values, *, budget: float, 
         if is_baseline:
             per.append((ids[k], v, float(budget), 1.0, ""))
             continue
-        n = _log_crossing(b_s, b_v, v)
+        n = first_crossing(b_s, b_v, v, log_steps=True)
         if n is None:  # B_k never got there: M_k is worth at least B_k's whole curve
             per.append((ids[k], v, None, float(b_s[-1]) / budget, ">="))
         elif b_v[0] <= v:  # no better than B_k's first evaluation: worth at most that step
@@ -568,50 +399,8 @@ def baseline_equivalent(steps_b, b_values, steps_m, m_values, *, budget: float, 
     if out.upper_bound or out.lower_bound:
         out.interval = "censored"  # an interval of bounds bounds nothing
         return out
-    lo, hi, out.interval = _log_interval(log_s, confidence, n_boot, seed)
+    lo, hi, out.interval = log_interval(log_s, confidence, n_boot, seed)
     if lo is not None:
         out.ci_low, out.ci_high = float(np.exp(lo)), float(np.exp(hi))
         out.p_value = t_pvalue(log_s)
     return out
-
-
-# ----------------------------------------------------------------------------------------------
-# Holm's step-down adjustment across the methods of a workload.
-
-
-def holm(p_values: dict) -> dict:
-    """Holm-adjusted p-values {name: p_adj}; a None p-value counts in m as 1 (module docstring)."""
-    names = list(p_values)
-    m = len(names)
-    ps = np.array([1.0 if p_values[n] is None else float(p_values[n]) for n in names])
-    order = np.argsort(ps, kind="stable")
-    adjusted, running = {}, 0.0
-    for j, i in enumerate(order):
-        running = max(running, min(1.0, (m - j) * ps[i]))
-        adjusted[names[i]] = float(running)
-    return {n: (adjusted[n] if p_values[n] is not None else None) for n in names}
-
-
-def holm_levels(p_values: dict, confidence: float = 0.95) -> dict:
-    """The confidence level of each name's Holm-adjusted interval (module docstring): the j-th
-    smallest p-value gets 1 - alpha / (m - j + 1) while Holm rejects; from the first hypothesis it
-    does not reject on, that hypothesis's level. A None p-value counts in m as 1."""
-    names = list(p_values)
-    m, alpha = len(names), 1.0 - confidence
-    ps = np.array([1.0 if p_values[n] is None else float(p_values[n]) for n in names])
-    order = np.argsort(ps, kind="stable")
-    levels, frozen = {}, None
-    for j, i in enumerate(order):
-        step_alpha = alpha / (m - j)
-        if frozen is None and ps[i] > step_alpha:
-            frozen = step_alpha
-        levels[names[i]] = float(1.0 - (frozen if frozen is not None else step_alpha))
-    return levels
-
-
-def t_interval_at(x, confidence: float) -> tuple[float, float] | None:
-    """The t interval of mean(x) at `confidence`; None below 3 values."""
-    x = np.asarray(x, dtype=float)
-    if x.size < 3:
-        return None
-    return _t_interval(x, confidence)

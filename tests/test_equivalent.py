@@ -1,5 +1,5 @@
 """The headline statistic (baseline-equivalent speed-up), Holm's adjustment and the coverage of
-the intervals under a known null (bench/speedup.py). Curves are synthetic with known answers:
+the intervals under a known null (bench/speedup.py, bench/intervals.py). Curves are synthetic with known answers:
 g(n) = 30 - 5 ln(n / 100) is linear in log-iterations, so the log-interpolation is exact."""
 
 import math
@@ -8,15 +8,9 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from bench.intervals import BOOTSTRAP_MIN_SEEDS, holm, holm_levels, t_pvalue
 from bench.report_stats import adjust_holm, equivalent_cell
-from bench.speedup import (
-    BOOTSTRAP_MIN_SEEDS,
-    baseline_equivalent,
-    holm,
-    holm_levels,
-    paired_difference,
-    t_pvalue,
-)
+from bench.speedup import baseline_equivalent, paired_difference
 
 BUDGET = 800.0
 B_GRID = np.arange(100.0, 2001.0, 100.0)  # the baseline extended to 2.5 x the budget

@@ -1,4 +1,4 @@
-"""Speed-up arithmetic (bench/speedup.py) on hand-made curves; every expected value is worked
+"""Speed-up arithmetic (bench/speedup.py, bench/curves.py) on hand-made curves; every expected value is worked
 out by hand in the comments (t quantiles from a printed table, cross-checked with scipy)."""
 
 import json
@@ -8,19 +8,15 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from bench.curves import crossing_step, is_geometric, relative_improvement, value_at, values_at_fractions
 from bench.report_stats import format_difference, format_speedup
 from bench.speedup import (
     PairedDifference,
     PairedSpeedup,
-    _is_geometric,  # the grid test of the log-interpolation rule
     aa_split,
-    crossing_step,
     lower_is_better,
     paired_difference,
     paired_speedup,
-    relative_improvement,
-    value_at,
-    values_at_fractions,
 )
 
 STEPS = [100, 200, 300, 400]
@@ -249,10 +245,10 @@ def test_geometric_grid_interpolates_in_log_iterations():
     lin2 = paired_speedup(almost, base, almost, meth, budget=800.1)
     assert lin2.method_steps[0] == pytest.approx(1000 / 3)
     # Fewer than 3 points, or a constant ratio not above 1.0001: not geometric.
-    assert _is_geometric(np.array([100.0, 200.0, 400.0]))
-    assert not _is_geometric(np.array([100.0, 200.0]))
-    assert not _is_geometric(1000 * 1.00005 ** np.arange(5.0))
-    assert _is_geometric(1000 * 1.0002 ** np.arange(5.0))
+    assert is_geometric(np.array([100.0, 200.0, 400.0]))
+    assert not is_geometric(np.array([100.0, 200.0]))
+    assert not is_geometric(1000 * 1.00005 ** np.arange(5.0))
+    assert is_geometric(1000 * 1.0002 ** np.arange(5.0))
 
 
 def test_aa_split_and_identical_halves():
