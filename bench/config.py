@@ -110,11 +110,6 @@ class TrainConfig:
         """The workload's budget N: the iterations every method trains (an extended baseline goes on)."""
         return self.budget_iters or self.iters
 
-    @property
-    def extended(self) -> bool:
-        """Trained past the workload's budget (the baseline of a suite with baseline_extend > 1)."""
-        return 0 < self.budget_iters < self.iters
-
     def validate(self, where: str = "config") -> None:
         def bad(key, why):
             raise ConfigError(f"{where}: {key}={getattr(self, key)!r} {why}")

@@ -314,17 +314,14 @@ def _evaluate(state: RunState, evaluator, events: TrainEvents | None, out: Path)
 def _budget_evaluations(state: RunState, evaluator, out: Path) -> list[dict]:
     """The extra evaluations at the budget: `final_num_images` (e.g. FID-50k beside the FID-10k
     curve, as "<metric>_final") and the second sampler (as "<metric>_sampler2")."""
-    spec, cfg, rows = evaluator.spec, state.cfg, []
-    extra = []
-    if spec["final_num_images"]:
-        extra.append(("_final", {"num_images": spec["final_num_images"]}, "_final"))
-    if spec["sampler2"]:
-        extra.append(("_sampler2", dict(spec["sampler2"]), "_sampler2"))
-    for suffix, change, samples_suffix in extra:
+    spec, rows = evaluator.spec, []
+    extra = ([("_final", {"num_images": spec["final_num_images"]})] if spec["final_num_images"] else []) + \
+        ([("_sampler2", dict(spec["sampler2"]))] if spec["sampler2"] else [])
+    for suffix, change in extra:  # the suffix names the metric and the saved samples alike
         other = evaluator.variant(**change, final_num_images=None, sampler2=None, noise_sets=1)
         rows += [{**r, "metric": f"{r['metric']}{suffix}"}
-                 for r in other.evaluate(state.ema, state.schedule, cfg.target, state.step, out_dir=out,
-                                         samples_suffix=samples_suffix)]
+                 for r in other.evaluate(state.ema, state.schedule, state.cfg.target, state.step, out_dir=out,
+                                         samples_suffix=suffix)]
     return rows
 
 
