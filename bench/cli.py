@@ -26,9 +26,10 @@ def cmd_list(args) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from bench.data import registry as dataset_registry
-    from bench.models import ARCHS
-    from bench.registry import load_plugins
+    # imported per command: the CLI starts without torch
+    from bench.core.registry import load_plugins
+    from bench.data.loading import registry as dataset_registry
+    from bench.models.networks import ARCHS
 
     console = Console()
     table = Table(title="Methods", show_lines=True)
@@ -53,15 +54,17 @@ def cmd_list(args) -> None:
 
 
 def cmd_describe(args) -> None:
-    from bench.describe import describe
-    from bench.diffusion import make_schedule
-    from bench.registry import get_method
+    # imported per command: the CLI starts without torch
+    from bench.core.describe import describe
+    from bench.core.diffusion import make_schedule
+    from bench.core.registry import get_method
 
     if not 0.0 <= args.progress <= 1.0:
         raise ConfigError(f"--progress {args.progress} is outside [0, 1]; progress is iterations done / budget")
     method = get_method(args.method, parse_sets(args.set), args.plugins)
     schedule = make_schedule(args.schedule, args.T, args.zero_terminal_snr)
-    from bench.config import TrainConfig
+    # imported per command: the CLI starts without torch
+    from bench.core.config import TrainConfig
 
     base = TrainConfig()  # the optimizer and EMA settings a run gets unless told otherwise
     d = describe(method, args.progress, schedule, args.target, base.beta1, base.beta2, base.ema_decay)
@@ -96,7 +99,8 @@ SWITCHES = {"zero_terminal_snr": ("zero_terminal_snr", True), "flip": ("flip", T
 
 
 def train_config_from_args(args):
-    from bench.config import TrainConfig
+    # imported per command: the CLI starts without torch
+    from bench.core.config import TrainConfig
 
     d = {"method": args.method, "method_params": parse_sets(args.set), "plugins": [str(Path(p).resolve()) for p in args.plugins],
          "dataset": args.dataset, "arch": args.arch, "iters": args.iters, "seed": args.seed}
@@ -121,15 +125,18 @@ def train_config_from_args(args):
 def cmd_train(args) -> None:
     from rich.console import Console
 
-    from bench.resolve import resolve_run
-    from bench.runtime import finish_processes, is_main
-    from bench.train import TrainEvents, train
+    # imported per command: the CLI starts without torch
+    from bench.core.runtime import finish_processes, is_main
+    from bench.data.loading import dataset_info
+    from bench.train.loop import TrainEvents, train
+    from bench.train.resolve import resolve_run
+    from bench.train.run_folder import workload_name
 
     run = resolve_run(train_config_from_args(args), where="command line")
     cfg = run.config
-    res = f"-{cfg.resolution}" if cfg.resolution else ""
-    out = Path(args.out) if args.out else Path(args.results) / "train" / \
-        f"{cfg.dataset}{res}_{cfg.arch.replace('/', '-')}" / run.method.label / f"seed{cfg.seed}"
+    resolution = cfg.resolution or dataset_info(cfg.dataset).RESOLUTION
+    out = Path(args.out) if args.out else (Path(args.results) / "train" / workload_name(cfg.dataset, resolution, cfg.arch)
+                                           / run.method.label / f"seed{cfg.seed}")
     console = Console(quiet=not is_main())  # under torchrun, rank 0 speaks for all
     console.print(f"training {cfg.method} -> {out}")
 
@@ -152,8 +159,9 @@ def cmd_train(args) -> None:
 
 
 def cmd_run(args) -> int:
-    from bench.runner import run_suite
-    from bench.suite import load_suite
+    # imported per command: the CLI starts without torch
+    from bench.suite.grid import load_suite
+    from bench.suite.runner import run_suite
 
     suite = load_suite(args.suite, plugins=args.plugins)
     result = run_suite(suite, executor=args.executor, jobs=args.jobs or suite.jobs, dry_run=args.dry_run, results_root=args.results,
@@ -163,7 +171,8 @@ def cmd_run(args) -> int:
 
 
 def cmd_report(args) -> None:
-    from bench.report import build_report
+    # imported per command: the CLI starts without torch
+    from bench.report.build import build_report
 
     suite_dir = Path(args.suite)
     if not suite_dir.exists():
@@ -174,7 +183,8 @@ def cmd_report(args) -> None:
 
 
 def cmd_fid(args) -> None:
-    from bench.fid import cli_fid
+    # imported per command: the CLI starts without torch
+    from bench.eval.fid import cli_fid
 
     value = cli_fid(args.path_a, args.path_b, weights=args.weights, batch_size=args.batch_size, num=args.num,
                     resolution=args.resolution, data_dir=args.data_dir, device=args.device)
@@ -182,9 +192,10 @@ def cmd_fid(args) -> None:
 
 
 def cmd_default(args) -> int:
-    from bench.report import build_report
-    from bench.runner import run_suite
-    from bench.suite import load_suite
+    # imported per command: the CLI starts without torch
+    from bench.report.build import build_report
+    from bench.suite.grid import load_suite
+    from bench.suite.runner import run_suite
 
     suite = load_suite("mini")
     result = run_suite(suite, jobs=suite.jobs, results_root=args.results)
@@ -213,7 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_report)
     _fid_args(sub.add_parser("fid", parents=[plugin_opt],
                              help="FID between two image folders, or a folder and DATASET:SPLIT"))
-    from bench.prepare import add_prepare_parser
+    # imported per command: the CLI starts without torch
+    from bench.data.prepare import add_prepare_parser
 
     add_prepare_parser(sub)
     return parser
@@ -258,7 +270,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-metrics", help="comma-separated, e.g. proxy_fd,fid")
     p.add_argument("--eval-images", type=int)
     p.add_argument("--out", help="run folder (default <--results>/train/<workload>/<label>/seed<k>)")
-    g = p.add_argument_group("device and speed (how the run executes, not what it is: bench/runtime.py)")
+    g = p.add_argument_group("device and speed (how the run executes, not what it is: bench/core/runtime.py)")
     g.add_argument("--device", help="auto (the default: CUDA when torch sees a GPU), cpu, cuda or cuda:K")
     g.add_argument("--precision", help="auto (the default: bf16 autocast on CUDA, fp32 on the CPU), fp32 or bf16")
     g.add_argument("--compile", action="store_true", help="torch.compile the network for training steps")
@@ -268,7 +280,8 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 
 
 def _run_args(p: argparse.ArgumentParser) -> None:
-    from bench.runner import EXECUTORS
+    # imported per command: the CLI starts without torch
+    from bench.suite.runner import EXECUTORS
 
     p.add_argument("suite")
     p.add_argument("--executor", default="local", choices=EXECUTORS,
@@ -300,7 +313,8 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.plugins:
-            from bench.registry import load_plugins
+            # imported per command: the CLI starts without torch
+            from bench.core.registry import load_plugins
 
             load_plugins(args.plugins)
         return (args.func if args.command else cmd_default)(args) or 0

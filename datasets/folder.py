@@ -16,7 +16,7 @@ SOURCE = "your images; python run_bench.py prepare folder:PATH --resolution R --
 
 
 def load(split: str, data_dir: str | None, cache_dir: Path):
-    from bench.prepared import load_prepared
+    from bench.data.prepared import load_prepared
 
     if not data_dir:
         raise FileNotFoundError("dataset folder reads a prepared folder: run python run_bench.py prepare "

@@ -1,7 +1,7 @@
 """ImageNet at 128 x 128 (ILSVRC2012 train, Russakovsky et al. 2015): about 1.28M colour images,
 1000 classes, centre-cropped as ADM does (guided-diffusion image_datasets.py center_crop_arr).
 
-Read from a folder written once by `python run_bench.py prepare imagenet128 SRC` (bench/prepare.py):
+Read from a folder written once by `python run_bench.py prepare imagenet128 SRC` (bench/data/prepare.py):
 --data-dir is that folder, else the default $DIFFBENCH_CACHE/prepared/imagenet128-128. The images
 come back as a read-only memory map, so nothing is decoded or copied here. There is no test split:
 evaluation compares against the train split (ref_split = "train").
@@ -16,8 +16,8 @@ SOURCE = "ILSVRC2012 train (Russakovsky et al. 2015); python run_bench.py prepar
 
 
 def load(split: str, data_dir: str | None, cache_dir: Path):
-    from bench.prepare_sources import default_out
-    from bench.prepared import load_prepared, verify_prepared
+    from bench.data.prepared import load_prepared, verify_prepared
+    from bench.data.sources import default_out
 
     if split == "test":
         raise FileNotFoundError("imagenet128 has no test split (prepare writes the ILSVRC train split only); "

@@ -1,4 +1,4 @@
-from bench.spec import Method
+from bench.core.spec import Method
 
 
 class Baseline(Method):

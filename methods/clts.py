@@ -1,6 +1,6 @@
 import torch
 
-from bench.spec import Method, Param, progress_ramp
+from bench.core.spec import Method, Param, progress_ramp
 
 
 class CLTS(Method):

@@ -1,5 +1,5 @@
+from bench.core.spec import SLOTS, Method, Param
 from bench.errors import HyperparameterError
-from bench.spec import SLOTS, Method, Param
 
 
 class Combined(Method):
@@ -17,7 +17,7 @@ class Combined(Method):
     params = {"parts": Param("clts+mdlrc", "methods to combine, joined by '+'")}
 
     def __init__(self, **overrides):
-        from bench.registry import get_method_class
+        from bench.core.registry import get_method_class
 
         nested = {k: overrides.pop(k) for k in list(overrides) if "." in k}
         super().__init__(**overrides)

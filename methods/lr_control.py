@@ -1,5 +1,5 @@
-from bench.registry import get_method_class
-from bench.spec import Method, OptimizerSettings, Param
+from bench.core.registry import get_method_class
+from bench.core.spec import Method, OptimizerSettings, Param
 
 
 class LRControl(Method):

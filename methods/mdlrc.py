@@ -1,6 +1,6 @@
 import math
 
-from bench.spec import Method, OptimizerSettings, Param, progress_ramp
+from bench.core.spec import Method, OptimizerSettings, Param, progress_ramp
 
 
 def compensation(rule: str, b0: float, b: float) -> float:

@@ -1,6 +1,6 @@
 import torch
 
-from bench.spec import Method, Param, weight_from_x0
+from bench.core.spec import Method, Param, weight_from_x0
 
 
 class MinSNR(Method):

@@ -1,5 +1,5 @@
 
-from bench.spec import Method, Param, weight_from_eps
+from bench.core.spec import Method, Param, weight_from_eps
 
 
 class P2(Method):

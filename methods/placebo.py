@@ -1,4 +1,4 @@
-from bench.spec import Method, Param
+from bench.core.spec import Method, Param
 
 
 class Placebo(Method):

@@ -52,7 +52,7 @@ def pytest_sessionstart(session):
 @pytest.fixture(autouse=True)
 def isolated_registry(monkeypatch):
     """Plugins a test loads leave the method registry as it was afterwards."""
-    from bench import registry
+    from bench.core import registry
 
     registry.load_plugins()
     monkeypatch.setattr(registry, "_loaded", dict(registry._loaded))
@@ -65,7 +65,7 @@ class Interrupted(Exception):
 
 def train_until(cfg, out, step: int) -> None:
     """Train `cfg` into `out` and interrupt it just after `step`."""
-    from bench.train import TrainEvents, train
+    from bench.train.loop import TrainEvents, train
 
     class StopAt(TrainEvents):
         def on_step(self, done, iters, row):

@@ -7,9 +7,9 @@ import torch
 from conftest import train_until
 
 from bench.errors import ConfigError
-from bench.eval_spec import resolve_spec
-from bench.sampling import sample
-from bench.train import TrainConfig, train
+from bench.eval.sampling import sample
+from bench.eval.spec import resolve_spec
+from bench.train.loop import TrainConfig, train
 
 
 class Recorder(torch.nn.Module):
@@ -27,7 +27,7 @@ class Recorder(torch.nn.Module):
 
 
 def test_sampling_gives_image_i_the_label_i_mod_k_with_the_same_noise():
-    from bench.diffusion import make_schedule
+    from bench.core.diffusion import make_schedule
 
     sch = make_schedule()
     net = Recorder()
@@ -38,7 +38,7 @@ def test_sampling_gives_image_i_the_label_i_mod_k_with_the_same_noise():
 
 
 def test_guidance_mixes_the_conditional_and_the_null_outputs():
-    from bench.diffusion import make_schedule
+    from bench.core.diffusion import make_schedule
 
     sch = make_schedule()
     net = Recorder()
@@ -108,8 +108,8 @@ def test_ref_stats_members_are_read_as_np_load_reads_them(tmp_path):
 
 
 def test_guidance_on_an_unconditional_model_is_refused_by_the_evaluator():
-    from bench.diffusion import make_schedule
-    from bench.evaluate import Evaluator
+    from bench.core.diffusion import make_schedule
+    from bench.eval.evaluate import Evaluator
 
     ev = Evaluator({"dataset": "synthetic", "metrics": ["proxy_fd"], "num_images": 4, "guidance_scale": 2.0})
     with pytest.raises(ConfigError, match="needs a class-conditional model"):
@@ -129,7 +129,7 @@ def test_bad_conditioning_settings_are_one_line(tmp_path, cfg, what):
 
 
 def test_saved_samples_are_the_evaluated_images_in_guided_diffusions_format(tmp_path):
-    from bench.sampling import to_uint8
+    from bench.eval.sampling import to_uint8
 
     spec = {"dataset": "synthetic", "metrics": ["proxy_fd"], "num_images": 6, "sampler_steps": 2, "batch_size": 6,
             "save_samples": True}
@@ -140,8 +140,8 @@ def test_saved_samples_are_the_evaluated_images_in_guided_diffusions_format(tmp_
         assert z.files == ["arr_0"]
     assert arr.dtype == np.uint8 and arr.shape == (6, 16, 16, 1)
     # The same images as sampling the saved EMA again with the spec's fixed noise.
-    from bench.diffusion import make_schedule
-    from bench.models import build_model
+    from bench.core.diffusion import make_schedule
+    from bench.models.networks import build_model
 
     ema = build_model("unet-micro", 1, 16).to(memory_format=torch.channels_last)
     ema.load_state_dict(torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["ema"])
@@ -152,9 +152,9 @@ def test_saved_samples_are_the_evaluated_images_in_guided_diffusions_format(tmp_
 
 def test_fid_against_external_reference_statistics(tmp_path):
     """ref_stats: FID against a published (mu, sigma), e.g. guided-diffusion's reference batch."""
-    from bench.evaluate import Evaluator
-    from bench.fid import feature_stats, frechet_distance
-    from bench.inception import get_inception
+    from bench.eval.evaluate import Evaluator
+    from bench.eval.fid import feature_stats, frechet_distance
+    from bench.eval.inception import get_inception
 
     images = torch.randint(0, 256, (6, 1, 16, 16), dtype=torch.uint8)
     mu, sigma = feature_stats(get_inception().features(images))
@@ -162,15 +162,15 @@ def test_fid_against_external_reference_statistics(tmp_path):
     np.savez(ref, mu=mu, sigma=sigma, arr_0=np.zeros((6, 16, 16, 3), np.uint8))
     ev = Evaluator({"dataset": "synthetic", "metrics": ["fid"], "num_images": 4, "sampler_steps": 1,
                     "batch_size": 4, "ref_stats": str(ref), "cache_dir": str(tmp_path / "cache")})
-    from bench.diffusion import make_schedule
-    from bench.models import build_model
+    from bench.core.diffusion import make_schedule
+    from bench.models.networks import build_model
 
     torch.manual_seed(0)
     model = build_model("unet-micro", 1, 16)
     rows = ev.evaluate(model, make_schedule(), "eps", 1)
     assert len(rows) == 1 and rows[0]["metric"] == "fid" and rows[0]["ref_stats"] == str(ref)
     assert rows[0]["noise_floor"] is None and rows[0]["num_ref"] == 6
-    from bench.sampling import to_uint8
+    from bench.eval.sampling import to_uint8
 
     gen = to_uint8(sample(model, make_schedule(), "eps", 4, (1, 16, 16), batch_size=4, steps=1, spacing="linspace"))
     g_mu, g_sigma = feature_stats(get_inception().features(gen))
@@ -178,7 +178,7 @@ def test_fid_against_external_reference_statistics(tmp_path):
 
 
 def test_legacy_tensorflow_mode_needs_clean_fids_own_file():
-    from bench.inception import InceptionExtractor, resolve_inception
+    from bench.eval.inception import InceptionExtractor, resolve_inception
 
     weights = resolve_inception(allow_download=False)
     if weights.layout == "clean-fid":
@@ -222,7 +222,7 @@ def test_a_class_conditional_run_learns_labels_drops_some_and_resumes_exactly(tm
     table = [k for k in a["model"] if "label" in k and k.endswith("weight")]
     assert table and a["model"][table[0]].shape[0] == 11  # 10 classes and the null label
     torch.manual_seed(0)
-    from bench.models import build_model
+    from bench.models.networks import build_model
 
     init = build_model("unet-micro", 1, 16, num_classes=10).state_dict()[table[0]]
     moved = (a["model"][table[0]] - init).abs().sum(dim=1) > 0
@@ -240,7 +240,8 @@ def test_adm_and_dit_train_class_conditionally_through_the_harness_and_resume_ex
                                                                                       settings):
     """ADM (421M parameters at ImageNet-128) is not CPU-sized: the same classes at a tiny width go the
     whole way through train() (labels, label dropout, guided evaluation, checkpoint and resume)."""
-    from bench import fileio, models
+    from bench import fileio
+    from bench.models import networks as models
 
     monkeypatch.setitem(models.ARCHS, f"{net}-test", (settings, f"a tiny {net} for this test"))
     base = dict(dataset="synthetic", arch=f"{net}-test", iters=4, batch_size=8, ckpt_every=2, warmup=0, lr=1e-3,

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from bench.diffusion import make_schedule
+from bench.core.diffusion import make_schedule
 from bench.errors import ConfigError
 
 

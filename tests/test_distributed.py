@@ -1,4 +1,4 @@
-"""Devices, the fast path and multi-process training (bench/runtime.py), on this CPU with gloo.
+"""Devices, the fast path and multi-process training (bench/core/runtime.py), on this CPU with gloo.
 
 Two torchrun processes at global batch 16 must train like one process at batch 16: every
 process draws the whole batch's indices, timesteps and noise and keeps its half, and DDP averages
@@ -22,8 +22,8 @@ from conftest import REPO, train_until
 
 from bench import fileio
 from bench.errors import ConfigError
-from bench.slurm import slurm_parameters
-from bench.train import TrainConfig, TrainEvents, train
+from bench.suite.slurm import slurm_parameters
+from bench.train.loop import TrainConfig, TrainEvents, train
 
 PLUGINS = Path(__file__).resolve().parent / "plugins"
 TINY = ["--dataset", "synthetic", "--arch", "unet-tiny", "--iters", "5", "--batch-size", "16", "--warmup", "0",
@@ -73,7 +73,7 @@ def test_two_processes_train_like_one(tmp_path):
         for name, w in sa[part].items():
             assert torch.allclose(w, sb[part][name], rtol=0, atol=5e-5), (part, name)
     # The weights did move, by far more than the tolerance: it would not hide a wrong update.
-    from bench.models import build_model
+    from bench.models.networks import build_model
 
     torch.manual_seed(0)
     init = build_model("unet-tiny", 1, 16).state_dict()
@@ -111,9 +111,9 @@ def test_two_process_checkpoint_resumes_bit_for_bit_and_one_process_is_refused(t
 
 def test_a_resumed_run_uses_this_machines_optimizer_kernel(tmp_path):
     """load_state_dict brings back the saved optimizer's kernel (fused, from a GPU); the runtime's wins."""
-    from bench.checkpoint import resume
-    from bench.resolve import resolve_run
-    from bench.train import setup
+    from bench.train.checkpoint import resume
+    from bench.train.loop import setup
+    from bench.train.resolve import resolve_run
 
     cfg = TrainConfig(dataset="synthetic", arch="unet-micro", iters=4, batch_size=4, ckpt_every=2)
     out = tmp_path / "run"
@@ -129,9 +129,9 @@ def test_a_resumed_run_uses_this_machines_optimizer_kernel(tmp_path):
 
 
 def test_resume_refuses_a_checkpoint_of_another_process_count(tmp_path):
-    from bench.checkpoint import resume
     from bench.errors import CheckpointError
-    from bench.train import setup
+    from bench.train.checkpoint import resume
+    from bench.train.loop import setup
 
     cfg = TrainConfig(dataset="synthetic", arch="unet-micro", iters=2, batch_size=4)
     out = tmp_path / "run"
@@ -139,7 +139,7 @@ def test_resume_refuses_a_checkpoint_of_another_process_count(tmp_path):
     ckpt = state(out)
     ckpt["world_size"] = 4
     torch.save(ckpt, out / "checkpoint.pt")
-    from bench.resolve import resolve_run
+    from bench.train.resolve import resolve_run
 
     with pytest.raises(CheckpointError, match="4 process.*this run has 1.*nproc_per_node 4"):
         resume(setup(cfg, resolve_run(cfg).method), out / "checkpoint.pt")
@@ -209,7 +209,7 @@ def test_a_global_batch_the_processes_do_not_divide_is_refused(tmp_path):
     ('device = "cuda:1"\ngpus = 2', "names one GPU"),
 ])
 def test_bad_runtime_settings_in_a_suite_are_refused_at_load(tmp_path, train_table, what):
-    from bench.suite import load_suite
+    from bench.suite.grid import load_suite
 
     p = tmp_path / "s.toml"
     p.write_text(f"""[grid]\nmethods = ["baseline"]\ndatasets = ["synthetic"]\narchs = ["unet-micro"]\nseeds = [0]
@@ -228,8 +228,8 @@ def test_cuda_where_there_is_none_is_one_error_line(tmp_path):
 
 @no_cuda
 def test_the_runner_refuses_cuda_runs_before_anything_runs(tmp_path):
-    from bench.runner import run_suite
-    from bench.suite import load_suite
+    from bench.suite.grid import load_suite
+    from bench.suite.runner import run_suite
 
     p = tmp_path / "s.toml"
     p.write_text("""[grid]\nmethods = ["baseline"]\ndatasets = ["synthetic"]\narchs = ["unet-micro"]\nseeds = [0]
@@ -286,8 +286,8 @@ batch_size = 8
 
 @pytest.mark.parametrize("executor", ["local", "submitit-local"])
 def test_a_suite_with_gpus_2_trains_through_torchrun_or_two_tasks(tmp_path, executor, monkeypatch):
-    from bench.runner import run_suite
-    from bench.suite import load_suite
+    from bench.suite.grid import load_suite
+    from bench.suite.runner import run_suite
 
     if executor != "local":
         pytest.importorskip("submitit")
@@ -307,7 +307,7 @@ def test_a_suite_with_gpus_2_trains_through_torchrun_or_two_tasks(tmp_path, exec
 
 
 def signalled_train(run, out_dir, events=None):
-    """bench.train.train, logging the step each call starts from to $TRAIN_LOG; a call that starts
+    """bench.train.loop.train, logging the step each call starts from to $TRAIN_LOG; a call that starts
     at step 0 sends its own process SIGUSR2 (Slurm's time-limit / pre-emption signal, as submitit's
     local executor forwards it to every task) right after step $SIGNAL_AT, so the signal lands at a
     step fixed in advance, whatever the machine's speed; a resumed call runs to the end."""
@@ -332,8 +332,8 @@ def test_a_signalled_submitit_job_checkpoints_at_a_step_requeues_and_resumes_exa
     ends bit-for-bit where an uninterrupted one does; with 2 tasks (gpus = 2) the processes agree on
     the step. The signal is sent by the job itself at a fixed step, so nothing depends on the clock."""
     submitit = pytest.importorskip("submitit")
-    from bench.executors import _train_fn_ref
-    from bench.slurm import RunJob
+    from bench.suite.executors import train_fn_ref
+    from bench.suite.slurm import RunJob
 
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO), str(Path(__file__).parent),
                                                       os.environ.get("PYTHONPATH", "")]))
@@ -349,7 +349,7 @@ def test_a_signalled_submitit_job_checkpoints_at_a_step_requeues_and_resumes_exa
     # A generous limit that no attempt reaches (the signal comes from the job), so the signal is a
     # pre-emption, not a time-out.
     ex.update_parameters(timeout_min=20, tasks_per_node=tasks)
-    job = ex.submit(RunJob(run, str(tmp_path / "parts"), _train_fn_ref(signalled_train), False))
+    job = ex.submit(RunJob(run, str(tmp_path / "parts"), train_fn_ref(signalled_train), False))
     outcome = job.results()[0]  # rank 0's
     assert outcome["state"] == "done" and outcome["step"] == iters
     starts = [int(x) for x in log.read_text().split()]
@@ -395,7 +395,7 @@ def test_the_gpu_check_refuses_cuda_without_a_gpu(tmp_path):
 
 def test_parallel_local_workers_spread_over_the_gpus(monkeypatch):
     """`run --jobs N` on a GPU machine: each worker sees the least busy GPUs (CUDA_VISIBLE_DEVICES)."""
-    from bench.executors import _GpuPool
+    from bench.suite.executors import _GpuPool
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)

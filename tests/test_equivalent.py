@@ -1,5 +1,5 @@
 """The headline statistic (baseline-equivalent speed-up), Holm's adjustment and the coverage of
-the intervals under a known null (bench/speedup.py, bench/intervals.py). Curves are synthetic with known answers:
+the intervals under a known null (bench/report/speedup.py, bench/report/intervals.py). Curves are synthetic with known answers:
 g(n) = 30 - 5 ln(n / 100) is linear in log-iterations, so the log-interpolation is exact."""
 
 import math
@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from bench.intervals import BOOTSTRAP_MIN_SEEDS, holm, holm_levels, t_pvalue
-from bench.report_stats import adjust_holm, equivalent_cell
-from bench.speedup import baseline_equivalent, paired_difference
+from bench.report.intervals import BOOTSTRAP_MIN_SEEDS, holm, holm_levels, t_pvalue
+from bench.report.speedup import baseline_equivalent, paired_difference
+from bench.report.stats import adjust_holm, equivalent_cell
 
 BUDGET = 800.0
 B_GRID = np.arange(100.0, 2001.0, 100.0)  # the baseline extended to 2.5 x the budget
@@ -157,7 +157,7 @@ def _budget_rows(label, seed, sets, metric="proxy_fd", sampler_steps=10):
 def test_metric_noise_against_the_paired_spread_by_hand():
     import pandas as pd
 
-    from bench.report_noise import metric_noise, noise_lines, sampler_robustness
+    from bench.report.noise import metric_noise, noise_lines, sampler_robustness
 
     # Baseline seed k: sets (10, 11, 12) + k. Method: the same sets - 1 + shift_k + (0, 0.3, -0.3).
     # d_kj = -1 + shift_k + tweak_j: within-seed sd of d = sd(0, 0.3, -0.3) = 0.3, so the metric's sd of a
@@ -198,7 +198,7 @@ def test_metric_noise_against_the_paired_spread_by_hand():
 def test_a_sign_change_between_two_noisy_differences_is_not_flagged():
     import pandas as pd
 
-    from bench.report_noise import sampler_robustness
+    from bench.report.noise import sampler_robustness
 
     rows = []
     for k, (d1, d2) in enumerate(((-1.0, 0.5), (-0.5, -0.4), (0.0, 0.2))):  # means -0.5 and +0.1
@@ -212,7 +212,7 @@ def test_a_sign_change_between_two_noisy_differences_is_not_flagged():
 def test_a_placebo_under_another_label_is_a_control_outside_holms_family():
     import pandas as pd
 
-    from bench.report_stats import speedup_rows
+    from bench.report.stats import speedup_rows
 
     b, m = curves([2.0, 2.2, 1.8])
     rows = []

@@ -1,15 +1,15 @@
-"""The evaluation hook that bench/train.py calls."""
+"""The evaluation hook that bench/train/loop.py calls."""
 
 import math
 
 import pytest
 import torch
 
-from bench.diffusion import make_schedule
+from bench.core.diffusion import make_schedule
 from bench.errors import ConfigError
-from bench.eval_spec import DEFAULTS, resolve_spec
-from bench.evaluate import Evaluator
-from bench.models import build_model
+from bench.eval.evaluate import Evaluator
+from bench.eval.spec import DEFAULTS, resolve_spec
+from bench.models.networks import build_model
 
 ROW_KEYS = {"step", "metric", "value", "feature_extractor", "num_gen", "ref_split", "num_ref", "sampler",
             "sampler_steps", "eta", "eval_seconds"}
@@ -86,7 +86,7 @@ def test_model_mode_restored_and_ddpm_rows(cache, model, schedule):
 
 def test_a_better_model_scores_better(cache, schedule):
     """An exact x0 'model' that always predicts real training images beats random outputs."""
-    from bench.data import load_dataset
+    from bench.data.loading import load_dataset
 
     real, _ = load_dataset("synthetic", "train")
     bank = real[:24].float() / 127.5 - 1
@@ -124,7 +124,7 @@ def test_steps_beyond_T_fail_at_evaluation(cache, model):
 
 @pytest.mark.slow
 def test_inception_metrics(cache, model, schedule):
-    from bench.inception import WeightsError, get_inception
+    from bench.eval.inception import WeightsError, get_inception
 
     try:
         get_inception()

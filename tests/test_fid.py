@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from bench import fid as F
-from bench import inception as I
 from bench.errors import BenchError
-from bench.sampling import save_pngs, to_uint8
+from bench.eval import fid as F
+from bench.eval import inception as I
+from bench.eval.sampling import save_pngs, to_uint8
 
 N_PER_SIDE = 32  # Inception: ~15 images/s here, ~5 images/s in clean-fid's own route (no channels_last)
 
@@ -28,7 +28,7 @@ needs_inception = pytest.mark.skipif(not _have_weights(), reason="no offline Inc
 def _images():
     """Two different uint8 sets: 16x16 grey blobs (synthetic train) and colour versions of
     other blobs made through the float path (as generated images would be)."""
-    from bench.data import load_dataset
+    from bench.data.loading import load_dataset
 
     a, _ = load_dataset("synthetic", "train")
     b, _ = load_dataset("synthetic", "test")
@@ -215,7 +215,7 @@ class CountingExtractor:
 
 
 def test_reference_stats_cache_keys(tmp_path):
-    from bench.data import load_dataset
+    from bench.data.loading import load_dataset
 
     ext = CountingExtractor()
     s1 = F.reference_stats(ext, "synthetic", "train", num=100, cache_dir=tmp_path)

@@ -12,10 +12,10 @@ import torch
 from conftest import REPO
 from scipy import stats
 
-from bench.describe import describe
-from bench.diffusion import make_schedule
+from bench.core.describe import describe
+from bench.core.diffusion import make_schedule
+from bench.core.registry import get_method, load_plugins, method_label
 from bench.errors import ConfigError, HyperparameterError, UnknownMethodError
-from bench.registry import get_method, load_plugins, method_label
 
 T = 1000
 SCHEDULES = [("linear", False), ("cosine", False), ("linear", True), ("cosine", True)]
@@ -194,7 +194,7 @@ def test_unknown_method_lists_known():
 
 
 PLUGIN = '''
-from bench.spec import Method, Param
+from bench.core.spec import Method, Param
 
 
 class WarmEMA(Method):
@@ -256,7 +256,7 @@ def test_lr_control_applies_mdlrc_lr_with_beta1_fixed():
 
 
 def test_ablation_mdlrc_has_its_controls():
-    from bench.suite import load_suite
+    from bench.suite.grid import load_suite
 
     s = load_suite("ablation-mdlrc")
     entries = {(m.name, tuple(sorted(m.params.items()))) for m in s.methods}
@@ -265,7 +265,7 @@ def test_ablation_mdlrc_has_its_controls():
 
 def test_a_hook_without_its_slot_is_refused_at_registration(tmp_path):
     (tmp_path / "sneaky.py").write_text(
-        "import torch\nfrom bench.spec import Method\n\n"
+        "import torch\nfrom bench.core.spec import Method\n\n"
         "class Sneaky(Method):\n    name = 'sneaky'\n    slots = frozenset({'timesteps'})\n\n"
         "    def loss_weights(self, t, p, schedule, target):\n"
         "        return torch.full(t.shape, 2.0, dtype=torch.float64)\n")
@@ -281,7 +281,7 @@ def test_a_hook_without_its_slot_is_refused_at_registration(tmp_path):
 
 
 def test_slot_dispatch_falls_back_to_the_baseline_for_undeclared_slots():
-    from bench.spec import ema_decay_at, loss_weights_at, optimizer_settings_at, timestep_probs_at
+    from bench.core.spec import ema_decay_at, loss_weights_at, optimizer_settings_at, timestep_probs_at
 
     sch = make_schedule()
     clts, p2 = get_method("clts"), get_method("p2")

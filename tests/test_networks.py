@@ -1,4 +1,4 @@
-"""The networks of bench.models: tiny ADM and DiT forward passes, the class-conditioning contract,
+"""The networks of bench.models.networks: tiny ADM and DiT forward passes, the class-conditioning contract,
 parameter counts of the full-size networks (on the meta device, nothing allocated), and the DDPM
 U-Net the committed results were trained with, unchanged."""
 
@@ -11,10 +11,10 @@ import pytest
 import torch
 from torch import nn
 
-from bench.adm import ADMUNet, AttentionBlock
-from bench.dit import DiT, sincos_2d
 from bench.errors import ConfigError
-from bench.models import ARCHS, UNet, build_model, count_parameters
+from bench.models.adm import ADMUNet, AttentionBlock
+from bench.models.dit import DiT, sincos_2d
+from bench.models.networks import ARCHS, UNet, build_model, count_parameters
 
 K = 5  # classes of the tiny conditional networks
 
@@ -284,7 +284,7 @@ def test_conditional_ddpm_unet_differs_only_by_its_label_table():
 
 
 def test_frequency_embedding_matches_the_adm_formula():
-    from bench.models import frequency_embedding
+    from bench.models.layers import frequency_embedding
 
     t, dim = torch.tensor([0, 7, 999]), 6
     freqs = [math.exp(-math.log(10000) * i / 3) for i in range(3)]

@@ -10,9 +10,9 @@ import numpy as np
 from conftest import REPO
 from PIL import Image
 
-from bench.report import build_report
-from bench.runner import run_suite
-from bench.suite import load_suite
+from bench.report.build import build_report
+from bench.suite.grid import load_suite
+from bench.suite.runner import run_suite
 
 
 def cpu_variant(name: str, tmp_path, data: str, archs: str, methods: str = '["baseline", "clts"]') -> object:
@@ -42,8 +42,8 @@ def cpu_variant(name: str, tmp_path, data: str, archs: str, methods: str = '["ba
 
 
 def test_paper_imagenet128_at_cpu_size(tmp_path, monkeypatch):
-    from bench.data import load_dataset
-    from bench.prepare import prepare
+    from bench.data.loading import load_dataset
+    from bench.data.prepare import prepare
 
     monkeypatch.setenv("DIFFBENCH_CACHE", str(tmp_path / "cache"))
     rng = np.random.default_rng(0)
@@ -71,10 +71,10 @@ def test_paper_imagenet128_at_cpu_size(tmp_path, monkeypatch):
 
 
 def test_archs_cifar10_at_cpu_size(tmp_path, monkeypatch):
-    from bench.config import TrainConfig
-    from bench.data import load_dataset
-    from bench.gpu_check import write_cifar_like
-    from bench.train import check_data_and_network
+    from bench.core.config import TrainConfig
+    from bench.data.loading import load_dataset
+    from bench.tools.gpu_check import write_cifar_like
+    from bench.train.loop import check_data_and_network
 
     monkeypatch.setenv("DIFFBENCH_CACHE", str(tmp_path / "cache"))
     data = write_cifar_like(tmp_path / "cifar", 40, 10)

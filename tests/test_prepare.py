@@ -1,4 +1,4 @@
-"""bench/prepare.py: sources, the ADM centre crop, skipped files, resume, refusals, verification, loaders.
+"""bench/data/prepare.py: sources, the ADM centre crop, skipped files, resume, refusals, verification, loaders.
 
 Small on purpose: a dozen 40x30 JPEGs written at 16 px (the loader test writes 128 px)."""
 
@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bench import prepare as P
+from bench.data import prepare as P
 from bench.errors import BenchError, ConfigError, DatasetError
 
 WNIDS = ("n01440764", "n01443537", "n02099601")
@@ -245,7 +245,7 @@ def test_resume_after_interruption_matches_a_clean_run(tmp_path, monkeypatch):
 KILL_SCRIPT = """
 import multiprocessing, os, signal, sys
 sys.path.insert(0, {repo!r})
-from bench import prepare as P
+from bench.data import prepare as P
 
 def hook(split, chunk):
     if chunk == 1:  # die hard after two chunks, workers still running: no cleanup of any kind
@@ -419,7 +419,7 @@ def test_cifar10_writes_both_splits_unchanged_at_32px(tmp_path):
     out = P.prepare("cifar10", str(tmp_path / "c"), tmp_path / "out", workers=1, progress=False)
     m = manifest(out)
     assert m["resolution"] == 32 and set(m["splits"]) == {"train", "test"}
-    from bench.data import dataset_info
+    from bench.data.loading import dataset_info
 
     for split, n in (("train", 15), ("test", 3)):
         raw, raw_labels = dataset_info("cifar10").load(split, str(tmp_path / "c"), tmp_path)
@@ -434,7 +434,7 @@ def test_cifar10_writes_both_splits_unchanged_at_32px(tmp_path):
 
 
 def test_loaders_return_memory_maps(tmp_path, monkeypatch):
-    from bench.data import dataset_info
+    from bench.data.loading import dataset_info
 
     monkeypatch.setenv("DIFFBENCH_CACHE", str(tmp_path / "cache"))
     make_tree(tmp_path / "src", per_class=1)

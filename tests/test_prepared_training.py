@@ -1,4 +1,4 @@
-"""Training on a prepared set (bench/prepare.py): read through the memory map, never copied into
+"""Training on a prepared set (bench/data/prepare.py): read through the memory map, never copied into
 memory; class conditioning needs its labels."""
 
 import numpy as np
@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from bench.errors import ConfigError
-from bench.train import TrainConfig, setup, train
+from bench.train.loop import TrainConfig, setup, train
 
 
 def make_folder(root, classes=("cats", "dogs"), per_class=6, size=(20, 14)):
@@ -32,15 +32,15 @@ def mapped_file(address: int) -> str | None:
 
 @pytest.fixture
 def prepared(tmp_path):
-    from bench.prepare import prepare
+    from bench.data.prepare import prepare
 
     return prepare("folder", str(make_folder(tmp_path / "src")), tmp_path / "prep", resolution=8, workers=1,
                    progress=False)
 
 
 def test_training_reads_a_prepared_set_in_place(prepared, tmp_path):
-    from bench.data import is_memory_mapped, load_dataset
-    from bench.resolve import resolve_run
+    from bench.data.loading import is_memory_mapped, load_dataset
+    from bench.train.resolve import resolve_run
 
     cfg = TrainConfig(dataset="folder", data_dir=str(prepared), arch="unet-micro", iters=3, batch_size=4,
                       class_cond=True)
@@ -57,8 +57,8 @@ def test_training_reads_a_prepared_set_in_place(prepared, tmp_path):
 
 
 def test_class_conditioning_on_a_set_without_labels_is_one_error_line(tmp_path):
-    from bench.data import load_dataset
-    from bench.prepare import prepare
+    from bench.data.loading import load_dataset
+    from bench.data.prepare import prepare
 
     flat = prepare("folder", str(make_folder(tmp_path / "src", classes=("",))), tmp_path / "prep", resolution=8,
                    workers=1, progress=False)
@@ -70,7 +70,7 @@ def test_class_conditioning_on_a_set_without_labels_is_one_error_line(tmp_path):
 
 
 def test_a_resolution_other_than_the_prepared_one_is_refused(prepared):
-    from bench.data import load_dataset
+    from bench.data.loading import load_dataset
     from bench.errors import DatasetError
 
     with pytest.raises(DatasetError, match="prepared at 8 px.*--resolution 16"):
@@ -96,7 +96,7 @@ def test_a_network_that_cannot_take_the_data_is_refused_before_anything_is_writt
 ])
 def test_an_evaluation_on_a_split_the_set_lacks_is_refused_before_training(prepared, tmp_path, metrics, ref_split,
                                                                              what):
-    from bench.data import load_dataset
+    from bench.data.loading import load_dataset
 
     cfg = TrainConfig(dataset="folder", data_dir=str(prepared), arch="unet-micro", iters=2, batch_size=4,
                       eval={"metrics": metrics, "ref_split": ref_split, "num_images": 4})
@@ -107,9 +107,9 @@ def test_an_evaluation_on_a_split_the_set_lacks_is_refused_before_training(prepa
 
 
 def test_the_evaluation_check_names_missing_data_as_such_and_can_leave_nothing_cached(prepared, tmp_path):
-    from bench.data import load_dataset
+    from bench.data.loading import load_dataset
     from bench.errors import DatasetError
-    from bench.evaluate import check_eval_data
+    from bench.eval.evaluate import check_eval_data
 
     # A dataset that is not there at all gets the loader's own message, not "has no test split".
     with pytest.raises(DatasetError) as info:

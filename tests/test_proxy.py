@@ -14,11 +14,11 @@ import pytest
 import torch
 from conftest import needs_fashion
 
-import bench.data
-from bench import proxy as P
-from bench.data import load_dataset
+import bench.data.loading
+from bench.data.loading import load_dataset
 from bench.errors import ConfigError
-from bench.fid import feature_stats, frechet_distance, kernel_distance
+from bench.eval import proxy as P
+from bench.eval.fid import feature_stats, frechet_distance, kernel_distance
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -28,7 +28,7 @@ def _forbid_training_and_data(monkeypatch):
         raise AssertionError("a shipped extractor must load without training or loading the dataset")
 
     monkeypatch.setattr(P, "train_proxy", boom)
-    monkeypatch.setattr(bench.data, "load_dataset", boom)
+    monkeypatch.setattr(bench.data.loading, "load_dataset", boom)
 
 
 @pytest.fixture
@@ -92,29 +92,29 @@ def test_damaged_shipped_weights_are_a_one_line_error(tmp_path, monkeypatch, fre
     with pytest.raises(ConfigError) as err:
         P.get_proxy("fashion-mnist", 16, cache_dir=tmp_path / "cache")
     msg = str(err.value)
-    assert "\n" not in msg and str(pt) in msg and "git checkout bench/proxy_weights" in msg and "SHA-256" in msg
+    assert "\n" not in msg and str(pt) in msg and "git checkout bench/eval/proxy_weights" in msg and "SHA-256" in msg
     assert pt.read_bytes() == bytes(data)  # left as it was, not retrained over
 
     (folder / "synthetic-cnn-v1-r16-seed0.pt").unlink()
-    with pytest.raises(ConfigError, match="missing.*git checkout bench/proxy_weights"):
+    with pytest.raises(ConfigError, match="missing.*git checkout bench/eval/proxy_weights"):
         P.get_proxy("synthetic", cache_dir=tmp_path / "cache")
     js = folder / "fmnist-cnn-v1-r28-seed0.json"
     js.write_text(js.read_text().replace('"resolution": 28', '"resolution": 27'))
-    with pytest.raises(ConfigError, match="resolution.*git checkout bench/proxy_weights"):
+    with pytest.raises(ConfigError, match="resolution.*git checkout bench/eval/proxy_weights"):
         P.get_proxy("fashion-mnist", 28, cache_dir=tmp_path / "cache")
     # The feature scale multiplies every feature: an edited one is refused too.
     js = folder / "fmnist-cnn-v1-r12-seed0.json"
     rec = json.loads(js.read_text())
     js.write_text(json.dumps({**rec, "feature_scale": rec["feature_scale"] * 2}))
-    with pytest.raises(ConfigError, match="feature_scale.*git checkout bench/proxy_weights"):
+    with pytest.raises(ConfigError, match="feature_scale.*git checkout bench/eval/proxy_weights"):
         P.get_proxy("fashion-mnist", 12, cache_dir=tmp_path / "cache")
     assert not (tmp_path / "cache").exists()
 
 
 def test_every_shipped_suite_uses_a_shipped_extractor():
     """One metric on every machine: no shipped suite's proxy metric depends on training here."""
-    from bench.data import dataset_info
-    from bench.suite import available_suites, load_suite
+    from bench.data.loading import dataset_info
+    from bench.suite.grid import available_suites, load_suite
 
     for name in available_suites():
         suite = load_suite(name)

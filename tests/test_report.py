@@ -1,4 +1,4 @@
-"""The report (bench/report.py) on a hand-made results folder in bench.train's format."""
+"""The report (bench/report/build.py) on a hand-made results folder in bench.train.loop's format."""
 
 import json
 import math
@@ -9,8 +9,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from bench.report import build_report
-from bench.report_tables import evaluations_table, find_runs
+from bench.report.build import build_report
+from bench.report.tables import evaluations_table, find_runs
 
 REPO = Path(__file__).resolve().parent.parent
 WORKLOAD = "synthetic-16_unet-tiny"
@@ -234,7 +234,7 @@ def test_report_of_an_empty_or_unfinished_suite(tmp_path):
 
 def test_report_never_imports_torch(results, tmp_path):
     root, _ = results
-    code = ("import sys; from bench.report import build_report; import bench.speedup; "
+    code = ("import sys; from bench.report.build import build_report; import bench.report.speedup; "
             f"build_report({str(root)!r}, {str(tmp_path)!r}); "
             "bad = [m for m in sys.modules if m == 'torch' or m.startswith('torch.')]; "
             "assert not bad, bad; print('ok')")
@@ -264,7 +264,7 @@ def test_lr_sweep_reports_the_best_tuned_baseline(tmp_path):
 def test_the_noise_floor_line_says_why_a_floor_is_missing():
     import pandas as pd
 
-    from bench.report_stats import _floor_lines
+    from bench.report.stats import _floor_lines
 
     base = pd.DataFrame({"seed": [0], "step": [4], "value": [3.0]})
     skipped = pd.DataFrame({"metric": ["fid"], "noise_floor": [None], "num_gen": [8],

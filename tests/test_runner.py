@@ -1,8 +1,8 @@
-"""The suite runner (bench/runner.py and its executors): layout, skipping and resuming, failure
+"""The suite runner (bench/suite/runner.py and its executors): layout, skipping and resuming, failure
 isolation, refusing to mix configurations, worker processes, submitit's local executor, and the
 smoke suite end to end.
 
-Every test runs the real bench.train.train on a tiny configuration (unet-micro, 8 steps of 2
+Every test runs the real bench.train.loop.train on a tiny configuration (unet-micro, 8 steps of 2
 images, 8 evaluation images with 2 sampler steps). Failures come from the `faulty` plugin method
 (tests/plugins/faulty.py): it behaves as the baseline unless the FAULTS environment variable names
 its tag, so worker processes and submitit jobs see the same faults; `logged_train` records every
@@ -17,12 +17,12 @@ from pathlib import Path
 import pytest
 
 from bench import fileio
-from bench.display import RichReporter
 from bench.errors import ConfigError
-from bench.run_folder import ResultsConflictError, check_conflict, read_status
-from bench.runner import run_suite
-from bench.slurm import slurm_parameters
-from bench.suite import load_suite
+from bench.suite.display import RichReporter
+from bench.suite.grid import load_suite
+from bench.suite.runner import run_suite
+from bench.suite.slurm import slurm_parameters
+from bench.train.run_folder import ResultsConflictError, check_conflict, read_status
 
 REPO = Path(__file__).resolve().parent.parent
 PLUGINS = Path(__file__).resolve().parent / "plugins"
@@ -68,8 +68,8 @@ def make_suite(tmp_path, methods=("baseline", "faulty-tagb"), seeds=(0, 1), lr=1
 
 
 def logged_train(run, out_dir, events=None):
-    """bench.train.train, logging "<label>/<seed folder> <start step>" to $TRAIN_LOG (across processes)."""
-    from bench.train import train
+    """bench.train.loop.train, logging "<label>/<seed folder> <start step>" to $TRAIN_LOG (across processes)."""
+    from bench.train.loop import train
 
     status = read_status(Path(out_dir))
     start = status["step"] if status and (Path(out_dir) / "checkpoint.pt").exists() else 0
@@ -169,7 +169,7 @@ def test_results_of_another_config_are_never_mixed(tmp_path, calls):
     run_suite(suite, results_root=tmp_path / "r", progress=False, train_fn=logged_train)
     changed = make_suite(tmp_path, methods=["baseline"], seeds=[0], lr=2e-3)
     d = tmp_path / "r" / "rt" / WORKLOAD / "baseline" / "seed0"
-    assert "lr: 0.001 there, 0.002 requested" in check_conflict(changed.runs()[0], d)
+    assert "lr: 0.001 there, 0.002 requested" in check_conflict(changed.runs()[0].config, d)
     before = (d / "config.json").read_text()
     for dry in (False, True):
         with pytest.raises(ResultsConflictError) as info:
@@ -250,7 +250,7 @@ def test_a_run_locked_by_another_process_is_left_alone(tmp_path, calls):
 
 
 def test_a_queued_slurm_job_is_not_submitted_twice(tmp_path, monkeypatch):
-    from bench.slurm import _queued_slurm_job
+    from bench.suite.slurm import _queued_slurm_job
 
     d = tmp_path / "run"
     fileio.write_json(d / "job.json", {"job_id": "123_4", "cluster": "slurm"})
@@ -304,7 +304,7 @@ def test_slurm_parameters_from_the_suite_table():
 
 EXPLODE = '''
 import torch
-from bench.spec import Method
+from bench.core.spec import Method
 
 
 class Explode(Method):
@@ -321,7 +321,7 @@ class Explode(Method):
 
 
 def test_smoke_end_to_end(tmp_path, isolated_registry):
-    from bench.report import build_report
+    from bench.report.build import build_report
 
     results = tmp_path / "results"
     res = run_suite("smoke", results_root=results, progress=False)
@@ -392,7 +392,7 @@ batch_size = 8
 
 HALFW = '''
 import torch
-from bench.spec import Method
+from bench.core.spec import Method
 
 
 class HalfWeight(Method):

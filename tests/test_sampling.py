@@ -15,9 +15,9 @@ import pytest
 import torch
 from torch import nn
 
-from bench.diffusion import make_schedule
+from bench.core.diffusion import make_schedule
 from bench.errors import ConfigError
-from bench.sampling import (
+from bench.eval.sampling import (
     draw_noise,
     image_generators,
     image_seed,
@@ -96,7 +96,7 @@ def test_stochastic_samplers_match_gaussian_target(linear, kind, cfg):
 
 def _ddim_chain_moments(schedule, steps, eta, mu=MU, s=S):
     """Exact mean and std of DDIM's output for the Gaussian optimum (a linear-Gaussian chain),
-    from Song et al. 2021 eq. 12 written out independently of bench/sampling.py."""
+    from Song et al. 2021 eq. 12 written out independently of bench/eval/sampling.py."""
     ab_all = schedule.alphas_bar.tolist()
     T = schedule.T
     ts = [round(T - k * T / steps) - 1 for k in range(steps)]
@@ -211,7 +211,7 @@ def test_initial_noise_is_a_function_of_seed_and_index():
     assert image_seed(5, 2) != image_seed(5, 3) != image_seed(6, 2)
     # SplitMix64's published first output for state 0 (Steele et al. 2014; Vigna's reference code),
     # and image_seed as its documented composition: every committed number rests on these values.
-    from bench.sampling import _splitmix64
+    from bench.eval.sampling import _splitmix64
 
     assert _splitmix64(0) == 0xE220A8397B1DCDAF
     assert image_seed(0, 0) == _splitmix64(0xE220A8397B1DCDAF) & (2**63 - 1)
@@ -294,6 +294,6 @@ def test_trailing_with_few_steps_never_visits_small_t_and_quadratic_does():
 
 
 def test_evaluator_default_spacing_reaches_t0():
-    from bench.eval_spec import DEFAULTS
+    from bench.eval.spec import DEFAULTS
 
     assert timestep_sequence(1000, DEFAULTS["sampler_steps"], DEFAULTS["timestep_spacing"])[-1] == 0

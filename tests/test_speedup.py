@@ -1,4 +1,4 @@
-"""Speed-up arithmetic (bench/speedup.py, bench/curves.py) on hand-made curves; every expected value is worked
+"""Speed-up arithmetic (bench/report/speedup.py, bench/report/curves.py) on hand-made curves; every expected value is worked
 out by hand in the comments (t quantiles from a printed table, cross-checked with scipy)."""
 
 import json
@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from bench.curves import crossing_step, is_geometric, relative_improvement, value_at, values_at_fractions
-from bench.report_stats import format_difference, format_speedup
-from bench.speedup import (
+from bench.report.curves import crossing_step, is_geometric, relative_improvement, value_at, values_at_fractions
+from bench.report.speedup import (
     PairedDifference,
     PairedSpeedup,
     aa_split,
@@ -18,6 +17,7 @@ from bench.speedup import (
     paired_difference,
     paired_speedup,
 )
+from bench.report.stats import format_difference, format_speedup
 
 STEPS = [100, 200, 300, 400]
 BASE = [[10, 8, 6, 5],

@@ -1,14 +1,14 @@
-"""Suite files (bench/suite.py): the shipped suites, the grid, validation errors, the dry-run plan."""
+"""Suite files (bench/suite/grid.py): the shipped suites, the grid, validation errors, the dry-run plan."""
 
 from pathlib import Path
 
 import pytest
 
-from bench.budget import eval_steps
-from bench.cost import describe_plan, estimate_cost, run_cost
+from bench.core.eval_steps import eval_steps
 from bench.errors import ConfigError
-from bench.suite import available_suites, load_suite
-from bench.suite_schema import SuiteError, parse_slurm_time
+from bench.suite.cost import describe_plan, estimate_cost, run_cost
+from bench.suite.grid import available_suites, load_suite
+from bench.suite.schema import SuiteError, parse_slurm_time
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED = ["mini", "smoke", "paper-cifar10", "ablation-clts", "ablation-mdlrc", "cpu-reference", "cpu-reference-pilot"]
@@ -69,7 +69,7 @@ def test_mini_is_the_cpu_default():
     assert s.eval["metrics"][0] == "proxy_fd" and s.report["metric"] == "proxy_fd"
     assert s.eval["sampler_steps"] <= 20 and s.eval["num_images"] <= 512
     # The sampler reaches t = 0 and visits the low-noise steps P2 and Min-SNR down-weight.
-    from bench.sampling import timestep_sequence
+    from bench.eval.sampling import timestep_sequence
 
     ts = timestep_sequence(1000, s.eval["sampler_steps"], s.eval["timestep_spacing"])
     assert ts[-1] == 0 and sum(t < 100 for t in ts) >= 3
@@ -120,7 +120,7 @@ def test_grid_layout_labels_and_configs(tmp_path):
 def test_plugin_paths_are_relative_to_the_suite_file(tmp_path, isolated_registry):
     (tmp_path / "plugins").mkdir()
     (tmp_path / "plugins" / "halfweight.py").write_text(
-        "import torch\nfrom bench.spec import Method\n\n\n"
+        "import torch\nfrom bench.core.spec import Method\n\n\n"
         "class HalfWeight(Method):\n    name = 'halfweight'\n    slots = frozenset({'weighting'})\n\n"
         "    def loss_weights(self, t, p, schedule, target):\n"
         "        return torch.full(t.shape, 0.5, dtype=torch.float64)\n")
@@ -238,7 +238,7 @@ def test_unknown_suite_name_lists_the_shipped_ones():
 
 
 def test_one_evaluation_rule_for_training_runner_and_cost():
-    from bench.budget import evaluates, is_eval_step
+    from bench.core.eval_steps import evaluates, is_eval_step
 
     for iters, every in ((600, 150), (10, 4), (10, 0), (7, 7), (5, 9)):
         assert eval_steps(iters, every) == [s for s in range(1, iters + 1) if is_eval_step(s, iters, every)]
@@ -295,7 +295,7 @@ def test_cost_estimate_by_hand():
 
 
 def test_guided_sampling_costs_two_network_evaluations_per_step(tmp_path):
-    from bench.cost import run_cost
+    from bench.suite.cost import run_cost
 
     text = VALID.replace("lr = 1e-3", "lr = 1e-3\nclass_cond = true\np_uncond = 0.1").replace(
         "num_images = 16", "num_images = 16\nsampler_steps = 5")

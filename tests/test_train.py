@@ -14,10 +14,10 @@ import torch
 from conftest import REPO, needs_fashion, train_until
 
 from bench import fileio
-from bench.data import load_dataset
+from bench.data.loading import load_dataset
 from bench.errors import BenchError, CheckpointError, ConfigError, DatasetError, DivergenceError
-from bench.models import build_model
-from bench.train import TrainConfig, TrainEvents, train
+from bench.models.networks import build_model
+from bench.train.loop import TrainConfig, TrainEvents, train
 
 SMALL = dict(dataset="synthetic", arch="unet-tiny", iters=12, batch_size=8, ckpt_every=4, warmup=3)
 
@@ -118,9 +118,9 @@ def test_logs_config_and_method_hooks(tmp_path):
 def test_clts_steers_sampled_timesteps(tmp_path, monkeypatch):
     """The t that train() draws late in a clts run follow clts's distribution at each step (far
     fewer t in [750, 1000) than the baseline draws from the same uniforms)."""
-    from bench.diffusion import Schedule, make_schedule
-    from bench.registry import get_method
-    from bench.spec import timestep_probs_at
+    from bench.core.diffusion import Schedule, make_schedule
+    from bench.core.registry import get_method
+    from bench.core.spec import timestep_probs_at
 
     drawn = {}
     original = Schedule.q_sample
@@ -203,8 +203,8 @@ def test_different_config_in_same_folder_refused(tmp_path):
 ])
 def test_malformed_config(d, match):
     """Types and ranges fail in TrainConfig; the method and dataset when the run is resolved, which
-    is what every entry point does (bench.resolve), with where the value came from."""
-    from bench.resolve import resolve_run
+    is what every entry point does (bench.train.resolve), with where the value came from."""
+    from bench.train.resolve import resolve_run
 
     with pytest.raises(BenchError, match=match) as err:
         resolve_run(d, where="my.toml: run x")
@@ -228,7 +228,7 @@ def test_cli_errors_are_one_line(tmp_path):
 
 
 def test_missing_dataset_lists_every_source(tmp_path, monkeypatch):
-    from bench import data
+    from bench.data import loading as data
 
     module = data.dataset_info("fashion-mnist")
     monkeypatch.setattr(module, "DEBIAN_DIR", tmp_path / "nowhere")
@@ -354,7 +354,7 @@ def test_every_method_gets_the_same_data_and_noise_at_a_seed(tmp_path):
 def test_train_wires_data_and_noise_apart_from_the_timestep_draw(tmp_path, monkeypatch):
     """Through train() itself: clts draws other timesteps than the baseline once p > 0, yet at every
     step both see the same images and the same noise (with flips on, so that stream is pinned too)."""
-    from bench.diffusion import Schedule
+    from bench.core.diffusion import Schedule
 
     seen = {}
     original = Schedule.q_sample
@@ -376,7 +376,7 @@ def test_train_wires_data_and_noise_apart_from_the_timestep_draw(tmp_path, monke
 
 
 def test_noise_stream_does_not_depend_on_the_timestep_distribution():
-    from bench.batches import sample_timesteps, stream_generators
+    from bench.train.batches import sample_timesteps, stream_generators
 
     T, B = 1000, 64
     uniform = torch.full((T,), 1.0 / T, dtype=torch.float64)
@@ -421,7 +421,7 @@ def test_train_flags_set_ema_warmup():
 def test_a_resolved_run_is_the_callers_own(monkeypatch, tmp_path):
     """Resolutions are cached per process, but each caller gets its own config, spec and record
     (only the pure method is shared), and the spec follows $DIFFBENCH_CACHE."""
-    from bench.resolve import resolve_run
+    from bench.train.resolve import resolve_run
 
     cfg = {**SMALL, "eval": {"metrics": ["proxy_fd"]}}
     a = resolve_run(cfg)
@@ -438,5 +438,6 @@ def test_train_without_out_writes_under_the_results_option(tmp_path, capsys):
 
     assert main(["--results", str(tmp_path / "res"), "train", "--dataset", "synthetic", "--arch", "unet-micro",
                  "--iters", "2", "--batch-size", "4"]) == 0
-    run = tmp_path / "res" / "train" / "synthetic_unet-micro" / "baseline" / "seed0"
+    # The suite's rule for the workload folder (tests/test_suite.py: synthetic-16_unet-tiny), resolution named.
+    run = tmp_path / "res" / "train" / "synthetic-16_unet-micro" / "baseline" / "seed0"
     assert (run / "status.json").exists() and str(run) in capsys.readouterr().out.replace("\n", "")

@@ -10,8 +10,8 @@ import torch
 from conftest import REPO
 
 from bench import fileio
-from bench.sampling import save_pngs
-from bench.train import TrainConfig, TrainEvents, train
+from bench.eval.sampling import save_pngs
+from bench.train.loop import TrainConfig, TrainEvents, train
 
 EVAL = {"metrics": ["proxy_fd", "proxy_kid"], "num_images": 16, "num_ref": 64, "sampler_steps": 2, "batch_size": 16}
 CFG = dict(dataset="synthetic", iters=12, batch_size=8, warmup=0, eval_every=4, ckpt_every=100, eval=EVAL)
@@ -78,9 +78,9 @@ def test_cli_fid_of_two_folders(tmp_path):
 
 
 def test_placebo_shares_initialisation_and_data_but_not_the_random_streams():
-    from bench.batches import draw_batch
-    from bench.registry import get_method
-    from bench.train import setup
+    from bench.core.registry import get_method
+    from bench.train.batches import draw_batch
+    from bench.train.loop import setup
 
     placebo = get_method("placebo")
     assert placebo.slots == {"streams"} and placebo.stream_seed(3) == 1_000_003

@@ -8,7 +8,7 @@ import signal
 
 import torch
 
-from bench.spec import Method, Param
+from bench.core.spec import Method, Param
 
 ITERS = 8  # the runner tests' budget: progress p = step / 8
 

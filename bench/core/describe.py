@@ -1,0 +1,40 @@
+"""What a method does at training progress p: the tables behind `run_bench.py describe`."""
+
+import torch
+
+from bench.core.diffusion import Schedule
+from bench.core.spec import Method, ema_decay_at, loss_weights_at, optimizer_settings_at, timestep_probs_at
+
+
+def describe(method: Method, p: float, schedule: Schedule, target: str,
+             beta1: float = 0.9, beta2: float = 0.999, ema_base: float = 0.9999) -> dict:
+    """Everything the method changes at progress p, as plain JSON-ready values."""
+    t = torch.arange(schedule.T)
+    lr_scale, b1, b2 = optimizer_settings_at(method, p, beta1, beta2)
+    return {
+        "method": method.name,
+        "label": method.label,
+        "slots": sorted(method.slots),
+        "params": dict(method.hp),
+        "source": method.source,
+        "progress": p,
+        "schedule": schedule.name,
+        "T": schedule.T,
+        "zero_terminal_snr": schedule.zero_terminal_snr,
+        "target": target,
+        "timestep_probs": timestep_probs_at(method, p, schedule).tolist(),
+        "loss_weights": loss_weights_at(method, t, p, schedule, target).tolist(),
+        "lr_scale": float(lr_scale),
+        "beta1": float(b1),
+        "beta2": float(b2),
+        "ema_decay": float(ema_decay_at(method, p, ema_base)),
+    }
+
+
+def trace(method: Method, schedule: Schedule, target: str, beta1: float, beta2: float, ema_base: float,
+          points: int = 11) -> dict:
+    """describe() at evenly spaced progress points, column-wise (for method_trace.json)."""
+    ps = [i / (points - 1) for i in range(points)]
+    rows = [describe(method, p, schedule, target, beta1, beta2, ema_base) for p in ps]
+    keys = ("timestep_probs", "loss_weights", "lr_scale", "beta1", "beta2", "ema_decay")
+    return {"label": method.label, "progress": ps, **{k: [r[k] for r in rows] for k in keys}}

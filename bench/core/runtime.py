@@ -1,0 +1,285 @@
+"""Where and how a run executes: its device, the GPU fast path, and its processes (torchrun / DDP).
+
+None of this changes what a run *is* (its config, data, timesteps, noise, method): it is
+resolved in the process that trains, so a run started on a GPU can resume on a CPU and back.
+
+Device: ``device = "auto"`` is CUDA when torch sees a GPU, else the CPU; ``"cuda"`` where there is
+none is a :class:`~bench.errors.ConfigError`. A torchrun rank uses GPU ``LOCAL_RANK`` (modulo the
+GPUs it sees, so two processes can share one GPU in a test).
+
+Fast path, each part recorded in config.json's ``runtime`` list and the report:
+
+- ``precision = "auto"``: bf16 autocast of the network's forward (and so its backward) on a CUDA
+  GPU with native bf16 (Ampere and later), else fp32. Weights, optimizer state, EMA, the loss reduction and the method's weights
+  stay fp32 (the network's output is cast back to fp32 before the loss).
+- ``tf32`` (default true): TF32 matmuls and convolutions, CUDA only.
+- ``fused_adamw`` (default true): the fused AdamW kernel, CUDA only (the CPU uses foreach).
+- ``channels_last`` (default true, as before on the CPU too): NHWC memory layout for the
+  convolutional networks.
+- ``compile`` (default false): torch.compile of the network for training steps only (the EMA
+  and evaluation use the plain module).
+
+Processes: ``gpus = N`` runs N processes (one per GPU; gloo processes on a CPU), started by
+torchrun (``torchrun --nproc_per_node N run_bench.py train ...``; the suite runner and the Slurm
+path start them for you). Backend: NCCL when every rank has its own GPU, else gloo;
+``DIFFBENCH_DIST_BACKEND`` overrides it. ``DIFFBENCH_DIST_TIMEOUT_MIN`` (default 180) bounds
+how long ranks wait for rank 0's evaluation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import sys
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as dist
+
+from bench.core.config import check_device_name
+from bench.errors import ConfigError
+
+
+def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
+    """The torch device a setting names on this machine; one ConfigError line when it cannot be had."""
+    why = check_device_name(name)
+    if why:
+        raise ConfigError(f"device {name!r} {why}")
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        fix = ("check the driver and CUDA_VISIBLE_DEVICES" if torch.version.cuda else
+               "install a CUDA build of torch (DIFFBENCH_TORCH=... ./setup.sh)")
+        raise ConfigError(f"device {name!r} asks for a CUDA GPU, but torch {torch.__version__} sees none; "
+                          f"use --device cpu or auto, or {fix}")
+    count = torch.cuda.device_count()
+    index = int(name[5:]) if name.startswith("cuda:") else local_rank % count
+    if index >= count:
+        raise ConfigError(f"device {name!r}: this machine has {count} GPU(s) (cuda:0..cuda:{count - 1})")
+    return torch.device("cuda", index)
+
+
+# -- processes --------------------------------------------------------------------------------------
+
+
+def world() -> tuple[int, int, int]:
+    """(rank, world size, local rank) of this process, from torchrun's (or Slurm's) environment."""
+    return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+            int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def is_main() -> bool:
+    return world()[0] == 0
+
+
+def init_processes(device: torch.device) -> str | None:
+    """Join the process group of a multi-process run (once per process); its backend, or None alone."""
+    rank, size, _ = world()
+    if size == 1:
+        return None
+    if dist.is_initialized():
+        return dist.get_backend()
+    backend = os.environ.get("DIFFBENCH_DIST_BACKEND")
+    if not backend:
+        on_node = int(os.environ.get("LOCAL_WORLD_SIZE", size))
+        shared = device.type == "cuda" and on_node > torch.cuda.device_count()
+        backend = "nccl" if device.type == "cuda" and not shared else "gloo"
+        if shared and rank == 0:  # NCCL refuses two processes on one GPU
+            print(f"warning: {on_node} processes share {torch.cuda.device_count()} GPU(s): using gloo, which is "
+                  "slow (fine for a check; give each process its own GPU for speed)", file=sys.stderr)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    timeout = datetime.timedelta(minutes=float(os.environ.get("DIFFBENCH_DIST_TIMEOUT_MIN", 180)))
+    dist.init_process_group(backend, rank=rank, world_size=size, timeout=timeout)
+    return backend
+
+
+@contextlib.contextmanager
+def full_fp32():
+    """No TF32 inside (evaluation: samples and feature extractors in plain fp32, like on a CPU)."""
+    if not torch.cuda.is_available():
+        yield
+        return
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def finish_processes() -> None:
+    """Leave the process group (end of a multi-process command)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def broadcast(obj):
+    """Rank 0's `obj` on every rank (a decision every rank must share)."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_slices(local: torch.Tensor) -> torch.Tensor:
+    """The global batch's values from each rank's equal slice, in rank order, on every rank.
+
+    An all_reduce of zero-padded slices rather than all_gather: gloo reduces CUDA tensors but
+    does not gather them, and two ranks sharing one GPU need gloo."""
+    if not dist.is_initialized():
+        return local
+    rank, size = dist.get_rank(), dist.get_world_size()
+    n = local.shape[0]
+    out = torch.zeros((n * size, *local.shape[1:]), dtype=local.dtype, device=local.device)
+    out[rank * n:(rank + 1) * n] = local
+    dist.all_reduce(out)
+    return out
+
+
+def gather_objects(obj) -> list:
+    """Every rank's `obj`, in rank order (on every rank)."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+# -- the fast path ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """How this process trains a run (resolved from its TrainConfig on this machine)."""
+
+    device: str          # "cpu", "cuda:0", ...
+    device_name: str     # the GPU's or the CPU's name
+    precision: str       # "fp32" or "bf16" (autocast of the network)
+    tf32: bool
+    channels_last: bool
+    fused_adamw: bool
+    compile: bool
+    world_size: int
+    rank: int
+    backend: str | None  # "nccl", "gloo", or None (one process)
+
+    @property
+    def torch_device(self) -> torch.device:
+        return torch.device(self.device)
+
+    def autocast(self):
+        """The network's forward under bf16 autocast, or nothing."""
+        if self.precision != "bf16":
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.torch_device.type, dtype=torch.bfloat16)
+
+    def record(self, from_step: int) -> dict:
+        """This process's settings, for config.json's ``runtime`` list (rank omitted: every rank is alike)."""
+        d = asdict(self)
+        d.pop("rank")
+        return {"from_step": from_step, **d}
+
+
+def make_runtime(cfg) -> Runtime:
+    """Resolve a TrainConfig's device, fast path and processes here; join the process group.
+
+    Raises one ConfigError line when the machine cannot do what the config asks (no GPU, a
+    process count that differs from `gpus`)."""
+    rank, size, local_rank = world()
+    if size != cfg.gpus:
+        how = (f"launch it with `torchrun --nproc_per_node {cfg.gpus} run_bench.py train ...` "
+               "(a suite's runner does this for you)") if cfg.gpus > 1 else "run it as one process (without torchrun)"
+        raise ConfigError(f"gpus={cfg.gpus} asks for {cfg.gpus} process(es), but this is {size}: {how}")
+    device = resolve_device(cfg.device, local_rank)
+    cuda = device.type == "cuda"
+    # auto: bf16 where the GPU has it natively (Ampere and later); emulated bf16 is slower than fp32
+    native_bf16 = cuda and torch.cuda.is_bf16_supported(including_emulation=False)
+    precision = cfg.precision if cfg.precision != "auto" else ("bf16" if native_bf16 else "fp32")
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
+        torch.backends.cudnn.allow_tf32 = cfg.tf32
+        torch.backends.cudnn.benchmark = True
+    name = torch.cuda.get_device_name(device) if cuda else _cpu_name()
+    backend = init_processes(device)
+    return Runtime(device=str(device), device_name=name, precision=precision, tf32=cuda and cfg.tf32,
+                   channels_last=cfg.channels_last, fused_adamw=cuda and cfg.fused_adamw, compile=cfg.compile,
+                   world_size=size, rank=rank, backend=backend)
+
+
+def _cpu_name() -> str:
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+# -- stopping at a step boundary (Slurm time limits and pre-emption) ----------------------------------
+
+
+class StopRequested(BaseException):
+    """Training stopped at a step boundary because a signal asked it to; the run's checkpoint is at
+    `step`. A BaseException, so that no ``except Exception`` records it as a failure."""
+
+    def __init__(self, step: int):
+        super().__init__(f"stopped by a signal at step {step}; the checkpoint is at that step")
+        self.step = step
+
+
+_STOP = {"watching": False, "requested": False, "deferrable": False, "previous": None}
+
+
+def watch_stop_signal(signum: int):
+    """From now on, signal `signum` asks training to checkpoint at the next step boundary and raise
+    :class:`StopRequested`, while the training loop is stepping (:func:`stepping`); at any other
+    time (setup, evaluation) the previous handler acts at once, as before. Returns that handler."""
+    import signal
+
+    def ask(_signum, frame):
+        if _STOP["deferrable"]:
+            _STOP["requested"] = True
+        elif callable(_STOP["previous"]):
+            _STOP["previous"](_signum, frame)
+
+    _STOP.update(watching=True, requested=False, deferrable=False, previous=signal.getsignal(signum))
+    signal.signal(signum, ask)
+    return _STOP["previous"]
+
+
+def unwatch_stop_signal(signum: int, previous) -> None:
+    """Give `signum` back to `previous` (what watch_stop_signal returned)."""
+    import signal
+
+    signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
+    _STOP.update(watching=False, requested=False, deferrable=False, previous=None)
+
+
+def stepping(on: bool) -> None:
+    """Whether the training loop will reach a step boundary soon (a watched signal can wait for it)."""
+    _STOP["deferrable"] = on
+
+
+def stop_requested(device: torch.device) -> bool:
+    """Whether a watched signal came (in any process of the run: they stop at the same step).
+    Costs nothing unless a signal is watched; then one tiny all_reduce per step with N processes."""
+    if not _STOP["watching"]:
+        return False
+    flag = _STOP["requested"]
+    if dist.is_initialized():
+        box = torch.tensor([1.0 if flag else 0.0], device=device)
+        dist.all_reduce(box, op=dist.ReduceOp.MAX)
+        flag = bool(box.item())
+    return flag

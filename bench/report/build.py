@@ -1,0 +1,429 @@
+"""The report of a suite's results: tables (CSV, Markdown, LaTeX), figures (PNG, PDF), report.md.
+
+``build_report(results/<suite>)`` reads every run folder (config.json, status.json, evals.jsonl,
+steps.jsonl, method_trace.json, machine.json) and the suite's suite.json, and writes into
+``results/<suite>/``:
+
+- report.md                       all of the below, with what every number is (metric, feature
+                                  extractor, N, sampler), every method label's hyperparameters,
+                                  the machines the runs ran on, and the failed runs
+- tables/evaluations.csv          every evaluation, one tidy row per (run, step, metric)
+- tables/speedup.{csv,md,tex}     paired speed-up of every method over the baseline (bench.report.speedup) at
+                                  each target fraction, per workload and metric, with its interval,
+                                  the paired final-metric difference and the A/A control row
+- tables/training.csv             per method: mean learning-rate factor and share of clipped steps
+- tables/fractions.{csv,md,tex}   each metric at fixed fractions of the budget, mean and std
+- tables/curves.csv               the seed-mean and std curve of every method
+- figures/*.{png,pdf}             metric vs iterations with seed bands, timestep distribution over
+                                  training, beta1 and lr over training, loss per timestep quartile
+
+Reads files only: never imports torch (the report can be built on a laptop).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from bench.errors import ConfigError
+from bench.fileio import atomic_write_bytes
+from bench.report.figures import figure_curves, figure_loss_quartiles, figure_optimizer, figure_timesteps, safe_filename
+from bench.report.intervals import BOOTSTRAP_MIN_SEEDS
+from bench.report.noise import metric_noise, noise_lines, sampler_robustness
+from bench.report.speedup import lower_is_better
+from bench.report.stats import (
+    PLACEBO,
+    early_targets,
+    final_values,
+    limits_lines,
+    speedup_display,
+    speedup_frame,
+    speedup_rows,
+    training_display,
+    training_facts,
+)
+from bench.report.tables import (
+    binned_steps,
+    curves_table,
+    evaluations_table,
+    find_runs,
+    fractions_display,
+    fractions_table,
+    method_order,
+    method_table,
+    read_json_or_none,
+    run_budget,
+    to_latex,
+    to_markdown,
+)
+from bench.report.text import machine_lines, protocol_lines, runtime_lines, training_lines
+from bench.suite.schema import REPORT_DEFAULTS
+
+
+@dataclass
+class _Report:
+    """What every section of one report reads (the results) and adds to (the tables' parts)."""
+
+    suite_dir: Path
+    out: Path
+    info: dict
+    runs: list[dict]
+    evals: pd.DataFrame
+    baseline: str | None
+    order: list[str]
+    metrics: list[str]
+    primary: str | None
+    fractions: list[float]
+    sweep: dict
+    targets: list[float]
+    headline: float
+    stats_kw: dict
+    parts: dict = field(default_factory=lambda: {k: [] for k in ("md_sp", "tex_sp", "md_fr", "tex_fr", "sp", "facts")})
+
+    @property
+    def fig_dir(self) -> Path:
+        return self.out / "figures"
+
+    @property
+    def tab_dir(self) -> Path:
+        return self.out / "tables"
+
+
+def _read_results(suite_dir: Path, out: Path) -> _Report:
+    """The results tree and the suite's report settings (suite.json), with their defaults."""
+    info = read_json_or_none(suite_dir / "suite.json") or {}
+    rep = {**REPORT_DEFAULTS, **(info.get("report") or {})}  # a results tree from an older suite.json
+    runs = find_runs(suite_dir)
+    evals = evaluations_table(suite_dir, runs)
+    labels = sorted({r["label"] for r in runs})
+    baseline = rep["baseline"] if rep["baseline"] in labels else None
+    primary = rep.get("metric") or (sorted(evals.metric.unique())[0] if not evals.empty else None)
+    metrics = sorted(evals.metric.unique(), key=lambda m: (m != primary, m)) if not evals.empty else []
+    targets = [float(f) for f in rep["targets"]]
+    headline = float(rep["headline"]) if float(rep["headline"]) in targets else targets[-1]
+    stats_kw = dict(targets=targets, confidence=float(rep["confidence"]), n_boot=int(rep["bootstrap"]),
+                    seed=int(rep["seed"]))
+    return _Report(suite_dir, out, info, runs, evals, baseline, method_order(labels, baseline), metrics, primary,
+                   rep["fractions"], info.get("lr_sweep") or {}, targets, headline,
+                   stats_kw)
+
+
+def build_report(suite_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> Path:
+    """Write tables, figures and report.md for results/<suite>; return the path of report.md."""
+    suite_dir = Path(suite_dir)
+    if not suite_dir.is_dir():
+        raise ConfigError(f"no results folder {suite_dir}; run the suite first")
+    ctx = _read_results(suite_dir, Path(out_dir) if out_dir else suite_dir)
+    ctx.tab_dir.mkdir(parents=True, exist_ok=True)
+    fr = fractions_table(ctx.evals, ctx.runs, ctx.fractions)
+    _write_text(ctx.tab_dir / "evaluations.csv", ctx.evals.to_csv(index=False))
+    _write_text(ctx.tab_dir / "fractions.csv", fr.to_csv(index=False))
+    _write_text(ctx.tab_dir / "curves.csv", curves_table(ctx.evals, ctx.runs).to_csv(index=False))
+
+    sections = []
+    for w in sorted({r["workload"] for r in ctx.runs}):
+        sections += _workload_section(ctx, w, fr)
+    _write_parts(ctx)
+    lines = _header_lines(ctx) + sections + _footer_lines(ctx)
+    path = ctx.out / "report.md"
+    _write_text(path, "\n".join(lines))
+    return path
+
+
+def _workload_section(ctx: _Report, w: str, fr: pd.DataFrame) -> list[str]:
+    """One workload: per metric its speed-ups, fractions and curve; the training figures; the limits."""
+    w_runs = [r for r in ctx.runs if r["workload"] == w]
+    w_evals = ctx.evals[ctx.evals.workload == w] if not ctx.evals.empty else ctx.evals
+    budget = max((run_budget(r["config"]) or 0) for r in w_runs)
+    sec = [f"## Workload {w}", ""]
+    for metric in ctx.metrics:
+        sec += _metric_section(ctx, w, w_evals, budget, metric, fr)
+    sec += _figure_section(ctx, w, w_runs)
+    fact = training_facts(w_runs, ctx.order)
+    ctx.parts["facts"].append(fact.assign(workload=w))
+    sec += ["### What this report does not show", ""]
+    sec += limits_lines(w_evals, w_runs, ctx.baseline, ctx.primary, budget, ctx.sweep) if ctx.primary else []
+    sec += ["", "Learning-rate factor (the optimizer slot's scale of the shared learning rate, mean over all "
+            "steps and seeds) and the share of steps whose gradient norm was clipped:", "",
+            to_markdown(training_display(fact)), ""]
+    return sec
+
+
+def _metric_section(ctx: _Report, w: str, w_evals: pd.DataFrame, budget: int, metric: str,
+                    fr: pd.DataFrame) -> list[str]:
+    if metric.endswith("_sampler2"):
+        return []  # read beside its metric (sampler robustness)
+    if metric.endswith("_final"):
+        return _final_metric_section(ctx, w, w_evals, budget, metric)
+    tag, target, sec = f"{w} / {metric}", None, []
+    if ctx.baseline:
+        main = [label for label in ctx.order if label not in ctx.sweep or label == ctx.baseline]
+        extend = _baseline_extend(ctx, w, budget)
+        rows = speedup_rows(w_evals, ctx.baseline, main, budget, metric, extend=extend, **ctx.stats_kw)
+        if rows:
+            ctx.parts["sp"].append(speedup_frame(rows, ctx.targets).assign(
+                workload=w, metric=metric, baseline=ctx.baseline, budget_iters=budget, baseline_extend=extend))
+            early = early_targets(ctx.targets)
+            target = rows[0][f"speedup@{ctx.headline:g}"].target if ctx.headline in early else None
+            disp = speedup_display(rows, ctx.targets, ctx.headline, final_values(w_evals, metric, budget))
+            ctx.parts["md_sp"] += [f"### {tag}", "", to_markdown(disp), ""]
+            ctx.parts["tex_sp"].append(to_latex(disp, f"Paired speed-up over {ctx.baseline} ({metric}, {w})",
+                                                f"tab:speedup:{safe_filename(w)}:{safe_filename(metric)}"))
+            sec += _speedup_text(rows, ctx.baseline, metric, budget, extend, early, ctx.stats_kw,
+                                 _baseline_slots(ctx, w))
+            sec += [to_markdown(disp), ""]
+            sec += _noise_section(ctx, w_evals, metric, budget, main)
+            sec += _sweep_section(w_evals, ctx.baseline, ctx.sweep, metric, budget, ctx.order, ctx.stats_kw,
+                                  ctx.headline)
+    fsub = fr[(fr.workload == w) & (fr.metric == metric)] if not fr.empty else pd.DataFrame()
+    if not fsub.empty:
+        disp = fractions_display(fsub)
+        ctx.parts["md_fr"] += [f"### {tag}", "", to_markdown(disp), ""]
+        ctx.parts["tex_fr"].append(to_latex(disp, f"{metric} at fractions of the budget ({w}); mean ± sd over seeds",
+                                            f"tab:fractions:{safe_filename(w)}:{safe_filename(metric)}"))
+        sec += [f"### {metric} at fractions of the budget (mean ± sd over seeds)", "",
+                "Linear interpolation between evaluations; 'no eval yet': before the first evaluation; "
+                "'not all seeds': past the last evaluation that every seed reached.",
+                "", to_markdown(disp), ""]
+    stem = figure_curves(ctx.evals, w, metric, target, ctx.order, ctx.fig_dir,
+                         f"F*: baseline at {100 * ctx.headline:g}% of the budget (early-training target)")
+    if stem:
+        sec += [f"![{metric} vs iterations]({_fig(stem)}.png) ([PDF]({_fig(stem)}.pdf))", ""]
+    return sec
+
+
+def _final_metric_section(ctx: _Report, w: str, w_evals: pd.DataFrame, budget: int, metric: str) -> list[str]:
+    """A metric measured once, at the end of the budget (final_num_images): no curve to cross, so no
+    speed-up; the final values and their paired differences from the baseline."""
+    if not ctx.baseline:
+        return []
+    main = [label for label in ctx.order if label not in ctx.sweep or label == ctx.baseline]
+    rows = speedup_rows(w_evals, ctx.baseline, main, budget, metric, **ctx.stats_kw)
+    if not rows:
+        return []
+    disp = speedup_display(rows, [], ctx.headline, final_values(w_evals, metric, budget), with_equiv=False)
+    ctx.parts["md_sp"] += [f"### {w} / {metric} (end of the budget)", "", to_markdown(disp), ""]
+    ctx.parts["tex_sp"].append(to_latex(disp, f"{metric} at the end of the budget, paired difference from "
+                                              f"{ctx.baseline} ({w})", f"tab:final:{safe_filename(w)}:{safe_filename(metric)}"))
+    better = "negative" if lower_is_better(metric) else "positive"
+    return [f"### {metric}: the end of the budget", "",
+            f"Measured once, after the last iteration, with more images than the curve's points "
+            f"(final_num_images), so it has no speed-up. 'final - baseline' is the paired difference from "
+            f"seed k of `{ctx.baseline}` ({better} is better) with its {100 * ctx.stats_kw['confidence']:g}% "
+            "t-interval over the seeds.", "", to_markdown(disp), ""]
+
+
+def _figure_section(ctx: _Report, w: str, w_runs: list[dict]) -> list[str]:
+    """The timestep distribution, beta1 and lr, and MSE per timestep quartile over training."""
+    traces = {}
+    for r in sorted(w_runs, key=lambda r: r["seed"]):
+        if r["label"] not in traces:
+            tr = read_json_or_none(r["dir"] / "method_trace.json")
+            if tr:
+                traces[r["label"]] = tr
+    binned = []
+    for r in w_runs:
+        b = binned_steps(r["dir"] / "steps.jsonl", run_budget(r["config"]) or 1)  # the extended baseline: to the budget
+        if not b.empty:
+            binned.append(b.assign(method_label=r["label"], seed=r["seed"]))
+    binned = pd.concat(binned, ignore_index=True) if binned else pd.DataFrame()
+    figs = [("Timestep distribution over training (from method_trace.json; colour: progress p)",
+             figure_timesteps({k: traces[k] for k in ctx.order if k in traces}, w, ctx.fig_dir)),
+            ("Adam beta1 and learning rate over training (MDLRC's schedule; from steps.jsonl)",
+             figure_optimizer(binned, w, ctx.order, ctx.fig_dir)),
+            ("Training MSE per timestep quartile (from steps.jsonl)",
+             figure_loss_quartiles(binned, w, ctx.order, ctx.fig_dir))]
+    sec = []
+    for title, stem in figs:
+        if stem:
+            sec += [f"### {title}", "", f"![{title}]({_fig(stem)}.png) ([PDF]({_fig(stem)}.pdf))", ""]
+    return sec
+
+
+def _write_parts(ctx: _Report) -> None:
+    """The speed-up, fractions and training tables gathered over the workloads."""
+    p, tab = ctx.parts, ctx.tab_dir
+    sp = pd.concat(p["sp"], ignore_index=True) if p["sp"] else pd.DataFrame()
+    _write_text(tab / "speedup.csv", sp.to_csv(index=False))
+    _write_text(tab / "training.csv", pd.concat(p["facts"], ignore_index=True).to_csv(index=False) if p["facts"] else "")
+    _write_text(tab / "speedup.md", "\n".join(p["md_sp"]) or "_(no speed-up: no baseline or no evaluations)_\n")
+    _write_text(tab / "fractions.md", "\n".join(p["md_fr"]) or "_(no evaluations)_\n")
+    _write_text(tab / "speedup.tex", "\n".join(p["tex_sp"]))
+    _write_text(tab / "fractions.tex", "\n".join(p["tex_fr"]))
+
+
+def _header_lines(ctx: _Report) -> list[str]:
+    """Title, what the numbers are (protocol, training, machines) and the methods."""
+    runs, info = ctx.runs, ctx.info
+    failed = [r for r in runs if r["status"].get("state") == "failed"]
+    done = [r for r in runs if r["status"].get("state") == "done"]
+    unfinished = [r for r in runs if r["status"].get("state") not in ("done", "failed")]
+    lines = [f"# Suite `{info.get('name') or ctx.suite_dir.name}`: report", ""]
+    if info.get("description"):
+        lines += [info["description"].strip(), ""]
+    lines += [f"Generated {time.strftime('%Y-%m-%d %H:%M:%S')} from the results folder `{ctx.suite_dir.name}`"
+              + (f" (suite file `{_short_path(info['file'])}`)" if info.get("file") else "") + ".", "",
+              f"Runs: {len(runs)} found; {len(done)} done, {len(failed)} failed, "
+              f"{len(unfinished)} unfinished." + (" Tables use every evaluation recorded so far; a method's "
+                                                  "seed-mean curve stops where one of its seeds stops."
+                                                  if failed or unfinished else ""), "",
+              "## What the numbers are", ""]
+    lines += protocol_lines(ctx.evals)
+    lines += ["", "Training (identical for every method of a workload; the method changes only its slots):", ""]
+    lines += training_lines(runs)
+    lines += ["", "Machines:", ""] + machine_lines(runs) + runtime_lines(runs)
+    lines += ["", "## Methods", "", "Every method label with its resolved hyperparameters (a label encodes the "
+              "non-default ones):", "", to_markdown(method_table(runs)), ""]
+    return lines
+
+
+def _footer_lines(ctx: _Report) -> list[str]:
+    """Failed and unfinished runs, and the files beside report.md."""
+    failed = [r for r in ctx.runs if r["status"].get("state") == "failed"]
+    unfinished = [r for r in ctx.runs if r["status"].get("state") not in ("done", "failed")]
+    lines = ["## Failed runs", ""]
+    if failed:
+        lines += [to_markdown(pd.DataFrame([{"run": f"{r['workload']}/{r['label']}/seed{r['seed']}",
+                                             "step": r["status"].get("step"), "reason": r["status"].get("reason")}
+                                            for r in failed])), ""]
+    else:
+        lines += ["None.", ""]
+    if unfinished:
+        lines += ["## Unfinished runs", "", to_markdown(pd.DataFrame([{
+            "run": f"{r['workload']}/{r['label']}/seed{r['seed']}", "state": r["status"].get("state"),
+            "step": r["status"].get("step")} for r in unfinished])), ""]
+    return lines + ["## Files", "",
+                    "- [tables/evaluations.csv](tables/evaluations.csv): every evaluation, one tidy row per run, step "
+                    "and metric",
+                    "- [tables/curves.csv](tables/curves.csv): seed-mean and sd curves",
+                    "- speed-up: [CSV](tables/speedup.csv), [Markdown](tables/speedup.md), [LaTeX](tables/speedup.tex)",
+                    "- metric at fractions of the budget: [CSV](tables/fractions.csv), [Markdown](tables/fractions.md), "
+                    "[LaTeX](tables/fractions.tex)",
+                    "- [figures/](figures/): PNG and PDF of every figure", ""]
+
+
+def _speedup_text(rows, baseline, metric, budget, extend, early, kw, baseline_slots) -> list[str]:
+    """What the speed-up table's numbers are, with this suite's budget, extension and seed counts."""
+    n = rows[0]["n_paired"]
+    conf = 100 * kw["confidence"]
+    how = ("a t-interval on log speed-up (n - 1 degrees of freedom)" if 3 <= n < BOOTSTRAP_MIN_SEEDS else
+           f"a paired bootstrap over seeds ({kw['n_boot']} resamples, RNG seed {kw['seed']})"
+           if n >= BOOTSTRAP_MIN_SEEDS and kw["n_boot"] > 0 else
+           "a t-interval on log speed-up" if n >= 3 else "no interval: fewer than 3 paired seeds (\"too few seeds\")")
+    better = "negative" if lower_is_better(metric) else "positive"
+    family = [r for r in rows if not r["is_baseline"] and not r["is_control"]]
+    controls = [r["method_label"] for r in rows if r["is_control"]]
+    ext = (f"`{baseline}` trained on to {extend:g}x the budget ({extend * budget:g} iterations) with the same "
+           "evaluation grid, so a method can be worth up to that much" if extend > 1 else
+           f"`{baseline}` was not extended past the budget ([budget] baseline_extend = 1), so no speed-up above 1x "
+           "can be shown (a seed that beats its baseline seed is '>= 1x')")
+    same_run = ("; its schedule does not depend on training progress (warm-up and EMA warm-up count iterations), "
+                "so its first iterations are those of a run that stops at the budget" if not baseline_slots else
+                f"; it fills the slots {', '.join(baseline_slots)}, whose schedules follow training progress, so the "
+                f"extended baseline is its own run at {extend:g}x the budget, not the budget's run continued")
+    text = [f"### Paired speed-up over `{baseline}` ({metric})",
+            f"Seeds are paired: seed k of a method shares initialisation, data order, timestep draws' random "
+            f"numbers and noise with seed k of `{baseline}`. **Headline: the baseline-equivalent speed-up at the "
+            f"budget**, the paper's reading of \"2x\": per seed, the iterations `{baseline}`'s seed k needs to "
+            f"reach the method's seed-k {metric} at the {budget}-iteration budget, divided by {budget} (read on "
+            f"the baseline's curve, interpolated in log-iterations). {ext}{same_run if extend > 1 else ''}. "
+            f"Geometric mean over {n} paired seeds with {how}, {conf:g}%, in brackets. Bounds get no interval: "
+            f"'>= x', some seeds were better than the baseline's whole curve; '<= x', some ended no better than "
+            f"the baseline's first evaluation. 'final - baseline' is the paired difference of the {metric} at the "
+            f"budget ({better} is better), mean [t-interval]."]
+    if family:
+        text += [f"**Holm-adjusted** columns correct for the {len(family)} method{'s' * (len(family) != 1)} tested against `{baseline}` "
+                 f"(controls are outside that family): each is the t-interval at the level Holm's step-down gives it "
+                 f"(between {conf:g}% and {100 - (100 - conf) / len(family):.3g}%), with the adjusted p-value; an "
+                 "adjusted interval excludes 1 (or 0) exactly when Holm rejects, so the claims it separates from "
+                 f"the null hold together at a family-wise error of at most {100 - conf:g}%. Read claims from these; "
+                 "their ends are not simultaneous bounds on every method's size (Bonferroni's level, "
+                 f"{100 - (100 - conf) / len(family):.3g}% for all, would give those)."]
+    if controls:
+        text += [f"Controls: {', '.join(f'`{c}`' for c in controls)}"
+                 + (" (the baseline with its timestep and noise streams re-seeded: same initialisation and data, so "
+                    "every difference is noise; its intervals should cover 1 and 0)" if PLACEBO in controls else "")
+                 + "."]
+    if early:
+        shown = ", ".join(f"{100 * f:g}%" for f in early)
+        text += [f"Secondary, the **early-training rate**: each seed's own baseline value at a fraction f of the "
+                 f"budget ({shown}) is the target F*(f); speed-up = iterations the baseline seed needs / "
+                 f"iterations the method's seed needs to reach it (unadjusted intervals). It measures how fast "
+                 f"training starts, not the quality at the budget. Per-seed values are in tables/speedup.csv."]
+    return [line for t in text for line in (t, "")]
+
+
+def _baseline_extend(ctx: _Report, w: str, budget: int) -> float:
+    """How far the baseline's runs of workload `w` were trained, in budgets (1: not extended)."""
+    its = [r["config"].get("iters") or 0 for r in ctx.runs if r["workload"] == w and r["label"] == ctx.baseline]
+    return max(1.0, max(its) / budget) if its and budget else 1.0
+
+
+def _baseline_slots(ctx: _Report, w: str) -> list[str]:
+    cfg = next((r["config"] for r in ctx.runs if r["workload"] == w and r["label"] == ctx.baseline), {})
+    return [s for s in cfg.get("method_slots") or [] if s != "streams"]
+
+
+def _noise_section(ctx: _Report, w_evals: pd.DataFrame, metric: str, budget: int, labels: list[str]) -> list[str]:
+    """The metric's noise at the budget, and the final differences under the second sampler."""
+    summary, table = metric_noise(w_evals, metric, ctx.baseline, budget, labels)
+    sec = ["#### The metric's own noise", ""] + noise_lines(summary, table, metric) + [""]
+    if not table.empty:
+        sec += [to_markdown(table.round(3)), ""]
+    robust = sampler_robustness(w_evals, metric, ctx.baseline, budget, labels, ctx.stats_kw["confidence"])
+    if not robust.empty:
+        flips = list(robust[robust.sign == "changes"].method)
+        noise = list(robust[robust.sign.str.startswith("changes (")].method)
+        sec += ["#### Sampler robustness", "",
+                "The final checkpoints evaluated with a second sampler (one noise set): the paired final differences "
+                "under both. " + (f"**The sign changes for {', '.join(flips)}**: their ranking against the baseline "
+                                  "depends on the sampler." if flips else
+                                  "No method's difference that an interval separates from 0 changes sign.")
+                + (f" ({', '.join(noise)}: the sign changes between two differences whose intervals both contain 0.)"
+                   if noise else ""), "", to_markdown(robust), ""]
+    return sec
+
+
+def _sweep_section(evals, baseline, sweep, metric, budget, order, kw, headline) -> list[str]:
+    """The baseline at each learning rate of [grid] lr_sweep, and the methods against the best one."""
+    if not sweep or metric != evals.metric.iloc[0] and metric not in set(evals.metric):
+        return []
+    finals = final_values(evals, metric, budget)
+    g = evals[(evals.metric == metric) & (evals.step <= budget)]
+    means = {lab: g[g.method_label == lab].sort_values("step").groupby("seed").value.last().mean() for lab in sweep}
+    means = {k: v for k, v in means.items() if np.isfinite(v)}
+    if not means:
+        return []
+    pick = min if lower_is_better(metric) else max
+    best = pick(means, key=means.get)
+    table = pd.DataFrame([{"baseline run": lab, "lr": f"{lr:g}", "final (mean ± sd)": finals.get(lab, "-"),
+                           "best": "yes" if lab == best else ""} for lab, lr in sweep.items()])
+    out = [f"#### Learning-rate sweep of `{baseline}` ({metric})", "", to_markdown(table), "",
+           "The best learning rate is picked on the same seeds it is then compared on, which flatters the "
+           "tuned baseline a little (a fair tuning would use seeds of its own).", ""]
+    if best == baseline:
+        return out + ["The shared learning rate is the best of the sweep: the table above is already against "
+                      "the best-tuned baseline.", ""]
+    main = [lab for lab in order if lab not in sweep or lab == best]
+    rows = speedup_rows(evals, best, main, budget, metric, **{**kw, "targets": [headline]})
+    disp = speedup_display(rows, [headline], headline, finals)
+    return out + [f"Against the best-tuned baseline `{best}` (every other method keeps the shared learning rate):",
+                  "", to_markdown(disp), ""]
+
+def _short_path(path: str) -> str:
+    """A suite file's path as a committed report may show it: suites/<name>.toml for a shipped
+    suite, else the file's name (never a machine's absolute folder)."""
+    p = Path(path)
+    return f"{p.parent.name}/{p.name}" if p.parent.name == "suites" else p.name
+
+
+def _fig(stem: str) -> str:
+    return f"figures/{stem}"
+
+def _write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())

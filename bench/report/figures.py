@@ -1,0 +1,128 @@
+"""The report's figures (PNG and PDF, written atomically): metric against iterations with seed
+bands, the timestep distribution over training, beta1 and the learning rate, and the training MSE
+per timestep quartile. Files only, no torch.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from bench.fileio import atomic_write
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    sns.set_theme(style="whitegrid", context="paper")
+    return plt, sns
+
+def _save(fig, fig_dir: Path, stem: str) -> str:
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    for ext in ("png", "pdf"):
+        atomic_write(fig_dir / f"{stem}.{ext}", lambda f, ext=ext: fig.savefig(f, dpi=150, bbox_inches="tight", format=ext))
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return stem
+
+def safe_filename(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+def figure_curves(evals: pd.DataFrame, workload: str, metric: str, target: float | None, order: list[str],
+                  fig_dir: Path, target_label: str = "F* (headline target)") -> str | None:
+    plt, sns = _plt()
+    g = evals[(evals.workload == workload) & (evals.metric == metric)].dropna(subset=["value"])
+    if g.empty:
+        return None
+    fig, ax = plt.subplots(figsize=(6.5, 4), layout="constrained")
+    sns.lineplot(data=g, x="step", y="value", hue="method_label", hue_order=[m for m in order if m in set(
+        g.method_label)], errorbar="sd", marker="o", ax=ax)
+    if target is not None and np.isfinite(target):
+        ax.axhline(target, color="grey", ls="--", lw=1, label=target_label)
+    ax.set_xlabel("iterations")
+    ax.set_ylabel(f"{metric} (mean ± sd over seeds)")
+    ax.set_title(f"{workload}: {metric}")
+    ax.legend(fontsize=7)
+    return _save(fig, fig_dir, f"curves_{safe_filename(workload)}_{safe_filename(metric)}")
+
+def figure_timesteps(traces: dict[str, dict], workload: str, fig_dir: Path) -> str | None:
+    plt, _ = _plt()
+    traces = {k: v for k, v in traces.items() if v and v.get("timestep_probs")}
+    if not traces:
+        return None
+    n = len(traces)
+    cols = min(3, n)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.3 * cols, 2.6 * rows), squeeze=False, sharex=True,
+                             layout="constrained")
+    cmap = plt.get_cmap("viridis")
+    for ax, (label, tr) in zip(axes.flat, traces.items()):
+        ps = tr.get("progress") or [i / max(1, len(tr["timestep_probs"]) - 1) for i in range(len(tr["timestep_probs"]))]
+        for p, probs in zip(ps, tr["timestep_probs"]):
+            ax.plot(np.arange(len(probs)), probs, color=cmap(p), lw=1)
+        ax.set_ylim(0, 1.1 * max(max(probs) for probs in tr["timestep_probs"]))
+        ax.set_title(label, fontsize=8)
+        ax.set_xlabel("timestep t")
+        ax.set_ylabel("p(t)")
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    sm = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(0, 1))
+    fig.colorbar(sm, ax=axes, label="training progress p", shrink=0.8)
+    fig.suptitle(f"{workload}: timestep distribution over training")
+    return _save(fig, fig_dir, f"timesteps_{safe_filename(workload)}")
+
+def figure_optimizer(binned: pd.DataFrame, workload: str, order: list[str], fig_dir: Path) -> str | None:
+    plt, sns = _plt()
+    if binned.empty or "beta1" not in binned:
+        return None
+    first_seed = binned[binned.seed == binned.groupby("method_label").seed.transform("min")]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5), layout="constrained")
+    hue_order = [m for m in order if m in set(first_seed.method_label)]
+    sns.lineplot(data=first_seed, x="step", y="beta1", hue="method_label", hue_order=hue_order, ax=axes[0])
+    sns.lineplot(data=first_seed, x="step", y="lr", hue="method_label", hue_order=hue_order, ax=axes[1],
+                 legend=False)
+    axes[0].set_title("Adam beta1")
+    axes[1].set_title("learning rate (with warmup and compensation)")
+    for ax in axes:
+        ax.set_xlabel("iterations")
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"{workload}: optimizer over training (MDLRC's schedule; first seed)")
+    return _save(fig, fig_dir, f"optimizer_{safe_filename(workload)}")
+
+QUARTILE_TITLES = {"loss_q0": "t in [0, T/4): least noisy", "loss_q1": "t in [T/4, T/2)",
+                   "loss_q2": "t in [T/2, 3T/4)", "loss_q3": "t in [3T/4, T): most noisy"}
+
+def figure_loss_quartiles(binned: pd.DataFrame, workload: str, order: list[str], fig_dir: Path) -> str | None:
+    plt, sns = _plt()
+    qs = [q for q in QUARTILE_TITLES if q in binned]
+    if binned.empty or not qs or binned[qs].isna().all().all():
+        return None
+    fig, axes = plt.subplots(1, len(qs), figsize=(3.2 * len(qs), 3.2), squeeze=False, layout="constrained")
+    hue_order = [m for m in order if m in set(binned.method_label)]
+    legend_done = False
+    for ax, q in zip(axes.flat, qs):
+        data = binned.dropna(subset=[q])
+        ax.set_title(QUARTILE_TITLES[q], fontsize=8)
+        ax.set_xlabel("iterations")
+        ax.set_ylabel("unweighted MSE")
+        if data.empty:
+            ax.text(0.5, 0.5, "no samples", ha="center", va="center", transform=ax.transAxes)
+            continue
+        sns.lineplot(data=data, x="step", y=q, hue="method_label", hue_order=hue_order, errorbar="sd", ax=ax,
+                     legend=not legend_done)
+        lo, hi = data[q].min(), data[q].max()
+        if lo > 0 and hi / lo > 10:
+            ax.set_yscale("log")
+        if not legend_done and ax.get_legend():
+            ax.legend(fontsize=6)
+        legend_done = True
+    fig.suptitle(f"{workload}: training MSE per timestep quartile (bin means; band: sd over seeds)")
+    return _save(fig, fig_dir, f"loss_quartiles_{safe_filename(workload)}")

@@ -1,0 +1,1 @@
+"""Tools that are not part of a run: the GPU check and the speed benchmarks of the harness."""

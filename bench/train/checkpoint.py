@@ -1,0 +1,94 @@
+"""checkpoint.pt: a run's whole state (state_dicts, every RNG state, the step and the clocks),
+written atomically by rank 0 and restored exactly (bit for bit on the CPU; on another device,
+with that device's floating point). Loaded with weights_only: never a pickled module."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from bench.core.runtime import Runtime, gather_objects
+from bench.errors import CheckpointError
+from bench.fileio import atomic_write
+from bench.train.state import RunState
+
+CHECKPOINT_FORMAT = 2  # 2: one generator per random stream (timesteps, noise, flips); world_size since
+                       # multi-process training (absent: 1)
+
+
+
+def load_checkpoint(path: Path) -> dict:
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(
+            f"checkpoint {path} is unreadable ({type(exc).__name__}); delete it to restart the run from scratch"
+        ) from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"checkpoint {path} is not a diffbench checkpoint (format {CHECKPOINT_FORMAT}); delete it to restart")
+    return ckpt
+
+
+def _process_rng(rt: Runtime) -> dict:
+    """This process's global RNG states (dropout draws from them)."""
+    rng = {"cpu": torch.get_rng_state()}
+    if rt.torch_device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(rt.torch_device)
+    return rng
+
+
+def save_checkpoint(state: RunState, path: Path) -> None:
+    """checkpoint.pt, atomically: state_dicts, every RNG state, the step and the clocks. Every
+    process calls it (each one's RNG state is saved); rank 0 writes."""
+    rngs = gather_objects(_process_rng(state.rt))
+    if state.rt.rank != 0:
+        return
+    gens = state.gen_states or {name: g.get_state() for name, g in state.gens.items()}
+    data = {"format": CHECKPOINT_FORMAT, "step": state.step, "world_size": state.rt.world_size,
+            "model": state.model.state_dict(), "ema": state.ema.state_dict(), "opt": state.opt.state_dict(),
+            "rng_torch": rngs[0]["cpu"], "rng_processes": rngs, "rng": gens, "clocks": state.clocks}
+    # A failed write (a full disk) leaves the previous checkpoint and no partial file behind; a write
+    # killed with its process leaves its temporary file (fileio.atomic_write's name), removed here.
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        stale.unlink(missing_ok=True)
+    atomic_write(path, lambda f: torch.save(data, f))
+
+
+def _use_optimizer_kernel(opt: torch.optim.Optimizer, fused: bool) -> None:
+    """AdamW's kernel as this process's runtime says (load_state_dict brings back the saved run's:
+    fused from a GPU, foreach from a CPU); the fused kernel keeps its step counts on the device."""
+    for group in opt.param_groups:
+        group["fused"], group["foreach"] = (True, None) if fused else (None, True)
+        for p in group["params"]:
+            st = opt.state.get(p)
+            if st and torch.is_tensor(st.get("step")):
+                st["step"] = st["step"].to(p.device if fused else "cpu", torch.float32)
+
+
+def resume(state: RunState, path: Path) -> None:
+    """Restore a run from its checkpoint, so it goes on bit-for-bit as if never stopped (on the
+    CPU; a checkpoint also resumes on another device, with that device's floating point)."""
+    ckpt = load_checkpoint(path)
+    saved = int(ckpt.get("world_size", 1))
+    if saved != state.rt.world_size:
+        raise CheckpointError(
+            f"checkpoint {path} was written by {saved} process(es) (gpus={saved}) and this run has "
+            f"{state.rt.world_size}: resume it with gpus = {saved}"
+            + (f" (torchrun --nproc_per_node {saved})" if saved > 1 else " (one process, no torchrun)")
+            + ", or delete the run folder to restart")
+    try:
+        state.model.load_state_dict(ckpt["model"])
+        state.ema.load_state_dict(ckpt["ema"])
+        state.opt.load_state_dict(ckpt["opt"])
+    except (RuntimeError, KeyError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {path} does not fit this run ({str(exc)[:120]}); delete it to restart") from None
+    _use_optimizer_kernel(state.opt, state.rt.fused_adamw)
+    rng = ckpt.get("rng_processes", [{"cpu": ckpt["rng_torch"]}])[state.rt.rank]
+    torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng and state.rt.torch_device.type == "cuda":
+        torch.cuda.set_rng_state(rng["cuda"], state.rt.torch_device)
+    for name, g in state.gens.items():
+        g.set_state(ckpt["rng"][name])
+    state.step, state.clocks = int(ckpt["step"]), dict(ckpt["clocks"])
+    state.prefetched = state.gen_states = None

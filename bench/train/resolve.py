@@ -1,0 +1,88 @@
+"""A run, resolved once: the one place that turns a run's configuration (a suite's grid entry or
+the command line) into everything a run needs, checked.
+
+:func:`resolve_run` builds the TrainConfig (types and ranges), loads the plugins the config
+names, instantiates the method (hyperparameters checked), finds the dataset, resolves the
+evaluation spec against the run's chain length, and makes the run's record (config.json). The
+CLI, the suite loader, the runner, worker processes, Slurm jobs and ``bench.train.loop.train`` all
+take a :class:`ResolvedRun`; a process that receives only the config (a worker, a job) resolves
+it here too, so plugins are found wherever the run executes. An error names where the bad value
+came from (``where``: the suite file and run key, or "command line") and says how to fix it.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+
+from bench.core.config import TrainConfig
+from bench.core.eval_steps import evaluates
+from bench.core.registry import get_method
+from bench.core.spec import Method
+from bench.data.loading import dataset_info
+from bench.errors import BenchError, ConfigError
+from bench.eval.spec import resolve_spec
+
+
+@dataclass(frozen=True)
+class ResolvedRun:
+    """A checked run: config, method instance, evaluation spec (None: no evaluation), record."""
+
+    config: TrainConfig
+    method: Method
+    eval_spec: dict | None
+    record: dict
+
+
+def resolve_run(config, where: str = "config") -> ResolvedRun:
+    """Resolve a TrainConfig or its dict; raise one BenchError line prefixed with `where`."""
+    # Types and ranges first (their errors already name `where`), then what needs the registries.
+    if isinstance(config, TrainConfig):  # a config built in code may hold a Path or a tuple
+        config = json.loads(json.dumps(config.to_dict(), default=str))
+    cfg = TrainConfig.from_dict(config, where=where)
+    try:
+        run = _resolve(json.dumps(cfg.to_dict(), sort_keys=True), os.environ.get("DIFFBENCH_CACHE"))
+    except BenchError as exc:  # unknown method or dataset, bad hyperparameter or evaluation spec
+        raise type(exc)(f"{where}: {exc}") from None
+    # Callers get their own copies: only the method (pure, stateless) is shared.
+    return ResolvedRun(copy.deepcopy(run.config), run.method, copy.deepcopy(run.eval_spec), copy.deepcopy(run.record))
+
+
+@lru_cache(maxsize=256)
+def _resolve(key: str, cache_env: str | None) -> ResolvedRun:
+    """Once per process, config and evaluation cache folder ($DIFFBENCH_CACHE, which the spec's
+    cache_dir comes from): a suite's checks, conflict test and run share the method."""
+
+    cfg = TrainConfig.from_dict(json.loads(key))
+    dataset_info(cfg.dataset)
+    method = get_method(cfg.method, cfg.method_params, cfg.plugins)
+    # Hyperparameters as the method typed them ("3" from the command line -> 3.0), so config.json,
+    # the label and the method agree whatever the entry point.
+    cfg = dataclasses.replace(cfg, method_params={k: method.hp.get(k, v) for k, v in cfg.method_params.items()})
+    spec = None
+    if evaluates(cfg.eval, cfg.eval_every):
+        spec = resolve_spec(evaluator_spec(cfg), T=cfg.T)
+        # num_classes is the data's, known when training starts; guidance needs labels to mix with.
+        if spec["guidance_scale"] != 1.0 and not cfg.class_cond:
+            raise ConfigError("eval: guidance_scale needs a class-conditional run (class_cond = true)")
+        if spec["guidance_scale"] != 1.0 and cfg.p_uncond == 0:
+            raise ConfigError("eval: guidance_scale mixes in the null label's output, which p_uncond = 0 never "
+                              "trains; set p_uncond (e.g. 0.1) or guidance_scale = 1")
+    return ResolvedRun(cfg, method, spec, json.loads(json.dumps(run_record(cfg, method), default=str)))
+
+
+def run_record(cfg: TrainConfig, method: Method | None = None) -> dict:
+    """config.json: the config plus what the method resolved to."""
+    method = method or get_method(cfg.method, cfg.method_params, cfg.plugins)
+    return {**cfg.to_dict(), "method_label": method.label, "method_slots": sorted(method.slots),
+            "method_resolved_params": dict(method.hp), "method_source": method.source}
+
+
+def evaluator_spec(cfg: TrainConfig) -> dict:
+    """The evaluation spec of a run: its `eval` table, on the run's own data and resolution."""
+    resolution = cfg.resolution or dataset_info(cfg.dataset).RESOLUTION
+    return {"dataset": cfg.dataset, "data_dir": cfg.data_dir, "resolution": resolution, **cfg.eval}

@@ -1,0 +1,260 @@
+"""A run folder (results/<suite>/<workload>/<label>/seed<k>/): its status, lock, config check
+and outcome. status.json is written here and by bench.train.loop only, through :func:`write_status`;
+an outcome is built from it by :func:`outcome_from_status`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench import fileio
+from bench.errors import ConfigError
+
+
+class ResultsConflictError(ConfigError):
+    """A run folder holds results of another configuration."""
+
+
+@dataclass
+class RunOutcome:
+    """What happened to one run in this invocation."""
+
+    key: str
+    run_dir: str
+    state: str            # done | failed | running (interrupted) | todo (dry run) | submitted
+    action: str           # ran | resumed | skipped | planned | submitted
+    step: int | None = None
+    reason: str | None = None
+    seconds: float = 0.0  # wall time of this invocation's attempt
+    final: dict = field(default_factory=dict)  # last value of every metric
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class SuiteResult:
+    suite: str
+    suite_dir: Path
+    outcomes: list[RunOutcome]
+    plan: str = ""
+
+    def by_state(self, state: str) -> list[RunOutcome]:
+        return [o for o in self.outcomes if o.state == state]
+
+    @property
+    def ok(self) -> bool:
+        return all(o.state == "done" for o in self.outcomes)
+
+
+def outcome_from_dict(d: dict) -> RunOutcome:
+    return RunOutcome(**d)
+
+
+def workload_name(dataset: str, resolution: int | None, arch: str) -> str:
+    """The folder of a workload, <dataset>-<resolution>_<arch>: the one rule for a suite's grid and the
+    command line's `train`. An architecture's "/" becomes "-" (dit-s/2 -> dit-s-2: one folder)."""
+    arch = arch.replace("/", "-")
+    return f"{dataset}-{resolution}_{arch}" if resolution else f"{dataset}_{arch}"
+
+
+def write_status(run_dir: Path, state: str, step: int, reason: str | None = None, **extra) -> None:
+    """status.json, atomically: state (running | done | failed), step, reason, and the clocks
+    (train_seconds, eval_seconds; kept from the previous status when not given)."""
+    keys = ("train_seconds", "eval_seconds")
+    old = {} if all(k in extra for k in keys) else read_status(run_dir) or {}  # train passes its clocks
+    clocks = {k: extra.pop(k, old.get(k, 0.0)) for k in keys}
+    fileio.write_json(Path(run_dir) / "status.json", {"state": state, "step": int(step), "reason": reason,
+                                                      **clocks, **extra})
+
+
+def outcome_from_status(key: str, run_dir: Path, action: str, seconds: float = 0.0,
+                        reason: str | None = None, default_state: str = "failed") -> RunOutcome:
+    """What happened to a run, read back from its folder."""
+    status = read_status(run_dir) or {}
+    return RunOutcome(key, str(run_dir), status.get("state", default_state), action, status.get("step"),
+                      reason or status.get("reason"), seconds, final_metrics(run_dir))
+
+
+def read_status(run_dir: Path) -> dict | None:
+    try:
+        return fileio.read_json(Path(run_dir) / "status.json")
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def last_step(run_dir: Path) -> int:
+    """The last step a run logged (status.json or the last complete steps.jsonl row)."""
+    step = 0
+    status = read_status(run_dir)
+    if status and isinstance(status.get("step"), int):
+        step = status["step"]
+    path = Path(run_dir) / "steps.jsonl"
+    if path.exists():
+        row = _last_jsonl_row(path)
+        if row and isinstance(row.get("step"), int):
+            step = max(step, row["step"])
+    return step
+
+
+def _last_jsonl_row(path: Path) -> dict | None:
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        size = f.tell()
+        f.seek(max(0, size - 65536))
+        lines = f.read().splitlines()
+    for line in reversed(lines):
+        try:
+            return json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            continue
+    return None
+
+
+def final_metrics(run_dir: Path) -> dict:
+    """{metric: value} of the last evaluation of each metric."""
+    out = {}
+    for row in fileio.read_jsonl(Path(run_dir) / "evals.jsonl"):
+        if "metric" in row:
+            out[row["metric"]] = row.get("value")
+    return out
+
+
+def is_diverged(status: dict | None) -> bool:
+    if not status or status.get("state") != "failed":
+        return False
+    if status.get("error"):
+        return status["error"] == "divergence"
+    return "non-finite" in str(status.get("reason") or "")
+
+
+def should_run(status: dict | None, retry_failed: bool) -> bool:
+    if status is None:
+        return True
+    state = status.get("state")
+    if state == "done":
+        return False
+    if state == "failed" and is_diverged(status) and not retry_failed:
+        return False
+    return True
+
+
+def write_failed(run_dir: Path, step: int, reason: str, error: str) -> None:
+    """Record a failure, keeping the clocks bench.train.loop had recorded; `error` is its kind
+    (divergence, oom, exception)."""
+    write_status(run_dir, "failed", step, reason, error=error)
+
+
+#: instruction-set extensions that change which floating-point kernels run (and so the last bits)
+CPU_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "asimd", "sve")
+
+
+def cpu_model() -> tuple[str, list[str]]:
+    """The CPU's model name and its instruction-set extensions among CPU_FLAGS (Linux's
+    /proc/cpuinfo; elsewhere platform.processor() and no flags)."""
+    name, flags = platform.processor() or platform.machine(), []
+    try:
+        text = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return name, flags
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key in ("model name", "Model", "cpu model") and value.strip():
+            name = value.strip()
+        elif key in ("flags", "Features") and not flags:
+            have = set(value.split())
+            flags = [f for f in CPU_FLAGS if f in have]
+    return name, flags
+
+
+def machine_info() -> dict:
+    """Where a run ran (machine.json; the report lists these): the CPU model and instruction set
+    are there because floating-point results differ between machines (training rounds differently)."""
+    model, flags = cpu_model()
+    info = {"hostname": socket.gethostname(), "platform": platform.platform(), "machine": platform.machine(),
+            "processor": platform.processor() or platform.machine(), "cpu_model": model, "cpu_flags": flags,
+            "cpu_count": os.cpu_count(),
+            "python": platform.python_version(), "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        info["torch_threads"] = torch.get_num_threads()
+        info["torch_cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+        if torch.cuda.is_available():
+            info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    except ImportError:
+        pass
+    return info
+
+
+def expected_record(config: dict) -> dict:
+    """What bench.train.loop will write as config.json for this config (to compare before running)."""
+    # torch on first use: the runner and display read run folders without torch
+    from bench.train.resolve import resolve_run
+
+    return json.loads(fileio.dumps(resolve_run(config).record))
+
+
+def check_conflict(config: dict, run_dir: Path) -> str | None:
+    """None when the folder is empty or holds this very config; else what differs."""
+    path = Path(run_dir) / "config.json"
+    if not path.exists():
+        return None
+    try:
+        old = json.loads(fileio.dumps(fileio.read_json(path)))
+    except json.JSONDecodeError:
+        return "its config.json is unreadable"
+    new = expected_record(config)
+    changed = config_diff(old, new)
+    if not changed:
+        return None
+    details = []
+    for k in changed[:4]:
+        details.append(f"{k}: {_short(old.get(k))} there, {_short(new.get(k))} requested")
+    return "; ".join(details) + (f"; and {len(changed) - 4} more" if len(changed) > 4 else "")
+
+
+def config_diff(old: dict, new: dict) -> list[str]:
+    """The keys in which two config.json records differ (compared as JSON), sorted. Settings of how
+    a run executes (device, precision, ...: config.RUNTIME_KEYS) never differ, and a setting that
+    is missing from `old` (added to the harness since that run began) differs only from a
+    non-default value."""
+    # torch on first use: the runner and display read run folders without torch
+    from bench.core.config import RUNTIME_KEYS, TrainConfig
+
+    defaults = json.loads(fileio.dumps(TrainConfig().to_dict()))
+    old, new = json.loads(fileio.dumps(old)), json.loads(fileio.dumps(new))
+
+    def differs(k: str) -> bool:
+        if k in RUNTIME_KEYS:
+            return False
+        if k not in old and k in defaults:
+            return new.get(k) != defaults[k]
+        return old.get(k) != new.get(k)
+
+    return sorted(k for k in set(old) | set(new) if differs(k))
+
+
+def _short(v) -> str:
+    s = json.dumps(v, default=str)
+    return s if len(s) <= 60 else s[:57] + "..."
+
+
+def try_lock(run_dir: Path):
+    """An exclusive lock on the run folder (released when the process ends), or None if taken."""
+    import fcntl
+
+    f = open(run_dir / ".lock", "a")
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        return None
+    return f
