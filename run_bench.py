@@ -3,7 +3,7 @@
 
 import sys
 
-from bench.perf import tune_allocator
+from bench.core.perf import tune_allocator
 
 tune_allocator()  # before torch allocates anything
 
