@@ -57,9 +57,10 @@ def test_package_data_includes_the_shipped_files():
     # Read by hand: tomllib is not in Python 3.10, which the project supports.
     text = (REPO / "pyproject.toml").read_text()
     section = re.search(r"^\[tool\.setuptools\.package-data\]\n(.*?)(?=^\[|\Z)", text, re.M | re.S)
-    patterns = ast.literal_eval(re.search(r"^bench\s*=\s*(\[.*?\])", section.group(1), re.M | re.S).group(1))
+    # The weights live in the bench.eval package (bench/eval/proxy_weights/): its package-data entry.
+    patterns = ast.literal_eval(re.search(r'^"bench\.eval"\s*=\s*(\[.*?\])', section.group(1), re.M | re.S).group(1))
     for p in P.WEIGHTS_DIR.iterdir():
-        rel = p.relative_to(REPO / "bench").as_posix()
+        rel = p.relative_to(REPO / "bench" / "eval").as_posix()
         assert any(fnmatch.fnmatch(rel, pat) for pat in patterns), rel
 
 

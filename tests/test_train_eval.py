@@ -92,7 +92,7 @@ def test_placebo_shares_initialisation_and_data_but_not_the_random_streams():
     for step in range(3):
         x, y = draw_batch(base, step), draw_batch(plac, step)
         assert torch.equal(x.images, y.images) and torch.equal(x.flip, y.flip)  # the same data order and flips
-        assert not torch.equal(x.t, y.t) and not torch.equal(x.eps, y.eps)  # other timesteps and noise
+        assert not torch.equal(x.t_global, y.t_global) and not torch.equal(x.eps, y.eps)  # other timesteps and noise
 
 
 def test_extended_baseline_evaluates_its_budget_with_noise_sets_and_the_second_sampler(tmp_path):
