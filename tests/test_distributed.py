@@ -57,6 +57,7 @@ def state(run_dir) -> dict:
     return torch.load(Path(run_dir) / "checkpoint.pt", weights_only=True)
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     assert cli(1, "train", *TINY, "--out", str(one)).returncode == 0
@@ -83,6 +84,7 @@ def test_two_processes_train_like_one(tmp_path):
     assert json.loads((two / "config.json").read_text())["gpus"] == 2
 
 
+@pytest.mark.slow
 def test_two_process_checkpoint_resumes_bit_for_bit_and_one_process_is_refused(tmp_path):
     args = ["train", *TINY[:4], "--iters", "8", "--batch-size", "8", "--warmup", "0", "--lr", "1e-3",
             "--ckpt-every", "4", "--method", "faulty", "--plugins", str(PLUGINS / "faulty.py")]
@@ -284,6 +286,7 @@ batch_size = 8
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("executor", ["local", "submitit-local"])
 def test_a_suite_with_gpus_2_trains_through_torchrun_or_two_tasks(tmp_path, executor, monkeypatch):
     from bench.suite.grid import load_suite
@@ -325,6 +328,7 @@ def signalled_train(run, out_dir, events=None):
     return train(run, out_dir, Signal() if start == 0 else None)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tasks", [1, 2])
 def test_a_signalled_submitit_job_checkpoints_at_a_step_requeues_and_resumes_exactly(tmp_path, monkeypatch, tasks):
     """SIGUSR2 mid-run, in every task at the same step: the run checkpoints at that step boundary
@@ -367,6 +371,7 @@ def test_a_signalled_submitit_job_checkpoints_at_a_step_requeues_and_resumes_exa
             assert torch.equal(a[part][name], b[part][name]), (part, name)
 
 
+@pytest.mark.slow
 def test_the_gpu_check_runs_to_its_end_on_the_cpu(tmp_path):
     """`python -m bench.gpu_check --device cpu --quick`: every part at toy sizes (about 20 s here)."""
     out = tmp_path / "gpu_check.json"

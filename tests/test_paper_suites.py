@@ -7,12 +7,15 @@ and build the others on the meta device; each run checkpoints once, at its end."
 import re
 
 import numpy as np
+import pytest
 from conftest import REPO
 from PIL import Image
 
 from bench.report.build import build_report
 from bench.suite.grid import load_suite
 from bench.suite.runner import run_suite
+
+pytestmark = pytest.mark.slow  # system tests: whole GPU suites at CPU size (the slow tier)
 
 
 def cpu_variant(name: str, tmp_path, data: str, archs: str, methods: str = '["baseline", "clts"]') -> object:

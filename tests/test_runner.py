@@ -219,6 +219,7 @@ def test_parallel_worker_processes_and_a_killed_worker(tmp_path, calls, monkeypa
     assert st["state"] == "failed" and st["step"] == 2 and st["error"] == "oom"
 
 
+@pytest.mark.slow
 def test_submitit_local_executor_runs_the_job_array(tmp_path, calls, monkeypatch):
     pytest.importorskip("submitit")
     # submitit's LocalExecutor starts a fresh Python: it must find bench and this test module.
@@ -320,6 +321,7 @@ class Explode(Method):
 
 
 
+@pytest.mark.slow
 def test_smoke_end_to_end(tmp_path, isolated_registry):
     from bench.report.build import build_report
 
@@ -405,6 +407,7 @@ class HalfWeight(Method):
 '''
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("executor", [["--jobs", "2"], ["--executor", "submitit-local"]], ids=["jobs2", "submitit"])
 def test_a_plugin_from_the_command_line_reaches_every_executor(tmp_path, executor):
     """`run SUITE --plugins DIR` with worker processes or submitit jobs, the real train: the plugin's

@@ -63,6 +63,7 @@ def test_interrupted_run_resumes_bit_for_bit(tmp_path, method):
     assert strip_timing(rows_whole) == strip_timing(rows_parts)
 
 
+@pytest.mark.slow
 def test_sigkill_and_rerun_equals_uninterrupted(tmp_path):
     """A real kill -9 of the command-line process between checkpoints, at a step fixed in advance:
     the test plugin (tests/plugins/faulty.py) SIGKILLs its own process during iteration 20 of 60
