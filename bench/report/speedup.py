@@ -143,7 +143,7 @@ def lower_is_better(metric: str) -> bool:
 # Paired statistics.
 
 
-@dataclass
+@dataclass(kw_only=True)
 class PairedSpeedup:
     """Paired speed-up of one method over the baseline at one fraction of the budget."""
 
@@ -170,7 +170,7 @@ class PairedSpeedup:
         return asdict(self)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class PairedDifference:
     """Paired difference of the final metric, method minus baseline, in the metric's units."""
 
@@ -243,8 +243,10 @@ def paired_speedup(steps_b, b_values, steps_m, m_values, *, budget: float, fract
     rows = [_seed_crossings(bs, sign * bv[k], ms, sign * mv[k], budget, fraction * budget, log_b, log_m)
             for k in range(bv.shape[0])]
     kept = [k for k, r in enumerate(rows) if r is not None]
-    out = PairedSpeedup(float(fraction), None, [ids[k] for k in kept], [], len(kept), 0,
-                        len(rows) - len(kept), None, None, None, "no data", False, float(confidence), [], [])
+    out = PairedSpeedup(fraction=float(fraction), target=None, seeds=[ids[k] for k in kept], per_seed=[],
+                        n_paired=len(kept), n_reached=0, n_dropped=len(rows) - len(kept), speedup=None,
+                        ci_low=None, ci_high=None, interval="no data", upper_bound=False,
+                        confidence=float(confidence), baseline_steps=[], method_steps=[])
     if not kept:
         return out
     target, n_b, n_m, m_last, first = (np.array([rows[k][j] if rows[k][j] is not None else np.nan for k in kept])
@@ -287,7 +289,8 @@ def paired_difference(steps_b, b_values, steps_m, m_values, *, budget: float, se
     in_m = (ms <= budget)
     kept = [k for k in range(bv.shape[0])
             if np.isfinite(bv[k, in_b]).any() and np.isfinite(mv[k, in_m]).any()]
-    out = PairedDifference(None, None, None, None, 0, "no data", float(confidence), [], None, [])
+    out = PairedDifference(mean=None, ci_low=None, ci_high=None, relative_mean=None, n=0, interval="no data",
+                           confidence=float(confidence), per_seed=[])
     bs, bv = complete_points(bs, bv[kept], budget)
     ms, mv = complete_points(ms, mv[kept], budget)
     if not kept or bs.size == 0 or ms.size == 0:

@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import copy
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import tomllib
@@ -166,6 +166,10 @@ class Suite:
         if not self._runs:
             self._runs = [self._run(w, m, s) for w in self.workloads for s in self.seeds for m in self.methods]
         return list(self._runs)
+
+    def subset(self, runs: list[RunSpec]) -> "Suite":
+        """This suite restricted to `runs` (e.g. the ones --only selects): what a dry run's plan costs."""
+        return replace(self, _runs=list(runs))
 
     def _run(self, w: Workload, m: MethodEntry, seed: int) -> RunSpec:
         cfg = copy.deepcopy(self.train)

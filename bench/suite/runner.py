@@ -160,7 +160,7 @@ def _plan(suite: Suite, runs: list[RunSpec], dirs: dict, statuses: dict, jobs: i
           suite_dir: Path) -> SuiteResult:
     """The dry run: every run with its state and the cost estimate; nothing runs."""
     states = {k: (s or {}).get("state", "todo") for k, s in statuses.items()}
-    plan = describe_plan(_subset(suite, runs), states, jobs)
+    plan = describe_plan(suite.subset(runs), states, jobs)
     reporter.message(plan)
     outcomes = [RunOutcome(r.key, str(dirs[r.key]), states[r.key], "planned",
                            (statuses[r.key] or {}).get("step")) for r in runs]
@@ -168,10 +168,3 @@ def _plan(suite: Suite, runs: list[RunSpec], dirs: dict, statuses: dict, jobs: i
     reporter.suite_end(result)
     return result
 
-
-def _subset(suite: Suite, runs: list[RunSpec]) -> Suite:
-    import copy
-
-    s = copy.copy(suite)
-    s._runs = list(runs)
-    return s
