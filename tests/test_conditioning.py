@@ -4,7 +4,7 @@ options that make numbers comparable with papers (fid_mode, ref_stats, save_samp
 import numpy as np
 import pytest
 import torch
-from conftest import train_until
+from conftest import needs_inception, train_until
 
 from bench.errors import ConfigError
 from bench.eval.sampling import sample
@@ -150,6 +150,7 @@ def test_saved_samples_are_the_evaluated_images_in_guided_diffusions_format(tmp_
     assert np.array_equal(arr, again.permute(0, 2, 3, 1).numpy())
 
 
+@needs_inception
 def test_fid_against_external_reference_statistics(tmp_path):
     """ref_stats: FID against a published (mu, sigma), e.g. guided-diffusion's reference batch."""
     from bench.eval.evaluate import Evaluator
@@ -177,6 +178,7 @@ def test_fid_against_external_reference_statistics(tmp_path):
     assert rows[0]["value"] == pytest.approx(float(frechet_distance(g_mu, g_sigma, mu, sigma)), rel=1e-6)
 
 
+@needs_inception
 def test_legacy_tensorflow_mode_needs_clean_fids_own_file():
     from bench.eval.inception import InceptionExtractor, resolve_inception
 

@@ -1,9 +1,11 @@
 """The evaluation hook that bench/train/loop.py calls."""
 
 import math
+import re
 
 import pytest
 import torch
+from conftest import needs_inception
 
 from bench.core.diffusion import make_schedule
 from bench.errors import ConfigError
@@ -109,10 +111,17 @@ def test_spec_checks():
     assert resolve_spec({})["metrics"] == DEFAULTS["metrics"]
     assert resolve_spec({"metrics": "fid, kid"})["metrics"] == ["fid", "kid"]
     assert resolve_spec({"sampler": "ddpm", "sampler_steps": None})["sampler_steps"] is None
-    for bad in ({"metric": ["fid"]}, {"metrics": ["is"]}, {"metrics": []}, {"sampler": "euler"},
-                {"ref_split": "val"}, {"num_images": 1}, {"eta": 2.0}, {"sampler_steps": 0},
-                {"ddpm_variance": "huge"}, {"timestep_spacing": "odd"}):
-        with pytest.raises(ConfigError):
+    for bad, what in (({"metric": ["fid"]}, "unknown key 'metric'; known keys: dataset, "),
+                      ({"metrics": ["is"]}, "unknown metric 'is'; use any of proxy_fd, proxy_kid, fid, kid"),
+                      ({"metrics": []}, "unknown metric '(none given)'"),
+                      ({"sampler": "euler"}, "unknown sampler 'euler'; use one of ddim, ddpm"),
+                      ({"ref_split": "val"}, "ref_split must be train or test, got 'val'"),
+                      ({"num_images": 1}, "num_images must be an integer >= 2, got 1"),
+                      ({"eta": 2.0}, "eta must be a number in [0, 1], got 2.0"),
+                      ({"sampler_steps": 0}, "sampler_steps must be an integer in 1.."),
+                      ({"ddpm_variance": "huge"}, "unknown ddpm_variance 'huge'; use one of large, small"),
+                      ({"timestep_spacing": "odd"}, "unknown timestep spacing 'odd'; use one of ")):
+        with pytest.raises(ConfigError, match=f"^eval: {re.escape(what)}"):
             resolve_spec(bad)
 
 
@@ -123,13 +132,8 @@ def test_steps_beyond_T_fail_at_evaluation(cache, model):
 
 
 @pytest.mark.slow
+@needs_inception
 def test_inception_metrics(cache, model, schedule):
-    from bench.eval.inception import WeightsError, get_inception
-
-    try:
-        get_inception()
-    except WeightsError:
-        pytest.skip("no offline Inception weights")
     rows = Evaluator(_spec(cache, metrics=["fid", "kid", "proxy_fd"], num_images=12, num_ref=12)).evaluate(
         model, schedule, "eps", step=5)
     assert [r["metric"] for r in rows] == ["fid", "kid", "proxy_fd"]

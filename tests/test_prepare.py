@@ -7,6 +7,7 @@ import io
 import json
 import os
 import pickle
+import re
 import shutil
 import signal
 import subprocess
@@ -186,16 +187,17 @@ def test_corrupt_files_are_skipped_and_named(tmp_path):
 def test_no_images_or_missing_source_is_one_line_and_leaves_nothing(tmp_path):
     (tmp_path / "empty").mkdir()
     out = tmp_path / "out"
-    with pytest.raises(DatasetError) as exc:
+    empty, absent = re.escape(str(tmp_path / "empty")), re.escape(str(tmp_path / "absent"))
+    with pytest.raises(DatasetError, match=rf"^no ImageNet images in {empty}: expected ") as exc:
         P.prepare("imagenet128", str(tmp_path / "empty"), out, R, workers=1, progress=False)
     assert str(tmp_path / "empty") in one_line(exc)
-    with pytest.raises(DatasetError) as exc:
+    with pytest.raises(DatasetError, match=rf"^{absent} does not exist; pass the ILSVRC2012 ") as exc:
         P.prepare("imagenet128", str(tmp_path / "absent"), out, R, workers=1, progress=False)
     assert "absent" in one_line(exc)
-    with pytest.raises(DatasetError) as exc:
+    with pytest.raises(DatasetError, match=rf"^no images in {empty} .*point folder:PATH at ") as exc:
         P.prepare("folder", str(tmp_path / "empty"), out, R, workers=1, progress=False)
     assert "no images" in one_line(exc)
-    with pytest.raises(DatasetError):
+    with pytest.raises(DatasetError, match=r"^imagenet128 needs SRC: the ILSVRC2012 train folder"):
         P.prepare("imagenet128", None, out, R, workers=1, progress=False)
     assert not out.exists() and not (tmp_path / "out.partial").exists()
     # a partial folder left by a start that failed before any work (no plan.json) does not block
@@ -221,11 +223,11 @@ def test_resume_after_interruption_matches_a_clean_run(tmp_path, monkeypatch):
     def kill_after_first(split, chunk):
         done.append(chunk)
         if len(done) == 2:
-            raise Killed
+            raise Killed("killed after the second chunk")
 
     monkeypatch.setattr(P, "_after_chunk", kill_after_first)
     out, partial = tmp_path / "out", tmp_path / "out.partial"
-    with pytest.raises(Killed):
+    with pytest.raises(Killed, match="^killed after the second chunk$"):
         P.prepare("imagenet128", str(tmp_path / "src"), out, R, workers=2, progress=False, chunk_size=4)
     assert not out.exists() and partial.is_dir()
     assert json.loads((partial / "progress-train.json").read_text())["chunks_done"] == 2
@@ -285,10 +287,10 @@ def wait_for_exit(pid: int, limit_s: float) -> None:
 def test_sigkill_leaves_a_resumable_partial_and_no_orphans(tmp_path):
     make_tree(tmp_path / "src")
     out, pids = tmp_path / "out", tmp_path / "pids"
-    script = KILL_SCRIPT.format(repo=str(Path(P.__file__).parent.parent), pids=str(pids), src=str(tmp_path / "src"),
+    script = KILL_SCRIPT.format(repo=str(Path(P.__file__).parents[2]), pids=str(pids), src=str(tmp_path / "src"),
                                 out=str(out))
     with open(tmp_path / "stderr", "wb") as err:  # a file, not a pipe: orphaned workers would hold a pipe open
-        proc = subprocess.run([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=err, timeout=60)
+        proc = subprocess.run([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=err, timeout=900)  # catches a hang only
     assert proc.returncode == -signal.SIGKILL, (tmp_path / "stderr").read_text()[-2000:]
     assert json.loads((tmp_path / "out.partial" / "progress-train.json").read_text())["chunks_done"] == 2
     workers = [int(p) for p in pids.read_text().split()]
@@ -306,14 +308,15 @@ def test_resume_refuses_a_changed_source(tmp_path, monkeypatch):
     make_tree(tmp_path / "src", per_class=2)
 
     def kill(split, chunk):
-        raise Killed
+        raise Killed("killed after the first chunk")
 
     monkeypatch.setattr(P, "_after_chunk", kill)
-    with pytest.raises(Killed):
+    with pytest.raises(Killed, match="^killed after the first chunk$"):
         P.prepare("imagenet128", str(tmp_path / "src"), tmp_path / "out", R, workers=1, progress=False, chunk_size=2)
     monkeypatch.setattr(P, "_after_chunk", lambda split, chunk: None)
     photo(99).save(tmp_path / "src" / WNIDS[0] / f"{WNIDS[0]}_new.JPEG")
-    with pytest.raises(DatasetError) as exc:
+    with pytest.raises(DatasetError, match=rf"^{re.escape(str(tmp_path / 'out.partial'))} holds an unfinished "
+                                           r"preparation .*\(the source changed since it began\); pass --force") as exc:
         P.prepare("imagenet128", str(tmp_path / "src"), tmp_path / "out", R, workers=1, progress=False)
     assert "source changed" in one_line(exc) and "--force" in one_line(exc)
     P.prepare("imagenet128", str(tmp_path / "src"), tmp_path / "out", R, workers=1, progress=False, force=True)
@@ -324,7 +327,7 @@ def test_existing_output_is_refused_unless_forced(tmp_path):
     make_tree(tmp_path / "src", per_class=1)
     out = P.prepare("imagenet128", str(tmp_path / "src"), tmp_path / "out", R, workers=1, progress=False)
     before = (out / "images.npy").read_bytes()
-    with pytest.raises(DatasetError) as exc:
+    with pytest.raises(DatasetError, match=rf"^{re.escape(str(out))} already holds a prepared dataset; ") as exc:
         P.prepare("imagenet128", str(tmp_path / "src"), out, 8, workers=1, progress=False)
     assert "--force" in one_line(exc)
     assert (out / "images.npy").read_bytes() == before
@@ -332,7 +335,7 @@ def test_existing_output_is_refused_unless_forced(tmp_path):
     assert np.load(out / "images.npy").shape == (3, 3, 8, 8) and not (tmp_path / "out.old").exists()
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
-    with pytest.raises(DatasetError):
+    with pytest.raises(DatasetError, match=rf"^{re.escape(str(tmp_path / 'other'))} exists and is not a prepared "):
         P.prepare("imagenet128", str(tmp_path / "src"), tmp_path / "other", R, workers=1, progress=False, force=True)
     assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
 
@@ -345,26 +348,29 @@ def test_verify_prepared_catches_a_manifest_that_does_not_match(tmp_path):
     data = images.read_bytes()
 
     images.write_bytes(data[:-100])  # cut short
-    with pytest.raises(DatasetError) as exc:
+    with pytest.raises(DatasetError, match=rf"^{re.escape(str(images))} is {len(data) - 100} bytes, {len(data)} "
+                                           r"expected \(cut short or altered\); re-run prepare") as exc:
         P.verify_prepared(out)
     assert "images.npy" in one_line(exc) and "re-run prepare" in one_line(exc)
 
     np.save(images, np.load(out / "labels.npy")[:5].astype(np.uint8))  # another shape altogether
-    with pytest.raises(DatasetError) as exc:
+    with pytest.raises(DatasetError, match=rf"^{re.escape(str(images))} holds uint8 \(5,\), the manifest says "
+                                           rf"uint8 \(6, 3, {R}, {R}\); re-run prepare") as exc:
         P.verify_prepared(out)
     assert "images.npy" in one_line(exc)
 
     images.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # same size, one bit changed
     P.verify_prepared(out)  # the cheap check passes
-    with pytest.raises(DatasetError) as exc:
+    with pytest.raises(DatasetError, match=rf"^{re.escape(str(images))} does not match the sha256 in its ") as exc:
         P.verify_prepared(out, check_hash=True)
     assert "sha256" in one_line(exc)
 
     images.unlink()
-    with pytest.raises(DatasetError) as exc:
+    with pytest.raises(DatasetError, match=rf"^{re.escape(str(images))} is missing; re-run prepare") as exc:
         P.verify_prepared(out)
     assert "missing" in one_line(exc)
-    with pytest.raises(DatasetError):
+    with pytest.raises(DatasetError, match=rf"^{re.escape(str(tmp_path / 'src'))} is not a prepared dataset "
+                                           r"\(no readable manifest\.json\); make one with: python run_bench\.py "):
         P.verify_prepared(tmp_path / "src")
 
 
@@ -393,11 +399,12 @@ def test_folder_with_class_subfolders_and_flat(tmp_path):
     m = manifest(out)
     assert not m["labelled"] and "unlabelled" in m["label_map"] and arrays(out)[1].tolist() == [-1] * 3
 
-    with pytest.raises(ConfigError) as exc:
+    with pytest.raises(ConfigError, match=r"^folder:PATH needs --resolution R ") as exc:
         P.prepare(f"folder:{flat}", None, tmp_path / "x", None, progress=False)
     assert "--resolution" in one_line(exc)
     photo(5).save(src / "loose.png")
-    with pytest.raises(DatasetError) as exc:
+    with pytest.raises(DatasetError, match=rf"^{re.escape(str(src))} has images both at the top \(loose\.png, \.\.\.\) "
+                                           r"and in class subfolders; move the top-level images") as exc:
         P.prepare(f"folder:{src}", None, tmp_path / "y", R, progress=False)
     assert "loose.png" in one_line(exc)
 
@@ -470,10 +477,10 @@ def test_cli_prepare(tmp_path, monkeypatch, capsys):
     assert path == str(tmp_path / "cache" / "prepared" / "src-8")
     assert summary.startswith("3 images written, 0 skipped,") and summary.endswith("images/s")
     args = parser.parse_args(["prepare", f"folder:{tmp_path / 'src'}", "extra", "--resolution", "8"])
-    with pytest.raises(BenchError):
+    with pytest.raises(BenchError, match=r"^folder:PATH takes its path after the colon; drop the extra SRC 'extra'$"):
         args.func(args)
     args = parser.parse_args(["prepare", "mnist"])
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match=r"^unknown prepare kind 'mnist'; use imagenet128, cifar10 or folder:PATH$"):
         args.func(args)
 
 
@@ -481,7 +488,7 @@ def test_parquet_without_pyarrow_is_one_line(tmp_path, monkeypatch):
     (tmp_path / "hf").mkdir()
     (tmp_path / "hf" / "train-00000.parquet").write_bytes(b"PAR1")
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)  # what an environment without pyarrow sees
-    with pytest.raises(DatasetError) as exc:
+    with pytest.raises(DatasetError, match=r"^reading parquet shards needs pyarrow, .*pip install pyarrow$") as exc:
         P.prepare("imagenet128", str(tmp_path / "hf"), tmp_path / "out", R, workers=1, progress=False)
     assert "pip install pyarrow" in one_line(exc)
     assert not (tmp_path / "out.partial").exists()

@@ -1,6 +1,8 @@
 """Training on a prepared set (bench/data/prepare.py): read through the memory map, never copied into
 memory; class conditioning needs its labels."""
 
+import re
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -38,8 +40,8 @@ def prepared(tmp_path):
                    progress=False)
 
 
-def test_training_reads_a_prepared_set_in_place(prepared, tmp_path):
-    from bench.data.loading import is_memory_mapped, load_dataset
+def test_training_reads_a_prepared_set_in_place(prepared, tmp_path, fresh_datasets):
+    from bench.data.loading import is_memory_mapped
     from bench.train.resolve import resolve_run
 
     cfg = TrainConfig(dataset="folder", data_dir=str(prepared), arch="unet-micro", iters=3, batch_size=4,
@@ -53,11 +55,9 @@ def test_training_reads_a_prepared_set_in_place(prepared, tmp_path):
     assert state.num_classes == 2 and state.labels.tolist() == [0] * 6 + [1] * 6
     status = train(cfg, tmp_path / "run")
     assert status["state"] == "done"
-    load_dataset.cache_clear()
 
 
-def test_class_conditioning_on_a_set_without_labels_is_one_error_line(tmp_path):
-    from bench.data.loading import load_dataset
+def test_class_conditioning_on_a_set_without_labels_is_one_error_line(tmp_path, fresh_datasets):
     from bench.data.prepare import prepare
 
     flat = prepare("folder", str(make_folder(tmp_path / "src", classes=("",))), tmp_path / "prep", resolution=8,
@@ -66,7 +66,6 @@ def test_class_conditioning_on_a_set_without_labels_is_one_error_line(tmp_path):
     with pytest.raises(ConfigError, match="has no class labels"):
         train(cfg, tmp_path / "run")
     assert not (tmp_path / "run").exists()
-    load_dataset.cache_clear()
 
 
 def test_a_resolution_other_than_the_prepared_one_is_refused(prepared):
@@ -95,31 +94,29 @@ def test_a_network_that_cannot_take_the_data_is_refused_before_anything_is_writt
                       r"set ref_split = \"train\"$"),
 ])
 def test_an_evaluation_on_a_split_the_set_lacks_is_refused_before_training(prepared, tmp_path, metrics, ref_split,
-                                                                             what):
-    from bench.data.loading import load_dataset
-
+                                                                             what, fresh_datasets):
     cfg = TrainConfig(dataset="folder", data_dir=str(prepared), arch="unet-micro", iters=2, batch_size=4,
                       eval={"metrics": metrics, "ref_split": ref_split, "num_images": 4})
     with pytest.raises(ConfigError, match=what):
         train(cfg, tmp_path / "run")
     assert not (tmp_path / "run").exists()
-    load_dataset.cache_clear()
 
 
-def test_the_evaluation_check_names_missing_data_as_such_and_can_leave_nothing_cached(prepared, tmp_path):
+def test_the_evaluation_check_names_missing_data_as_such_and_can_leave_nothing_cached(prepared, tmp_path,
+                                                                                     fresh_datasets):
     from bench.data.loading import load_dataset
     from bench.errors import DatasetError
     from bench.eval.evaluate import check_eval_data
 
     # A dataset that is not there at all gets the loader's own message, not "has no test split".
-    with pytest.raises(DatasetError) as info:
+    with pytest.raises(DatasetError, match=rf"^{re.escape(str(tmp_path / 'absent'))} is not a prepared folder "
+                                           r"\(no manifest\.json\); run python run_bench\.py prepare") as info:
         check_eval_data({"dataset": "folder", "data_dir": str(tmp_path / "absent"), "metrics": ["proxy_fd"]})
     assert "has no" not in str(info.value) and "absent" in str(info.value)
     # A process that never evaluates (a rank > 0) checks without keeping the split in memory.
-    load_dataset.cache_clear()
+    assert load_dataset.cache_info().currsize == 0  # (fresh_datasets) so 0 below is cache=False's doing
     check_eval_data({"dataset": "folder", "data_dir": str(prepared), "metrics": ["fid"], "resolution": 8},
                     cache=False)
     assert load_dataset.cache_info().currsize == 0
     check_eval_data({"dataset": "folder", "data_dir": str(prepared), "metrics": ["fid"], "resolution": 8})
     assert load_dataset.cache_info().currsize == 1
-    load_dataset.cache_clear()

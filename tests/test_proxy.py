@@ -90,7 +90,9 @@ def test_damaged_shipped_weights_are_a_one_line_error(tmp_path, monkeypatch, fre
     data = bytearray(pt.read_bytes())
     data[len(data) // 2] ^= 0x01
     pt.write_bytes(bytes(data))
-    with pytest.raises(ConfigError) as err:
+    with pytest.raises(ConfigError, match=rf"^shipped proxy weights {re.escape(str(pt))} have SHA-256 [0-9a-f]+"
+                                          r"\.\.\., not the pinned .*restore it with `git checkout "
+                                          r"bench/eval/proxy_weights`$") as err:
         P.get_proxy("fashion-mnist", 16, cache_dir=tmp_path / "cache")
     msg = str(err.value)
     assert "\n" not in msg and str(pt) in msg and "git checkout bench/eval/proxy_weights" in msg and "SHA-256" in msg
@@ -211,7 +213,7 @@ def test_unshipped_resolutions_are_trained_cached_and_checked(tmp_path, monkeypa
     x, _ = load_dataset("synthetic", "test", resolution=12)
     feats = e12.features(x[:50])
     assert feats.shape == (50, P.FEATURE_DIM) and (feats >= 0).all()
-    monkeypatch.setattr(P, "_LOADED", {})
+    monkeypatch.setattr(P, "_LOADED", {})  # part of the check: get_proxy must read the disk again
     again = P.get_proxy("synthetic", 12, cache_dir=tmp_path)
     assert again is not e12 and again.weights_sha256 == e12.weights_sha256 and not again.shipped
     assert np.array_equal(again.features(x[:50]), feats)
@@ -219,7 +221,7 @@ def test_unshipped_resolutions_are_trained_cached_and_checked(tmp_path, monkeypa
     # A damaged cached weight file does not match its record: retrained (deterministically, on
     # this machine) and rewritten. Only trained-here weights are ever retrained.
     pt.write_bytes(pt.read_bytes()[:-10] + b"0123456789")
-    monkeypatch.setattr(P, "_LOADED", {})
+    monkeypatch.setattr(P, "_LOADED", {})  # read the damaged file from disk
     fixed = P.get_proxy("synthetic", 12, cache_dir=tmp_path)
     assert fixed.weights_sha256 == e12.weights_sha256
     assert np.array_equal(fixed.features(x[:50]), feats)
@@ -234,7 +236,7 @@ def test_unshipped_resolutions_are_trained_cached_and_checked(tmp_path, monkeypa
     scale = rec.pop("feature_scale")
     sha256 = rec.pop("weights_sha256")
     js.write_text(json.dumps(rec))
-    monkeypatch.setattr(P, "_LOADED", {})
+    monkeypatch.setattr(P, "_LOADED", {})  # read the old record from disk
     old = P.get_proxy("synthetic", 12, cache_dir=tmp_path)
     assert abs(old.scale - scale) < 1e-9 and json.loads(js.read_text())["feature_scale"] == old.scale
     assert old.weights_sha256 == sha256 == json.loads(js.read_text())["weights_sha256"]

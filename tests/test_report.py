@@ -238,7 +238,7 @@ def test_report_never_imports_torch(results, tmp_path):
             f"build_report({str(root)!r}, {str(tmp_path)!r}); "
             "bad = [m for m in sys.modules if m == 'torch' or m.startswith('torch.')]; "
             "assert not bad, bad; print('ok')")
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=900)  # catches a hang only
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
 

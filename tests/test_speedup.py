@@ -326,7 +326,8 @@ def test_format_strings():
     d = PairedDifference(mean=-2.3101, ci_low=-3.9, ci_high=-0.7, relative_mean=-0.1, n=4, interval="t",
                          confidence=0.95, per_seed=[])
     assert format_difference(d) == "-2.31 [-3.9, -0.7]"
-    assert format_difference(PairedDifference(None, None, None, None, 0, "no data", 0.95, [])) == "no data"
+    assert format_difference(PairedDifference(mean=None, ci_low=None, ci_high=None, relative_mean=None, n=0,
+                                               interval="no data", confidence=0.95, per_seed=[])) == "no data"
     assert json.loads(json.dumps(s.as_dict()))["speedup"] == 0.95           # JSON-ready
     assert json.loads(json.dumps(d.as_dict()))["mean"] == -2.3101
 
@@ -345,12 +346,12 @@ def test_metric_at_fractions_of_the_budget():
 
 
 def test_inputs_are_checked():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"^steps has shape \(2,\) but values has shape \(1, 3\); values must be "):
         paired_speedup([1, 2], [[1, 2, 3]], [1, 2], [[1, 2]], budget=2)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"^evaluation steps must be strictly increasing$"):
         paired_speedup([2, 1], [[1, 2]], [1, 2], [[1, 2]], budget=2)
-    with pytest.raises(ValueError):                                # not the same seeds
+    with pytest.raises(ValueError, match=r"^paired seeds: baseline has 2 seeds, method 1$"):  # not the same seeds
         paired_speedup([1, 2], [[1, 2], [1, 2]], [1, 2], [[1, 2]], budget=2)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"^fraction must be in \(0, 1\], got 0$"):
         paired_speedup([1, 2], [[1, 2]], [1, 2], [[1, 2]], budget=2, fraction=0)
     assert np.isnan(value_at([], [], 1))

@@ -1,5 +1,6 @@
 """Suite files (bench/suite/grid.py): the shipped suites, the grid, validation errors, the dry-run plan."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -220,7 +221,7 @@ BAD = [
 def test_invalid_suites_name_file_key_and_reason(tmp_path, old, new, key, reason):
     assert old in VALID
     path = write(tmp_path, VALID.replace(old, new, 1), "bad.toml")
-    with pytest.raises(SuiteError) as info:
+    with pytest.raises(SuiteError, match=rf"^{re.escape(str(path))}: .*{re.escape(key)}.*{re.escape(reason)}") as info:
         load_suite(path)
     msg = str(info.value)
     assert str(path) in msg, msg
@@ -267,7 +268,7 @@ def test_eval_steps_and_slurm_time():
     assert parse_slurm_time("01:30:00") == 90
     assert parse_slurm_time("1-00:00:00") == 1440
     assert parse_slurm_time("10:30") == 11  # MM:SS rounds up
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"^'tomorrow' is not a Slurm time \(minutes, HH:MM:SS or D-HH:MM:SS\)$"):
         parse_slurm_time("tomorrow")
 
 

@@ -3,6 +3,7 @@
 import gzip
 import os
 import pickle
+import re
 import signal
 import struct
 import subprocess
@@ -48,9 +49,9 @@ def test_interrupted_run_resumes_bit_for_bit(tmp_path, method):
     class Die(TrainEvents):
         def on_step(self, step, iters, row):
             if step == 7:  # after the checkpoint at 4, before the one at 8
-                raise Killed
+                raise Killed("killed at step 7")
 
-    with pytest.raises(Killed):
+    with pytest.raises(Killed, match="^killed at step 7$"):
         train(cfg, tmp_path / "parts", Die())
     assert fileio.read_json(tmp_path / "parts" / "status.json")["step"] == 4
     status = train(cfg, tmp_path / "parts")
@@ -145,7 +146,8 @@ def test_clts_steers_sampled_timesteps(tmp_path, monkeypatch):
 
 def test_divergence_is_recorded(tmp_path):
     cfg = TrainConfig(method="baseline", **{**SMALL, "lr": 1e30, "warmup": 0, "grad_clip": 0.0})
-    with pytest.raises(DivergenceError):
+    with pytest.raises(DivergenceError, match=r"^training diverged: loss (nan|inf) at step \d+; lower lr or check the "
+                                              r"method's hyperparameters$"):
         train(cfg, tmp_path)
     status = fileio.read_json(tmp_path / "status.json")
     assert status["state"] == "failed" and "non-finite loss" in status["reason"]
@@ -228,7 +230,7 @@ def test_cli_errors_are_one_line(tmp_path):
     assert not (tmp_path / "x").exists()  # nothing half-written
 
 
-def test_missing_dataset_lists_every_source(tmp_path, monkeypatch):
+def test_missing_dataset_lists_every_source(tmp_path, monkeypatch, fresh_datasets):
     from bench.data import loading as data
 
     module = data.dataset_info("fashion-mnist")
@@ -240,12 +242,12 @@ def test_missing_dataset_lists_every_source(tmp_path, monkeypatch):
             raise OSError("no network")
 
     monkeypatch.setattr(torchvision.datasets, "FashionMNIST", NoNetwork)
-    load_dataset.cache_clear()
-    with pytest.raises(DatasetError) as err:
+    empty = re.escape(str(tmp_path / "empty"))
+    with pytest.raises(DatasetError, match=rf"^fashion-mnist not found; tried: --data-dir {empty} .*apt-get install "
+                                           r"dataset-fashion-mnist.*torchvision download .*no network") as err:
         load_dataset("fashion-mnist", "train", str(tmp_path / "empty"))
     msg = str(err.value)
     assert "--data-dir" in msg and "apt-get install dataset-fashion-mnist" in msg and "torchvision download" in msg
-    load_dataset.cache_clear()
 
 
 def write_idx(path, array):
@@ -254,7 +256,7 @@ def write_idx(path, array):
         f.write(header + array.astype(np.uint8).tobytes())
 
 
-def test_fashion_mnist_from_data_dir(tmp_path):
+def test_fashion_mnist_from_data_dir(tmp_path, fresh_datasets):
     rng = np.random.default_rng(0)
     imgs, labels = rng.integers(0, 256, (5, 28, 28)), rng.integers(0, 10, 5)
     write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", imgs)
@@ -264,10 +266,9 @@ def test_fashion_mnist_from_data_dir(tmp_path):
     assert np.array_equal(x[:, 0].numpy(), imgs) and np.array_equal(y.numpy(), labels)
     x16, _ = load_dataset("fashion-mnist", "test", str(tmp_path), 16)
     assert x16.shape == (5, 1, 16, 16)
-    load_dataset.cache_clear()
 
 
-def test_cifar10_tiny_set_in_torchvision_format(tmp_path):
+def test_cifar10_tiny_set_in_torchvision_format(tmp_path, fresh_datasets):
     base = tmp_path / "cifar-10-batches-py"
     base.mkdir()
     rng = np.random.default_rng(0)
@@ -285,7 +286,6 @@ def test_cifar10_tiny_set_in_torchvision_format(tmp_path):
     assert np.array_equal(x[0].numpy().reshape(-1), batches["data_batch_1"][0][0])
     xt, yt = load_dataset("cifar10", "test", str(tmp_path))
     assert xt.shape == (4, 3, 32, 32) and yt.tolist() == batches["test_batch"][1]
-    load_dataset.cache_clear()
 
 
 def test_ddpm_unet_parameter_count_and_forward():

@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, needs_inception
 
 from bench import fileio
 from bench.eval.sampling import save_pngs
@@ -31,9 +31,9 @@ def test_resumed_run_neither_repeats_nor_loses_evaluations(tmp_path):
     class Die(TrainEvents):
         def on_step(self, step, iters, row):
             if step == 10:  # after the evaluation (and checkpoint) at 8
-                raise Killed
+                raise Killed("killed at step 10")
 
-    with pytest.raises(Killed):
+    with pytest.raises(Killed, match="^killed at step 10$"):
         train(cfg, tmp_path / "resumed", Die())
     assert [s for s, m, _ in eval_rows(tmp_path / "resumed") if m == "proxy_fd"] == [4, 8]
     train(cfg, tmp_path / "resumed")
@@ -58,6 +58,7 @@ def test_cli_train_eval_every_writes_curves(tmp_path):
     assert all(np.isfinite(r["value"]) and r["num_gen"] == 16 for r in rows)
 
 
+@needs_inception
 def test_cli_fid_of_two_folders(tmp_path):
     rng = np.random.default_rng(0)
     import torch

@@ -32,7 +32,7 @@ class Faulty(Method):
             if kind == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
             if kind == "interrupt":
-                raise KeyboardInterrupt
+                raise KeyboardInterrupt(f"faulty {self.hp['tag']}: interrupt at step {at}")
             if kind == "diverge":
                 return torch.full(t.shape, float("inf"), dtype=torch.float64)
         return torch.ones(t.shape, dtype=torch.float64)
