@@ -134,6 +134,38 @@ def test_adm_attention_is_qkv_attention_in_the_new_order():
         assert torch.allclose(block(x), expected, atol=1e-5)
 
 
+def test_ddpm_attention_is_single_head_softmax_attention_over_pixels():
+    """DDPM's AttnBlock against the formula: softmax(q k^T / sqrt(C)) v over the H x W pixels, one head."""
+    from bench.models.unet import AttnBlock
+
+    torch.manual_seed(0)
+    block = AttnBlock(16, groups=8)
+    nn.init.normal_(block.proj.weight)
+    x = torch.randn(2, 16, 4, 4)
+    with torch.no_grad():
+        q, k, v = block.qkv(block.norm(x)).reshape(2, 3, 16, 16).unbind(1)  # [B, C, HW] each
+        w = (torch.einsum("bct,bcs->bts", q, k) / math.sqrt(16)).softmax(-1)
+        a = torch.einsum("bts,bcs->bct", w, v).reshape(x.shape)
+        assert torch.allclose(block(x), x + block.proj(a), atol=1e-5)
+
+
+@pytest.mark.parametrize("block", [lambda: AttentionBlock(32, num_heads=4), lambda: __import__(
+    "bench.models.unet", fromlist=["AttnBlock"]).AttnBlock(32, groups=8)], ids=["adm", "ddpm"])
+def test_attention_hands_sdpa_contiguous_4d_tensors(block, monkeypatch):
+    """SDPA's fused kernels (flash, memory-efficient) take 4-D q, k, v with a unit last stride; otherwise
+    it falls back to the math kernel, which materialises B x heads x (HW)^2 scores."""
+    seen, real = [], torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, *args, **kwargs):
+        seen.extend((z.dim(), z.stride(-1)) for z in (q, k, v))
+        return real(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    with torch.no_grad():
+        block()(torch.randn(2, 32, 4, 4))
+    assert seen == [(4, 1)] * 3
+
+
 def test_adm_attention_sits_at_the_imagenet128_places():
     """At 128 px: after the ResBlocks at 32, 16 and 8 px (2 per level going down, 3 going up) and in
     the middle: 6 + 1 + 9 attention blocks; ResBlocks resample between the 5 levels (4 down, 4 up)."""

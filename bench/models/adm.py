@@ -99,7 +99,9 @@ class AttentionBlock(nn.Module):
         B, C, H, W = x.shape
         flat = x.reshape(B, C, H * W)
         # "New order": split q, k, v first, then each into heads of C / num_heads channels.
-        q, k, v = (z.reshape(B, self.num_heads, C // self.num_heads, H * W).transpose(2, 3)
+        # contiguous: SDPA's flash and memory-efficient kernels refuse a non-unit last stride, and its
+        # math kernel would materialise B x heads x (HW)^2 scores
+        q, k, v = (z.reshape(B, self.num_heads, C // self.num_heads, H * W).transpose(2, 3).contiguous()
                    for z in self.qkv(self.norm(flat)).chunk(3, dim=1))
         h = F.scaled_dot_product_attention(q, k, v).transpose(2, 3).reshape(B, C, H * W)
         return (flat + self.proj(h)).reshape(B, C, H, W)

@@ -37,8 +37,9 @@ class AttnBlock(nn.Module):
 
     def forward(self, x):
         B, C, H, W = x.shape
-        q, k, v = self.qkv(self.norm(x)).reshape(B, 3, C, H * W).unbind(1)
-        h = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        # [B, 1 head, HW, C], contiguous: the 4-D layout SDPA's fused kernels take
+        q, k, v = (z.transpose(1, 2)[:, None].contiguous() for z in self.qkv(self.norm(x)).reshape(B, 3, C, H * W).unbind(1))
+        h = F.scaled_dot_product_attention(q, k, v)[:, 0]
         return x + self.proj(h.transpose(1, 2).reshape(B, C, H, W))
 
 
