@@ -227,6 +227,14 @@ def test_plugin_file_found_via_plugins(tmp_path):
     assert missing.returncode == 2 and "unknown method 'warm_ema'" in missing.stderr
 
 
+def test_a_plugin_written_for_the_old_module_names_is_told_the_new_one(tmp_path):
+    """bench/ moved into subpackages: a plugin that imports bench.spec gets one line naming bench.core.spec."""
+    (tmp_path / "old.py").write_text(PLUGIN.replace("from bench.core.spec import", "from bench.spec import"))
+    with pytest.raises(ConfigError, match=r"^plugin .*old\.py failed to import: ModuleNotFoundError: .*'bench\.spec'; "
+                                          r"bench\.spec is now bench\.core\.spec: change the plugin's import$"):
+        load_plugins([tmp_path])
+
+
 def test_describe_cli_json_and_errors():
     out = subprocess.run([sys.executable, "run_bench.py", "describe", "combined", "--progress", "0.5", "--target", "v",
                           "--schedule", "cosine", "--json"], cwd=REPO, capture_output=True, text=True)

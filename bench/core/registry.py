@@ -26,6 +26,11 @@ def _plugin_files(path: Path) -> list[Path]:
     raise ConfigError(f"plugin path {str(path)!r} is not a .py file or a folder; pass an existing path to --plugins")
 
 
+#: modules a plugin may import, under the names they had before bench/ moved into subpackages
+MOVED = {"bench.spec": "bench.core.spec", "bench.diffusion": "bench.core.diffusion", "bench.config": "bench.core.config",
+         "bench.registry": "bench.core.registry", "bench.describe": "bench.core.describe"}
+
+
 def _load_file(path: Path) -> None:
     path = path.resolve()
     if path in _loaded_paths:
@@ -38,7 +43,9 @@ def _load_file(path: Path) -> None:
         spec.loader.exec_module(module)
     except Exception as exc:  # a broken plugin names itself
         del sys.modules[module_name]
-        raise ConfigError(f"plugin {path} failed to import: {type(exc).__name__}: {exc}") from exc
+        moved = MOVED.get(getattr(exc, "name", None) or "") if isinstance(exc, ModuleNotFoundError) else None
+        fix = f"; {exc.name} is now {moved}: change the plugin's import" if moved else ""
+        raise ConfigError(f"plugin {path} failed to import: {type(exc).__name__}: {exc}{fix}") from exc
     # Check every class first, so a refused file registers nothing and is refused again next time.
     found = [cls for _, cls in inspect.getmembers(module, inspect.isclass)
              if cls.__module__ == module_name and issubclass(cls, Method) and cls.name]

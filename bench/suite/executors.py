@@ -267,8 +267,9 @@ class Executor:
     """How a suite's runs execute; the runner picks one and calls :meth:`run`.
 
     Contract: ``run(todo)`` executes every run of `todo` (RunSpecs, none finished) into its folder
-    ``dirs[run.key]``, calls the reporter's ``run_start`` / ``run_end`` around each, and returns
-    ``{key: RunOutcome}``. Outcomes are recorded in ``self.outcomes`` as runs end, so an
+    ``dirs[run.key]`` (or, for a cluster, submits it: SubmititExecutor), reports what it executes
+    through the reporter's ``run_start`` / ``run_end``, and returns ``{key: RunOutcome}`` for every run
+    it ran, skipped or submitted. Outcomes are recorded in ``self.outcomes`` as runs end, so an
     interrupted ``run`` leaves the finished ones there for the suite's result. A failed run is an
     outcome, never an exception; an exception means the executor itself could not go on.
     """
@@ -290,7 +291,7 @@ class InlineExecutor(Executor):
     """Every run in this process, one after another."""
 
     def run(self, todo: list[RunSpec]) -> dict[str, RunOutcome]:
-        fn = resolve_train_fn(self.train_fn)
+        fn = resolve_train_fn(self.train_fn) if todo else None  # nothing to run: nothing imported
         for run in todo:
             self.reporter.run_start(run)
             evaluating = evaluates(run.config.get("eval"), run.config.get("eval_every") or 0)

@@ -33,7 +33,7 @@ from bench.suite.cost import describe_plan
 from bench.suite.display import make_reporter
 from bench.suite.executors import Executor, InlineExecutor, WorkerPool, skipped_outcome
 from bench.suite.grid import RunSpec, Suite, load_suite
-from bench.suite.slurm import RunJob, SubmititExecutor  # noqa: F401  (RunJob: jobs pickled by older versions name bench.suite.runner.RunJob)
+from bench.suite.slurm import SubmititExecutor
 from bench.train.run_folder import (
     ResultsConflictError,
     RunOutcome,

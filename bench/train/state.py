@@ -1,6 +1,7 @@
 """What a run holds while it trains: :class:`RunState` (everything one training step reads and
-changes, saved whole in checkpoint.pt) and :class:`Batch` (one iteration's draws). Data only: the
-loop builds them (bench.train.loop.setup), bench.train.batches draws, bench.train.checkpoint saves."""
+changes, saved whole in checkpoint.pt) and :class:`Batch` (one iteration's draws). The loop builds
+them (bench.train.loop.setup; RunState wraps the model in DDP and torch.compile as the runtime asks),
+bench.train.batches draws, bench.train.checkpoint saves and restores."""
 
 from __future__ import annotations
 
