@@ -144,6 +144,30 @@ def gather_slices(local: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def shard_range(n: int, rank: int, size: int) -> range:
+    """Rank `rank` of `size`'s contiguous share of items 0..n-1: the rank-th block of ceil(n / size)
+    (the last ranks' may be shorter or empty); the shares partition 0..n-1 in rank order."""
+    block = -(-n // size)
+    return range(min(n, rank * block), min(n, (rank + 1) * block))
+
+
+def shard(n: int) -> range:
+    """This process's share of items 0..n-1 (all of them in a single process)."""
+    if not dist.is_initialized():
+        return range(n)
+    return shard_range(n, dist.get_rank(), dist.get_world_size())
+
+
+def broadcast_module(module: torch.nn.Module) -> None:
+    """Rank 0's parameters and buffers in every rank's copy of `module` (the EMA, which rank 0 alone
+    keeps, before every rank samples its share of an evaluation)."""
+    if not dist.is_initialized():
+        return
+    with torch.no_grad():
+        for t in [*module.parameters(), *module.buffers()]:
+            dist.broadcast(t.data, src=0)
+
+
 def gather_objects(obj) -> list:
     """Every rank's `obj`, in rank order (on every rank)."""
     if not dist.is_initialized():

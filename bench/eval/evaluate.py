@@ -30,6 +30,7 @@ import time
 import numpy as np
 import torch
 
+from bench.core.runtime import gather_objects, is_main, shard
 from bench.data.loading import load_dataset
 from bench.errors import ConfigError, DatasetError
 from bench.eval.fid import (
@@ -86,6 +87,11 @@ class Evaluator:
         if other.spec["num_images"] == self.spec["num_images"] and other.spec["metrics"] == self.spec["metrics"]:
             other._prepared = self._prepared
         return other
+
+    @property
+    def is_prepared(self) -> bool:
+        """Whether prepare() has run (here, or in the evaluation whose setup this variant shares)."""
+        return "shape" in self._prepared
 
     # -- one-time setup ------------------------------------------------------------------------
     def _ref_images(self) -> torch.Tensor:
@@ -202,10 +208,12 @@ class Evaluator:
         per_set, sample_seconds = [], 0.0
         for j in range(max(1, int(noise_sets))):
             t1 = time.perf_counter()
-            images = self._sample(model, schedule, target, steps, s["noise_seed"] + j)
+            images = self._sample(model, schedule, target, steps, s["noise_seed"] + j)  # this rank's share
             sample_seconds += time.perf_counter() - t1
             if j == 0 and s["save_samples"] and out_dir is not None:
-                self._save_samples(images, f"step{int(step):08d}{samples_suffix}", out_dir)
+                everyone = torch.cat(gather_objects(images))
+                if is_main():
+                    self._save_samples(everyone, f"step{int(step):08d}{samples_suffix}", out_dir)
             per_set.append(self._score(images))
         eval_seconds = time.perf_counter() - t0
 
@@ -235,9 +243,14 @@ class Evaluator:
         return rows
 
     def _sample(self, model, schedule, target: str, steps: int, noise_seed: int) -> torch.Tensor:
-        """num_images samples as uint8 under `noise_seed`."""
-        s = self.spec
-        x = sample(model, schedule, target, s["num_images"], self._prepared["shape"], batch_size=s["batch_size"],
+        """This rank's share of the num_images samples under `noise_seed` (all of them in a single
+        process), as uint8. Image i's noise and label depend on i alone, so the union over ranks is
+        the single process's set."""
+        s, mine = self.spec, shard(self.spec["num_images"])
+        if not len(mine):
+            return torch.empty((0, *self._prepared["shape"]), dtype=torch.uint8)
+        x = sample(model, schedule, target, len(mine), self._prepared["shape"], start_index=mine.start,
+                   batch_size=s["batch_size"],
                    sampler=s["sampler"], steps=steps, eta=s["eta"], noise_seed=noise_seed, clip_x0=s["clip_x0"],
                    spacing=s["timestep_spacing"], ddpm_variance=s["ddpm_variance"], num_classes=s["num_classes"],
                    guidance_scale=float(s["guidance_scale"]))
@@ -245,13 +258,15 @@ class Evaluator:
 
     def _score(self, images: torch.Tensor) -> list[tuple]:
         """(metric, value, extractor, reference, noise floor, its source) per configured metric, in
-        the spec's order."""
+        the spec's order, over every rank's `images` (this rank's share)."""
         s, values = self.spec, []
         for family, fd_name, kid_name in (("proxy", "proxy_fd", "proxy_kid"), ("inception", "fid", "kid")):
             if family not in self._prepared:
                 continue
             ext, ref, floor = self._prepared[family]
-            feats = ext.features(images)
+            # Every rank's features, in image order, on every rank (each then computes the same metrics).
+            feats = np.concatenate([f for f in gather_objects(ext.features(images) if len(images) else None)
+                                    if f is not None])
             if fd_name in s["metrics"]:
                 mu, sigma = feature_stats(feats)
                 values.append((fd_name, frechet_distance(mu, sigma, ref.mu, ref.sigma), ext, ref, floor["fd"],

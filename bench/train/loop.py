@@ -9,7 +9,8 @@ EMA weights outside the training clock.
 Device and processes (bench/core/runtime.py): everything lives on the run's device; the random
 streams are CPU generators, so a seed gives the same data, timesteps and noise on any device.
 With N processes (torchrun, DDP) every process draws the whole global batch and keeps its
-slice, gradients are averaged, and rank 0 alone keeps the EMA, writes files and evaluates.
+slice, gradients are averaged, and rank 0 alone keeps the EMA and writes files; every process
+evaluates its share of the images (rank 0's EMA, broadcast first).
 
 Run folder:
   config.json          this TrainConfig plus the method's label, slots and resolved params, and
@@ -38,6 +39,7 @@ from bench.core.runtime import (
     Runtime,
     StopRequested,
     barrier,
+    broadcast_module,
     full_fp32,
     gather_slices,
     make_runtime,
@@ -231,8 +233,22 @@ def _record_runtime(out: Path, rt: Runtime, step: int) -> None:
         fileio.write_json(out / "config.json", {**record, "runtime": [*stretches, now]})
 
 
+def _prepared_in_turn(evaluator: Evaluator, rt: Runtime) -> Evaluator:
+    """With several processes, rank 0 prepares first (it fills the caches: reference statistics, a
+    feature extractor trained here), then the others read them; alone, evaluate() prepares lazily."""
+    if rt.world_size > 1:
+        if rt.rank == 0:
+            evaluator.prepare(rt.torch_device)
+        barrier()
+        if rt.rank > 0:
+            evaluator.prepare(rt.torch_device)
+    return evaluator
+
+
 def _evaluate(state: RunState, evaluator, events: TrainEvents | None, out: Path) -> list[dict]:
-    """Evaluate the EMA weights (rank 0; the other processes wait), outside the training clock.
+    """Evaluate the EMA weights, outside the training clock: every process samples and scores its
+    share of the images (rank 0's EMA, broadcast first), features are gathered to every rank, and
+    rank 0's rows are the ones written.
     At the workload's budget, and at every evaluation of an extended baseline (the headline reads
     its whole curve), the metric is averaged over the spec's `noise_sets`; at the budget also the
     second sampler (`sampler2`) and the larger final set (`final_num_images`) are evaluated."""
@@ -244,6 +260,7 @@ def _evaluate(state: RunState, evaluator, events: TrainEvents | None, out: Path)
         at_budget = state.step == cfg.budget
         sets = noise_sets_at(state.step, cfg.iters, cfg.budget, spec["noise_sets"])
         state.ema.eval()
+        broadcast_module(state.ema)  # rank 0 alone keeps the EMA
         with full_fp32():  # samples and features in plain fp32 (no TF32), as on a CPU
             rows = evaluator.evaluate(state.ema, state.schedule, cfg.target, state.step, out_dir=out, noise_sets=sets)
             if at_budget:
@@ -251,7 +268,7 @@ def _evaluate(state: RunState, evaluator, events: TrainEvents | None, out: Path)
     barrier()
     stepping(True)
     state.clocks["eval_seconds"] += time.perf_counter() - e_start
-    if events and evaluator is not None:
+    if events and evaluator is not None and state.rt.rank == 0:
         events.on_eval(state.step, rows)
     return rows
 
@@ -264,6 +281,8 @@ def _budget_evaluations(state: RunState, evaluator, out: Path) -> list[dict]:
         ([("_sampler2", dict(spec["sampler2"]))] if spec["sampler2"] else [])
     for suffix, change in extra:  # the suffix names the metric and the saved samples alike
         other = evaluator.variant(**change, final_num_images=None, sampler2=None, noise_sets=1)
+        if not other.is_prepared:  # another N: its own reference statistics, rank 0 first
+            _prepared_in_turn(other, state.rt)
         rows += [{**r, "metric": f"{r['metric']}{suffix}"}
                  for r in other.evaluate(state.ema, state.schedule, state.cfg.target, state.step, out_dir=out,
                                          samples_suffix=suffix)]
@@ -303,8 +322,8 @@ def train(run: ResolvedRun | TrainConfig, out_dir, events: TrainEvents | None = 
         _record_runtime(out, rt, state.step)
         _set_status(out, "running", state.step, state.clocks)
     evaluator = None
-    if run.eval_spec is not None and main:
-        evaluator = Evaluator({**run.eval_spec, "num_classes": state.num_classes})
+    if run.eval_spec is not None:  # every rank samples and scores its share of each evaluation
+        evaluator = _prepared_in_turn(Evaluator({**run.eval_spec, "num_classes": state.num_classes}), rt)
 
     pending = []
     state.model.train()
