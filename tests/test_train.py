@@ -98,6 +98,23 @@ def test_same_seed_same_result_and_seeds_differ(tmp_path):
     assert any(not torch.equal(wa[k], wc[k]) for k in wa)
 
 
+def test_without_clipping_no_gradient_norm_is_computed_and_training_is_the_same(tmp_path, monkeypatch):
+    """grad_clip = 0 skips the norm (a pass over every gradient each step) and logs it as None; the
+    updates equal those of a clip so large it never acts (its factor is exactly 1)."""
+    loose = {**SMALL, "grad_clip": 1e9}
+    train(TrainConfig(**loose), tmp_path / "loose")
+
+    def no_norm(*args, **kwargs):
+        raise AssertionError("clip_grad_norm_ called with clipping off")
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", no_norm)
+    train(TrainConfig(**{**SMALL, "grad_clip": 0.0}), tmp_path / "off")
+    rows = fileio.read_jsonl(tmp_path / "off" / "steps.jsonl")
+    assert all(r["grad_norm"] is None and r["clipped"] is False for r in rows)
+    a, b = (torch.load(tmp_path / d / "checkpoint.pt", weights_only=True)["model"] for d in ("loose", "off"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_logs_config_and_method_hooks(tmp_path):
     cfg = TrainConfig(method="mdlrc", method_params={"compensation": "demon"}, **SMALL)
     train(cfg, tmp_path)

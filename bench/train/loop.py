@@ -155,7 +155,8 @@ def train_step(state: RunState) -> dict:
     params = state.params
     state.opt.zero_grad(set_to_none=True)
     loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+    # Without clipping, no norm: it would be one more pass over every gradient each step (logged as None).
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0 else None
     lr_scale, beta1, beta2 = optimizer_settings_at(method, p, cfg.beta1, cfg.beta2)
     lr = cfg.lr * lr_scale * (min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else 1.0)
     for group in state.opt.param_groups:
@@ -186,15 +187,17 @@ def train_step(state: RunState) -> dict:
     quart = batch.t_global * 4 // cfg.T
     q_sum = torch.zeros(4, device=mse_all.device).index_add_(0, quart, mse_all)
     q_cnt = torch.bincount(quart, minlength=4)
-    values = torch.stack([logged_loss, mse_all.mean(), grad_norm.float(), *(q_sum / q_cnt)]).tolist()  # one sync
-    loss_value, mse_value, grad_norm, q_mean = values[0], values[1], values[2], values[3:]
+    norm = [] if grad_norm is None else [grad_norm.float()]
+    values = torch.stack([logged_loss, mse_all.mean(), *norm, *(q_sum / q_cnt)]).tolist()  # one sync
+    loss_value, mse_value, q_mean = values[0], values[1], values[-4:]
+    grad_norm = values[2] if norm else None
     counts = q_cnt.tolist()
     elapsed = time.perf_counter() - t_start
     state.clocks["train_seconds"] += elapsed
     return {"step": state.step, "p": p, "loss": loss_value, "mse": mse_value,
             **{f"loss_q{i}": q_mean[i] if counts[i] else None for i in range(4)},
             "lr": lr, "lr_scale": lr_scale, "beta1": beta1, "grad_norm": grad_norm,
-            "clipped": cfg.grad_clip > 0 and grad_norm > cfg.grad_clip, "ema_decay": decay,
+            "clipped": grad_norm is not None and grad_norm > cfg.grad_clip, "ema_decay": decay,
             "images_per_s": B / elapsed, "data_seconds": data_seconds, "train_seconds": state.clocks["train_seconds"]}
 
 
