@@ -56,6 +56,14 @@ def sample_timesteps(probs: torch.Tensor, n: int, gen: torch.Generator) -> torch
     return torch.searchsorted(cdf, u, right=True).clamp_(max=len(probs) - 1)
 
 
+def _index_on(idx: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The indices on the data's device: to a GPU through pinned memory without blocking (a pageable
+    copy would wait for the step the device is computing, which the prefetched draw is meant to overlap)."""
+    if device.type != "cuda":
+        return idx.to(device)
+    return idx.pin_memory().to(device, non_blocking=True)
+
+
 def draw_batch(state: RunState, step: int) -> Batch:
     """Iteration `step`'s random draws. The whole global batch is drawn from the run's generators
     (so nothing depends on the number of processes); this process keeps its slice of the images,
@@ -66,10 +74,10 @@ def draw_batch(state: RunState, step: int) -> Batch:
     mine = slice(rt.rank * b, (rt.rank + 1) * b)
     dev = rt.torch_device
     idx = batch_indices(step, B, len(state.images), cfg.seed, state.perm_cache)[mine]
-    images = state.images[idx.to(state.images.device)]
+    images = state.images[_index_on(idx, state.images.device)]
     labels = None
     if state.num_classes:
-        labels = state.labels[idx.to(state.labels.device)]
+        labels = state.labels[_index_on(idx, state.labels.device)]
         if cfg.p_uncond > 0:  # classifier-free guidance: some labels become the null label K
             drop = (torch.rand(B, generator=state.gens["label"]) < cfg.p_uncond)[mine]
             labels = torch.where(drop.to(labels.device), state.num_classes, labels)
