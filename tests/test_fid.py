@@ -280,3 +280,14 @@ def test_cli_fid_refuses_before_loading_inception(tmp_path, monkeypatch, num, ot
     (tmp_path / "empty").mkdir()
     with pytest.raises(BenchError, match=what):
         F.cli_fid(str(tmp_path / "imgs"), str(tmp_path / other), num=num)
+
+
+@needs_inception
+def test_the_threaded_resize_changes_no_feature():
+    """Images resized in a thread pool (the GPU path's bottleneck, PIL releasing the GIL), each alone:
+    the same features as one thread, bit for bit."""
+    images = torch.randint(0, 256, (7, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    ext = I.get_inception()
+    serial = ext.features(images, batch_size=3, resize_workers=1)
+    assert np.array_equal(ext.features(images, batch_size=3, resize_workers=3), serial)
+    assert ext.batch_size == 50 and ext.resize_workers >= 1  # a CPU's batch; a GPU's is 500

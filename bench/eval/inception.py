@@ -20,6 +20,7 @@ import socket
 import sys
 import urllib.request
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -293,7 +294,8 @@ class InceptionExtractor:
     preprocess = PREPROCESS
 
     def __init__(self, weights: InceptionWeights | None = None, *, path=None, device="cpu",
-                 batch_size: int = 50, channels_last: bool = True, verbose: bool = False, mode: str = "clean"):
+                 batch_size: int | None = None, channels_last: bool = True, verbose: bool = False,
+                 mode: str = "clean", resize_workers: int | None = None):
         from cleanfid.resize import build_resizer
 
         if mode not in FID_MODES:
@@ -302,7 +304,10 @@ class InceptionExtractor:
         self.weights = weights or resolve_inception(path, device=self.device, verbose=verbose)
         self.weights_sha1 = self.weights.sha1
         self.source = self.weights.describe()
-        self.batch_size = int(batch_size)
+        # Small batches on a CPU (its allocator), large ones on a GPU; the resize in threads (PIL releases
+        # the GIL), each image resized alone, so neither changes a feature.
+        self.batch_size = int(batch_size or (500 if self.device.type == "cuda" else 50))
+        self.resize_workers = max(1, int(resize_workers or min(8, os.cpu_count() or 1)))
         self.mode = mode
         if mode == "legacy_tensorflow":
             # clean-fid's legacy mode: the TorchScript file resizes inside, as TensorFlow's graph did
@@ -324,18 +329,25 @@ class InceptionExtractor:
         clean mode; legacy_tensorflow leaves the size to the network)."""
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)  # PIL's mode= argument
-            out = self._resize(_as_hwc3(img))
+            return self._resize_one(img)
+
+    def _resize_one(self, img) -> torch.Tensor:
+        out = self._resize(_as_hwc3(img))
         return torch.from_numpy(np.ascontiguousarray(out.transpose(2, 0, 1))).float()  # legacy: uint8 as is
 
     @torch.inference_mode()
-    def features(self, images, batch_size: int | None = None) -> np.ndarray:
+    def features(self, images, batch_size: int | None = None, resize_workers: int | None = None) -> np.ndarray:
         bs = int(batch_size or self.batch_size)
+        workers = int(resize_workers or self.resize_workers)
         n = len(images)
         out = np.empty((n, 2048), dtype=np.float32)
-        for lo in range(0, n, bs):
-            batch = torch.stack([self.resize(images[i]) for i in range(lo, min(lo + bs, n))]).to(self.device)
-            feats = self.net(batch) if self.mode == "clean" else self.net(batch, return_features=True)
-            out[lo:lo + len(batch)] = feats.reshape(len(batch), 2048).float().cpu().numpy()
+        with warnings.catch_warnings(), ThreadPoolExecutor(workers) as pool:
+            warnings.simplefilter("ignore", DeprecationWarning)  # PIL's mode= argument (process-wide, so in the pool too)
+            for lo in range(0, n, bs):
+                batch = torch.stack(list(pool.map(lambda i: self._resize_one(images[i]), range(lo, min(lo + bs, n)))))
+                batch = batch.to(self.device)
+                feats = self.net(batch) if self.mode == "clean" else self.net(batch, return_features=True)
+                out[lo:lo + len(batch)] = feats.reshape(len(batch), 2048).float().cpu().numpy()
         return out
 
 _EXTRACTORS: dict = {}
