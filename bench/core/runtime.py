@@ -23,7 +23,7 @@ Processes: ``gpus = N`` runs N processes (one per GPU; gloo processes on a CPU),
 torchrun (``torchrun --nproc_per_node N run_bench.py train ...``; the suite runner and the Slurm
 path start them for you). Backend: NCCL when every rank has its own GPU, else gloo;
 ``DIFFBENCH_DIST_BACKEND`` overrides it. ``DIFFBENCH_DIST_TIMEOUT_MIN`` (default 180) bounds
-how long ranks wait for rank 0's evaluation.
+how long a rank waits at a collective (evaluation is shared: every rank samples its share).
 """
 
 from __future__ import annotations
