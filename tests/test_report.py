@@ -274,3 +274,17 @@ def test_the_noise_floor_line_says_why_a_floor_is_missing():
     assert _floor_lines(old, base) == ["- **Noise floor**: not recorded (runs from before it was measured)."]
     measured = skipped.assign(noise_floor=[0.5], noise_floor_source=["8 real test images"])
     assert "is 0.5" in _floor_lines(measured, base)[0] and "6.0x the floor" in _floor_lines(measured, base)[0]
+
+
+def test_the_noise_floor_line_reads_an_extended_baseline_at_the_budget():
+    """The baseline trained on to 2x the budget: the floor line compares the floor with its value at the
+    budget (where the methods are compared), not with the end of its extension."""
+    import pandas as pd
+
+    from bench.report.stats import limits_lines
+
+    evals = pd.DataFrame({"metric": "proxy_fd", "method_label": "baseline", "seed": [0, 0, 1, 1],
+                          "step": [4, 8, 4, 8], "value": [3.0, 1.0, 5.0, 1.0], "noise_floor": 0.5,
+                          "noise_floor_source": "8 real test images", "num_gen": 8})
+    floor = [line for line in limits_lines(evals, [], "baseline", "proxy_fd", 4, {}) if "Noise floor" in line]
+    assert len(floor) == 1 and "ends the budget at 4, 8.0x the floor" in floor[0]

@@ -123,7 +123,7 @@ def build_report(suite_dir: str | os.PathLike, out_dir: str | os.PathLike | None
     fr = fractions_table(ctx.evals, ctx.runs, ctx.fractions)
     _write_text(ctx.tab_dir / "evaluations.csv", ctx.evals.to_csv(index=False))
     _write_text(ctx.tab_dir / "fractions.csv", fr.to_csv(index=False))
-    _write_text(ctx.tab_dir / "curves.csv", curves_table(ctx.evals, ctx.runs).to_csv(index=False))
+    _write_text(ctx.tab_dir / "curves.csv", curves_table(ctx.evals).to_csv(index=False))
 
     sections = []
     for w in sorted({r["workload"] for r in ctx.runs}):
@@ -170,7 +170,7 @@ def _metric_section(ctx: _Report, w: str, w_evals: pd.DataFrame, budget: int, me
                 workload=w, metric=metric, baseline=ctx.baseline, budget_iters=budget, baseline_extend=extend))
             early = early_targets(ctx.targets)
             target = rows[0][f"speedup@{ctx.headline:g}"].target if ctx.headline in early else None
-            disp = speedup_display(rows, ctx.targets, ctx.headline, final_values(w_evals, metric, budget))
+            disp = speedup_display(rows, ctx.targets, final_values(w_evals, metric, budget))
             ctx.parts["md_sp"] += [f"### {tag}", "", to_markdown(disp), ""]
             ctx.parts["tex_sp"].append(to_latex(disp, f"Paired speed-up over {ctx.baseline} ({metric}, {w})",
                                                 f"tab:speedup:{safe_filename(w)}:{safe_filename(metric)}"))
@@ -206,7 +206,7 @@ def _final_metric_section(ctx: _Report, w: str, w_evals: pd.DataFrame, budget: i
     rows = speedup_rows(w_evals, ctx.baseline, main, budget, metric, **ctx.stats_kw)
     if not rows:
         return []
-    disp = speedup_display(rows, [], ctx.headline, final_values(w_evals, metric, budget), with_equiv=False)
+    disp = speedup_display(rows, [], final_values(w_evals, metric, budget), with_equiv=False)
     ctx.parts["md_sp"] += [f"### {w} / {metric} (end of the budget)", "", to_markdown(disp), ""]
     ctx.parts["tex_sp"].append(to_latex(disp, f"{metric} at the end of the budget, paired difference from "
                                               f"{ctx.baseline} ({w})", f"tab:final:{safe_filename(w)}:{safe_filename(metric)}"))
@@ -411,7 +411,7 @@ def _sweep_section(evals, baseline, sweep, metric, budget, order, kw, headline) 
                       "the best-tuned baseline.", ""]
     main = [lab for lab in order if lab not in sweep or lab == best]
     rows = speedup_rows(evals, best, main, budget, metric, **{**kw, "targets": [headline]})
-    disp = speedup_display(rows, [headline], headline, finals)
+    disp = speedup_display(rows, [headline], finals)
     return out + [f"Against the best-tuned baseline `{best}` (every other method keeps the shared learning rate):",
                   "", to_markdown(disp), ""]
 

@@ -253,7 +253,7 @@ def speedup_cell(s) -> str:
     return f"{point} [{s.ci_low:.2f}, {s.ci_high:.2f}]"
 
 
-def speedup_display(rows: list[dict], targets, headline: float, finals: dict[str, str],
+def speedup_display(rows: list[dict], targets, finals: dict[str, str],
                     with_equiv: bool = True) -> pd.DataFrame:
     """The table people read: the baseline-equivalent speed-up at the budget (the headline) and the
     paired final difference, each with its unadjusted and its Holm-adjusted interval, the final
@@ -380,7 +380,7 @@ def limits_lines(evals: pd.DataFrame, runs: list[dict], baseline: str | None, me
             lines.append(f"- **Convergence**: the baseline's seed-mean {metric} improved by {100 * rel:.1f}% over "
                          f"the last 20% of the budget ({0.8 * budget:g} -> {budget:g} iterations): {verdict}.")
     lines += _sampler_lines(g)
-    lines += _floor_lines(g, base)
+    lines += _floor_lines(g, base[base.step <= budget])  # an extended baseline trains past the budget
     lines += _lr_lines(runs, sweep)
     lines += _ema_lines(runs)
     return lines
@@ -430,7 +430,7 @@ def _floor_lines(g: pd.DataFrame, base: pd.DataFrame) -> list[str]:
             f"perfect generator would score at N = {n_gen}; differences between methods are read against it")
     if not base.empty:
         last = base.sort_values("step").groupby("seed").value.last().mean()
-        text += f" (the baseline ends at {last:.4g}, {last / floor:.1f}x the floor)" if floor > 0 else ""
+        text += f" (the baseline ends the budget at {last:.4g}, {last / floor:.1f}x the floor)" if floor > 0 else ""
     return [text + "."]
 
 

@@ -121,12 +121,12 @@ def fractions_table(evals: pd.DataFrame, runs: list[dict], fractions) -> pd.Data
             rows.append({"workload": workload, "metric": metric, "method_label": label, **r})
     return pd.DataFrame(rows)
 
-def curves_table(evals: pd.DataFrame, runs: list[dict]) -> pd.DataFrame:
+def curves_table(evals: pd.DataFrame) -> pd.DataFrame:
     """Seed-mean and std of every method's curve at the points where all its seeds have a value (an
     extended baseline's past the budget too)."""
     rows = []
     for (workload, metric, label), g in evals.groupby(["workload", "metric", "method_label"], sort=True):
-        steps, values, seeds = seed_curves(g)
+        steps, values, _ = seed_curves(g)
         steps, values = complete_points(steps, values)
         for j, step in enumerate(steps):
             col = values[:, j]

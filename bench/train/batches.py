@@ -56,12 +56,12 @@ def sample_timesteps(probs: torch.Tensor, n: int, gen: torch.Generator) -> torch
     return torch.searchsorted(cdf, u, right=True).clamp_(max=len(probs) - 1)
 
 
-def _index_on(idx: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """The indices on the data's device: to a GPU through pinned memory without blocking (a pageable
-    copy would wait for the step the device is computing, which the prefetched draw is meant to overlap)."""
-    if device.type != "cuda":
-        return idx.to(device)
-    return idx.pin_memory().to(device, non_blocking=True)
+def _to(x: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    """`x` on `device`; to a GPU through pinned memory without blocking (a pageable copy would wait for
+    the step the device is computing, which the prefetched draw is meant to overlap)."""
+    if x is None or x.device == device:
+        return x
+    return (x.pin_memory() if device.type == "cuda" else x).to(device, non_blocking=True)
 
 
 def draw_batch(state: RunState, step: int) -> Batch:
@@ -74,10 +74,11 @@ def draw_batch(state: RunState, step: int) -> Batch:
     mine = slice(rt.rank * b, (rt.rank + 1) * b)
     dev = rt.torch_device
     idx = batch_indices(step, B, len(state.images), cfg.seed, state.perm_cache)[mine]
-    images = state.images[_index_on(idx, state.images.device)]
+    idx = _to(idx, state.images.device)  # labels live beside the images (setup)
+    images = state.images[idx]
     labels = None
     if state.num_classes:
-        labels = state.labels[_index_on(idx, state.labels.device)]
+        labels = state.labels[idx]
         if cfg.p_uncond > 0:  # classifier-free guidance: some labels become the null label K
             drop = (torch.rand(B, generator=state.gens["label"]) < cfg.p_uncond)[mine]
             labels = torch.where(drop.to(labels.device), state.num_classes, labels)
@@ -85,13 +86,6 @@ def draw_batch(state: RunState, step: int) -> Batch:
     t = sample_timesteps(timestep_probs_at(state.method, step / cfg.iters, state.schedule), B, state.gens["t"])
     weights = loss_weights_at(state.method, t, step / cfg.iters, state.schedule, cfg.target).to(torch.float32)
     eps = torch.randn((B, *state.images.shape[1:]), generator=state.gens["noise"])[mine]
-    cuda = dev.type == "cuda"  # pinned, so the copies do not wait for the step the device is computing
-
-    def move(x):
-        if x is None or x.device == dev:
-            return x
-        return (x.pin_memory() if cuda else x).to(dev, non_blocking=True)
-
-    batch = Batch(*(move(x) for x in (images, flip, eps, labels, t, weights)), 0.0)
+    batch = Batch(*(_to(x, dev) for x in (images, flip, eps, labels, t, weights)), 0.0)
     batch.seconds = time.perf_counter() - start
     return batch
