@@ -394,27 +394,68 @@ def test_train_wires_data_and_noise_apart_from_the_timestep_draw(tmp_path, monke
 
 
 def test_noise_stream_does_not_depend_on_the_timestep_distribution():
-    from bench.train.batches import sample_timesteps, stream_generators
+    from bench.train.batches import Streams, sample_timesteps
 
     T, B = 1000, 64
     uniform = torch.full((T,), 1.0 / T, dtype=torch.float64)
     peaked = torch.zeros(T, dtype=torch.float64)
     peaked[300:310] = 0.1
+    streams = Streams(seed=0, stream_seed=0)
     draws = {}
     for name, probs in (("uniform", uniform), ("peaked", peaked)):
-        gens = stream_generators(0)
-        ts, noise = [], []
-        for _ in range(3):
-            ts.append(sample_timesteps(probs, B, gens["t"]))
-            noise.append(torch.randn(B, 1, 4, 4, generator=gens["noise"]))
+        ts = [sample_timesteps(probs, streams.uniforms("t", step, B)) for step in range(3)]
+        noise = [streams.noise(step, range(B), (1, 4, 4)) for step in range(3)]
         draws[name] = (torch.stack(ts), torch.stack(noise))
     assert torch.equal(draws["uniform"][1], draws["peaked"][1])  # same noise, whatever t's distribution
     assert ((draws["peaked"][0] >= 300) & (draws["peaked"][0] < 310)).all()
     # Inverse CDF: the same uniforms give floor(u T) under the uniform distribution.
-    u = torch.rand(3 * B, generator=stream_generators(0)["t"], dtype=torch.float64)
+    u = torch.from_numpy(np.concatenate([streams.uniforms("t", step, B) for step in range(3)]))
     assert torch.equal(draws["uniform"][0].flatten(), (u * T).floor().long())
     # Each peaked t is the quantile of the same uniform: t = 300 + floor(10 u).
     assert torch.equal(draws["peaked"][0].flatten(), 300 + (u * 10).floor().long())
+
+
+def test_draws_are_keyed_by_seed_stream_step_and_sample():
+    """Counter-based draws: a sample's noise is the same whichever range it is drawn in; steps, seeds
+    and streams differ; and the numbers are standard normal / uniform."""
+    from bench.train.batches import Streams
+
+    s = Streams(seed=3, stream_seed=3)
+    whole = s.noise(7, range(16), (2, 3, 3))
+    assert torch.equal(whole[5:9], s.noise(7, range(5, 9), (2, 3, 3)))  # a slice drawn alone
+    assert not torch.equal(whole, s.noise(8, range(16), (2, 3, 3)))  # another step
+    assert not torch.equal(whole, Streams(seed=4, stream_seed=4).noise(7, range(16), (2, 3, 3)))
+    assert not np.array_equal(s.uniforms("t", 7, 16), s.uniforms("flip", 7, 16))  # streams are separate
+    # Seeds 2**32 apart differ (torch's CPU generator keeps 32 bits of a seed; Philox's key has 64).
+    assert not torch.equal(Streams(1, 1).noise(0, range(2), (4,)), Streams(1 + 2**32, 1 + 2**32).noise(0, range(2), (4,)))
+    big = s.noise(0, range(64), (1, 32, 32)).flatten()
+    assert abs(float(big.mean())) < 0.01 and abs(float(big.std()) - 1) < 0.01  # 65,536 normals
+    u = s.uniforms("t", 0, 100_000)
+    assert u.min() >= 0 and u.max() < 1 and abs(u.mean() - 0.5) < 0.005
+
+
+def test_each_process_draws_the_slice_of_a_one_process_draw():
+    """Rank r of N draws exactly rows r*B/N .. (r+1)*B/N of the one-process batch: images, flips,
+    noise, labels with dropped ones, and the same global timesteps and weights."""
+    import dataclasses
+
+    from bench.core.registry import get_method
+    from bench.train.batches import draw_batch
+    from bench.train.loop import setup
+
+    cfg = TrainConfig(dataset="synthetic", iters=8, batch_size=8, flip=True, class_cond=True, p_uncond=0.3)
+    one = setup(cfg, get_method("clts"))
+    for world in (2, 4):
+        for rank in range(world):
+            state = setup(cfg, get_method("clts"))
+            state.rt = dataclasses.replace(state.rt, rank=rank, world_size=world)
+            rows = slice(rank * 8 // world, (rank + 1) * 8 // world)
+            for step in (0, 5):
+                a, b = draw_batch(one, step), draw_batch(state, step)
+                for name in ("images", "flip", "eps", "labels"):
+                    assert torch.equal(getattr(a, name)[rows], getattr(b, name)), (world, rank, step, name)
+                assert torch.equal(a.t_global, b.t_global) and torch.equal(a.weights_global, b.weights_global)
+    assert any((draw_batch(one, s).labels == one.num_classes).any() for s in range(8))  # some labels dropped
 
 
 def test_steps_log_the_lr_factor_and_clipping(tmp_path):

@@ -1,15 +1,55 @@
 """One iteration's random draws: which images (per-epoch permutations), flips, timesteps (the
-method's distribution by inverse CDF) and noise, each from its own generator seeded by the run's
-seed alone, so seed k gives every method, device and process count the same draws."""
+method's distribution by inverse CDF) and noise.
+
+Every draw is a pure function of (seed, stream, step, sample): counter-based Philox generators
+(numpy's) keyed by the run's seed and the stream, with the step and the sample index as the
+counter. So seed k gives every method, device and process count the same draws, a process draws
+only its own samples' noise (the costly part: 3 x 128 x 128 normals per image), and a checkpoint
+needs no generator state. The timesteps, flips and label drops are a few uniforms per image, drawn
+for the whole global batch by every process (microseconds; the log reads the global timesteps)."""
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from bench.core.spec import loss_weights_at, timestep_probs_at
 from bench.train.state import Batch, RunState
+
+DRAWS = "philox-v1"  # recorded in config.json: a run folder drawn another way is not resumed with these
+_MASK64 = (1 << 64) - 1
+_STREAM = {"noise": 1, "t": 2, "flip": 3, "label": 4}
+
+
+@dataclass(frozen=True)
+class Streams:
+    """The keys of a run's random streams: its seed, and the seed of the timestep and noise streams
+    (a method's ``streams`` slot, the placebo's, re-seeds those two; data order and flips stay)."""
+
+    seed: int
+    stream_seed: int
+
+    def key(self, stream: str) -> list[int]:
+        own = self.stream_seed if stream in ("t", "noise") else self.seed
+        return [int(own) & _MASK64, _STREAM[stream]]
+
+    def uniforms(self, stream: str, step: int, n: int) -> np.ndarray:
+        """n uniforms in [0, 1) (float64) of `stream` at `step`: the whole global batch's."""
+        return np.random.Generator(np.random.Philox(key=self.key(stream), counter=[0, 0, int(step), 0])).random(n)
+
+    def noise(self, step: int, samples: range, shape) -> torch.Tensor:
+        """Standard normal noise [len(samples), *shape] (float32) of the given global sample indices at
+        `step`: sample i's is its own counter's, whichever process draws it."""
+        out = np.empty((len(samples), *shape), dtype=np.float32)
+        key = self.key("noise")
+        for k, i in enumerate(samples):
+            # Counter word 0 advances as numbers are drawn; the sample and step sit in words 1 and 2.
+            gen = np.random.Generator(np.random.Philox(key=key, counter=[0, int(i), int(step), 0]))
+            gen.standard_normal(out=out[k], dtype=np.float32)
+        return torch.from_numpy(out)
 
 
 def batch_indices(step: int, batch_size: int, n: int, seed: int, cache: dict) -> torch.Tensor:
@@ -30,29 +70,15 @@ def batch_indices(step: int, batch_size: int, n: int, seed: int, cache: dict) ->
     return torch.tensor(out)
 
 
-def stream_generators(seed: int, label_dropout: bool = False, stream_seed: int | None = None) -> dict[str, torch.Generator]:
-    """One generator per random stream, each seeded from the run's seed alone; with `stream_seed`
-    (a method's ``streams`` slot, the placebo's) the timestep and noise streams from that instead.
+def sample_timesteps(probs: torch.Tensor, u: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """One timestep from `probs` per uniform in `u`, by inverse CDF.
 
-    Separate streams are what make seed k give every method the same noise and flips: the
-    noise generator is never advanced by the timestep draw, whatever the method's distribution.
-    Label dropout (classifier-free guidance) has its own stream, only in runs that use it.
-    """
-    streams = ((101, "t"), (202, "noise"), (303, "flip")) + (((404, "label"),) if label_dropout else ())
-    own = seed if stream_seed is None else stream_seed
-    return {name: torch.Generator().manual_seed((own if name in ("t", "noise") else seed) * 1_000_003 + offset)
-            for offset, name in streams}
-
-
-def sample_timesteps(probs: torch.Tensor, n: int, gen: torch.Generator) -> torch.Tensor:
-    """n timesteps from `probs` by inverse CDF of n uniforms from `gen`.
-
-    Every method consumes exactly n uniforms per step and maps uniform u to the same quantile
+    Every method consumes exactly one uniform per image and maps uniform u to the same quantile
     of its own distribution, so methods at one seed share their random numbers (common random
-    numbers) and the draw does not depend on how torch.multinomial uses a generator.
+    numbers), and the draw does not depend on how torch.multinomial uses a generator.
     """
     cdf = torch.cumsum(probs.double(), 0)
-    u = torch.rand(n, generator=gen, dtype=torch.float64) * cdf[-1]
+    u = torch.as_tensor(u, dtype=torch.float64) * cdf[-1]
     return torch.searchsorted(cdf, u, right=True).clamp_(max=len(probs) - 1)
 
 
@@ -65,27 +91,29 @@ def _to(x: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
 
 
 def draw_batch(state: RunState, step: int) -> Batch:
-    """Iteration `step`'s random draws. The whole global batch is drawn from the run's generators
-    (so nothing depends on the number of processes); this process keeps its slice of the images,
-    flips and noise, and the global timesteps and loss weights for the log."""
-    cfg, rt, B = state.cfg, state.rt, state.cfg.batch_size
-    start = time.perf_counter()
+    """Iteration `step`'s random draws: this process's slice of the images, flips and noise, and the
+    global timesteps and loss weights (for the log). `seconds` is this thread's CPU time spent
+    drawing (not the wall time, which would include waiting for the device)."""
+    cfg, rt, B, streams = state.cfg, state.rt, state.cfg.batch_size, state.streams
+    start = time.thread_time()
     b = B // rt.world_size
-    mine = slice(rt.rank * b, (rt.rank + 1) * b)
+    mine = range(rt.rank * b, (rt.rank + 1) * b)
+    sl = slice(mine.start, mine.stop)
     dev = rt.torch_device
-    idx = batch_indices(step, B, len(state.images), cfg.seed, state.perm_cache)[mine]
+    idx = batch_indices(step, B, len(state.images), cfg.seed, state.perm_cache)[sl]
     idx = _to(idx, state.images.device)  # labels live beside the images (setup)
     images = state.images[idx]
     labels = None
     if state.num_classes:
         labels = state.labels[idx]
         if cfg.p_uncond > 0:  # classifier-free guidance: some labels become the null label K
-            drop = (torch.rand(B, generator=state.gens["label"]) < cfg.p_uncond)[mine]
+            drop = torch.from_numpy(streams.uniforms("label", step, B)[sl] < cfg.p_uncond)
             labels = torch.where(drop.to(labels.device), state.num_classes, labels)
-    flip = (torch.rand(B, generator=state.gens["flip"]) < 0.5)[mine] if cfg.flip else None
-    t = sample_timesteps(timestep_probs_at(state.method, step / cfg.iters, state.schedule), B, state.gens["t"])
+    flip = torch.from_numpy(streams.uniforms("flip", step, B)[sl] < 0.5) if cfg.flip else None
+    t = sample_timesteps(timestep_probs_at(state.method, step / cfg.iters, state.schedule),
+                         streams.uniforms("t", step, B))
     weights = loss_weights_at(state.method, t, step / cfg.iters, state.schedule, cfg.target).to(torch.float32)
-    eps = torch.randn((B, *state.images.shape[1:]), generator=state.gens["noise"])[mine]
+    eps = streams.noise(step, mine, state.images.shape[1:])
     batch = Batch(*(_to(x, dev) for x in (images, flip, eps, labels, t, weights)), 0.0)
-    batch.seconds = time.perf_counter() - start
+    batch.seconds = time.thread_time() - start
     return batch

@@ -13,7 +13,7 @@ from bench.errors import CheckpointError
 from bench.fileio import atomic_write
 from bench.train.state import RunState
 
-CHECKPOINT_FORMAT = 2  # 2: one generator per random stream (timesteps, noise, flips); world_size since
+CHECKPOINT_FORMAT = 3  # 3: draws keyed by (seed, step, sample), no generator states; world_size since
                        # multi-process training (absent: 1)
 
 
@@ -44,10 +44,9 @@ def save_checkpoint(state: RunState, path: Path) -> None:
     rngs = gather_objects(_process_rng(state.rt))
     if state.rt.rank != 0:
         return
-    gens = state.gen_states or {name: g.get_state() for name, g in state.gens.items()}
     data = {"format": CHECKPOINT_FORMAT, "step": state.step, "world_size": state.rt.world_size,
             "model": state.model.state_dict(), "ema": state.ema.state_dict(), "opt": state.opt.state_dict(),
-            "rng_torch": rngs[0]["cpu"], "rng_processes": rngs, "rng": gens, "clocks": state.clocks}
+            "rng_torch": rngs[0]["cpu"], "rng_processes": rngs, "clocks": state.clocks}
     # A failed write (a full disk) leaves the previous checkpoint and no partial file behind; a write
     # killed with its process leaves its temporary file (fileio.atomic_write's name), removed here.
     for stale in path.parent.glob(f".{path.name}.*.tmp"):
@@ -88,7 +87,5 @@ def resume(state: RunState, path: Path) -> None:
     torch.set_rng_state(rng["cpu"])
     if "cuda" in rng and state.rt.torch_device.type == "cuda":
         torch.cuda.set_rng_state(rng["cuda"], state.rt.torch_device)
-    for name, g in state.gens.items():
-        g.set_state(ckpt["rng"][name])
     state.step, state.clocks = int(ckpt["step"]), dict(ckpt["clocks"])
-    state.prefetched = state.gen_states = None
+    state.prefetched = None

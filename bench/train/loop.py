@@ -8,8 +8,8 @@ EMA weights outside the training clock.
 
 Device and processes (bench/core/runtime.py): everything lives on the run's device; the random
 streams are CPU generators, so a seed gives the same data, timesteps and noise on any device.
-With N processes (torchrun, DDP) every process draws the whole global batch and keeps its
-slice, gradients are averaged, and rank 0 alone keeps the EMA and writes files; every process
+With N processes (torchrun, DDP) every process draws its own slice of the global batch (the
+same numbers a single process draws for those images), gradients are averaged, and rank 0 alone keeps the EMA and writes files; every process
 evaluates its share of the images (rank 0's EMA, broadcast first).
 
 Run folder:
@@ -51,7 +51,7 @@ from bench.data.loading import is_memory_mapped, load_dataset, to_model_range
 from bench.errors import ConfigError, DivergenceError
 from bench.eval.evaluate import Evaluator, check_eval_data
 from bench.models.networks import build_model
-from bench.train.batches import draw_batch, stream_generators
+from bench.train.batches import Streams, draw_batch
 from bench.train.checkpoint import resume, save_checkpoint
 from bench.train.resolve import ResolvedRun, resolve_run
 from bench.train.run_folder import config_diff, write_status
@@ -103,7 +103,7 @@ def setup(cfg: TrainConfig, method: Method, rt: Runtime | None = None) -> RunSta
     resident = images if is_memory_mapped(images) else images.to(device)
     return RunState(cfg, method, rt, schedule, resident, labels.to(resident.device) if num_classes else None,
                     num_classes, model, ema, opt,
-                    stream_generators(cfg.seed, cfg.p_uncond > 0, stream_seed_at(method, cfg.seed)), memory_format)
+                    Streams(cfg.seed, stream_seed_at(method, cfg.seed)), memory_format)
 
 
 def check_data_and_network(cfg: TrainConfig) -> None:
@@ -172,14 +172,13 @@ def train_step(state: RunState) -> dict:
             torch._foreach_lerp_(list(state.ema.parameters()), params, 1.0 - decay)
     state.step += 1
 
-    # On a GPU, draw the next batch while the device works (the generators' order is unchanged; on
+    # On a GPU, draw the next batch while the device works (draws are pure functions of the step; on
     # the CPU there is nothing to overlap, and the method's hooks run within their own step).
     if state.step < cfg.iters and rt.torch_device.type == "cuda":
-        state.gen_states = {name: g.get_state() for name, g in state.gens.items()}
         state.prefetched = draw_batch(state, state.step)
         data_seconds += state.prefetched.seconds
     else:
-        state.prefetched = state.gen_states = None
+        state.prefetched = None
 
     # Log: the objective, the unweighted MSE per timestep quartile (global batch), the optimizer's state.
     mse_all = gather_slices(mse.detach())

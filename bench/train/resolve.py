@@ -26,6 +26,7 @@ from bench.core.spec import Method
 from bench.data.loading import dataset_info
 from bench.errors import BenchError, ConfigError
 from bench.eval.spec import resolve_spec
+from bench.train.batches import DRAWS
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,7 @@ def run_record(cfg: TrainConfig, method: Method | None = None) -> dict:
     """config.json: the config plus what the method resolved to."""
     method = method or get_method(cfg.method, cfg.method_params, cfg.plugins)
     return {**cfg.to_dict(), "method_label": method.label, "method_slots": sorted(method.slots),
-            "method_resolved_params": dict(method.hp), "method_source": method.source}
+            "method_resolved_params": dict(method.hp), "method_source": method.source, "draws": DRAWS}
 
 
 def evaluator_spec(cfg: TrainConfig) -> dict:

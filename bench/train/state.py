@@ -6,6 +6,7 @@ bench.train.batches draws, bench.train.checkpoint saves and restores."""
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 from dataclasses import dataclass, field
 
 import torch
@@ -14,6 +15,9 @@ from bench.core.config import TrainConfig
 from bench.core.diffusion import Schedule
 from bench.core.runtime import Runtime
 from bench.core.spec import Method
+
+if TYPE_CHECKING:  # type only: batches imports this module
+    from bench.train.batches import Streams
 
 
 @dataclass
@@ -45,7 +49,7 @@ class RunState:
     model: torch.nn.Module
     ema: torch.nn.Module
     opt: torch.optim.Optimizer
-    gens: dict
+    streams: "Streams"  # the keys of the random streams (bench.train.batches): draws need no state
     memory_format: torch.memory_format
     step: int = 0
     clocks: dict = field(default_factory=lambda: {"train_seconds": 0.0, "eval_seconds": 0.0})
@@ -54,7 +58,6 @@ class RunState:
     net: torch.nn.Module = field(init=False)  # what a training step calls: the model, in DDP and compiled if asked
     dev_schedule: Schedule = field(init=False)
     prefetched: Batch | None = None  # the next step's batch, drawn while the device computes this one
-    gen_states: dict | None = None  # the generators' states before `prefetched` was drawn (for checkpoints)
 
     def __post_init__(self):
         self.params = list(self.model.parameters())
