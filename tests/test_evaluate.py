@@ -14,7 +14,7 @@ from bench.eval.spec import DEFAULTS, resolve_spec
 from bench.models.networks import build_model
 
 ROW_KEYS = {"step", "metric", "value", "feature_extractor", "num_gen", "ref_split", "num_ref", "sampler",
-            "sampler_steps", "eta", "eval_seconds"}
+            "sampler_steps", "eta", "eval_seconds", "ref_sha256", "sample_precision"}
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +64,7 @@ def test_rows_and_fixed_noise(cache, model, schedule):
     prepared = dict(ev._prepared)
     again = ev.evaluate(model, schedule, "eps", step=200)
     assert [r["value"] for r in again] == [r["value"] for r in rows]
+    assert len(rows[0]["ref_sha256"]) == 16 and again[0]["ref_sha256"] == rows[0]["ref_sha256"]
     # The extractor and reference statistics are kept (the same objects, not loaded again).
     assert all(ev._prepared[k] is v for k, v in prepared.items())
     other_bs = Evaluator(_spec(cache, batch_size=7)).evaluate(model, schedule, "eps", step=100)
@@ -107,6 +108,21 @@ def test_a_better_model_scores_better(cache, schedule):
     assert good < bad / 5, (good, bad)
 
 
+def test_sampling_precision_is_an_option_every_row_names(cache, model, schedule):
+    """fp32 by default on a CPU (TF32 does not exist there, so asking for it is fp32 too); bf16 autocast
+    samples close to, but not exactly, fp32's images; the features are fp32 in every case."""
+    from bench.core.runtime import sample_precision
+
+    assert sample_precision(None, torch.device("cpu")) == "fp32" and sample_precision("tf32", torch.device("cpu")) == "fp32"
+    assert sample_precision(None, torch.device("cuda")) == "tf32" and sample_precision("fp32", torch.device("cuda")) == "fp32"
+    rows = {p: Evaluator(_spec(cache, sample_precision=p, metrics=["proxy_fd"])).evaluate(model, schedule, "eps", 1)[0]
+            for p in (None, "tf32", "bf16")}
+    assert [rows[p]["sample_precision"] for p in (None, "tf32", "bf16")] == ["fp32", "fp32", "bf16"]
+    assert rows[None]["value"] == rows["tf32"]["value"]
+    assert rows["bf16"]["value"] != rows[None]["value"]
+    assert abs(rows["bf16"]["value"] - rows[None]["value"]) < 0.2 * rows[None]["value"]
+
+
 def test_spec_checks():
     assert resolve_spec({})["metrics"] == DEFAULTS["metrics"]
     assert resolve_spec({"metrics": "fid, kid"})["metrics"] == ["fid", "kid"]
@@ -120,7 +136,8 @@ def test_spec_checks():
                       ({"eta": 2.0}, "eta must be a number in [0, 1], got 2.0"),
                       ({"sampler_steps": 0}, "sampler_steps must be an integer in 1.."),
                       ({"ddpm_variance": "huge"}, "unknown ddpm_variance 'huge'; use one of large, small"),
-                      ({"timestep_spacing": "odd"}, "unknown timestep spacing 'odd'; use one of ")):
+                      ({"timestep_spacing": "odd"}, "unknown timestep spacing 'odd'; use one of "),
+                      ({"sample_precision": "fp16"}, "sample_precision must be fp32, tf32, bf16 or null")):
         with pytest.raises(ConfigError, match=f"^eval: {re.escape(what)}"):
             resolve_spec(bad)
 

@@ -394,7 +394,8 @@ def test_train_wires_data_and_noise_apart_from_the_timestep_draw(tmp_path, monke
 
 
 def test_noise_stream_does_not_depend_on_the_timestep_distribution():
-    from bench.train.batches import Streams, sample_timesteps
+    from bench.train.batches import sample_timesteps
+    from bench.train.state import Streams
 
     T, B = 1000, 64
     uniform = torch.full((T,), 1.0 / T, dtype=torch.float64)
@@ -418,7 +419,7 @@ def test_noise_stream_does_not_depend_on_the_timestep_distribution():
 def test_draws_are_keyed_by_seed_stream_step_and_sample():
     """Counter-based draws: a sample's noise is the same whichever range it is drawn in; steps, seeds
     and streams differ; and the numbers are standard normal / uniform."""
-    from bench.train.batches import Streams
+    from bench.train.state import Streams
 
     s = Streams(seed=3, stream_seed=3)
     whole = s.noise(7, range(16), (2, 3, 3))

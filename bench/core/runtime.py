@@ -96,17 +96,39 @@ def init_processes(device: torch.device) -> str | None:
 
 
 @contextlib.contextmanager
-def full_fp32():
-    """No TF32 inside (evaluation: samples and feature extractors in plain fp32, like on a CPU)."""
+def full_fp32(allow_tf32: bool = False):
+    """No TF32 inside (feature extractors in plain fp32, like on a CPU), unless `allow_tf32`."""
     if not torch.cuda.is_available():
         yield
         return
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = allow_tf32
     try:
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+SAMPLE_PRECISIONS = ("fp32", "tf32", "bf16")
+
+
+def sample_precision(name: str | None, device: torch.device) -> str:
+    """The precision an evaluation samples in on `device`: `name`, or the field's default, TF32 on a
+    CUDA GPU (DiT's sampler) and fp32 elsewhere. TF32 exists on CUDA alone: on a CPU it is fp32."""
+    name = name or ("tf32" if device.type == "cuda" else "fp32")
+    return "fp32" if name == "tf32" and device.type != "cuda" else name
+
+
+@contextlib.contextmanager
+def sampling_in(precision: str, device: torch.device):
+    """The network's forward passes inside run in `precision` (sample_precision's name): plain fp32,
+    TF32 matmuls and convolutions, or bf16 autocast (the sampler's own arithmetic stays fp32)."""
+    with full_fp32(allow_tf32=precision == "tf32"):
+        if precision == "bf16":
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
+                yield
+        else:
+            yield
 
 
 def finish_processes() -> None:

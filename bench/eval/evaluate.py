@@ -10,8 +10,9 @@ The defaults are the fastest sensible setting on a CPU: deterministic DDIM and t
 metrics; Inception FID costs far more per image (measured by ``python -m bench.tools.speed_eval``; the
 README's "Speed" section has its output).
 
-Each row is flat: step, metric, value, feature_extractor, num_gen, ref_split, num_ref,
-sampler, sampler_steps, eta (None for ddpm), eval_seconds; and also dataset, resolution,
+Each row is flat: step, metric, value, feature_extractor, num_gen, ref_split, num_ref, ref_sha256
+(the reference statistics' hash: bench.eval.fid.RefStats.sha256),
+sampler, sampler_steps, sample_precision (the network's precision while sampling), eta (None for ddpm), eval_seconds; and also dataset, resolution,
 noise_seed, weights_sha1 and weights_sha256 (of the feature extractor), weights_shipped (a
 pinned extractor from the repository, not one trained on this machine), timestep_spacing and
 timesteps (the sampler's visited timesteps, in order), noise_floor (the same metric between
@@ -30,7 +31,7 @@ import time
 import numpy as np
 import torch
 
-from bench.core.runtime import gather_objects, is_main, shard
+from bench.core.runtime import full_fp32, gather_objects, is_main, sample_precision, sampling_in, shard
 from bench.data.loading import load_dataset
 from bench.errors import ConfigError, DatasetError
 from bench.eval.fid import (
@@ -204,17 +205,21 @@ class Evaluator:
         steps = check_sampler_args(s["sampler"], s["sampler_steps"], s["eta"], schedule.T, s["ddpm_variance"],
                                    s["timestep_spacing"])
 
-        setup_seconds = self.prepare(model_device(model))
+        device = model_device(model)
+        setup_seconds = self.prepare(device)
+        precision = sample_precision(s["sample_precision"], device)
         per_set, sample_seconds = [], 0.0
         for j in range(max(1, int(noise_sets))):
             t1 = time.perf_counter()
-            images = self._sample(model, schedule, target, steps, s["noise_seed"] + j)  # this rank's share
+            with sampling_in(precision, device):
+                images = self._sample(model, schedule, target, steps, s["noise_seed"] + j)  # this rank's share
             sample_seconds += time.perf_counter() - t1
             if j == 0 and s["save_samples"] and out_dir is not None:
                 everyone = torch.cat(gather_objects(images))
                 if is_main():
                     self._save_samples(everyone, f"step{int(step):08d}{samples_suffix}", out_dir)
-            per_set.append(self._score(images))
+            with full_fp32():  # features as fp32 computes them, whatever the sampling precision
+                per_set.append(self._score(images))
         eval_seconds = time.perf_counter() - t0
 
         ts = timestep_sequence(schedule.T, steps, s["timestep_spacing"])
@@ -229,8 +234,8 @@ class Evaluator:
                       "value_sd": float(np.std(values, ddof=1))} if len(values) > 1 else {}
             rows.append({
                 "step": int(step), "metric": metric, "value": float(np.mean(values)), "feature_extractor": ext.name,
-                "num_gen": s["num_images"], "ref_split": s["ref_split"], "num_ref": int(ref.num),
-                "sampler": s["sampler"], "sampler_steps": steps,
+                "num_gen": s["num_images"], "ref_split": s["ref_split"], "num_ref": int(ref.num), "ref_sha256": ref.sha256,
+                "sampler": s["sampler"], "sampler_steps": steps, "sample_precision": precision,
                 "eta": float(s["eta"]) if s["sampler"] == "ddim" else None,
                 "eval_seconds": round(eval_seconds, 3),
                 "dataset": s["dataset"], "resolution": int(self._prepared["shape"][-1]), "noise_seed": s["noise_seed"],

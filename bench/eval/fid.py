@@ -117,6 +117,16 @@ class RefStats:
     path: Path | None
     computed: bool  # False when read from the cache
 
+    @property
+    def sha256(self) -> str:
+        """The statistics' own hash (of mu and sigma as float64): the same reference whatever file or
+        machine it was read from; every evaluation row records it (`ref_sha256`)."""
+        if "_sha256" not in self.__dict__:
+            h = hashlib.sha256(np.ascontiguousarray(self.mu, dtype=np.float64).tobytes())
+            h.update(np.ascontiguousarray(self.sigma, dtype=np.float64).tobytes())
+            self.__dict__["_sha256"] = h.hexdigest()[:16]
+        return self.__dict__["_sha256"]
+
 def select_subset(n_total: int, num: int | None, seed: int = 0) -> torch.Tensor | None:
     """Indices of a fixed random subset of `num` of `n_total` items (None: all of them)."""
     if num is None or num >= n_total:

@@ -20,6 +20,10 @@ sampler               "ddim"             "ddim" or "ddpm" (ancestral)
 sampler_steps         25                 None: 50 for ddim, T for ddpm
 eta                   0.0                DDIM's eta (0 deterministic, 1 ancestral-like)
 batch_size            250                sampling batch (the samples do not depend on it)
+sample_precision      None               the network's precision while sampling: "fp32", "tf32" or
+                                         "bf16" (autocast); None: TF32 on a CUDA GPU (DiT's sampler),
+                                         fp32 on a CPU (where TF32 does not exist); every row names
+                                         the one used. Features are always computed in plain fp32
 noise_seed            0                  image i always gets the noise of (noise_seed, i)
 cache_dir             None               proxy weights and reference statistics (None: $DIFFBENCH_CACHE/eval,
                                          by default ~/.cache/diffbench/eval, shared by every results folder)
@@ -85,6 +89,7 @@ DEFAULTS = {
     "sampler_steps": 25,
     "eta": 0.0,
     "batch_size": 250,
+    "sample_precision": None,
     "noise_seed": 0,
     "cache_dir": None,
     "clip_x0": True,
@@ -158,6 +163,9 @@ def resolve_spec(spec: dict | None, T: int | None = None) -> dict:
             raise ConfigError("eval: kid needs the reference's features, and ref_stats holds only mu and sigma; "
                               "drop kid or ref_stats")
         check_ref_stats(str(out["ref_stats"]))
+    if out["sample_precision"] not in (None, "fp32", "tf32", "bf16"):
+        raise ConfigError(f"eval: sample_precision must be fp32, tf32, bf16 or null (the device's default), "
+                          f"got {out['sample_precision']!r}")
     if out["ref_split"] not in ("train", "test"):
         raise ConfigError(f"eval: ref_split must be train or test, got {out['ref_split']!r}")
     # torch on first use: suite files are checked (bench.suite.schema) without torch

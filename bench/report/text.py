@@ -60,7 +60,7 @@ def protocol_lines(evals: pd.DataFrame) -> list[str]:
     if evals.empty:
         return ["- no evaluations recorded yet"]
     cols = [c for c in ("feature_extractor", "weights_sha1", "weights_sha256", "weights_shipped", "num_gen", "num_ref",
-                        "ref_split", "sampler", "sampler_steps", "timestep_spacing", "eta", "noise_seed", "fid_mode",
+                        "ref_split", "sampler", "sampler_steps", "sample_precision", "timestep_spacing", "eta", "noise_seed", "fid_mode",
                         "ref_stats", "num_classes", "guidance_scale") if c in evals]
     for metric, g in evals.groupby("metric", sort=True):
         combos = g[cols].drop_duplicates() if cols else pd.DataFrame([{}])
@@ -85,6 +85,8 @@ def protocol_lines(evals: pd.DataFrame) -> list[str]:
                 sampler += f" ({show('timestep_spacing')} spacing)"
             if d.get("eta") is not None:
                 sampler += f", eta {show('eta')}"
+            if d.get("sample_precision"):
+                sampler += f", network in {show('sample_precision')}"
             if d.get("noise_seed") is not None:
                 sampler += f", fixed noise (seed {show('noise_seed')})"
             reference = (f"the external statistics {d['ref_stats']} ({show('num_ref')} images)" if d.get("ref_stats")

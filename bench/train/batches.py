@@ -11,7 +11,6 @@ for the whole global batch by every process (microseconds; the log reads the glo
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -20,38 +19,6 @@ from bench.core.spec import loss_weights_at, timestep_probs_at
 from bench.train.state import Batch, RunState
 
 DRAWS = "philox-v1"  # recorded in config.json: a run folder drawn another way is not resumed with these
-_MASK64 = (1 << 64) - 1
-_STREAM = {"noise": 1, "t": 2, "flip": 3, "label": 4}
-
-
-@dataclass(frozen=True)
-class Streams:
-    """The keys of a run's random streams: its seed, and the seed of the timestep and noise streams
-    (a method's ``streams`` slot, the placebo's, re-seeds those two; data order and flips stay)."""
-
-    seed: int
-    stream_seed: int
-
-    def key(self, stream: str) -> list[int]:
-        own = self.stream_seed if stream in ("t", "noise") else self.seed
-        return [int(own) & _MASK64, _STREAM[stream]]
-
-    def uniforms(self, stream: str, step: int, n: int) -> np.ndarray:
-        """n uniforms in [0, 1) (float64) of `stream` at `step`: the whole global batch's."""
-        return np.random.Generator(np.random.Philox(key=self.key(stream), counter=[0, 0, int(step), 0])).random(n)
-
-    def noise(self, step: int, samples: range, shape) -> torch.Tensor:
-        """Standard normal noise [len(samples), *shape] (float32) of the given global sample indices at
-        `step`: sample i's is its own counter's, whichever process draws it."""
-        out = np.empty((len(samples), *shape), dtype=np.float32)
-        key = self.key("noise")
-        for k, i in enumerate(samples):
-            # Counter word 0 advances as numbers are drawn; the sample and step sit in words 1 and 2.
-            gen = np.random.Generator(np.random.Philox(key=key, counter=[0, int(i), int(step), 0]))
-            gen.standard_normal(out=out[k], dtype=np.float32)
-        return torch.from_numpy(out)
-
-
 def batch_indices(step: int, batch_size: int, n: int, seed: int, cache: dict) -> torch.Tensor:
     """Indices of the images in iteration `step`: consecutive slices of per-epoch permutations.
 

@@ -40,7 +40,6 @@ from bench.core.runtime import (
     StopRequested,
     barrier,
     broadcast_module,
-    full_fp32,
     gather_slices,
     make_runtime,
     stepping,
@@ -51,11 +50,11 @@ from bench.data.loading import is_memory_mapped, load_dataset, to_model_range
 from bench.errors import ConfigError, DivergenceError
 from bench.eval.evaluate import Evaluator, check_eval_data
 from bench.models.networks import build_model
-from bench.train.batches import Streams, draw_batch
+from bench.train.batches import draw_batch
 from bench.train.checkpoint import resume, save_checkpoint
 from bench.train.resolve import ResolvedRun, resolve_run
 from bench.train.run_folder import config_diff, write_status
-from bench.train.state import RunState
+from bench.train.state import RunState, Streams
 
 
 def _set_status(out: Path, state: str, step: int, clocks: dict, reason: str | None = None) -> None:
@@ -263,10 +262,10 @@ def _evaluate(state: RunState, evaluator, events: TrainEvents | None, out: Path)
         sets = noise_sets_at(state.step, cfg.iters, cfg.budget, spec["noise_sets"])
         state.ema.eval()
         broadcast_module(state.ema)  # rank 0 alone keeps the EMA
-        with full_fp32():  # samples and features in plain fp32 (no TF32), as on a CPU
-            rows = evaluator.evaluate(state.ema, state.schedule, cfg.target, state.step, out_dir=out, noise_sets=sets)
-            if at_budget:
-                rows += _budget_evaluations(state, evaluator, out)
+        # The evaluator sets its own precision: sampling as its spec says (every row names it), features in fp32.
+        rows = evaluator.evaluate(state.ema, state.schedule, cfg.target, state.step, out_dir=out, noise_sets=sets)
+        if at_budget:
+            rows += _budget_evaluations(state, evaluator, out)
     barrier()
     stepping(True)
     state.clocks["eval_seconds"] += time.perf_counter() - e_start

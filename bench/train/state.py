@@ -1,14 +1,15 @@
-"""What a run holds while it trains: :class:`RunState` (everything one training step reads and
-changes, saved whole in checkpoint.pt) and :class:`Batch` (one iteration's draws). The loop builds
+"""What a run holds while it trains: :class:`Streams` (the keys every random draw is a function
+of), :class:`RunState` (everything one training step reads and changes, saved whole in
+checkpoint.pt) and :class:`Batch` (one iteration's draws). The loop builds
 them (bench.train.loop.setup; RunState wraps the model in DDP and torch.compile as the runtime asks),
 bench.train.batches draws, bench.train.checkpoint saves and restores."""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from bench.core.config import TrainConfig
@@ -16,8 +17,36 @@ from bench.core.diffusion import Schedule
 from bench.core.runtime import Runtime
 from bench.core.spec import Method
 
-if TYPE_CHECKING:  # type only: batches imports this module
-    from bench.train.batches import Streams
+_MASK64 = (1 << 64) - 1
+_STREAM = {"noise": 1, "t": 2, "flip": 3, "label": 4}
+
+
+@dataclass(frozen=True)
+class Streams:
+    """The keys of a run's random streams: its seed, and the seed of the timestep and noise streams
+    (a method's ``streams`` slot, the placebo's, re-seeds those two; data order and flips stay)."""
+
+    seed: int
+    stream_seed: int
+
+    def key(self, stream: str) -> list[int]:
+        own = self.stream_seed if stream in ("t", "noise") else self.seed
+        return [int(own) & _MASK64, _STREAM[stream]]
+
+    def uniforms(self, stream: str, step: int, n: int) -> np.ndarray:
+        """n uniforms in [0, 1) (float64) of `stream` at `step`: the whole global batch's."""
+        return np.random.Generator(np.random.Philox(key=self.key(stream), counter=[0, 0, int(step), 0])).random(n)
+
+    def noise(self, step: int, samples: range, shape) -> torch.Tensor:
+        """Standard normal noise [len(samples), *shape] (float32) of the given global sample indices at
+        `step`: sample i's is its own counter's, whichever process draws it."""
+        out = np.empty((len(samples), *shape), dtype=np.float32)
+        key = self.key("noise")
+        for k, i in enumerate(samples):
+            # Counter word 0 advances as numbers are drawn; the sample and step sit in words 1 and 2.
+            gen = np.random.Generator(np.random.Philox(key=key, counter=[0, int(i), int(step), 0]))
+            gen.standard_normal(out=out[k], dtype=np.float32)
+        return torch.from_numpy(out)
 
 
 @dataclass
@@ -49,7 +78,7 @@ class RunState:
     model: torch.nn.Module
     ema: torch.nn.Module
     opt: torch.optim.Optimizer
-    streams: "Streams"  # the keys of the random streams (bench.train.batches): draws need no state
+    streams: Streams  # the keys of the random streams (bench.train.batches): draws need no state
     memory_format: torch.memory_format
     step: int = 0
     clocks: dict = field(default_factory=lambda: {"train_seconds": 0.0, "eval_seconds": 0.0})
