@@ -1,6 +1,7 @@
 """The training loop: determinism, exact resume after a kill, logs, and bad input."""
 
 import gzip
+import math
 import os
 import pickle
 import re
@@ -501,3 +502,34 @@ def test_train_without_out_writes_under_the_results_option(tmp_path, capsys):
     # The suite's rule for the workload folder (tests/test_suite.py: synthetic-16_unet-tiny), resolution named.
     run = tmp_path / "res" / "train" / "synthetic-16_unet-micro" / "baseline" / "seed0"
     assert (run / "status.json").exists() and str(run) in capsys.readouterr().out.replace("\n", "")
+
+
+def test_rows_read_once_per_sync_interval_are_the_rows_of_every_step(tmp_path, monkeypatch):
+    """The loop reads the device's numbers once per interval (a GPU's 25 steps; forced to 4 here on the
+    CPU): the same steps.jsonl as reading every step, one host read per interval, and a divergence
+    still fails the run at the first non-finite step with the rows up to it."""
+    import bench.train.loop as loop
+
+    cfg = TrainConfig(method="clts", **{**SMALL, "iters": 10, "grad_clip": 1.0, "ckpt_every": 5})
+    train(cfg, tmp_path / "every")
+    reads = []
+    real_settle = loop.settle
+    monkeypatch.setattr(loop, "settle", lambda state, pending, since: reads.append(len(pending)) or
+                        real_settle(state, pending, since))
+    monkeypatch.setattr(loop, "SYNC_EVERY_CPU", 4)
+    train(cfg, tmp_path / "grouped")
+    assert reads == [4, 1, 3, 2]  # steps 1-4 (interval), 5 (checkpoint), 6-8 (interval), 9-10 (the end)
+    timing = {"images_per_s", "data_seconds", "train_seconds"}
+    every, grouped = (fileio.read_jsonl(tmp_path / d / "steps.jsonl") for d in ("every", "grouped"))
+    assert [{k: v for k, v in r.items() if k not in timing} for r in every] == \
+        [{k: v for k, v in r.items() if k not in timing} for r in grouped]
+    assert all(r["train_seconds"] > 0 and r["images_per_s"] > 0 for r in grouped)
+
+    bad = TrainConfig(method="baseline", **{**SMALL, "iters": 10, "lr": 1e30, "warmup": 0, "grad_clip": 0.0})
+    with pytest.raises(DivergenceError, match=r"^training diverged"):
+        train(bad, tmp_path / "bad")
+    rows = fileio.read_jsonl(tmp_path / "bad" / "steps.jsonl")
+    status = fileio.read_json(tmp_path / "bad" / "status.json")
+    finite = [r["loss"] is not None and math.isfinite(r["loss"]) for r in rows]  # NaN is written as null
+    assert finite == [True] * (len(rows) - 1) + [False]
+    assert status["state"] == "failed" and status["step"] == rows[-1]["step"]

@@ -43,7 +43,7 @@ from bench.core.perf import tune_allocator
 from bench.core.runtime import resolve_device
 from bench.errors import BenchError
 from bench.models.networks import ARCHS, count_parameters
-from bench.train.loop import setup, train, train_step
+from bench.train.loop import settle, setup, step, train, train_step
 from bench.train.resolve import resolve_run
 
 REPO = Path(__file__).resolve().parents[2]
@@ -141,8 +141,7 @@ def throughput(arch: str, settings: dict, data_dir: Path, device: str, quick: bo
             torch.cuda.reset_peak_memory_stats()
         steps = size("steps", quick)
         start = time.perf_counter()
-        rows = [train_step(state) for _ in range(steps)]
-        _sync(device)
+        rows = settle(state, [step(state) for _ in range(steps)], start)  # launched as the loop does, read once
         elapsed = time.perf_counter() - start
         data_s = sum(r["data_seconds"] for r in rows)
         out.update(images_per_s=round(batch * steps / elapsed, 1), step_ms=round(1000 * elapsed / steps, 2),

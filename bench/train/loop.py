@@ -25,6 +25,7 @@ Run folder:
 import copy
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -55,6 +56,9 @@ from bench.train.checkpoint import resume, save_checkpoint
 from bench.train.resolve import ResolvedRun, resolve_run
 from bench.train.run_folder import config_diff, write_status
 from bench.train.state import RunState, Streams
+
+# Steps between host syncs: each one drains a GPU's queue; a CPU has none, so it reads every step at once.
+SYNC_EVERY_GPU, SYNC_EVERY_CPU = 25, 1
 
 
 def _set_status(out: Path, state: str, step: int, clocks: dict, reason: str | None = None) -> None:
@@ -123,16 +127,25 @@ def class_count(cfg: TrainConfig, labels: torch.Tensor) -> int:
     return int(labels.max()) + 1
 
 
-def train_step(state: RunState) -> dict:
-    """One iteration; returns its steps.jsonl row (loss, MSE per timestep quartile, optimizer state)."""
+@dataclass
+class PendingRow:
+    """A step's steps.jsonl row before its numbers leave the device: `row` holds what the host knows,
+    `stats` the device's numbers ([loss, mse, q0..q3 sums, q0..q3 counts, grad norm?]); settle()
+    reads every pending row's stats with one host sync."""
+
+    row: dict
+    stats: torch.Tensor
+
+
+def step(state: RunState) -> PendingRow:
+    """One iteration, launched without waiting for the device; its row is read by settle()."""
     cfg, method, rt, schedule = state.cfg, state.method, state.rt, state.dev_schedule
-    t_start = time.perf_counter()
-    step, B, p = state.step, cfg.batch_size, state.step / cfg.iters
+    k, B, p = state.step, cfg.batch_size, state.step / cfg.iters
 
     # Draw the batch: images, optional flips, timesteps from the method, noise (this process's slice).
     batch, data_seconds = state.prefetched, 0.0  # a prefetched batch's time is in the previous row
     if batch is None:
-        batch = draw_batch(state, step)
+        batch = draw_batch(state, k)
         data_seconds = batch.seconds
     b = B // rt.world_size
     mine = slice(rt.rank * b, (rt.rank + 1) * b)
@@ -157,7 +170,7 @@ def train_step(state: RunState) -> dict:
     # Without clipping, no norm: it would be one more pass over every gradient each step (logged as None).
     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0 else None
     lr_scale, beta1, beta2 = optimizer_settings_at(method, p, cfg.beta1, cfg.beta2)
-    lr = cfg.lr * lr_scale * (min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else 1.0)
+    lr = cfg.lr * lr_scale * (min(1.0, (k + 1) / cfg.warmup) if cfg.warmup else 1.0)
     for group in state.opt.param_groups:
         group["lr"], group["betas"] = lr, (beta1, beta2)
     state.opt.step()
@@ -165,7 +178,7 @@ def train_step(state: RunState) -> dict:
     # Update EMA (rank 0 keeps it).
     decay = ema_decay_at(method, p, cfg.ema_decay)
     if cfg.ema_warmup:
-        decay = min(decay, ema_warmup_decay(step))
+        decay = min(decay, ema_warmup_decay(k))
     if rt.rank == 0:
         with torch.no_grad():
             torch._foreach_lerp_(list(state.ema.parameters()), params, 1.0 - decay)
@@ -179,24 +192,50 @@ def train_step(state: RunState) -> dict:
     else:
         state.prefetched = None
 
-    # Log: the objective, the unweighted MSE per timestep quartile (global batch), the optimizer's state.
+    # Log: the objective, the unweighted MSE per timestep quartile (global batch), the optimizer's state;
+    # kept on the device (no host sync: bincount and .item() would wait for the step).
     mse_all = gather_slices(mse.detach())
     logged_loss = loss.detach() if rt.world_size == 1 else (batch.weights_global * mse_all).mean()
     quart = batch.t_global * 4 // cfg.T
     q_sum = torch.zeros(4, device=mse_all.device).index_add_(0, quart, mse_all)
-    q_cnt = torch.bincount(quart, minlength=4)
-    norm = [] if grad_norm is None else [grad_norm.float()]
-    values = torch.stack([logged_loss, mse_all.mean(), *norm, *(q_sum / q_cnt)]).tolist()  # one sync
-    loss_value, mse_value, q_mean = values[0], values[1], values[-4:]
-    grad_norm = values[2] if norm else None
-    counts = q_cnt.tolist()
-    elapsed = time.perf_counter() - t_start
-    state.clocks["train_seconds"] += elapsed
-    return {"step": state.step, "p": p, "loss": loss_value, "mse": mse_value,
-            **{f"loss_q{i}": q_mean[i] if counts[i] else None for i in range(4)},
-            "lr": lr, "lr_scale": lr_scale, "beta1": beta1, "grad_norm": grad_norm,
-            "clipped": grad_norm is not None and grad_norm > cfg.grad_clip, "ema_decay": decay,
-            "images_per_s": B / elapsed, "data_seconds": data_seconds, "train_seconds": state.clocks["train_seconds"]}
+    q_cnt = torch.zeros(4, device=mse_all.device).index_add_(0, quart, torch.ones_like(mse_all))
+    norm = [] if grad_norm is None else [grad_norm.float().reshape(1)]
+    stats = torch.cat([torch.stack([logged_loss, mse_all.mean()]), q_sum, q_cnt, *norm])
+    row = {"step": state.step, "p": p, "lr": lr, "lr_scale": lr_scale, "beta1": beta1, "ema_decay": decay,
+           "data_seconds": data_seconds}
+    return PendingRow(row, stats)
+
+
+def settle(state: RunState, pending: list[PendingRow], since: float) -> list[dict]:
+    """The steps.jsonl rows of `pending`, read from the device with one host sync. `since` is when the
+    first of them was launched (perf_counter): the interval's wall time, device work included, is
+    the train clock's, shared evenly among its steps (images_per_s is the interval's rate)."""
+    if not pending:
+        return []
+    cfg = state.cfg
+    values = torch.stack([torch.nn.functional.pad(p.stats, (0, 11 - len(p.stats)), value=float("nan"))
+                          for p in pending]).tolist()  # the one sync
+    per_step = (time.perf_counter() - since) / len(pending)
+    start_clock = state.clocks["train_seconds"]
+    rows = []
+    for k, (p, v) in enumerate(zip(pending, values)):
+        loss, mse, q_sum, q_cnt = v[0], v[1], v[2:6], v[6:10]
+        grad_norm = v[10] if len(p.stats) == 11 else None  # None: no clipping, no norm computed
+        rows.append({"step": p.row["step"], "p": p.row["p"], "loss": loss, "mse": mse,
+                     **{f"loss_q{i}": q_sum[i] / q_cnt[i] if q_cnt[i] else None for i in range(4)},
+                     "lr": p.row["lr"], "lr_scale": p.row["lr_scale"], "beta1": p.row["beta1"], "grad_norm": grad_norm,
+                     "clipped": grad_norm is not None and grad_norm > cfg.grad_clip, "ema_decay": p.row["ema_decay"],
+                     "images_per_s": cfg.batch_size / per_step, "data_seconds": p.row["data_seconds"],
+                     "train_seconds": start_clock + per_step * (k + 1)})
+    state.clocks["train_seconds"] = start_clock + per_step * len(pending)
+    return rows
+
+
+def train_step(state: RunState) -> dict:
+    """One iteration, waited for; returns its steps.jsonl row (loss, MSE per timestep quartile,
+    optimizer state). The loop itself launches steps and reads their rows once per sync interval."""
+    since = time.perf_counter()
+    return settle(state, [step(state)], since)[0]
 
 
 def _open_run_folder(cfg: TrainConfig, out: Path, record: dict, rt: Runtime) -> dict | None:
@@ -326,40 +365,52 @@ def train(run: ResolvedRun | TrainConfig, out_dir, events: TrainEvents | None = 
     if run.eval_spec is not None:  # every rank samples and scores its share of each evaluation
         evaluator = _prepared_in_turn(Evaluator({**run.eval_spec, "num_classes": state.num_classes}), rt)
 
-    pending = []
+    # Steps are launched without waiting for the device; their rows are read (one host sync), checked
+    # and shown every `sync_every` steps, and before every evaluation and checkpoint.
+    sync_every = SYNC_EVERY_CPU if rt.torch_device.type == "cpu" else SYNC_EVERY_GPU
+    launched, rows, since = [], [], time.perf_counter()
     state.model.train()
     stepping(True)
     while state.step < cfg.iters:
-        # One step, logged; a non-finite loss ends the run as failed (every process sees the same loss).
-        row = train_step(state)
-        pending.append(row)
-        if events:
-            events.on_step(state.step, cfg.iters, row)
-        if not math.isfinite(row["loss"]):
-            if main:
-                fileio.append_jsonl(out / "steps.jsonl", pending)
-                write_status(out, "failed", state.step, f"non-finite loss ({row['loss']}) at step {state.step}",
-                             error="divergence", **state.clocks)
-            raise DivergenceError(state.step, f"training diverged: loss {row['loss']} at step {state.step}; "
-                                              "lower lr or check the method's hyperparameters")
+        launched.append(step(state))
+        eval_due = run.eval_spec is not None and is_eval_step(state.step, cfg.iters, cfg.eval_every, cfg.budget)
+        ckpt_due = eval_due or state.step == cfg.iters or state.step % cfg.ckpt_every == 0
+        if not (ckpt_due or state.step % sync_every == 0):
+            continue
+
+        # Read the launched steps' rows; a non-finite loss ends the run as failed at its step (every
+        # process sees the same loss), with the rows up to it written.
+        settled = settle(state, launched, since)
+        launched = []
+        for row in settled:
+            rows.append(row)
+            if events:
+                events.on_step(row["step"], cfg.iters, row)
+            if not math.isfinite(row["loss"]):
+                if main:
+                    fileio.append_jsonl(out / "steps.jsonl", rows)
+                    write_status(out, "failed", row["step"], f"non-finite loss ({row['loss']}) at step {row['step']}",
+                                 error="divergence", **state.clocks)
+                raise DivergenceError(row["step"], f"training diverged: loss {row['loss']} at step {row['step']}; "
+                                                   "lower lr or check the method's hyperparameters")
 
         # Evaluate, then checkpoint (the logs are flushed with every checkpoint, never ahead of it).
-        eval_due = run.eval_spec is not None and is_eval_step(state.step, cfg.iters, cfg.eval_every, cfg.budget)
         eval_rows = _evaluate(state, evaluator, events, out) if eval_due else []
         stop = stop_requested(rt.torch_device)  # a Slurm time limit or pre-emption: checkpoint now
-        if stop or eval_due or state.step == cfg.iters or state.step % cfg.ckpt_every == 0:
+        if stop or ckpt_due:
             if main:
-                fileio.append_jsonl(out / "steps.jsonl", pending)
+                fileio.append_jsonl(out / "steps.jsonl", rows)
                 fileio.append_jsonl(out / "evals.jsonl", eval_rows)
             save_checkpoint(state, ckpt_path)
             if main:
                 _set_status(out, "running", state.step, state.clocks,
                             reason=f"stopped by a signal at step {state.step}; resumes from here" if stop else None)
-            pending = []
+            rows = []
             if stop and state.step < cfg.iters:
                 barrier()  # every process leaves after rank 0 has written the checkpoint and the status
                 stepping(False)
                 raise StopRequested(state.step)
+        since = time.perf_counter()
 
     stepping(False)
     if main:
