@@ -1,8 +1,8 @@
 """Devices, the fast path and multi-process training (bench/core/runtime.py), on this CPU with gloo.
 
 Two torchrun processes at global batch 16 must train like one process at batch 16: every
-process draws the whole batch's indices, timesteps and noise and keeps its half, and DDP averages
-the gradients. Tolerance: per-step losses and MSE quartiles within 1e-6 relative (the only
+process draws its half of the batch (the same images, noise and timesteps one process draws for
+those rows), and DDP averages the gradients. Tolerance: per-step losses and MSE quartiles within 1e-6 relative (the only
 difference is the order of float sums), weights within 5e-5 absolute after 5 steps at lr 1e-3
 without warm-up (measured: 4.4e-6; a wrong slice or an unaveraged gradient moves weights by
 ~1e-3 per step). Tests that need CUDA are skipped without one; `python -m bench.gpu_check`
@@ -485,3 +485,53 @@ def test_a_two_process_run_evaluates_on_both_ranks_like_one_process(tmp_path):
         [(4, "proxy_fd"), (4, "proxy_kid")]
     for a, b in zip(one, two):
         assert b["value"] == pytest.approx(a["value"], rel=1e-6)
+
+
+SLOW_RANK_SCRIPT = """
+import sys, time
+from bench.core.config import TrainConfig
+from bench.core.runtime import finish_processes, is_main
+from bench.eval.evaluate import Evaluator
+from bench.train.loop import train
+
+if is_main():  # rank 0 samples its share 12 s late, twice the collectives' timeout
+    real = Evaluator._sample
+    def late(self, *args, **kwargs):
+        time.sleep(12)
+        return real(self, *args, **kwargs)
+    Evaluator._sample = late
+cfg = TrainConfig(dataset="synthetic", arch="unet-tiny", iters=4, batch_size=8, warmup=0, gpus=2, eval_every=2,
+                  eval={"metrics": ["proxy_fd"], "num_images": 8, "sampler_steps": 2})
+print(train(cfg, sys.argv[1])["state"])
+finish_processes()
+"""
+
+
+@pytest.mark.slow
+def test_a_rank_that_evaluates_slowly_does_not_time_out_the_others(tmp_path):
+    """Collectives time out after 6 s here (DIFFBENCH_DIST_TIMEOUT_MIN=0.1) and rank 0 is 12 s late at
+    each of two evaluations: the other rank waits at the store (runtime.meet), not in the gather, and
+    the run ends done with both evaluations written."""
+    script = tmp_path / "slow_rank.py"
+    script.write_text(SLOW_RANK_SCRIPT)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(script), str(tmp_path / "run")], capture_output=True, text=True, cwd=REPO, timeout=900,
+                       env={**os.environ, "DIFFBENCH_DIST_TIMEOUT_MIN": "0.1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert fileio.read_json(tmp_path / "run" / "status.json")["state"] == "done"
+    assert [e["step"] for e in fileio.read_jsonl(tmp_path / "run" / "evals.jsonl")] == [2, 4]
+
+
+def test_the_backend_follows_the_ranks_gpus():
+    """NCCL when every rank has a GPU of its own (by UUID: one GPU per task still reads as distinct),
+    gloo on CPUs, and one error line when ranks share a GPU, unless gloo is asked for by name."""
+    from bench.core.runtime import choose_backend
+
+    assert choose_backend(["GPU-a", "GPU-b", "GPU-c", "GPU-d"]) == "nccl"
+    assert choose_backend(["cpu", "cpu"]) == "gloo"
+    assert choose_backend(["GPU-a", "GPU-a"], override="gloo") == "gloo"
+    with pytest.raises(ConfigError, match=r"^processes 0, 2 share one GPU \(GPU-a\), which NCCL refuses: .*"
+                                          r"DIFFBENCH_DIST_BACKEND=gloo"):
+        choose_backend(["GPU-a", "GPU-b", "GPU-a"])
+    with pytest.raises(ConfigError, match="^some processes of this run have a GPU and some do not"):
+        choose_backend(["GPU-a", "cpu"])

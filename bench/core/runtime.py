@@ -21,9 +21,12 @@ Fast path, each part recorded in config.json's ``runtime`` list and the report:
 
 Processes: ``gpus = N`` runs N processes (one per GPU; gloo processes on a CPU), started by
 torchrun (``torchrun --nproc_per_node N run_bench.py train ...``; the suite runner and the Slurm
-path start them for you). Backend: NCCL when every rank has its own GPU, else gloo;
-``DIFFBENCH_DIST_BACKEND`` overrides it. ``DIFFBENCH_DIST_TIMEOUT_MIN`` (default 180) bounds
-how long a rank waits at a collective (evaluation is shared: every rank samples its share).
+path start them for you). Backend: NCCL when every rank has a GPU of its own (compared by UUID),
+gloo on CPUs, and an error when ranks share a GPU unless ``DIFFBENCH_DIST_BACKEND=gloo`` asks for
+gloo by name (``DIFFBENCH_DIST_BACKEND`` overrides the choice). ``DIFFBENCH_DIST_TIMEOUT_MIN`` (default 180) bounds
+a collective; ranks that may be far apart (evaluation, checkpoints) first meet through the
+rendezvous store (:func:`meet`, bounded by ``DIFFBENCH_WAIT_MIN``, default 720), so no rank waits
+inside a collective for another that is still working.
 """
 
 from __future__ import annotations
@@ -31,7 +34,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
-import sys
 from dataclasses import asdict, dataclass
 
 import torch
@@ -73,25 +75,56 @@ def is_main() -> bool:
     return world()[0] == 0
 
 
+def gpu_id(device: torch.device) -> str:
+    """What identifies this process's device across processes: the GPU's UUID (the same GPU seen
+    through different CUDA_VISIBLE_DEVICES has one UUID), or "cpu"."""
+    if device.type != "cuda":
+        return "cpu"
+    return str(torch.cuda.get_device_properties(device).uuid)
+
+
+def choose_backend(ids: list[str], override: str | None = None) -> str:
+    """The process group's backend from every rank's device id (gpu_id): NCCL when each rank has a
+    GPU of its own, gloo on CPUs. Ranks that share a GPU (NCCL refuses them) are an error unless
+    gloo is asked for by name (DIFFBENCH_DIST_BACKEND=gloo: slow, fine for a check)."""
+    if override:
+        return override
+    if all(i == "cpu" for i in ids):
+        return "gloo"
+    if "cpu" in ids:
+        raise ConfigError("some processes of this run have a GPU and some do not; give every process its own GPU "
+                          "(or run on CPUs alone with --device cpu)")
+    shared = sorted({i for i in ids if ids.count(i) > 1})
+    if shared:
+        ranks = [r for r, i in enumerate(ids) if i == shared[0]]
+        raise ConfigError(f"processes {', '.join(map(str, ranks))} share one GPU ({shared[0]}), which NCCL refuses: "
+                          "give each process its own GPU (check CUDA_VISIBLE_DEVICES and the job's GPU binding), or "
+                          "set DIFFBENCH_DIST_BACKEND=gloo for a slow check")
+    return "nccl"
+
+
 def init_processes(device: torch.device) -> str | None:
-    """Join the process group of a multi-process run (once per process); its backend, or None alone."""
+    """Join the process group of a multi-process run (once per process); its backend, or None alone.
+    The ranks first tell each other their GPUs' UUIDs through the rendezvous store (torchrun's or
+    submitit's MASTER_ADDR:MASTER_PORT), so the backend follows the GPUs they have, not how many
+    this process happens to see (one per task on clusters that bind GPUs to tasks)."""
     rank, size, _ = world()
     if size == 1:
         return None
     if dist.is_initialized():
         return dist.get_backend()
-    backend = os.environ.get("DIFFBENCH_DIST_BACKEND")
-    if not backend:
-        on_node = int(os.environ.get("LOCAL_WORLD_SIZE", size))
-        shared = device.type == "cuda" and on_node > torch.cuda.device_count()
-        backend = "nccl" if device.type == "cuda" and not shared else "gloo"
-        if shared and rank == 0:  # NCCL refuses two processes on one GPU
-            print(f"warning: {on_node} processes share {torch.cuda.device_count()} GPU(s): using gloo, which is "
-                  "slow (fine for a check; give each process its own GPU for speed)", file=sys.stderr)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     timeout = datetime.timedelta(minutes=float(os.environ.get("DIFFBENCH_DIST_TIMEOUT_MIN", 180)))
-    dist.init_process_group(backend, rank=rank, world_size=size, timeout=timeout)
+    wait = datetime.timedelta(minutes=float(os.environ.get("DIFFBENCH_WAIT_MIN", 720)))  # for ranks that start late
+    store, rank, size = next(dist.rendezvous("env://", rank, size, timeout=wait))
+    prefix = f"diffbench/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"  # a restarted group starts anew
+    store.set(f"{prefix}/gpu/{rank}", gpu_id(device))
+    keys = [f"{prefix}/gpu/{r}" for r in range(size)]
+    store.wait(keys, wait)
+    backend = choose_backend([store.get(k).decode() for k in keys], os.environ.get("DIFFBENCH_DIST_BACKEND"))
+    dist.init_process_group(backend, store=store, rank=rank, world_size=size, timeout=timeout)
+    _MEET.update(store=store, prefix=prefix, count=0)
     return backend
 
 
@@ -135,10 +168,32 @@ def finish_processes() -> None:
     """Leave the process group (end of a multi-process command)."""
     if dist.is_initialized():
         dist.destroy_process_group()
+    _MEET.update(store=None, count=0)
+
+
+_MEET = {"store": None, "prefix": "", "count": 0}
+
+
+def meet() -> None:
+    """Wait until every rank of the run reaches this point, through the rendezvous store rather than a
+    collective: a rank that is far behind (rank 0 preparing reference statistics, writing samples,
+    an uneven share of an evaluation) is waited for up to DIFFBENCH_WAIT_MIN minutes (default 720),
+    never up to a collective's timeout (DIFFBENCH_DIST_TIMEOUT_MIN), which would end the job. Every
+    rank calls it at the same points, in the same order."""
+    store = _MEET["store"]
+    if store is None or not dist.is_initialized():
+        return
+    n, rank, size = _MEET["count"], dist.get_rank(), dist.get_world_size()
+    _MEET["count"] += 1
+    store.set(f"{_MEET['prefix']}/meet/{n}/{rank}", "1")
+    wait = datetime.timedelta(minutes=float(os.environ.get("DIFFBENCH_WAIT_MIN", 720)))
+    store.wait([f"{_MEET['prefix']}/meet/{n}/{r}" for r in range(size)], wait)
 
 
 def barrier() -> None:
+    """Every rank here (met through the store first, so no rank waits long inside the collective)."""
     if dist.is_initialized():
+        meet()
         dist.barrier()
 
 
@@ -185,15 +240,18 @@ def broadcast_module(module: torch.nn.Module) -> None:
     keeps, before every rank samples its share of an evaluation)."""
     if not dist.is_initialized():
         return
+    meet()  # rank 0 may still be writing the previous checkpoint or log
     with torch.no_grad():
         for t in [*module.parameters(), *module.buffers()]:
             dist.broadcast(t.data, src=0)
 
 
 def gather_objects(obj) -> list:
-    """Every rank's `obj`, in rank order (on every rank)."""
+    """Every rank's `obj`, in rank order (on every rank); the ranks meet first (an evaluation's shares
+    can finish far apart)."""
     if not dist.is_initialized():
         return [obj]
+    meet()
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
