@@ -4,6 +4,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 from bench.core.eval_steps import eval_steps
 from bench.errors import ConfigError
@@ -345,3 +346,31 @@ def test_train_settings_are_checked_together_with_the_suites_other_values(tmp_pa
     suite = load_suite(write(tmp_path, text, "ok.toml"))
     config = suite.runs()[0].config
     assert config["class_cond"] and config["p_uncond"] == 0.1 and config["gpus"] == 2 and config["batch_size"] == 4
+
+
+def test_the_cost_model_prices_paper_imagenet128s_evaluation_within_2x_of_a_flop_count():
+    """Counted here: adm-unet's forward FLOPs at 128 px (class-conditional, torch's FLOP counter on the
+    meta device) x every network evaluation the suite's plan makes (FID-10k at 8 points and FID-50k
+    at the end, DDIM 100), at the suite's bf16 peak x utilization x 8 GPUs; plus Inception's published
+    5.7 G multiply-adds per image in fp32. The dry run's evaluation hours must be within 2x of it,
+    and shown apart from training's."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from bench.models.networks import build_model
+
+    s = load_suite("paper-imagenet128")
+    run = s.runs()[0]
+    c = run_cost(s, run)
+    with torch.device("meta"):
+        net = build_model("adm-unet", 3, 128, num_classes=1000)
+        with FlopCounterMode(display=False) as counter:
+            net(torch.zeros(1, 3, 128, 128), torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long))
+    images = 8 * 10_000 + 50_000
+    assert c.sample_images == images and c.network_evals == images * 100
+    tflops, use = s.cost["device_tflops"], s.cost["utilization"]
+    counted = (images * 100 * counter.get_total_flops() / (tflops["bf16"] * 1e12 * use * 8)
+               + images * 2 * 5.7e9 / (tflops["fp32"] * 1e12 * use * 8))
+    assert 0.5 < c.eval_s / counted < 2.0
+    assert c.eval_s < 0.5 * c.train_s  # a fraction of training, not the 80x under-pricing of a training rate
+    text = describe_plan(s)
+    assert "(training 13.3 days, evaluation " in text and re.search(r"\btrain +eval +est. time\n", text)

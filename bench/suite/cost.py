@@ -7,8 +7,15 @@
 - sampling: every evaluation generates ``num_images`` images with ``sampler_steps`` network
   evaluations each; one network evaluation without backward costs ``1 / forward_ratio`` of a
   training image (default 2.5, measured for unet-tiny on the CPU; 3 is the textbook figure);
+- on GPUs (a [cost] table with ``device_tflops``): evaluation is priced from FLOPs instead:
+  sampled images x sampler steps x the network's forward FLOPs (:data:`FORWARD_GFLOP`, counted
+  with torch.utils.flop_counter, scaled by the pixel count) at the peak rate of the sampling
+  precision (eval ``sample_precision``, default tf32) x ``utilization`` (default 0.35) x the run's
+  GPUs (evaluation is sharded over them), plus Inception's forward (:data:`INCEPTION_GFLOP`, in
+  fp32) and clean-fid's resize on the CPUs (``resize_images_per_s`` for the whole node) for every
+  generated image of an FID / KID metric;
 - fixed costs: ``startup_s`` per run (process start, data loading), ``eval_overhead_s`` per
-  evaluation (feature extraction of the generated images, metric arithmetic), and ``setup_s``
+  evaluation (feature extraction of the generated images on a CPU, metric arithmetic), and ``setup_s``
   once per suite (the evaluator's first-time setup: reference statistics, or training a proxy
   feature extractor that is not shipped; cached under $DIFFBENCH_CACHE/eval, by default
   ~/.cache/diffbench/eval, afterwards, so counted only
@@ -36,6 +43,23 @@ TRAIN_IMAGES_PER_S = {
 
 DEFAULT_FORWARD_RATIO = 2.5
 
+#: forward FLOPs of one image (GFLOP, multiply-add = 2) at a reference resolution, counted with
+#: torch.utils.flop_counter.FlopCounterMode on the meta device (tests/test_suite.py recounts
+#: adm-unet); other resolutions scale with the pixel count.
+FORWARD_GFLOP = {
+    "unet-micro": (12, 0.017),
+    "unet-tiny": (16, 0.122),
+    "ddpm-unet": (32, 12.44),
+    "adm-unet": (128, 613.6),
+}
+
+#: clean-fid's Inception v3 forward at 299 x 299 (GFLOP; 5.7 G multiply-adds).
+INCEPTION_GFLOP = 11.5
+
+DEFAULT_UTILIZATION = 0.35
+
+DEFAULT_RESIZE_IMAGES_PER_S = 1000.0
+
 DEFAULT_STARTUP_S = 5.0
 
 DEFAULT_EVAL_OVERHEAD_S = 1.0
@@ -48,12 +72,28 @@ class RunCost:
     sample_images: int
     network_evals: int
     train_s: float
-    sample_s: float
-    overhead_s: float
+    sample_s: float  # the sampler's network evaluations
+    overhead_s: float  # startup and the per-evaluation overhead
+    feature_s: float = 0.0  # Inception features and resize of the generated images (GPU pricing)
+    eval_overhead_s: float = 0.0  # the part of overhead_s that is evaluation's
+
+    @property
+    def eval_s(self) -> float:
+        """Everything an evaluation costs: sampling, features, its overhead."""
+        return self.sample_s + self.feature_s + self.eval_overhead_s
 
     @property
     def total_s(self) -> float:
-        return self.train_s + self.sample_s + self.overhead_s
+        return self.train_s + self.sample_s + self.feature_s + self.overhead_s
+
+
+def forward_gflop(arch: str, resolution: int) -> float | None:
+    """One image's forward FLOPs through `arch` at `resolution` (GFLOP), None for an architecture
+    the table lacks."""
+    if arch not in FORWARD_GFLOP:
+        return None
+    ref, gflop = FORWARD_GFLOP[arch]
+    return gflop * (resolution / ref) ** 2
 
 
 def train_throughput(suite: Suite, run: RunSpec) -> float:
@@ -96,10 +136,29 @@ def run_cost(suite: Suite, run: RunSpec) -> RunCost:
     nfe *= 2 if float(ev.get("guidance_scale", 1.0)) != 1.0 else 1  # guided: c and u
     ips = train_throughput(suite, run)
     forward_ratio = float(suite.cost.get("forward_ratio", DEFAULT_FORWARD_RATIO))
-    overhead = float(suite.cost.get("startup_s", DEFAULT_STARTUP_S)) + points * float(
-        suite.cost.get("eval_overhead_s", DEFAULT_EVAL_OVERHEAD_S))
+    eval_overhead = points * float(suite.cost.get("eval_overhead_s", DEFAULT_EVAL_OVERHEAD_S))
+    overhead = float(suite.cost.get("startup_s", DEFAULT_STARTUP_S)) + eval_overhead
     train_images = cfg["iters"] * cfg["batch_size"]
-    return RunCost(train_images, points, n_img, nfe, train_images / ips, nfe / (ips * forward_ratio), overhead)
+    sample_s, feature_s = nfe / (ips * forward_ratio), 0.0
+    res = cfg.get("resolution") or _native_resolution(cfg["dataset"])
+    gflop = forward_gflop(cfg["arch"], res) if res else None
+    if "device_tflops" in suite.cost and gflop is not None:
+        sample_s, feature_s = _gpu_eval_seconds(suite.cost, ev, nfe, n_img, gflop, int(cfg.get("gpus", 1)))
+    return RunCost(train_images, points, n_img, nfe, train_images / ips, sample_s, overhead, feature_s, eval_overhead)
+
+
+def _gpu_eval_seconds(cost: dict, ev: dict, nfe: int, n_img: int, gflop: float, gpus: int) -> tuple[float, float]:
+    """(sampling, features) seconds of an evaluation plan on `gpus` GPUs, from FLOPs at the peak rates
+    of [cost] device_tflops x utilization; features only for Inception metrics (the proxy's are free)."""
+    rates, use = cost["device_tflops"], float(cost.get("utilization", DEFAULT_UTILIZATION))
+    precision = ev.get("sample_precision") or "tf32"
+    rate = lambda p: float(rates.get(p) or rates.get("fp32")) * 1e12 * use * gpus  # noqa: E731
+    sample_s = nfe * gflop * 1e9 / rate(precision)
+    feature_s = 0.0
+    if {"fid", "kid"} & set(ev["metrics"]):
+        feature_s = n_img * INCEPTION_GFLOP * 1e9 / rate("fp32") + n_img / float(
+            cost.get("resize_images_per_s", DEFAULT_RESIZE_IMAGES_PER_S))
+    return sample_s, feature_s
 
 
 @dataclass
@@ -168,16 +227,20 @@ def describe_plan(suite: Suite, states: dict[str, str] | None = None, jobs: int 
              f"sampler {suite.eval.get('sampler', 'default')} {suite.eval.get('sampler_steps', '')} steps",
              ""]
     width = max(len(r.key) for r, _ in est.runs)
-    lines.append(f"{'run':<{width}}  {'state':<8} {'train img':>12} {'sample img':>11} {'est. time':>10}")
+    lines.append(f"{'run':<{width}}  {'state':<8} {'train img':>12} {'sample img':>11} {'train':>10} {'eval':>10} "
+                 f"{'est. time':>10}")
     todo_s = est.setup_s if not any(v == "done" for v in states.values()) else 0.0
     for r, c in est.runs:
         state = states.get(r.key, "todo")
         if state != "done":
             todo_s += c.total_s
         lines.append(f"{r.key:<{width}}  {state:<8} {c.train_images:>12,} {c.sample_images:>11,} "
+                     f"{format_duration(c.train_s):>10} {format_duration(c.eval_s):>10} "
                      f"{format_duration(c.total_s):>10}")
     device = suite.cost.get("device", "the project's 2-core CPU")
-    sample_s = sum(c.sample_s for _, c in est.runs)
+    train_s = sum(c.train_s for _, c in est.runs)
+    eval_s = sum(c.eval_s for _, c in est.runs)
+    gpu_priced = "device_tflops" in suite.cost
     lines += ["", runtime_summary(suite.train)]
     if suite.slurm:
         try:
@@ -190,11 +253,16 @@ def describe_plan(suite: Suite, states: dict[str, str] | None = None, jobs: int 
               f"images to train: {est.train_images:,}; images to sample: {est.sample_images:,} "
               f"({est.network_evals:,} network evaluations)",
               f"estimated time on {device}: {format_duration(est.total_s)} ({est.total_s:,.0f} s) for all runs "
-              f"(sampling {format_duration(sample_s)}"
+              f"(training {format_duration(train_s)}, evaluation {format_duration(eval_s)}"
+              f" = {100 * eval_s / max(train_s, 1e-9):.0f}% of training"
               + (f", one-time evaluator setup {format_duration(est.setup_s)}" if est.setup_s else "")
               + f"); still to run: {format_duration(todo_s)}"
               + (f", about {format_duration(todo_s / jobs)} with {jobs} parallel jobs" if jobs > 1 else ""),
-              "model: iters x batch / train_images_per_s + sampled images x sampler steps / "
-              "(train_images_per_s x forward_ratio) + startup_s + eval points x eval_overhead_s, + setup_s once "
-              "(see bench/suite/cost.py)"]
+              ("model: iters x batch / train_images_per_s; evaluation from FLOPs: sampled images x sampler steps "
+               "x forward GFLOP at device_tflops[sample precision] x utilization x GPUs, + Inception and resize per "
+               "generated image; + startup_s + eval points x eval_overhead_s, + setup_s once (bench/suite/cost.py)"
+               if gpu_priced else
+               "model: iters x batch / train_images_per_s + sampled images x sampler steps / "
+               "(train_images_per_s x forward_ratio) + startup_s + eval points x eval_overhead_s, + setup_s once "
+               "(see bench/suite/cost.py)")]
     return "\n".join(lines)

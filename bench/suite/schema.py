@@ -172,6 +172,11 @@ COST_SCHEMA = {
     "startup_s": (float, False, _nonneg),
     "eval_overhead_s": (float, False, _nonneg),
     "setup_s": (float, False, _nonneg),
+    "device_tflops": (dict, False, lambda v: None if v and set(v) <= {"fp32", "tf32", "bf16"} and "fp32" in v
+                      and all(isinstance(x, (int, float)) and x > 0 for x in v.values())
+                      else "must map fp32 (and optionally tf32, bf16) to a GPU's peak TFLOP/s > 0"),
+    "utilization": (float, False, lambda v: None if 0 < v <= 1 else "must be a fraction in (0, 1]"),
+    "resize_images_per_s": (float, False, _positive),
 }
 
 SLURM_SCHEMA = {
