@@ -191,6 +191,45 @@ def cmd_fid(args) -> None:
     print(f"{value:.6f}")
 
 
+def cmd_ref_stats(args) -> None:
+    """Reference statistics (and noise floors) of a suite's evaluations, or of one dataset's."""
+    # imported per command: the CLI starts without torch
+    from bench.data.loading import registry
+    from bench.eval.reference import prepare_references
+    from bench.suite.grid import SUITES_DIR, available_suites, load_suite
+    from bench.train.resolve import resolve_run
+
+    target = Path(args.target)
+    if target.suffix == ".toml" or target.is_file() or (SUITES_DIR / f"{args.target}.toml").is_file():
+        suite = load_suite(args.target, plugins=args.plugins)
+        specs = [resolve_run(r.config, where=f"run {r.key}").eval_spec for r in suite.runs()]
+        if not any(specs):
+            raise ConfigError(f"suite {suite.name} evaluates nothing: it has no reference statistics to compute")
+    elif args.target not in registry():
+        raise ConfigError(f"ref-stats: {args.target!r} is neither a suite ({', '.join(available_suites())}, or a .toml "
+                          f"file) nor a dataset ({', '.join(sorted(registry()))})")
+    else:
+        spec = {"dataset": args.target, "data_dir": args.data_dir, "resolution": args.resolution,
+                "metrics": args.metrics, "num_ref": _num_ref(args.num_ref), "ref_split": args.ref_split,
+                "num_images": args.num_images, "fid_mode": args.fid_mode}
+        specs = [{k: v for k, v in spec.items() if v is not None or k in ("data_dir", "resolution")}]
+    rows = prepare_references(specs, device=None if args.device == "auto" else args.device, workers=args.workers,
+                              say=lambda m: print(m, file=sys.stderr))
+    for r in rows:
+        how = "cached" if r["cached"] else f"computed in {r['seconds']} s"
+        print(f"{r['dataset']} {r['split']} {r['resolution']} px: {r['num_ref']:,} reference images, {r['extractor']}, "
+              f"noise floor at N = {r['num_images']:,}: ref_sha256 {r['ref_sha256']} ({how})")
+
+
+def _num_ref(value: str | None):
+    if value is None or value == "all":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"--num-ref {value!r} is neither a number nor \"all\"") from None
+
+
 def cmd_default(args) -> int:
     # imported per command: the CLI starts without torch
     from bench.report.build import build_report
@@ -224,6 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_report)
     _fid_args(sub.add_parser("fid", parents=[plugin_opt],
                              help="FID between two image folders, or a folder and DATASET:SPLIT"))
+    _ref_stats_args(sub.add_parser("ref-stats", parents=[plugin_opt],
+                                   help="reference statistics of a suite's evaluations (or a dataset's), once"))
     # imported per command: the CLI starts without torch
     from bench.data.prepare import add_prepare_parser
 
@@ -307,6 +348,21 @@ def _fid_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", help="where a DATASET:SPLIT side's files are")
     p.add_argument("--device", default="auto", help="auto (the default: CUDA when torch sees a GPU), cpu, cuda or cuda:K")
     p.set_defaults(func=cmd_fid)
+
+
+def _ref_stats_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("target", help="a suite (name under suites/ or a TOML file): every evaluation of its runs; "
+                                  "or a dataset name, with the options below")
+    p.add_argument("--device", default="auto", help="auto (CUDA when torch sees a GPU), cpu, cuda or cuda:K")
+    p.add_argument("--workers", type=int, help="resize threads (default: up to 8, the CPUs)")
+    p.add_argument("--metrics", help="a dataset's metrics (default: the evaluation default), e.g. fid")
+    p.add_argument("--num-ref", help="reference images: a number or all (default: as many as --num-images)")
+    p.add_argument("--num-images", type=int, help="N of the noise floor (generated images per evaluation)")
+    p.add_argument("--ref-split", choices=("train", "test"))
+    p.add_argument("--resolution", type=int)
+    p.add_argument("--data-dir")
+    p.add_argument("--fid-mode", choices=("clean", "legacy_tensorflow"))
+    p.set_defaults(func=cmd_ref_stats)
 
 
 def main(argv=None) -> int:

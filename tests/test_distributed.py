@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -375,20 +376,50 @@ def test_a_signalled_submitit_job_checkpoints_at_a_step_requeues_and_resumes_exa
 @pytest.mark.slow
 @needs_inception  # its paper run computes an FID
 def test_the_gpu_check_runs_to_its_end_on_the_cpu(tmp_path):
-    """`python -m bench.gpu_check --device cpu --quick`: every part at toy sizes (about 20 s here)."""
+    """`python -m bench.gpu_check --device cpu --quick`: every part at toy sizes, each in its own process
+    (guards scaled 10x: a loaded machine must not cut a toy part; the guards are tested below)."""
     out = tmp_path / "gpu_check.json"
-    r = subprocess.run([sys.executable, "-m", "bench.gpu_check", "--device", "cpu", "--quick", "--out", str(out)],
-                       capture_output=True, text=True, timeout=900, cwd=tmp_path,
+    r = subprocess.run([sys.executable, "-m", "bench.gpu_check", "--device", "cpu", "--quick", "--guard-scale", "10",
+                        "--out", str(out)], capture_output=True, text=True, timeout=1800, cwd=tmp_path,
                        env={**os.environ, "PYTHONPATH": str(REPO), "DIFFBENCH_QUIET": "1"})
     assert r.returncode == 0, r.stderr[-2000:]
     result = json.loads(out.read_text())
     settings = {(row["network"], row["setting"]) for row in result["throughput"]}
-    assert {("ddpm-unet", "fp32 eager"), ("ddpm-unet", "fast path"), ("unet-tiny", "fp32 eager")} <= settings
+    assert {("unet-tiny", "fp32 eager"), ("unet-tiny", "fast path"), ("unet-tiny", "fast, channels_last off")} <= settings
     assert all(row["images_per_s"] > 0 and 0 <= row["data_fraction"] < 1 for row in result["throughput"])
     assert result["paper_run"]["fid"] > 0 and result["paper_run"]["runtime"]["device"] == "cpu"
-    assert result["torchrun"]["returncode"] == 0 and result["torchrun"]["backend"] == "gloo"
+    im = result["imagenet"]
+    assert im["state"] == "done" and im["memory_mapped"] is True and im["backend"] == "gloo" and im["processes"] == 2
+    assert im["fid"] > 0 and im["resolution"] == 128 and result["cut"] == []
     assert result["checks"]["fast_over_eager_at_least_2x"] is None  # a GPU target: not judged on a CPU
-    assert "fast path / fp32 eager" in r.stdout and "torchrun, 2 processes" in r.stdout
+    assert "fast path / fp32 eager" in r.stdout and "ImageNet path: unet-tiny at 128 px, class-conditional" in r.stdout
+
+
+def test_every_part_of_the_gpu_check_is_bounded(tmp_path):
+    """A part past its guard is killed with its whole process group (torchrun's workers too), and a part
+    that the spent budget leaves no time for is not started; the check reports both."""
+    from bench.tools.gpu_check import Parts
+    from bench.tools.gpu_parts import run_bounded
+
+    code, _, _ = run_bounded(["bash", "-c", "sleep 600 & echo $! > child.pid; wait"], 1.0, cwd=tmp_path)
+    assert code is None
+    child = int((tmp_path / "child.pid").read_text())
+
+    def dead(pid: int) -> bool:  # gone, or a zombie waiting for its (new) parent to reap it
+        try:
+            return "\tZ" in next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                                 if line.startswith("State:"))
+        except FileNotFoundError:
+            return True
+
+    for _ in range(1200):  # SIGKILL is sent when run_bounded returns; wait for the state to show it
+        if dead(child):
+            break
+        time.sleep(0.05)
+    assert dead(child)
+    spent = Parts(tmp_path, budget_s=0)
+    assert spent.run("eager", "throughput", 30, arch="unet-tiny") == {"error": "skipped: the check's time budget is spent"}
+    assert spent.cut == ["eager"]
 
 
 def test_the_gpu_check_refuses_cuda_without_a_gpu(tmp_path):
@@ -475,7 +506,8 @@ def test_two_ranks_evaluate_what_one_does(tmp_path):
 @pytest.mark.slow
 def test_a_two_process_run_evaluates_on_both_ranks_like_one_process(tmp_path):
     """Through `train`: rank 0's EMA is broadcast, both ranks sample their share, rank 0 writes the rows.
-    Tolerance: 1e-6 relative (the two runs' weights differ by float sums only; measured: 5e-9)."""
+    Tolerance: 1e-5 relative (the two runs' weights differ by float sums only, about 4e-6 after 5 steps;
+    measured here: 1.0e-6 with the keyed draws, 5e-9 with the earlier ones)."""
     args = [*TINY[:4], "--iters", "4", "--batch-size", "16", "--warmup", "0", "--lr", "1e-3", "--eval-every", "4"]
     for n in (1, 2):
         r = cli(n, "train", *args, "--out", str(tmp_path / f"n{n}"))
@@ -484,7 +516,7 @@ def test_a_two_process_run_evaluates_on_both_ranks_like_one_process(tmp_path):
     assert [(r["step"], r["metric"]) for r in two] == [(r["step"], r["metric"]) for r in one] == \
         [(4, "proxy_fd"), (4, "proxy_kid")]
     for a, b in zip(one, two):
-        assert b["value"] == pytest.approx(a["value"], rel=1e-6)
+        assert b["value"] == pytest.approx(a["value"], rel=1e-5)
 
 
 SLOW_RANK_SCRIPT = """

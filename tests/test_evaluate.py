@@ -3,6 +3,7 @@
 import math
 import re
 
+import numpy as np
 import pytest
 import torch
 from conftest import needs_inception
@@ -157,3 +158,76 @@ def test_inception_metrics(cache, model, schedule):
     assert rows[0]["feature_extractor"] == "inception-v3-tf" and rows[0]["value"] > 0
     assert rows[0]["weights_sha1"] != rows[2]["weights_sha1"]
     assert all(r["num_ref"] == 12 and r["num_gen"] == 12 for r in rows)
+
+
+def test_ref_stats_is_its_own_step_and_every_row_records_its_hash(tmp_path):
+    """`run_bench.py ref-stats DATASET` computes the statistics once (then reads them), prints their
+    hash, and an evaluation of the same spec records that hash in its rows."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    env = {**os.environ, "DIFFBENCH_CACHE": str(tmp_path / "cache")}
+    cmd = [sys.executable, str(REPO / "run_bench.py"), "ref-stats", "synthetic", "--metrics", "proxy_fd",
+           "--num-images", "24", "--device", "cpu"]
+    first, second = (subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path) for _ in range(2))
+    assert first.returncode == 0 and second.returncode == 0, first.stderr[-2000:]
+    assert "computed in" in first.stdout and "(cached)" in second.stdout
+    sha = re.search(r"ref_sha256 ([0-9a-f]{16})", first.stdout).group(1)
+    assert f"ref_sha256 {sha}" in second.stdout
+    spec = {"dataset": "synthetic", "metrics": ["proxy_fd"], "num_images": 24, "sampler_steps": 2,
+            "cache_dir": str(tmp_path / "cache" / "eval")}
+    torch.manual_seed(0)
+    row = Evaluator(spec).evaluate(build_model("unet-tiny", 1, 16).eval(), make_schedule("linear", 1000), "eps", 1)[0]
+    assert row["ref_sha256"] == sha
+    bad = subprocess.run([*cmd[:3], "no-such-thing"], capture_output=True, text=True, env=env)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: ref-stats: 'no-such-thing' is neither a suite")
+
+
+def test_a_training_job_refuses_a_large_reference_that_is_not_cached(tmp_path, monkeypatch):
+    """Above the training job's limit (10,000 images; 10 here), an uncached reference is one error line
+    naming ref-stats, before any step; once ref-stats has run, the same run trains."""
+    import bench.train.loop as loop
+    from bench.core.config import TrainConfig
+    from bench.eval.reference import prepare_references
+    from bench.train.loop import train
+
+    monkeypatch.setattr(loop, "TRAIN_COMPUTE_LIMIT", 10)
+    cfg = TrainConfig(dataset="synthetic", arch="unet-tiny", iters=2, batch_size=8, eval_every=2,
+                      eval={"metrics": ["proxy_fd"], "num_images": 24, "sampler_steps": 1,
+                            "cache_dir": str(tmp_path / "cache")})
+    with pytest.raises(ConfigError, match=r"^reference statistics of 24 synthetic train images .* are not cached, "
+                                          r"and a training job computes at most 10: run `python run_bench.py ref-stats"):
+        train(cfg, tmp_path / "run")
+    assert not (tmp_path / "run" / "steps.jsonl").exists()
+    from bench.train.resolve import resolve_run
+
+    rows = prepare_references([resolve_run(cfg).eval_spec], device="cpu")
+    assert [r["cached"] for r in rows] == [False]
+    assert train(cfg, tmp_path / "run")["state"] == "done"
+
+
+@pytest.mark.slow
+@needs_inception
+def test_reference_features_in_parallel_equal_the_serial_ones(tmp_path):
+    """clean-fid's resize in 4 threads gives exactly the features (and so the statistics' hash) of 1."""
+    from bench.data.loading import load_dataset
+    from bench.eval.fid import reference_stats
+    from bench.eval.inception import get_inception
+
+    ext = get_inception(device="cpu")
+    images, _ = load_dataset("synthetic", split="train")
+    images = images[:20]
+    serial, parallel = (ext.features(images, batch_size=8, resize_workers=w) for w in (1, 4))
+    assert np.array_equal(serial, parallel)
+    hashes, default = [], ext.resize_workers
+    try:
+        for workers in (1, 4):
+            ext.resize_workers = workers
+            hashes.append(reference_stats(ext, "synthetic", "train", num=20, cache_dir=tmp_path / f"w{workers}",
+                                          images=images).sha256)
+    finally:
+        ext.resize_workers = default  # the extractor is shared by the process
+    assert hashes[0] == hashes[1]

@@ -77,17 +77,30 @@ def check_eval_data(spec: dict, cache: bool = True) -> None:
 class Evaluator:
     """Samples ``num_images`` images with fixed noise and computes the configured metrics."""
 
-    def __init__(self, spec: dict | None = None):
+    def __init__(self, spec: dict | None = None, compute_limit: int | None = None):
+        """`compute_limit`: reference statistics and noise floors of more images than this that are not
+        cached are an error (a training job's limit: bench.eval.reference.TRAIN_COMPUTE_LIMIT)."""
         self.spec = resolve_spec(spec)
+        self.compute_limit = compute_limit
         self._prepared: dict = {}
 
     def variant(self, **change) -> "Evaluator":
         """This evaluation with some spec keys changed (another sampler, another N); it shares this
         one's feature extractors and reference statistics when N and the metrics are unchanged."""
-        other = Evaluator({**self.spec, **change})
+        other = Evaluator({**self.spec, **change}, self.compute_limit)
         if other.spec["num_images"] == self.spec["num_images"] and other.spec["metrics"] == self.spec["metrics"]:
             other._prepared = self._prepared
         return other
+
+    @property
+    def prepared_families(self) -> dict:
+        """What prepare() loaded per feature family ("proxy", "inception"): (extractor, reference, floor)."""
+        return {k: v for k, v in self._prepared.items() if k in ("proxy", "inception")}
+
+    @property
+    def resolution(self) -> int | None:
+        """The evaluated images' resolution (known once prepared)."""
+        return int(self._prepared["shape"][-1]) if "shape" in self._prepared else None
 
     @property
     def is_prepared(self) -> bool:
@@ -114,7 +127,8 @@ class Evaluator:
             ext = get_proxy(s["dataset"], s["resolution"], data_dir=s["data_dir"], cache_dir=s["cache_dir"],
                             seed=s["proxy_seed"], verbose=s["verbose"]).to(device)
             ref = reference_stats(ext, s["dataset"], s["ref_split"], num=num_ref, data_dir=s["data_dir"],
-                                  cache_dir=s["cache_dir"], images=images, verbose=s["verbose"])
+                                  cache_dir=s["cache_dir"], images=images, verbose=s["verbose"],
+                                  compute_limit=self.compute_limit)
             self._prepared["proxy"] = (ext, ref, self._noise_floor(ext, ref, images, num_ref))
         if {"fid", "kid"} & set(s["metrics"]) and "inception" not in self._prepared:
             ext = get_inception(s["inception"], device, verbose=s["verbose"], mode=s["fid_mode"])
@@ -123,7 +137,8 @@ class Evaluator:
                 floor = {"source": "not computed: external reference statistics", "fd": None, "kid": None}
             else:
                 ref = reference_stats(ext, s["dataset"], s["ref_split"], num=num_ref, data_dir=s["data_dir"],
-                                      cache_dir=s["cache_dir"], images=images, verbose=s["verbose"])
+                                      cache_dir=s["cache_dir"], images=images, verbose=s["verbose"],
+                                      compute_limit=self.compute_limit)
                 floor = self._noise_floor(ext, ref, images, num_ref)
             self._prepared["inception"] = (ext, ref, floor)
         return time.perf_counter() - t0
@@ -163,13 +178,17 @@ class Evaluator:
                 return json.loads(cache.read_text())
             except (OSError, ValueError):
                 pass
+        if self.compute_limit is not None and s["num_images"] > self.compute_limit:
+            raise ConfigError(f"the noise floor at N = {s['num_images']:,} ({ext.name}) is not cached, and a training "
+                              f"job computes at most {self.compute_limit:,} images' features: run `python run_bench.py "
+                              f"ref-stats SUITE` once")
         images, source = self._real_images(ref_images, num_ref)
         floor = {"source": source, "fd": None, "kid": None}
         if images is not None:
             feats = ext.features(images)
             mu, sigma = feature_stats(feats)
             floor["fd"] = float(frechet_distance(mu, sigma, ref.mu, ref.sigma))
-            floor["kid"] = float(kernel_distance(feats, ref.feats, num_subsets=s["kid_subsets"],
+            floor["kid"] = float(kernel_distance(feats, ref.features(), num_subsets=s["kid_subsets"],
                                                  max_subset_size=s["kid_subset_size"], seed=0))
         if cache is not None and images is not None:
             atomic_write_bytes(cache, (json.dumps(floor) + "\n").encode())
@@ -277,7 +296,7 @@ class Evaluator:
                 values.append((fd_name, frechet_distance(mu, sigma, ref.mu, ref.sigma), ext, ref, floor["fd"],
                                floor["source"]))
             if kid_name in s["metrics"]:
-                kid = kernel_distance(feats, ref.feats, num_subsets=s["kid_subsets"],
+                kid = kernel_distance(feats, ref.features(), num_subsets=s["kid_subsets"],
                                       max_subset_size=s["kid_subset_size"], seed=0)
                 values.append((kid_name, kid, ext, ref, floor["kid"], floor["source"]))
         order = {m: k for k, m in enumerate(s["metrics"])}

@@ -117,6 +117,14 @@ class RefStats:
     path: Path | None
     computed: bool  # False when read from the cache
 
+    def features(self) -> np.ndarray:
+        """The reference's features (KID needs them), read from the cache file on first use: a cached
+        reference is loaded without them (1.28M ImageNet features are 10 GB per process)."""
+        if self.feats is None and self.path is not None:
+            with np.load(self.path, allow_pickle=False) as z:
+                self.feats = z["feats"]
+        return self.feats
+
     @property
     def sha256(self) -> str:
         """The statistics' own hash (of mu and sigma as float64): the same reference whatever file or
@@ -166,12 +174,15 @@ def stats_path(cache_dir, key: dict) -> Path:
 
 def reference_stats(extractor, dataset: str, split: str = "train", *, num: int | None = None,
                     resolution: int | None = None, data_dir=None, cache_dir=None,
-                    subset_seed: int = 0, images=None, verbose: bool = False) -> RefStats:
+                    subset_seed: int = 0, images=None, verbose: bool = False,
+                    compute_limit: int | None = None) -> RefStats:
     """Statistics of `num` images (None: all) of a dataset split in `extractor`'s feature space,
     read from the cache when an entry with exactly this key exists, else computed and cached.
 
     `images` (uint8 [N, C, H, W]) can be passed to skip loading the dataset (they must be that
-    split at that resolution); the subset is then drawn from them.
+    split at that resolution); the subset is then drawn from them. `compute_limit`: statistics of
+    more images than this that are not cached are an error naming ``run_bench.py ref-stats`` (a
+    training job computes small references only).
     """
     if images is None:
         images, _ = load_dataset(dataset, split=split, data_dir=data_dir, resolution=resolution)
@@ -185,9 +196,14 @@ def reference_stats(extractor, dataset: str, split: str = "train", *, num: int |
         try:
             with np.load(path, allow_pickle=False) as z:
                 if json.loads(str(z["key"])) == key:
-                    return RefStats(z["mu"], z["sigma"], z["feats"], n, key, path, computed=False)
+                    return RefStats(z["mu"], z["sigma"], None, n, key, path, computed=False)  # features lazily
         except (OSError, ValueError, KeyError):
             pass  # unreadable or foreign file: recompute and overwrite
+    if compute_limit is not None and n > compute_limit:
+        raise ConfigError(
+            f"reference statistics of {n:,} {dataset} {split} images ({extractor.name}) are not cached, and a training "
+            f"job computes at most {compute_limit:,}: run `python run_bench.py ref-stats SUITE` (or ref-stats "
+            f"{dataset} ...) once, where the runs will read them ({path.parent})")
     t0 = time.perf_counter()
     subset = images if idx is None else images[idx]
     feats = extractor.features(subset)
@@ -238,7 +254,7 @@ def _side_features(extractor, spec: str, opts: dict) -> np.ndarray:
         st = reference_stats(extractor, dataset, split, num=opts.get("num"), resolution=opts.get("resolution"),
                              data_dir=opts.get("data_dir"), cache_dir=opts.get("cache_dir"),
                              verbose=opts.get("verbose", False))
-        return st.feats
+        return st.features()
     raise ConfigError(f"{spec!r} is neither a folder nor a dataset statistic written dataset:split (e.g. fashion-mnist:train)")
 
 def cli_fid(path_a: str, path_b: str, **opts) -> float:

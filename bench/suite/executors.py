@@ -300,24 +300,6 @@ class InlineExecutor(Executor):
         return self.outcomes
 
 
-def _prepare_evaluators(todo, reporter):
-    """Train proxy classifiers and reference statistics once, before parallel workers race to."""
-    # torch on first use: the runner and its worker pool start without torch
-    from bench.eval.evaluate import Evaluator, check_eval_data
-    from bench.train.resolve import resolve_run
-
-    seen = set()
-    for run in todo:
-        spec = resolve_run(run.config, where=f"run {run.key}").eval_spec
-        key = json.dumps(spec, sort_keys=True)
-        if spec is not None and key not in seen:
-            seen.add(key)
-            check_eval_data(spec)
-            reporter.message(f"preparing evaluation on {spec['dataset']} (feature extractor and reference "
-                             "statistics; cached after the first time)")
-            Evaluator(spec).prepare()
-
-
 class _GpuPool:
     """Which GPUs each local worker sees (CUDA_VISIBLE_DEVICES): the least busy ones, so parallel
     workers spread over the machine's GPUs instead of all using GPU 0."""
@@ -357,8 +339,6 @@ class WorkerPool(Executor):
     def run(self, todo: list[RunSpec]) -> dict[str, RunOutcome]:
         threads = max(1, (os.cpu_count() or 1) // self.jobs)
         gpu_pool = _GpuPool()
-        if self.train_fn is None:
-            _prepare_evaluators(todo, self.reporter)
         ref = train_fn_ref(self.train_fn)
         pending = list(todo)
         active: dict[str, tuple[RunSpec, Any, float, list[int] | None]] = {}

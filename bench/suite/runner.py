@@ -97,6 +97,8 @@ def run_suite(suite: Suite | str | os.PathLike, executor: str = "local", jobs: i
     reporter.suite_start(suite, todo, len(runs))
     outcomes: dict[str, RunOutcome] = {r.key: outcome_from_dict(skipped_outcome(r, dirs[r.key]))
                                        for r in runs if r not in todo}
+    if train_fn is None and todo:
+        _prepare_references(todo, reporter, executor)
     multi = any(r.config.get("gpus", 1) > 1 for r in todo)  # torchrun's processes: a worker each
     common = (dirs, reporter, train_fn, retry_failed)
     if executor == "local" and jobs == 1 and not multi:
@@ -114,6 +116,21 @@ def run_suite(suite: Suite | str | os.PathLike, executor: str = "local", jobs: i
         result = SuiteResult(suite.name, suite_dir, [outcomes[r.key] for r in runs if r.key in outcomes])
         reporter.suite_end(result)
     return result
+
+
+def _prepare_references(todo: list[RunSpec], reporter, executor: str) -> None:
+    """Proxy extractors, reference statistics and noise floors once, before any run: parallel workers
+    would race to compute them, and a training job computes small ones only. Under Slurm this is the
+    submitting machine: it computes the small ones, and a large one is an error naming `ref-stats`
+    (to run on a GPU node) before anything is submitted."""
+    # torch on first use: the runner starts without torch
+    from bench.eval.reference import TRAIN_COMPUTE_LIMIT, prepare_references
+    from bench.train.resolve import resolve_run
+
+    specs = [resolve_run(r.config, where=f"run {r.key}").eval_spec for r in todo]
+    on_cluster = executor == "slurm"
+    prepare_references(specs, device="cpu" if on_cluster else None,
+                       compute_limit=TRAIN_COMPUTE_LIMIT if on_cluster else None, say=reporter.message)
 
 
 def _check_local_devices(todo: list[RunSpec]) -> None:

@@ -50,6 +50,7 @@ from bench.core.spec import Method, ema_decay_at, optimizer_settings_at, stream_
 from bench.data.loading import is_memory_mapped, load_dataset, to_model_range
 from bench.errors import ConfigError, DivergenceError
 from bench.eval.evaluate import Evaluator, check_eval_data
+from bench.eval.reference import TRAIN_COMPUTE_LIMIT, evaluators_of
 from bench.models.networks import build_model
 from bench.train.batches import draw_batch
 from bench.train.checkpoint import resume, save_checkpoint
@@ -274,14 +275,13 @@ def _record_runtime(out: Path, rt: Runtime, step: int) -> None:
 
 
 def _prepared_in_turn(evaluator: Evaluator, rt: Runtime) -> Evaluator:
-    """With several processes, rank 0 prepares first (it fills the caches: reference statistics, a
-    feature extractor trained here), then the others read them; alone, evaluate() prepares lazily."""
-    if rt.world_size > 1:
-        if rt.rank == 0:
-            evaluator.prepare(rt.torch_device)
-        barrier()
-        if rt.rank > 0:
-            evaluator.prepare(rt.torch_device)
+    """Prepare `evaluator` (feature extractors, reference statistics, noise floor); with several
+    processes rank 0 first (it fills the caches), then the others read them."""
+    if rt.rank == 0:
+        evaluator.prepare(rt.torch_device)
+    barrier()
+    if rt.rank > 0:
+        evaluator.prepare(rt.torch_device)
     return evaluator
 
 
@@ -329,6 +329,25 @@ def _budget_evaluations(state: RunState, evaluator, out: Path) -> list[dict]:
     return rows
 
 
+def _read_rows(state: RunState, launched: list[PendingRow], since: float, events: TrainEvents | None, out: Path,
+               unwritten: list[dict]) -> list[dict]:
+    """The launched steps' rows, each shown to `events`. A non-finite loss ends the run as failed at its
+    step (every process sees the same loss), with the rows up to it written after `unwritten`."""
+    rows = []
+    for row in settle(state, launched, since):
+        rows.append(row)
+        if events:
+            events.on_step(row["step"], state.cfg.iters, row)
+        if not math.isfinite(row["loss"]):
+            if state.rt.rank == 0:
+                fileio.append_jsonl(out / "steps.jsonl", unwritten + rows)
+                write_status(out, "failed", row["step"], f"non-finite loss ({row['loss']}) at step {row['step']}",
+                             error="divergence", **state.clocks)
+            raise DivergenceError(row["step"], f"training diverged: loss {row['loss']} at step {row['step']}; "
+                                               "lower lr or check the method's hyperparameters")
+    return rows
+
+
 def train(run: ResolvedRun | TrainConfig, out_dir, events: TrainEvents | None = None) -> dict:
     """Train (or resume) the run in `out_dir`; return its final status. `events` hears of every
     step and evaluation (:class:`TrainEvents`). A bare TrainConfig is resolved first. With gpus > 1
@@ -363,7 +382,10 @@ def train(run: ResolvedRun | TrainConfig, out_dir, events: TrainEvents | None = 
         _set_status(out, "running", state.step, state.clocks)
     evaluator = None
     if run.eval_spec is not None:  # every rank samples and scores its share of each evaluation
-        evaluator = _prepared_in_turn(Evaluator({**run.eval_spec, "num_classes": state.num_classes}), rt)
+        # Every evaluation's references now (the budget's larger N too): one not cached and too large
+        # for a training job fails here, not after the training it would end.
+        evaluator, *_ = [_prepared_in_turn(ev, rt) for ev in
+                         evaluators_of({**run.eval_spec, "num_classes": state.num_classes}, TRAIN_COMPUTE_LIMIT)]
 
     # Steps are launched without waiting for the device; their rows are read (one host sync), checked
     # and shown every `sync_every` steps, and before every evaluation and checkpoint.
@@ -378,21 +400,9 @@ def train(run: ResolvedRun | TrainConfig, out_dir, events: TrainEvents | None = 
         if not (ckpt_due or state.step % sync_every == 0):
             continue
 
-        # Read the launched steps' rows; a non-finite loss ends the run as failed at its step (every
-        # process sees the same loss), with the rows up to it written.
-        settled = settle(state, launched, since)
+        # Read the launched steps' rows (a non-finite loss ends the run as failed at its step).
+        rows += _read_rows(state, launched, since, events, out, rows)
         launched = []
-        for row in settled:
-            rows.append(row)
-            if events:
-                events.on_step(row["step"], cfg.iters, row)
-            if not math.isfinite(row["loss"]):
-                if main:
-                    fileio.append_jsonl(out / "steps.jsonl", rows)
-                    write_status(out, "failed", row["step"], f"non-finite loss ({row['loss']}) at step {row['step']}",
-                                 error="divergence", **state.clocks)
-                raise DivergenceError(row["step"], f"training diverged: loss {row['loss']} at step {row['step']}; "
-                                                   "lower lr or check the method's hyperparameters")
 
         # Evaluate, then checkpoint (the logs are flushed with every checkpoint, never ahead of it).
         eval_rows = _evaluate(state, evaluator, events, out) if eval_due else []
