@@ -428,7 +428,7 @@ def test_draws_are_keyed_by_seed_stream_step_and_sample():
     assert not torch.equal(whole, s.noise(8, range(16), (2, 3, 3)))  # another step
     assert not torch.equal(whole, Streams(seed=4, stream_seed=4).noise(7, range(16), (2, 3, 3)))
     assert not np.array_equal(s.uniforms("t", 7, 16), s.uniforms("flip", 7, 16))  # streams are separate
-    # Seeds 2**32 apart differ (torch's CPU generator keeps 32 bits of a seed; Philox's key has 64).
+    # Seeds 2**32 apart differ (torch's CPU generator keeps 32 bits of a seed; SeedSequence keeps them all).
     assert not torch.equal(Streams(1, 1).noise(0, range(2), (4,)), Streams(1 + 2**32, 1 + 2**32).noise(0, range(2), (4,)))
     big = s.noise(0, range(64), (1, 32, 32)).flatten()
     assert abs(float(big.mean())) < 0.01 and abs(float(big.std()) - 1) < 0.01  # 65,536 normals

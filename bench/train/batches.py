@@ -1,9 +1,9 @@
 """One iteration's random draws: which images (per-epoch permutations), flips, timesteps (the
 method's distribution by inverse CDF) and noise.
 
-Every draw is a pure function of (seed, stream, step, sample): counter-based Philox generators
-(numpy's) keyed by the run's seed and the stream, with the step and the sample index as the
-counter. So seed k gives every method, device and process count the same draws, a process draws
+Every draw is a pure function of (seed, stream, step, sample): numpy generators keyed by the
+run's seed, the stream, the step and the sample's index in the global batch
+(bench.train.state.Streams). So seed k gives every method, device and process count the same draws, a process draws
 only its own samples' noise (the costly part: 3 x 128 x 128 normals per image), and a checkpoint
 needs no generator state. The timesteps, flips and label drops are a few uniforms per image, drawn
 for the whole global batch by every process (microseconds; the log reads the global timesteps)."""
@@ -18,7 +18,7 @@ import torch
 from bench.core.spec import loss_weights_at, timestep_probs_at
 from bench.train.state import Batch, RunState
 
-DRAWS = "philox-v1"  # recorded in config.json: a run folder drawn another way is not resumed with these
+DRAWS = "pcg64-seedsequence-v1"  # recorded in config.json: a run folder drawn another way is not resumed with these
 def batch_indices(step: int, batch_size: int, n: int, seed: int, cache: dict) -> torch.Tensor:
     """Indices of the images in iteration `step`: consecutive slices of per-epoch permutations.
 

@@ -7,6 +7,7 @@ bench.train.batches draws, bench.train.checkpoint saves and restores."""
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -17,35 +18,47 @@ from bench.core.diffusion import Schedule
 from bench.core.runtime import Runtime
 from bench.core.spec import Method
 
-_MASK64 = (1 << 64) - 1
 _STREAM = {"noise": 1, "t": 2, "flip": 3, "label": 4}
+_THREADED_NUMBERS = 1 << 20  # noise draws at least this large are filled by several threads
 
 
 @dataclass(frozen=True)
 class Streams:
     """The keys of a run's random streams: its seed, and the seed of the timestep and noise streams
-    (a method's ``streams`` slot, the placebo's, re-seeds those two; data order and flips stay)."""
+    (a method's ``streams`` slot, the placebo's, re-seeds those two; data order and flips stay).
+
+    Each draw has its own generator: numpy's PCG64 seeded by SeedSequence(seed, spawn_key=(stream,
+    step[, image])), numpy's own way to key independent streams (128-bit states: no two keys share
+    numbers; torch's CPU generator keeps only 32 bits of a seed)."""
 
     seed: int
     stream_seed: int
 
-    def key(self, stream: str) -> list[int]:
+    def _generator(self, stream: str, *key: int) -> np.random.Generator:
         own = self.stream_seed if stream in ("t", "noise") else self.seed
-        return [int(own) & _MASK64, _STREAM[stream]]
+        return np.random.Generator(np.random.PCG64(np.random.SeedSequence(int(own), spawn_key=(_STREAM[stream], *key))))
 
     def uniforms(self, stream: str, step: int, n: int) -> np.ndarray:
         """n uniforms in [0, 1) (float64) of `stream` at `step`: the whole global batch's."""
-        return np.random.Generator(np.random.Philox(key=self.key(stream), counter=[0, 0, int(step), 0])).random(n)
+        return self._generator(stream, int(step)).random(n)
 
     def noise(self, step: int, samples: range, shape) -> torch.Tensor:
         """Standard normal noise [len(samples), *shape] (float32) of the given global sample indices at
-        `step`: sample i's is its own counter's, whichever process draws it."""
+        `step`: sample i's is its own generator's, whichever process draws it (large draws in threads:
+        numpy releases the GIL while it fills)."""
         out = np.empty((len(samples), *shape), dtype=np.float32)
-        key = self.key("noise")
-        for k, i in enumerate(samples):
-            # Counter word 0 advances as numbers are drawn; the sample and step sit in words 1 and 2.
-            gen = np.random.Generator(np.random.Philox(key=key, counter=[0, int(i), int(step), 0]))
-            gen.standard_normal(out=out[k], dtype=np.float32)
+
+        def fill(k: int) -> None:
+            self._generator("noise", int(step), int(samples[k])).standard_normal(out=out[k], dtype=np.float32)
+
+        if out.size >= _THREADED_NUMBERS and len(samples) > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(min(8, len(samples), os.cpu_count() or 1)) as pool:
+                list(pool.map(fill, range(len(samples))))
+        else:
+            for k in range(len(samples)):
+                fill(k)
         return torch.from_numpy(out)
 
 
