@@ -23,8 +23,8 @@ Processes: ``gpus = N`` runs N processes (one per GPU; gloo processes on a CPU),
 torchrun (``torchrun --nproc_per_node N run_bench.py train ...``; the suite runner and the Slurm
 path start them for you). Backend: NCCL when every rank has a GPU of its own (compared by UUID),
 gloo on CPUs, and an error when ranks share a GPU unless ``DIFFBENCH_DIST_BACKEND=gloo`` asks for
-gloo by name (``DIFFBENCH_DIST_BACKEND`` overrides the choice). ``DIFFBENCH_DIST_TIMEOUT_MIN`` (default 180) bounds
-a collective; ranks that may be far apart (evaluation, checkpoints) first meet through the
+gloo by name (``DIFFBENCH_DIST_BACKEND`` overrides the choice). ``DIFFBENCH_DIST_TIMEOUT_MIN``
+(default 180) bounds a collective; ranks that may be far apart (evaluation, checkpoints) first meet through the
 rendezvous store (:func:`meet`, bounded by ``DIFFBENCH_WAIT_MIN``, default 720), so no rank waits
 inside a collective for another that is still working.
 """

@@ -11,9 +11,9 @@ metrics; Inception FID costs far more per image (measured by ``python -m bench.t
 README's "Speed" section has its output).
 
 Each row is flat: step, metric, value, feature_extractor, num_gen, ref_split, num_ref, ref_sha256
-(the reference statistics' hash: bench.eval.fid.RefStats.sha256),
-sampler, sampler_steps, sample_precision (the network's precision while sampling), eta (None for ddpm), eval_seconds; and also dataset, resolution,
-noise_seed, weights_sha1 and weights_sha256 (of the feature extractor), weights_shipped (a
+(the reference statistics' hash: bench.eval.fid.RefStats.sha256), sampler, sampler_steps,
+sample_precision (the network's precision while sampling), eta (None for ddpm), eval_seconds;
+and also dataset, resolution, noise_seed, weights_sha1 and weights_sha256 (of the feature extractor), weights_shipped (a
 pinned extractor from the repository, not one trained on this machine), timestep_spacing and
 timesteps (the sampler's visited timesteps, in order), noise_floor (the same metric between
 num_gen real images, disjoint from the reference set, and the reference: what a perfect
@@ -253,7 +253,8 @@ class Evaluator:
                       "value_sd": float(np.std(values, ddof=1))} if len(values) > 1 else {}
             rows.append({
                 "step": int(step), "metric": metric, "value": float(np.mean(values)), "feature_extractor": ext.name,
-                "num_gen": s["num_images"], "ref_split": s["ref_split"], "num_ref": int(ref.num), "ref_sha256": ref.sha256,
+                "num_gen": s["num_images"], "ref_split": s["ref_split"], "num_ref": int(ref.num),
+                "ref_sha256": ref.sha256,
                 "sampler": s["sampler"], "sampler_steps": steps, "sample_precision": precision,
                 "eta": float(s["eta"]) if s["sampler"] == "ddim" else None,
                 "eval_seconds": round(eval_seconds, 3),

@@ -7,10 +7,11 @@ the method's learning-rate scale and betas, update the EMA, and log. Evaluation 
 EMA weights outside the training clock.
 
 Device and processes (bench/core/runtime.py): everything lives on the run's device; the random
-streams are CPU generators, so a seed gives the same data, timesteps and noise on any device.
-With N processes (torchrun, DDP) every process draws its own slice of the global batch (the
-same numbers a single process draws for those images), gradients are averaged, and rank 0 alone keeps the EMA and writes files; every process
-evaluates its share of the images (rank 0's EMA, broadcast first).
+draws are keyed by (seed, stream, step, image) on the CPU (bench/train/batches.py), so a seed
+gives the same data, timesteps and noise on any device and any number of processes. With N
+processes (torchrun, DDP) every process draws its own slice of the global batch, gradients are
+averaged, and rank 0 alone keeps the EMA and writes files; every process evaluates its share of
+the images (rank 0's EMA, broadcast first). The device's numbers are read once per sync interval.
 
 Run folder:
   config.json          this TrainConfig plus the method's label, slots and resolved params, and
