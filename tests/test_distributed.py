@@ -14,7 +14,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -412,10 +411,18 @@ def test_every_part_of_the_gpu_check_is_bounded(tmp_path):
         except FileNotFoundError:
             return True
 
-    for _ in range(1200):  # SIGKILL is sent when run_bounded returns; wait for the state to show it
-        if dead(child):
-            break
-        time.sleep(0.05)
+    # SIGKILL was sent before run_bounded returned; wait on its exit (a pidfd turns readable when the
+    # process ends), bounded only to catch a survivor.
+    try:
+        fd = os.pidfd_open(child)
+    except ProcessLookupError:
+        fd = None  # already gone and reaped
+    if fd is not None:
+        import select
+
+        readable, _, _ = select.select([fd], [], [], 60)
+        os.close(fd)
+        assert readable, "the guard's SIGKILL left the part's child running"
     assert dead(child)
     spent = Parts(tmp_path, budget_s=0)
     assert spent.run("eager", "throughput", 30, arch="unet-tiny") == {"error": "skipped: the check's time budget is spent"}
@@ -520,30 +527,48 @@ def test_a_two_process_run_evaluates_on_both_ranks_like_one_process(tmp_path):
 
 
 SLOW_RANK_SCRIPT = """
-import sys, time
+import sys, threading, time
+from pathlib import Path
 from bench.core.config import TrainConfig
 from bench.core.runtime import finish_processes, is_main
 from bench.eval.evaluate import Evaluator
 from bench.train.loop import train
 
-if is_main():  # rank 0 samples its share 12 s late, twice the collectives' timeout
+out, LATE_S = Path(sys.argv[1]), 12.0  # twice the collectives' 6 s timeout
+calls = {"n": 0}
+if is_main():  # rank 0 starts sampling only once rank 1 has been at the meeting point for LATE_S
     real = Evaluator._sample
     def late(self, *args, **kwargs):
-        time.sleep(12)
+        calls["n"] += 1
+        marker = out / f"rank1-scoring-{calls['n']}"
+        while not marker.exists():  # rank 1 writes it as it goes to gather the features (below)
+            threading.Event().wait(0.05)
+        arrived = float(marker.read_text())
+        threading.Event().wait(max(0.0, arrived + LATE_S - time.monotonic()))  # the lateness under test
         return real(self, *args, **kwargs)
     Evaluator._sample = late
+else:  # rank 1 says when it reaches the gather of each evaluation (monotonic time: shared by processes)
+    real_score = Evaluator._score
+    def scoring(self, images):
+        calls["n"] += 1
+        (out / f"rank1-scoring-{calls['n']}").write_text(repr(time.monotonic()))
+        return real_score(self, images)
+    Evaluator._score = scoring
+out.mkdir(parents=True, exist_ok=True)
 cfg = TrainConfig(dataset="synthetic", arch="unet-tiny", iters=4, batch_size=8, warmup=0, gpus=2, eval_every=2,
                   eval={"metrics": ["proxy_fd"], "num_images": 8, "sampler_steps": 2})
-print(train(cfg, sys.argv[1])["state"])
+print(train(cfg, out)["state"])
 finish_processes()
 """
 
 
 @pytest.mark.slow
 def test_a_rank_that_evaluates_slowly_does_not_time_out_the_others(tmp_path):
-    """Collectives time out after 6 s here (DIFFBENCH_DIST_TIMEOUT_MIN=0.1) and rank 0 is 12 s late at
-    each of two evaluations: the other rank waits at the store (runtime.meet), not in the gather, and
-    the run ends done with both evaluations written."""
+    """Collectives time out after 6 s here (DIFFBENCH_DIST_TIMEOUT_MIN=0.1) and, at each of two
+    evaluations, rank 0 starts sampling only 12 s after rank 1 arrived at the features' gather (rank 1
+    writes when it arrives; the lateness is counted from that, so it exceeds the timeout on any
+    machine): rank 1 waits at the store (runtime.meet), not in the gather, and the run ends done
+    with both evaluations written."""
     script = tmp_path / "slow_rank.py"
     script.write_text(SLOW_RANK_SCRIPT)
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
