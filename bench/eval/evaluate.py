@@ -83,14 +83,19 @@ class Evaluator:
         self.spec = resolve_spec(spec)
         self.compute_limit = compute_limit
         self._prepared: dict = {}
+        self._variants: dict = {}
 
     def variant(self, **change) -> "Evaluator":
-        """This evaluation with some spec keys changed (another sampler, another N); it shares this
-        one's feature extractors and reference statistics when N and the metrics are unchanged."""
-        other = Evaluator({**self.spec, **change}, self.compute_limit)
-        if other.spec["num_images"] == self.spec["num_images"] and other.spec["metrics"] == self.spec["metrics"]:
-            other._prepared = self._prepared
-        return other
+        """This evaluation with some spec keys changed (another sampler, another N), made once per
+        change (a variant prepared when training starts is the one the budget's evaluation uses); it
+        shares this one's feature extractors and reference statistics when N and the metrics are unchanged."""
+        key = repr(sorted(change.items()))
+        if key not in self._variants:
+            other = Evaluator({**self.spec, **change}, self.compute_limit)
+            if other.spec["num_images"] == self.spec["num_images"] and other.spec["metrics"] == self.spec["metrics"]:
+                other._prepared = self._prepared
+            self._variants[key] = other
+        return self._variants[key]
 
     @property
     def prepared_families(self) -> dict:
