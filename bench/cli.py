@@ -55,19 +55,28 @@ def cmd_list(args) -> None:
 
 def cmd_describe(args) -> None:
     # imported per command: the CLI starts without torch
+    from bench.core.config import TrainConfig
     from bench.core.describe import describe
     from bench.core.diffusion import make_schedule
-    from bench.core.registry import get_method
+    from bench.core.registry import get_method, load_plugins
 
     if not 0.0 <= args.progress <= 1.0:
         raise ConfigError(f"--progress {args.progress} is outside [0, 1]; progress is iterations done / budget")
-    method = get_method(args.method, parse_sets(args.set), args.plugins)
     schedule = make_schedule(args.schedule, args.T, args.zero_terminal_snr)
-    # imported per command: the CLI starts without torch
-    from bench.core.config import TrainConfig
-
     base = TrainConfig()  # the optimizer and EMA settings a run gets unless told otherwise
-    d = describe(method, args.progress, schedule, args.target, base.beta1, base.beta2, base.ema_decay)
+    if args.method == "all":
+        if args.set:
+            raise ConfigError("describe all takes no --set; describe one method to set its hyperparameters")
+        names = sorted(n for n in load_plugins(args.plugins) if n != "combined")
+        rows = {n: describe(get_method(n, {}, args.plugins), args.progress, schedule, args.target, base.beta1,
+                            base.beta2, base.ema_decay, base.iters) for n in names}
+        if args.json:
+            print(json.dumps(rows))
+        else:
+            _print_importance(rows)
+        return
+    method = get_method(args.method, parse_sets(args.set), args.plugins)
+    d = describe(method, args.progress, schedule, args.target, base.beta1, base.beta2, base.ema_decay, base.iters)
     if args.json:
         print(json.dumps(d))
         return
@@ -82,14 +91,36 @@ def cmd_describe(args) -> None:
                   f"{', zero terminal SNR' if d['zero_terminal_snr'] else ''}")
     console.print(f"lr scale {d['lr_scale']:.4f}   beta1 {d['beta1']:.4f}   beta2 {d['beta2']:.4f}   "
                   f"EMA decay {d['ema_decay']}")
-    table = Table(title="timesteps (10 bins of T)")
-    for col in ("t range", "P(t in bin)", "mean loss weight"):
+    if d["weight_scale"]:
+        console.print(f"weights: {d['weight_scale']} (the method's own weights divided by {d['weight_norm']:.4g})")
+    table = Table(title="timesteps (10 bins of T); p(t) w(t): the implied importance density, normalised")
+    for col in ("t range", "P(t in bin)", "mean loss weight", "p(t) w(t) in bin"):
         table.add_column(col, justify="right")
-    T, probs, w = d["T"], d["timestep_probs"], d["loss_weights"]
+    T, probs, w, imp = d["T"], d["timestep_probs"], d["loss_weights"], d["importance"]
     for b in range(10):
         lo, hi = b * T // 10, (b + 1) * T // 10
-        table.add_row(f"{lo}-{hi - 1}", f"{sum(probs[lo:hi]):.4f}", f"{sum(w[lo:hi]) / (hi - lo):.4g}")
+        table.add_row(f"{lo}-{hi - 1}", f"{sum(probs[lo:hi]):.4f}", f"{sum(w[lo:hi]) / (hi - lo):.4g}",
+                      f"{sum(imp[lo:hi]):.4f}")
     console.print(table)
+
+
+def _print_importance(rows: dict) -> None:
+    """Every method's implied importance density p(t) w(t) (normalised), in 10 bins of T."""
+    from rich.console import Console
+    from rich.table import Table
+
+    first = next(iter(rows.values()))
+    T = first["T"]
+    table = Table(title=f"p(t) w(t) per tenth of T at progress {first['progress']:g} ({first['schedule']} schedule, "
+                        f"target {first['target']}); weights: normalised unless marked 'source'")
+    table.add_column("method")
+    for b in range(10):
+        table.add_column(f"{b * T // 10}-", justify="right")
+    for name, d in rows.items():
+        imp = d["importance"]
+        mark = " (source)" if d["weight_scale"] == "source" else ""
+        table.add_row(name + mark, *(f"{sum(imp[b * T // 10:(b + 1) * T // 10]):.3f}" for b in range(10)))
+    Console().print(table)
 
 
 #: `train` switches: flag -> (TrainConfig key, the value the flag sets)
@@ -273,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _describe_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("method")
+    p.add_argument("method", help="a method's name, or 'all': every method's p(t) w(t) side by side")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--schedule", default="linear")
     p.add_argument("--target", default="eps", choices=("eps", "x0", "v"))

@@ -1,4 +1,4 @@
-from bench.core.spec import SLOTS, Method, Param
+from bench.core.spec import SLOTS, Method, Param, ema_decay_at
 from bench.errors import HyperparameterError
 
 
@@ -8,7 +8,8 @@ class Combined(Method):
 
     `parts` lists method names joined by '+'. A part's hyperparameter is set as
     PART.KEY (e.g. ``--set clts.mu=0.2``). Two parts that fill the same slot are refused,
-    naming the slot, because their effects could not be told apart.
+    naming the slot, because their effects could not be told apart. The parts' state (a feedback
+    method's) is saved per part.
     """
 
     name = "combined"
@@ -45,6 +46,11 @@ class Combined(Method):
                     )
                 self.owner[slot] = part
         self.slots = frozenset(self.owner)
+        # The weights are scaled as their part says, and the EMA warm-up applies unless the EMA's part says not.
+        if "weighting" in self.owner:
+            self.weight_scale = self.owner["weighting"].weight_scale
+        if "ema" in self.owner:
+            self.ema_warmup = self.owner["ema"].ema_warmup
         for part in self.parts:
             for k, v in part.hp.items():
                 self.hp[f"{part.name}.{k}"] = v
@@ -58,14 +64,42 @@ class Combined(Method):
     def timestep_probs(self, p, schedule):
         return self.owner["timesteps"].timestep_probs(p, schedule)
 
+    def sample_timesteps(self, u, p, schedule):
+        return self.owner["timesteps"].sample_timesteps(u, p, schedule)
+
     def loss_weights(self, t, p, schedule, target):
         return self.owner["weighting"].loss_weights(t, p, schedule, target)
 
     def optimizer(self, p):
         return self.owner["optimizer"].optimizer(p)
 
-    def ema_decay(self, p, base):
-        return self.owner["ema"].ema_decay(p, base)
+    def ema_decay(self, p, base, step):
+        return ema_decay_at(self.owner["ema"], p, base, step)
+
+    def track_ema(self, step, model):
+        self.owner["ema"].track_ema(step, model)
+
+    def ema_snapshot(self, step):
+        return self.owner["ema"].ema_snapshot(step)
 
     def stream_seed(self, seed):
         return self.owner["streams"].stream_seed(seed)
+
+    def assign_noise(self, x0, eps):
+        return self.owner["noise"].assign_noise(x0, eps)
+
+    def observe(self, t, losses):
+        self.owner["feedback"].observe(t, losses)
+
+    def build_aux(self, model, image_shape, dataset, data_dir):
+        return self.owner["aux_loss"].build_aux(model, image_shape, dataset, data_dir)
+
+    def aux_loss(self, aux, activation, x0):
+        return self.owner["aux_loss"].aux_loss(aux, activation, x0)
+
+    def state_dict(self):
+        return {part.name: part.state_dict() for part in self.parts}
+
+    def load_state_dict(self, state):
+        for part in self.parts:
+            part.load_state_dict(state.get(part.name, {}))

@@ -14,6 +14,7 @@ class MinSNR(Method):
 
     name = "min_snr"
     slots = frozenset({"weighting"})
+    weight_scale = "source"  # the seed paper's study used the source's scale; its committed results keep it
     source = "Hang et al. 2023 (Efficient Diffusion Training via Min-SNR Weighting); diffusers --snr_gamma"
     params = {"gamma": Param(5.0, "SNR clamp", low=0.0, low_open=True)}
 

@@ -13,6 +13,7 @@ class P2(Method):
 
     name = "p2"
     slots = frozenset({"weighting"})
+    weight_scale = "source"  # the seed paper's study used the source's scale; its committed results keep it
     source = "Choi et al. 2022 (Perception Prioritized Training), P2-weighting repository"
     params = {
         "gamma": Param(1.0, "exponent of the weight", low=0.0),

@@ -300,5 +300,5 @@ def test_slot_dispatch_falls_back_to_the_baseline_for_undeclared_slots():
     assert torch.equal(loss_weights_at(clts, t, 0.5, sch, "eps"), torch.ones(10, dtype=torch.float64))
     assert torch.allclose(timestep_probs_at(p2, 0.5, sch), torch.full((1000,), 1e-3, dtype=torch.float64))
     assert optimizer_settings_at(p2, 0.5, 0.9, 0.99) == (1.0, 0.9, 0.99)
-    assert ema_decay_at(clts, 0.5, 0.995) == 0.995
+    assert ema_decay_at(clts, 0.5, 0.995, 3) == 0.995
     assert not torch.allclose(timestep_probs_at(clts, 1.0, sch), torch.full((1000,), 1e-3, dtype=torch.float64))

@@ -395,7 +395,7 @@ def test_train_wires_data_and_noise_apart_from_the_timestep_draw(tmp_path, monke
 
 
 def test_noise_stream_does_not_depend_on_the_timestep_distribution():
-    from bench.train.batches import sample_timesteps
+    from bench.core.spec import inverse_cdf as sample_timesteps
     from bench.train.state import Streams
 
     T, B = 1000, 64
@@ -481,7 +481,7 @@ def test_train_flags_set_ema_warmup():
 
 def test_a_resolved_run_is_the_callers_own(monkeypatch, tmp_path):
     """Resolutions are cached per process, but each caller gets its own config, spec and record
-    (only the pure method is shared), and the spec follows $DIFFBENCH_CACHE."""
+    and method (a method may learn during a run), and the spec follows $DIFFBENCH_CACHE."""
     from bench.train.resolve import resolve_run
 
     cfg = {**SMALL, "eval": {"metrics": ["proxy_fd"]}}
@@ -489,7 +489,8 @@ def test_a_resolved_run_is_the_callers_own(monkeypatch, tmp_path):
     a.record["lr"] = 99.0
     a.eval_spec["num_images"] = 7
     b = resolve_run(cfg)
-    assert b.record["lr"] == TrainConfig().lr and b.eval_spec["num_images"] == 1000 and b.method is a.method
+    assert b.record["lr"] == TrainConfig().lr and b.eval_spec["num_images"] == 1000 and b.method is not a.method
+    assert b.method.hp == a.method.hp
     monkeypatch.setenv("DIFFBENCH_CACHE", str(tmp_path / "other"))
     assert resolve_run(cfg).eval_spec["cache_dir"] == str(tmp_path / "other" / "eval")
 

@@ -3,38 +3,54 @@
 import torch
 
 from bench.core.diffusion import Schedule
-from bench.core.spec import Method, ema_decay_at, loss_weights_at, optimizer_settings_at, timestep_probs_at
+from bench.core.spec import (
+    Method,
+    ema_decay_at,
+    loss_weights_at,
+    optimizer_settings_at,
+    timestep_probs_at,
+    weight_norm_at,
+)
 
 
 def describe(method: Method, p: float, schedule: Schedule, target: str,
-             beta1: float = 0.9, beta2: float = 0.999, ema_base: float = 0.9999) -> dict:
-    """Everything the method changes at progress p, as plain JSON-ready values."""
+             beta1: float = 0.9, beta2: float = 0.999, ema_base: float = 0.9999, iters: int = 1000) -> dict:
+    """Everything the method changes at progress p (of a budget of `iters` updates), as plain JSON-ready
+    values. `importance` is p(t) w(t) normalised to sum 1: only this product sets the expected
+    objective (the split between sampling and weighting changes the gradient's variance)."""
     t = torch.arange(schedule.T)
     lr_scale, b1, b2 = optimizer_settings_at(method, p, beta1, beta2)
+    probs = timestep_probs_at(method, p, schedule)
+    weights = loss_weights_at(method, t, p, schedule, target)
+    importance = probs * weights
     return {
         "method": method.name,
         "label": method.label,
         "slots": sorted(method.slots),
         "params": dict(method.hp),
         "source": method.source,
+        "weight_scale": method.weight_scale if "weighting" in method.slots else None,
+        "weight_norm": weight_norm_at(method, p, schedule, target),
         "progress": p,
         "schedule": schedule.name,
         "T": schedule.T,
         "zero_terminal_snr": schedule.zero_terminal_snr,
         "target": target,
-        "timestep_probs": timestep_probs_at(method, p, schedule).tolist(),
-        "loss_weights": loss_weights_at(method, t, p, schedule, target).tolist(),
+        "timestep_probs": probs.tolist(),
+        "loss_weights": weights.tolist(),
+        "importance": (importance / importance.sum()).tolist(),
         "lr_scale": float(lr_scale),
         "beta1": float(b1),
         "beta2": float(b2),
-        "ema_decay": float(ema_decay_at(method, p, ema_base)),
+        "ema_decay": float(ema_decay_at(method, p, ema_base, max(1, round(p * iters)))),
     }
 
 
 def trace(method: Method, schedule: Schedule, target: str, beta1: float, beta2: float, ema_base: float,
-          points: int = 11) -> dict:
+          points: int = 11, iters: int = 1000) -> dict:
     """describe() at evenly spaced progress points, column-wise (for method_trace.json)."""
     ps = [i / (points - 1) for i in range(points)]
-    rows = [describe(method, p, schedule, target, beta1, beta2, ema_base) for p in ps]
-    keys = ("timestep_probs", "loss_weights", "lr_scale", "beta1", "beta2", "ema_decay")
-    return {"label": method.label, "progress": ps, **{k: [r[k] for r in rows] for k in keys}}
+    rows = [describe(method, p, schedule, target, beta1, beta2, ema_base, iters) for p in ps]
+    keys = ("timestep_probs", "loss_weights", "importance", "lr_scale", "beta1", "beta2", "ema_decay")
+    return {"label": method.label, "weight_scale": rows[0]["weight_scale"], "progress": ps,
+            **{k: [r[k] for r in rows] for k in keys}}

@@ -4,41 +4,63 @@ A method is a subclass of :class:`Method` in one small file under ``methods/`` (
 or folder passed with ``--plugins``). It declares:
 
 - ``name``: the registry key, unique; what ``--method`` accepts.
-- ``slots``: the parts of training it changes, a subset of ``SLOTS``:
-    * ``timesteps``: :meth:`Method.timestep_probs` returns the distribution over t.
-    * ``weighting``: :meth:`Method.loss_weights` returns per-sample loss weights.
-    * ``optimizer``: :meth:`Method.optimizer` returns the learning-rate scale and Adam betas.
-    * ``ema``: :meth:`Method.ema_decay` returns the EMA decay.
-    * ``streams``: :meth:`Method.stream_seed` returns the seed of the timestep and noise streams
+- ``slots``: the parts of training it changes, a subset of ``SLOTS``, each filled by its hooks:
+    * ``timesteps``: :meth:`~Method.timestep_probs` returns the distribution over t (the marginal of
+      a batch); :meth:`~Method.sample_timesteps` maps the batch's uniforms to its t (default: each
+      uniform by inverse CDF of that distribution; a method whose batch is not i.i.d. overrides it).
+    * ``weighting``: :meth:`~Method.loss_weights` returns per-sample loss weights.
+    * ``optimizer``: :meth:`~Method.optimizer` returns the learning-rate scale and Adam betas.
+    * ``ema``: :meth:`~Method.ema_decay` returns the EMA decay (it may read the absolute step);
+      :meth:`~Method.track_ema` sees the model after every update (extra averages of its own);
+      :meth:`~Method.ema_snapshot` returns what to save in the run folder at a step, or None.
+    * ``streams``: :meth:`~Method.stream_seed` returns the seed of the timestep and noise streams
       (the placebo's slot: the baseline on other random numbers, same initialisation and data).
+    * ``noise``: :meth:`~Method.assign_noise` sees the process's batch of clean images and its drawn
+      noise, and returns the noise to use (e.g. reassigned among the images).
+    * ``feedback``: :meth:`~Method.observe` receives the global batch's t and unweighted per-sample
+      losses after every step (every process gets every process's).
+    * ``aux_loss``: :meth:`~Method.build_aux` returns the name of an inner module of the network and
+      an extra trainable module (it joins the optimizer, the checkpoint and DDP);
+      :meth:`~Method.aux_loss` returns a per-sample loss from that module, the inner module's output
+      and the clean images, added to the weighted denoising loss.
   The harness calls only the hooks of declared slots; an undeclared slot keeps the baseline
-  behaviour (uniform t, weight 1, base optimizer, base EMA decay).
+  behaviour (uniform t, weight 1, base optimizer, base EMA decay, the drawn noise, no extra loss).
 - ``params``: typed hyperparameters with defaults and allowed ranges (:class:`Param`).
   Instances are built with keyword overrides, validated, and read from ``self.hp``.
 - ``source``: where the definition comes from, and which parts are our reconstruction.
+- ``weight_scale``: "normalised" (default): the harness divides the weights by their mean under the
+  method's own sampling at p (sum_t p(t) w(t)), so only the shape of p(t) w(t) is the method's and the
+  gradient's scale stays the baseline's; "source": the weights as the source writes them (say why).
+- ``ema_warmup``: whether the configured EMA warm-up caps this method's decay (a method that brings
+  its own warm-up, e.g. a power-function EMA, sets False).
 
-The harness calls a method only through the four ``*_at`` functions below (the slot dispatch):
-an undeclared slot gets the baseline's behaviour there. A class that overrides a hook without
-declaring its slot is refused when it is registered (:func:`check_slots`), because the harness
-would silently never call that hook.
+The harness calls a method only through the ``*_at`` functions below (the slot dispatch). A class
+that overrides a hook without declaring its slot is refused when it is registered
+(:func:`check_slots`), because the harness would silently never call that hook.
 
-Every hook is a pure function of its arguments: training progress ``p`` in [0, 1]
-(iterations done / iteration budget), the :class:`~bench.core.diffusion.Schedule`, and for
-weights the sampled timesteps and the prediction target. Purity is what makes ``describe``
-exact and resume bit-for-bit: a method keeps no state between calls.
+State: the hooks of timesteps, weighting, optimizer, streams and noise are pure functions of their
+arguments (progress ``p`` in [0, 1] = iterations done / budget, the
+:class:`~bench.core.diffusion.Schedule`, the step). A method that learns during training (feedback,
+tracked averages) keeps its state in tensors returned by :meth:`~Method.state_dict`; the harness
+saves them in every checkpoint and restores them with :meth:`~Method.load_state_dict`, so a killed
+run resumes bit for bit. Each run trains its own copy of the method.
 """
 
+import inspect
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 
 from bench.errors import ConfigError, HyperparameterError
 
-SLOTS = ("timesteps", "weighting", "optimizer", "ema", "streams")
-#: the hook each slot fills
-HOOKS = {"timesteps": "timestep_probs", "weighting": "loss_weights", "optimizer": "optimizer", "ema": "ema_decay",
-         "streams": "stream_seed"}
+SLOTS = ("timesteps", "weighting", "optimizer", "ema", "streams", "noise", "feedback", "aux_loss")
+#: the hooks each slot fills
+HOOKS = {"timesteps": ("timestep_probs", "sample_timesteps"), "weighting": ("loss_weights",),
+         "optimizer": ("optimizer",), "ema": ("ema_decay", "track_ema", "ema_snapshot"), "streams": ("stream_seed",),
+         "noise": ("assign_noise",), "feedback": ("observe",), "aux_loss": ("build_aux", "aux_loss")}
+WEIGHT_SCALES = ("normalised", "source")
 
 
 @dataclass(frozen=True)
@@ -117,6 +139,15 @@ class OptimizerSettings:
     beta2: float | None = None
 
 
+@dataclass(frozen=True)
+class AuxModule:
+    """What the ``aux_loss`` slot's build_aux returns: the inner module of the network whose output
+    aux_loss reads (its name in ``model.named_modules()``), and the extra trainable module."""
+
+    layer: str
+    module: torch.nn.Module
+
+
 class Method:
     """Base class of every method plugin; as is, it is the baseline (fills no slot)."""
 
@@ -124,6 +155,8 @@ class Method:
     slots: ClassVar[frozenset] = frozenset()
     params: ClassVar[dict[str, Param]] = {}
     source: ClassVar[str] = ""
+    weight_scale: ClassVar[str] = "normalised"
+    ema_warmup: ClassVar[bool] = True
 
     def __init__(self, **overrides: Any):
         unknown = sorted(set(overrides) - set(self.params))
@@ -142,8 +175,14 @@ class Method:
 
     # -- slots ------------------------------------------------------------------------------
     def timestep_probs(self, p: float, schedule) -> torch.Tensor:
-        """``timesteps`` slot: float64 tensor [T], non-negative, summing to 1."""
+        """``timesteps`` slot: float64 tensor [T], non-negative, summing to 1 (a batch's marginal)."""
         return torch.full((schedule.T,), 1.0 / schedule.T, dtype=torch.float64)
+
+    def sample_timesteps(self, u: np.ndarray, p: float, schedule) -> torch.Tensor:
+        """``timesteps`` slot: the global batch's t (int64 [len(u)]) from one uniform per image.
+        Default: each uniform by inverse CDF of timestep_probs, so methods at one seed share their
+        random numbers (common random numbers)."""
+        return inverse_cdf(self.timestep_probs(p, schedule), u)
 
     def loss_weights(self, t: torch.Tensor, p: float, schedule, target: str) -> torch.Tensor:
         """``weighting`` slot: float64 weights for the per-sample MSE on `target` at steps t."""
@@ -153,14 +192,48 @@ class Method:
         """``optimizer`` slot: learning-rate scale and Adam betas at progress p."""
         return OptimizerSettings()
 
-    def ema_decay(self, p: float, base: float) -> float:
-        """``ema`` slot: the EMA decay at progress p, given the configured base decay."""
+    def ema_decay(self, p: float, base: float, step: int) -> float:
+        """``ema`` slot: the EMA decay of update `step` (1-based: the optimizer updates done, this one
+        included) at progress p, given the configured base decay."""
         return base
+
+    def track_ema(self, step: int, model: torch.nn.Module) -> None:
+        """``ema`` slot: sees the model after update `step` (process 0 only), for averages the method
+        keeps itself (in state_dict, so they resume)."""
+
+    def ema_snapshot(self, step: int) -> dict | None:
+        """``ema`` slot: tensors to save as ``ema_snapshots/<step>.pt`` after update `step`, or None."""
+        return None
 
     def stream_seed(self, seed: int) -> int:
         """``streams`` slot: the seed of the timestep and noise streams of a run with seed `seed`
         (initialisation, data order and flips keep the run's seed)."""
         return seed
+
+    def assign_noise(self, x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """``noise`` slot: the noise for this process's images x0 (model range), given the drawn eps."""
+        return eps
+
+    def observe(self, t: torch.Tensor, losses: torch.Tensor) -> None:
+        """``feedback`` slot: the global batch's t (int64, CPU) and unweighted per-sample losses
+        (float64, CPU) of the step just taken, on every process."""
+
+    def build_aux(self, model: torch.nn.Module, image_shape: tuple, dataset: str, data_dir) -> AuxModule:
+        """``aux_loss`` slot: the inner layer to read and the extra trainable module (built once per run,
+        after the seed's initial weights, on the CPU; the harness moves it to the device)."""
+        raise NotImplementedError
+
+    def aux_loss(self, aux: torch.nn.Module, activation: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        """``aux_loss`` slot: per-sample extra loss [B] (already scaled by the method's weight)."""
+        raise NotImplementedError
+
+    # -- state -------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """What the method has learned during training (tensors, numbers): saved in checkpoints."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what state_dict returned."""
 
     # -- description --------------------------------------------------------------------------
     def non_default_params(self) -> dict[str, Any]:
@@ -173,6 +246,14 @@ class Method:
         return "-".join(parts)
 
 
+def inverse_cdf(probs: torch.Tensor, u) -> torch.Tensor:
+    """One index of `probs` per uniform in `u`, by inverse CDF (uniform u maps to the same quantile of
+    every distribution, and the draw does not depend on how a generator is consumed)."""
+    cdf = torch.cumsum(probs.double(), 0)
+    u = torch.as_tensor(u, dtype=torch.float64) * cdf[-1]
+    return torch.searchsorted(cdf, u, right=True).clamp_(max=len(probs) - 1)
+
+
 # -- slot dispatch: the only way the harness calls a method ----------------------------------------
 
 
@@ -183,11 +264,33 @@ def timestep_probs_at(method: Method, p: float, schedule) -> torch.Tensor:
     return Method.timestep_probs(method, p, schedule)
 
 
-def loss_weights_at(method: Method, t: torch.Tensor, p: float, schedule, target: str) -> torch.Tensor:
-    """Per-sample loss weights: the method's if it fills ``weighting``, else 1."""
+def sample_timesteps_at(method: Method, u: np.ndarray, p: float, schedule) -> torch.Tensor:
+    """The global batch's timesteps from its uniforms: the method's if it fills ``timesteps``."""
+    if "timesteps" in method.slots:
+        return method.sample_timesteps(u, p, schedule)
+    return Method.sample_timesteps(method, u, p, schedule)
+
+
+def raw_loss_weights_at(method: Method, t: torch.Tensor, p: float, schedule, target: str) -> torch.Tensor:
+    """The weights as the method writes them (before normalisation); 1 without ``weighting``."""
     if "weighting" in method.slots:
         return method.loss_weights(t, p, schedule, target)
     return torch.ones(t.shape, dtype=torch.float64)
+
+
+def weight_norm_at(method: Method, p: float, schedule, target: str) -> float:
+    """The divisor of a method's weights at p: their mean under its own sampling, sum_t p(t) w(t), for
+    weight_scale "normalised" (1 for "source", and without ``weighting``)."""
+    if "weighting" not in method.slots or method.weight_scale == "source":
+        return 1.0
+    w = raw_loss_weights_at(method, torch.arange(schedule.T), p, schedule, target)
+    return float((timestep_probs_at(method, p, schedule) * w).sum())
+
+
+def loss_weights_at(method: Method, t: torch.Tensor, p: float, schedule, target: str) -> torch.Tensor:
+    """Per-sample loss weights: the method's if it fills ``weighting`` (normalised as it says), else 1."""
+    w = raw_loss_weights_at(method, t, p, schedule, target)
+    return w if "weighting" not in method.slots else w / weight_norm_at(method, p, schedule, target)
 
 
 def optimizer_settings_at(method: Method, p: float, beta1: float, beta2: float) -> tuple[float, float, float]:
@@ -198,9 +301,14 @@ def optimizer_settings_at(method: Method, p: float, beta1: float, beta2: float) 
     return s.lr_scale, beta1 if s.beta1 is None else s.beta1, beta2 if s.beta2 is None else s.beta2
 
 
-def ema_decay_at(method: Method, p: float, base: float) -> float:
-    """The EMA decay at progress p: the method's if it fills ``ema``, else the configured one."""
-    return method.ema_decay(p, base) if "ema" in method.slots else base
+def ema_decay_at(method: Method, p: float, base: float, step: int) -> float:
+    """The EMA decay of update `step` (1-based) at progress p: the method's if it fills ``ema``, else the
+    configured one. A plugin written before the hook took the step (ema_decay(p, base)) still works."""
+    if "ema" not in method.slots:
+        return base
+    if len(inspect.signature(method.ema_decay).parameters) == 2:
+        return method.ema_decay(p, base)
+    return method.ema_decay(p, base, step)
 
 
 def stream_seed_at(method: Method, seed: int) -> int:
@@ -208,17 +316,29 @@ def stream_seed_at(method: Method, seed: int) -> int:
     return int(method.stream_seed(seed)) if "streams" in method.slots else seed
 
 
+def assign_noise_at(method: Method, x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """The noise for the images x0: the method's if it fills ``noise``, else the drawn eps."""
+    return method.assign_noise(x0, eps) if "noise" in method.slots else eps
+
+
 def check_slots(cls: type) -> None:
     """Refuse a Method class that overrides a hook without declaring its slot (one-line error)."""
     unknown = sorted(set(cls.slots) - set(SLOTS))
     if unknown:
         raise ConfigError(f"method {cls.name!r} declares unknown slot {unknown[0]!r}; slots are "
-                                  f"{', '.join(SLOTS)}")
-    for slot, hook in HOOKS.items():
-        if getattr(cls, hook) is not getattr(Method, hook) and slot not in cls.slots:
-            raise ConfigError(
-                f"method {cls.name!r} overrides {hook}() but does not declare the {slot!r} slot, so the harness "
-                f"would never call it; add {slot!r} to its slots or remove the override")
+                          f"{', '.join(SLOTS)}")
+    if cls.weight_scale not in WEIGHT_SCALES:
+        raise ConfigError(f"method {cls.name!r} has weight_scale {cls.weight_scale!r}; use one of "
+                          f"{', '.join(WEIGHT_SCALES)}")
+    for slot, hooks in HOOKS.items():
+        for hook in hooks:
+            if getattr(cls, hook) is not getattr(Method, hook) and slot not in cls.slots:
+                raise ConfigError(
+                    f"method {cls.name!r} overrides {hook}() but does not declare the {slot!r} slot, so the harness "
+                    f"would never call it; add {slot!r} to its slots or remove the override")
+    if "aux_loss" in cls.slots and (cls.build_aux is Method.build_aux or cls.aux_loss is Method.aux_loss):
+        raise ConfigError(f"method {cls.name!r} declares the 'aux_loss' slot; it must define both build_aux() and "
+                          "aux_loss()")
 
 
 def _fmt(value: Any) -> str:
@@ -250,3 +370,25 @@ def weight_from_x0(w_x0: torch.Tensor, snr: torch.Tensor, target: str) -> torch.
 def progress_ramp(p: float, ramp: float) -> float:
     """min(1, p / ramp): the fraction of a schedule that is complete at progress p."""
     return min(1.0, max(0.0, p) / ramp)
+
+
+def observe_at(method: Method, t: torch.Tensor, losses: torch.Tensor) -> None:
+    """Feed the step's global t and unweighted per-sample losses back to a ``feedback`` method."""
+    if "feedback" in method.slots:
+        method.observe(t, losses)
+
+
+def track_ema_at(method: Method, step: int, model: torch.nn.Module) -> None:
+    """Show the model after update `step` to an ``ema`` method's own averages."""
+    if "ema" in method.slots:
+        method.track_ema(step, model)
+
+
+def ema_snapshot_at(method: Method, step: int) -> dict | None:
+    """An ``ema`` method's snapshot to save after update `step`, or None."""
+    return method.ema_snapshot(step) if "ema" in method.slots else None
+
+
+def uses_ema_warmup(method: Method) -> bool:
+    """Whether the configured EMA warm-up caps the method's decay (a method with its own warm-up says no)."""
+    return "ema" not in method.slots or bool(method.ema_warmup)

@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
 import torch
 
-from bench.core.spec import loss_weights_at, timestep_probs_at
+from bench.core.spec import loss_weights_at, sample_timesteps_at
 from bench.train.state import Batch, RunState
 
 DRAWS = "pcg64-seedsequence-v1"  # recorded in config.json: a run folder drawn another way is not resumed with these
@@ -35,18 +34,6 @@ def batch_indices(step: int, batch_size: int, n: int, seed: int, cache: dict) ->
         take = min(batch_size - len(out), n - offset)
         out.extend(cache["perm"][offset: offset + take].tolist())
     return torch.tensor(out)
-
-
-def sample_timesteps(probs: torch.Tensor, u: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """One timestep from `probs` per uniform in `u`, by inverse CDF.
-
-    Every method consumes exactly one uniform per image and maps uniform u to the same quantile
-    of its own distribution, so methods at one seed share their random numbers (common random
-    numbers), and the draw does not depend on how torch.multinomial uses a generator.
-    """
-    cdf = torch.cumsum(probs.double(), 0)
-    u = torch.as_tensor(u, dtype=torch.float64) * cdf[-1]
-    return torch.searchsorted(cdf, u, right=True).clamp_(max=len(probs) - 1)
 
 
 def _to(x: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
@@ -77,8 +64,9 @@ def draw_batch(state: RunState, step: int) -> Batch:
             drop = torch.from_numpy(streams.uniforms("label", step, B)[sl] < cfg.p_uncond)
             labels = torch.where(drop.to(labels.device), state.num_classes, labels)
     flip = torch.from_numpy(streams.uniforms("flip", step, B)[sl] < 0.5) if cfg.flip else None
-    t = sample_timesteps(timestep_probs_at(state.method, step / cfg.iters, state.schedule),
-                         streams.uniforms("t", step, B))
+    # One uniform per image of the global batch; the method maps them to t (by inverse CDF unless its
+    # batch is not i.i.d.), so methods at one seed share their random numbers.
+    t = sample_timesteps_at(state.method, streams.uniforms("t", step, B), step / cfg.iters, state.schedule)
     weights = loss_weights_at(state.method, t, step / cfg.iters, state.schedule, cfg.target).to(torch.float32)
     eps = streams.noise(step, mine, state.images.shape[1:])
     batch = Batch(*(_to(x, dev) for x in (images, flip, eps, labels, t, weights)), 0.0)

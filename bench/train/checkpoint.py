@@ -1,4 +1,5 @@
-"""checkpoint.pt: a run's whole state (state_dicts, every RNG state, the step and the clocks),
+"""checkpoint.pt: a run's whole state (state_dicts, every RNG state, the step, the clocks, and what the
+method keeps: its state_dict and an aux_loss method's extra module),
 written atomically by rank 0 and restored exactly (bit for bit on the CPU; on another device,
 with that device's floating point). Loaded with weights_only: never a pickled module."""
 
@@ -46,7 +47,10 @@ def save_checkpoint(state: RunState, path: Path) -> None:
         return
     data = {"format": CHECKPOINT_FORMAT, "step": state.step, "world_size": state.rt.world_size,
             "model": state.model.state_dict(), "ema": state.ema.state_dict(), "opt": state.opt.state_dict(),
-            "rng_torch": rngs[0]["cpu"], "rng_processes": rngs, "clocks": state.clocks}
+            "rng_torch": rngs[0]["cpu"], "rng_processes": rngs, "clocks": state.clocks,
+            "method_state": state.method.state_dict()}  # what a method learned (feedback, tracked averages)
+    if state.aux is not None:  # an aux_loss method's extra module
+        data["aux"] = state.aux.module.state_dict()
     # A failed write (a full disk) leaves the previous checkpoint and no partial file behind; a write
     # killed with its process leaves its temporary file (fileio.atomic_write's name), removed here.
     for stale in path.parent.glob(f".{path.name}.*.tmp"):
@@ -80,7 +84,10 @@ def resume(state: RunState, path: Path) -> None:
         state.model.load_state_dict(ckpt["model"])
         state.ema.load_state_dict(ckpt["ema"])
         state.opt.load_state_dict(ckpt["opt"])
-    except (RuntimeError, KeyError, ValueError) as exc:
+        if state.aux is not None:
+            state.aux.module.load_state_dict(ckpt["aux"])
+        state.method.load_state_dict(ckpt.get("method_state") or {})
+    except (RuntimeError, KeyError, ValueError, TypeError) as exc:
         raise CheckpointError(f"checkpoint {path} does not fit this run ({str(exc)[:120]}); delete it to restart") from None
     _use_optimizer_kernel(state.opt, state.rt.fused_adamw)
     rng = ckpt.get("rng_processes", [{"cpu": ckpt["rng_torch"]}])[state.rt.rank]

@@ -47,7 +47,17 @@ from bench.core.runtime import (
     stepping,
     stop_requested,
 )
-from bench.core.spec import Method, ema_decay_at, optimizer_settings_at, stream_seed_at
+from bench.core.spec import (
+    Method,
+    assign_noise_at,
+    ema_decay_at,
+    ema_snapshot_at,
+    observe_at,
+    optimizer_settings_at,
+    stream_seed_at,
+    track_ema_at,
+    uses_ema_warmup,
+)
 from bench.data.loading import is_memory_mapped, load_dataset, to_model_range
 from bench.errors import ConfigError, DivergenceError
 from bench.eval.evaluate import Evaluator, check_eval_data
@@ -55,8 +65,9 @@ from bench.eval.reference import TRAIN_COMPUTE_LIMIT, evaluators_of
 from bench.models.networks import build_model
 from bench.train.batches import draw_batch
 from bench.train.checkpoint import resume, save_checkpoint
+from bench.train.extras import build_aux, write_ema_snapshot
 from bench.train.resolve import ResolvedRun, resolve_run
-from bench.train.run_folder import config_diff, write_status
+from bench.train.run_folder import open_run_folder, write_status
 from bench.train.state import RunState, Streams
 
 # Steps between host syncs: each one drains a GPU's queue; a CPU has none, so it reads every step at once.
@@ -101,14 +112,19 @@ def setup(cfg: TrainConfig, method: Method, rt: Runtime | None = None) -> RunSta
     if rt.rank > 0:  # dropout: each process its own masks (rank 0 keeps the one-process stream)
         torch.manual_seed(cfg.seed * 1_000_003 + 404 + rt.rank)
     ema = copy.deepcopy(model).requires_grad_(False)
+    # An aux_loss method's extra module (its own seed) trains beside the network, not in the EMA.
+    aux = build_aux(method, model, tuple(images.shape[1:]), cfg.dataset, cfg.data_dir, cfg.seed)
+    if aux is not None:
+        aux.module.to(device)
+    extra = [] if aux is None else [q for q in aux.module.parameters() if q.requires_grad]
     kernel = {"fused": True} if rt.fused_adamw else {"foreach": True}
-    opt = torch.optim.AdamW(list(model.parameters()), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+    opt = torch.optim.AdamW(list(model.parameters()) + extra, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                             weight_decay=cfg.weight_decay, **kernel)
     # A memory-mapped set stays on the CPU (each batch is read from it); a small one moves whole.
     resident = images if is_memory_mapped(images) else images.to(device)
     return RunState(cfg, method, rt, schedule, resident, labels.to(resident.device) if num_classes else None,
                     num_classes, model, ema, opt,
-                    Streams(cfg.seed, stream_seed_at(method, cfg.seed)), memory_format)
+                    Streams(cfg.seed, stream_seed_at(method, cfg.seed)), memory_format, aux=aux)
 
 
 def check_data_and_network(cfg: TrainConfig) -> None:
@@ -154,36 +170,47 @@ def step(state: RunState) -> PendingRow:
     x0 = to_model_range(batch.images)
     if batch.flip is not None:
         x0 = torch.where(batch.flip[:, None, None, None], x0.flip(-1), x0)
-    t, eps = batch.t_global[mine], batch.eps
+    t, eps = batch.t_global[mine], assign_noise_at(method, x0, batch.eps)  # a noise method may reassign it
     x_t = schedule.q_sample(x0, t, eps).contiguous(memory_format=state.memory_format)
 
     # Per-sample losses, weighted by the method, reduced in exactly one place (the network may run
     # in bf16; its output, the loss and the weights are fp32).
+    # An aux_loss method adds its own per-sample loss (already scaled by its weight).
     with rt.autocast():
-        pred = state.net(x_t, t) if batch.labels is None else state.net(x_t, t, batch.labels)
+        if state.aux is not None:
+            pred, extra = state.net(x_t, t, batch.labels, x0)
+        else:
+            pred, extra = state.net(x_t, t) if batch.labels is None else state.net(x_t, t, batch.labels), None
     mse = (pred.float() - schedule.target(cfg.target, x0, eps, t)).square().mean(dim=(1, 2, 3))
-    loss = (batch.weights_global[mine] * mse).mean()
+    per_sample = batch.weights_global[mine] * mse if extra is None else batch.weights_global[mine] * mse + extra.float()
+    loss = per_sample.mean()
 
     # Backward (DDP averages the gradients over processes), clip, and step with the method's
     # optimizer settings.
-    params = state.params
     state.opt.zero_grad(set_to_none=True)
     loss.backward()
     # Without clipping, no norm: it would be one more pass over every gradient each step (logged as None).
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0 else None
+    grad_norm = torch.nn.utils.clip_grad_norm_(state.trainable, cfg.grad_clip) if cfg.grad_clip > 0 else None
     lr_scale, beta1, beta2 = optimizer_settings_at(method, p, cfg.beta1, cfg.beta2)
     lr = cfg.lr * lr_scale * (min(1.0, (k + 1) / cfg.warmup) if cfg.warmup else 1.0)
     for group in state.opt.param_groups:
         group["lr"], group["betas"] = lr, (beta1, beta2)
     state.opt.step()
 
-    # Update EMA (rank 0 keeps it).
-    decay = ema_decay_at(method, p, cfg.ema_decay)
-    if cfg.ema_warmup:
+    # Feed the global batch's t and unweighted losses back to a feedback method (a host sync; every
+    # process gets every process's losses, so their states stay equal).
+    mse_all = gather_slices(mse.detach())
+    if "feedback" in method.slots:
+        observe_at(method, batch.t_global.cpu(), mse_all.double().cpu())
+
+    # Update EMA (rank 0 keeps it, and an ema method's own averages).
+    decay = ema_decay_at(method, p, cfg.ema_decay, k + 1)
+    if cfg.ema_warmup and uses_ema_warmup(method):
         decay = min(decay, ema_warmup_decay(k))
     if rt.rank == 0:
         with torch.no_grad():
-            torch._foreach_lerp_(list(state.ema.parameters()), params, 1.0 - decay)
+            torch._foreach_lerp_(list(state.ema.parameters()), state.params, 1.0 - decay)
+        track_ema_at(method, k + 1, state.model)
     state.step += 1
 
     # On a GPU, draw the next batch while the device works (draws are pure functions of the step; on
@@ -196,7 +223,6 @@ def step(state: RunState) -> PendingRow:
 
     # Log: the objective, the unweighted MSE per timestep quartile (global batch), the optimizer's state;
     # kept on the device (no host sync: bincount and .item() would wait for the step).
-    mse_all = gather_slices(mse.detach())
     logged_loss = loss.detach() if rt.world_size == 1 else (batch.weights_global * mse_all).mean()
     quart = batch.t_global * 4 // cfg.T
     q_sum = torch.zeros(4, device=mse_all.device).index_add_(0, quart, mse_all)
@@ -238,31 +264,6 @@ def train_step(state: RunState) -> dict:
     optimizer state). The loop itself launches steps and reads their rows once per sync interval."""
     since = time.perf_counter()
     return settle(state, [step(state)], since)[0]
-
-
-def _open_run_folder(cfg: TrainConfig, out: Path, record: dict, rt: Runtime) -> dict | None:
-    """Write config.json (rank 0), or refuse a folder that holds another config; the final status
-    of a finished run (nothing to do), else None."""
-    status = fileio.read_json(out / "status.json") if (out / "status.json").exists() else None
-    done = status if status and status.get("state") == "done" else None
-    if not (out / "config.json").exists():
-        if rt.rank == 0:
-            fileio.write_json(out / "config.json", {**record, "runtime": []})
-        return done
-    old = fileio.read_json(out / "config.json")
-    changed = config_diff(old, record)
-    if done and set(changed) <= {"gpus"}:  # finished: how many processes trained it no longer matters
-        return done
-    saved = old.get("gpus", 1)
-    if saved != cfg.gpus:
-        raise ConfigError(
-            f"{out} holds a run trained by {saved} process(es) (gpus={saved}) and this run asks for {cfg.gpus}: "
-            f"resume it with gpus = {saved}" + (f" (torchrun --nproc_per_node {saved})" if saved > 1 else
-                                                " (one process, no torchrun)") + ", or use another output folder")
-    if changed:
-        raise ConfigError(f"{out} holds a run with a different config (differs in: {', '.join(changed)}); "
-                          "use another output folder or delete that one")
-    return done
 
 
 def _record_runtime(out: Path, rt: Runtime, step: int) -> None:
@@ -354,7 +355,7 @@ def train(run: ResolvedRun | TrainConfig, out_dir, events: TrainEvents | None = 
     step and evaluation (:class:`TrainEvents`). A bare TrainConfig is resolved first. With gpus > 1
     every torchrun process calls it; rank 0 writes the files."""
     run = run if isinstance(run, ResolvedRun) else resolve_run(run)
-    cfg, method = run.config, run.method
+    cfg, method = run.config, copy.deepcopy(run.method)  # a method that learns (feedback) learns for this run only
     rt = make_runtime(cfg)  # before anything is written: a device or process count this machine lacks
     main = rt.rank == 0
     check_data_and_network(cfg)  # data that cannot be read, a network that does not fit it
@@ -365,7 +366,7 @@ def train(run: ResolvedRun | TrainConfig, out_dir, events: TrainEvents | None = 
     tune_allocator()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    done = _open_run_folder(cfg, out, run.record, rt)
+    done = open_run_folder(cfg, out, run.record, rt)
     if done:
         return done
 
@@ -376,7 +377,7 @@ def train(run: ResolvedRun | TrainConfig, out_dir, events: TrainEvents | None = 
         resume(state, ckpt_path)
     if main:
         fileio.write_json(out / "method_trace.json",
-                          trace(method, state.schedule, cfg.target, cfg.beta1, cfg.beta2, cfg.ema_decay))
+                          trace(method, state.schedule, cfg.target, cfg.beta1, cfg.beta2, cfg.ema_decay, iters=cfg.iters))
         fileio.trim_jsonl(out / "steps.jsonl", state.step)
         fileio.trim_jsonl(out / "evals.jsonl", state.step)
         _record_runtime(out, rt, state.step)
@@ -396,6 +397,9 @@ def train(run: ResolvedRun | TrainConfig, out_dir, events: TrainEvents | None = 
     stepping(True)
     while state.step < cfg.iters:
         launched.append(step(state))
+        snapshot = ema_snapshot_at(method, state.step) if main else None
+        if snapshot is not None:  # e.g. a power EMA's tracked averages, for post-hoc reconstruction
+            write_ema_snapshot(out, state.step, snapshot)
         eval_due = run.eval_spec is not None and is_eval_step(state.step, cfg.iters, cfg.eval_every, cfg.budget)
         ckpt_due = eval_due or state.step == cfg.iters or state.step % cfg.ckpt_every == 0
         if not (ckpt_due or state.step % sync_every == 0):

@@ -49,8 +49,9 @@ def resolve_run(config, where: str = "config") -> ResolvedRun:
         run = _resolve(json.dumps(cfg.to_dict(), sort_keys=True), os.environ.get("DIFFBENCH_CACHE"))
     except BenchError as exc:  # unknown method or dataset, bad hyperparameter or evaluation spec
         raise type(exc)(f"{where}: {exc}") from None
-    # Callers get their own copies: only the method (pure, stateless) is shared.
-    return ResolvedRun(copy.deepcopy(run.config), run.method, copy.deepcopy(run.eval_spec), copy.deepcopy(run.record))
+    # Callers get their own copies (a method may learn during training: each run trains its own).
+    return ResolvedRun(copy.deepcopy(run.config), copy.deepcopy(run.method), copy.deepcopy(run.eval_spec),
+                       copy.deepcopy(run.record))
 
 
 @lru_cache(maxsize=256)

@@ -11,9 +11,14 @@ import platform
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from bench import fileio
 from bench.errors import ConfigError
+
+if TYPE_CHECKING:  # annotations only
+    from bench.core.config import TrainConfig
+    from bench.core.runtime import Runtime
 
 
 class ResultsConflictError(ConfigError):
@@ -258,3 +263,28 @@ def try_lock(run_dir: Path):
         f.close()
         return None
     return f
+
+
+def open_run_folder(cfg: TrainConfig, out: Path, record: dict, rt: Runtime) -> dict | None:
+    """Write config.json (rank 0), or refuse a folder that holds another config; the final status
+    of a finished run (nothing to do), else None."""
+    status = fileio.read_json(out / "status.json") if (out / "status.json").exists() else None
+    done = status if status and status.get("state") == "done" else None
+    if not (out / "config.json").exists():
+        if rt.rank == 0:
+            fileio.write_json(out / "config.json", {**record, "runtime": []})
+        return done
+    old = fileio.read_json(out / "config.json")
+    changed = config_diff(old, record)
+    if done and set(changed) <= {"gpus"}:  # finished: how many processes trained it no longer matters
+        return done
+    saved = old.get("gpus", 1)
+    if saved != cfg.gpus:
+        raise ConfigError(
+            f"{out} holds a run trained by {saved} process(es) (gpus={saved}) and this run asks for {cfg.gpus}: "
+            f"resume it with gpus = {saved}" + (f" (torchrun --nproc_per_node {saved})" if saved > 1 else
+                                                " (one process, no torchrun)") + ", or use another output folder")
+    if changed:
+        raise ConfigError(f"{out} holds a run with a different config (differs in: {', '.join(changed)}); "
+                          "use another output folder or delete that one")
+    return done

@@ -16,7 +16,8 @@ import torch
 from bench.core.config import TrainConfig
 from bench.core.diffusion import Schedule
 from bench.core.runtime import Runtime
-from bench.core.spec import Method
+from bench.core.spec import AuxModule, Method
+from bench.train.extras import WithAux
 
 _STREAM = {"noise": 1, "t": 2, "flip": 3, "label": 4}
 _THREADED_NUMBERS = 1 << 20  # noise draws at least this large are filled by several threads
@@ -93,22 +94,27 @@ class RunState:
     opt: torch.optim.Optimizer
     streams: Streams  # the keys of the random streams (bench.train.batches): draws need no state
     memory_format: torch.memory_format
+    aux: AuxModule | None = None  # an ``aux_loss`` method's inner layer and extra trainable module
     step: int = 0
     clocks: dict = field(default_factory=lambda: {"train_seconds": 0.0, "eval_seconds": 0.0})
     perm_cache: dict = field(default_factory=dict)
-    params: list = field(init=False)  # the model's parameters, listed once (clipping and EMA use them every step)
-    net: torch.nn.Module = field(init=False)  # what a training step calls: the model, in DDP and compiled if asked
+    params: list = field(init=False)  # the model's parameters, listed once (the EMA averages them every step)
+    trainable: list = field(init=False)  # what the optimizer steps and clipping sees: params and the aux module's
+    net: torch.nn.Module = field(init=False)  # what a step calls: the model (with the aux module), in DDP, compiled
     dev_schedule: Schedule = field(init=False)
     prefetched: Batch | None = None  # the next step's batch, drawn while the device computes this one
 
     def __post_init__(self):
         self.params = list(self.model.parameters())
-        self.net = self.model
+        self.net, self.trainable = self.model, list(self.params)
+        if self.aux is not None:  # one forward returns the prediction and the per-sample extra loss
+            self.net = WithAux(self.model, self.aux, self.method)
+            self.trainable += [p for p in self.aux.module.parameters() if p.requires_grad]
         if self.rt.world_size > 1:
             from torch.nn.parallel import DistributedDataParallel
 
             dev = self.rt.torch_device
-            self.net = DistributedDataParallel(self.model, device_ids=[dev.index] if dev.type == "cuda" else None)
+            self.net = DistributedDataParallel(self.net, device_ids=[dev.index] if dev.type == "cuda" else None)
         if self.rt.compile:
             self.net = torch.compile(self.net)
         dev = self.rt.torch_device
