@@ -1,0 +1,126 @@
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench.core.spec import Method, Param
+
+
+def sigma_rel_to_gamma(sigma_rel: float) -> float:
+    """The exponent gamma of a power-function EMA of relative width sigma_rel: the largest real root of
+    sigma_rel^2 (gamma + 2)^2 (gamma + 3) = gamma + 1 (EDM2, Karras et al. 2024)."""
+    a = sigma_rel ** -2
+    roots = np.roots([1.0, 7.0, 16.0 - a, 12.0 - a])
+    return float(max(r.real for r in roots if abs(r.imag) < 1e-9))
+
+
+def power_beta(gamma: float, step: int) -> float:
+    """EDM2's decay of update `step` (1-based): (1 - 1 / step)^(gamma + 1); 0 at the first update."""
+    return (1.0 - 1.0 / step) ** (gamma + 1.0)
+
+
+def profile(gamma: float, step: int, length: int) -> np.ndarray:
+    """Weights of the parameters after updates 1..length in a power EMA of exponent gamma read after
+    update `step` (zero after `step`): (1 - beta_k) prod_{j = k+1..step} beta_j, exact for the discrete
+    updates (EDM2's reconstruction integrates the continuous power function instead)."""
+    w = np.zeros(length)
+    keep = 1.0
+    for k in range(step, 0, -1):
+        beta = power_beta(gamma, k)
+        w[k - 1] = (1.0 - beta) * keep
+        keep *= beta
+    return w
+
+
+class PowerEMA(Method):
+    """EDM2's power-function EMA (Karras et al. 2024; NVlabs/edm2 ``training/phema.py``,
+    ``reconstruct_phema.py``).
+
+    The evaluated average: beta_t = (1 - 1/t)^(gamma + 1) at update t, gamma from sigma_rel by
+    sigma_rel = sqrt((gamma + 1) / ((gamma + 2)^2 (gamma + 3))) (0.05 -> 16.97, 0.10 -> 6.94). It has its
+    own warm-up (beta_1 = 0), so the harness's EMA warm-up does not apply, and the configured decay is
+    not used. Post-hoc EMA: with snapshot_every > 0 the method also tracks the averages `tracked` and saves
+    them every snapshot_every updates (ema_snapshots/); :func:`reconstruct` combines the snapshots by
+    least squares into an average of any sigma_rel (< 0.289) at any saved step.
+
+    The suite's choice: the profiles are the exact discrete update weights (EDM2 uses the continuous
+    power function, which matches them for long runs)."""
+
+    name = "power_ema"
+    slots = frozenset({"ema"})
+    ema_warmup = False
+    source = "Karras et al. 2024 (EDM2), training/phema.py and reconstruct_phema.py"
+    params = {
+        "sigma_rel": Param(0.10, "relative width of the evaluated average", low=0.0, high=0.28, low_open=True),
+        "tracked": Param("0.05,0.10", "relative widths tracked for post-hoc reconstruction, comma-separated"),
+        "snapshot_every": Param(0, "updates between snapshots of the tracked averages (0: none tracked)", low=0),
+    }
+
+    def __init__(self, **overrides):
+        super().__init__(**overrides)
+        self.gamma = sigma_rel_to_gamma(self.hp["sigma_rel"])
+        self.tracked = [float(s) for s in self.hp["tracked"].split(",") if s.strip()]
+        self.averages: list[dict[str, torch.Tensor]] = []  # one name -> tensor dict per tracked width
+
+    def validate(self):
+        from bench.errors import HyperparameterError  # reason: only these refusals need it
+
+        try:
+            widths = [float(s) for s in self.hp["tracked"].split(",") if s.strip()]
+        except ValueError:
+            widths = [-1.0]
+        if not widths or not all(0 < s < 0.289 for s in widths):
+            raise HyperparameterError(f"method 'power_ema': tracked={self.hp['tracked']!r} must list relative widths "
+                                      "in (0, 0.289) joined by ',', e.g. 0.05,0.10")
+
+    def ema_decay(self, p, base, step):
+        return power_beta(self.gamma, max(1, step))
+
+    def track_ema(self, step, model):
+        if not self.hp["snapshot_every"]:
+            return
+        params = dict(model.named_parameters())
+        if not self.averages:
+            self.averages = [{k: v.detach().clone() for k, v in params.items()} for _ in self.tracked]
+        with torch.no_grad():
+            for sigma, avg in zip(self.tracked, self.averages):
+                beta = power_beta(sigma_rel_to_gamma(sigma), step)
+                for k, v in params.items():
+                    avg[k].lerp_(v.detach(), 1.0 - beta)
+
+    def ema_snapshot(self, step):
+        every = self.hp["snapshot_every"]
+        if not every or step % every:
+            return None
+        return {"sigma_rels": list(self.tracked), "averages": [{k: v.clone() for k, v in a.items()} for a in self.averages]}
+
+    def state_dict(self):
+        return {"averages": self.averages} if self.averages else {}
+
+    def load_state_dict(self, state):
+        self.averages = [{k: v.clone() for k, v in a.items()} for a in state.get("averages", [])]
+
+
+def coefficients(snapshots: list[tuple[int, float]], sigma_rel: float, step: int) -> np.ndarray:
+    """Least-squares weights of the snapshots (each (step, sigma_rel) of a tracked average) whose
+    combination's profile is closest to a power EMA of `sigma_rel` read at `step` (EDM2's
+    solve_posthoc_coefficients, on the discrete profiles)."""
+    length = max([step] + [s for s, _ in snapshots])
+    A = np.stack([profile(sigma_rel_to_gamma(sr), s, length) for s, sr in snapshots], axis=1)
+    b = profile(sigma_rel_to_gamma(sigma_rel), step, length)
+    return np.linalg.lstsq(A, b, rcond=None)[0]
+
+
+def reconstruct(run_dir, sigma_rel: float, step: int | None = None) -> dict[str, torch.Tensor]:
+    """The parameters of a power EMA of `sigma_rel` at `step` (default: the last snapshot's), combined
+    from the snapshots in <run_dir>/ema_snapshots up to that step."""
+    files = sorted((Path(run_dir) / "ema_snapshots").glob("*.pt"))
+    snaps = [torch.load(f, map_location="cpu", weights_only=True) for f in files]
+    if not snaps:
+        from bench.errors import ConfigError  # reason: only this refusal needs it
+
+        raise ConfigError(f"{run_dir} has no ema_snapshots/: train power_ema with snapshot_every > 0")
+    step = snaps[-1]["step"] if step is None else int(step)
+    items = [(s["step"], sr, avg) for s in snaps if s["step"] <= step for sr, avg in zip(s["sigma_rels"], s["averages"])]
+    c = coefficients([(st, sr) for st, sr, _ in items], sigma_rel, step)
+    return {k: sum(float(ci) * avg[k].double() for ci, (_, _, avg) in zip(c, items)).float() for k in items[0][2]}
