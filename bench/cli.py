@@ -120,7 +120,7 @@ def _print_importance(rows: dict) -> None:
         imp = d["importance"]
         mark = " (source)" if d["weight_scale"] == "source" else ""
         table.add_row(name + mark, *(f"{sum(imp[b * T // 10:(b + 1) * T // 10]):.3f}" for b in range(10)))
-    Console().print(table)
+    Console(width=max(Console().width, 132)).print(table)  # eleven columns: wider than a pipe's 80
 
 
 #: `train` switches: flag -> (TrainConfig key, the value the flag sets)

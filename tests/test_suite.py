@@ -290,10 +290,11 @@ def test_cost_estimate_by_hand():
     # sampler): 96 + 32 = 128 images, 96 x 2 + 32 x 3 = 288 network evaluations.
     _, m = est.runs[1]
     assert (m.train_images, m.eval_points, m.sample_images, m.network_evals) == (64, 2, 128, 288)
-    assert est.train_images == 2 * 128 + 4 * 64 and est.sample_images == 2 * 288 + 4 * 128
+    others = 2 * (len(s.methods) - 1)  # every other method's two seeds cost what clts's do
+    assert est.train_images == 2 * 128 + others * 64 and est.sample_images == 2 * 288 + others * 128
     # Plus the one-time evaluator setup of 5 s.
     assert est.setup_s == 5.0
-    assert est.total_s == pytest.approx(2 * (128 / 450 + 608 / 1125 + 7) + 4 * (64 / 450 + 288 / 1125 + 5) + 5)
+    assert est.total_s == pytest.approx(2 * (128 / 450 + 608 / 1125 + 7) + others * (64 / 450 + 288 / 1125 + 5) + 5)
 
 
 def test_guided_sampling_costs_two_network_evaluations_per_step(tmp_path):
@@ -313,7 +314,9 @@ def test_plan_lists_every_run_and_the_totals():
     text = describe_plan(s, {s.runs()[0].key: "done"}, jobs=2)
     for r in s.runs():
         assert r.key in text
-    assert "done" in text and "images to train: 512" in text and "images to sample: 1,088" in text
+    others = 2 * (len(s.methods) - 1)
+    assert "done" in text and f"images to train: {2 * 128 + others * 64:,}" in text
+    assert f"images to sample: {2 * 288 + others * 128:,}" in text
     assert "estimated time" in text and "2 parallel jobs" in text
 
 

@@ -100,6 +100,9 @@ def make_schedule(name: str = "linear", T: int = 1000, zero_terminal_snr: bool =
     if not isinstance(T, int) or T < 2:
         raise ConfigError(f"T must be an integer >= 2, got {T!r}")
     betas = linear_betas(T) if name == "linear" else cosine_betas(T)
+    if float(betas.max()) >= 1:  # the linear schedule's beta_max is 0.02 x 1000 / T
+        raise ConfigError(f"T={T} puts the {name} schedule's largest beta at {float(betas.max()):.3g} (>= 1: no noise "
+                          "level is defined); use T >= 21 or the cosine schedule")
     alphas_bar = torch.cumprod(1 - betas, dim=0)
     if zero_terminal_snr:
         alphas_bar = rescale_zero_terminal_snr(alphas_bar)
