@@ -296,6 +296,12 @@ def build_parser() -> argparse.ArgumentParser:
                              help="FID between two image folders, or a folder and DATASET:SPLIT"))
     _ref_stats_args(sub.add_parser("ref-stats", parents=[plugin_opt],
                                    help="reference statistics of a suite's evaluations (or a dataset's), once"))
+    p = sub.add_parser("posthoc-ema", parents=[plugin_opt],
+                       help="a power_ema run's EMA of any width at a saved step, from its snapshots (EDM2)")
+    p.add_argument("run", help="the run folder (trained with power_ema snapshot_every > 0)")
+    p.add_argument("--sigma-rel", type=float, required=True, help="relative width, e.g. 0.07")
+    p.add_argument("--step", type=int, help="a snapshot's step (default: the last)")
+    p.set_defaults(func=cmd_posthoc_ema)
     # imported per command: the CLI starts without torch
     from bench.data.prepare import add_prepare_parser
 
@@ -379,6 +385,18 @@ def _fid_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", help="where a DATASET:SPLIT side's files are")
     p.add_argument("--device", default="auto", help="auto (the default: CUDA when torch sees a GPU), cpu, cuda or cuda:K")
     p.set_defaults(func=cmd_fid)
+
+
+def cmd_posthoc_ema(args) -> None:
+    # imported per command: the CLI starts without torch
+    import sys
+
+    from bench.core.registry import get_method_class
+
+    if not 0 < args.sigma_rel < 0.289:
+        raise ConfigError(f"--sigma-rel {args.sigma_rel} is outside (0, 0.289), the widths a power EMA can have")
+    module = sys.modules[get_method_class("power_ema", args.plugins).__module__]
+    print(module.write_reconstruction(args.run, args.sigma_rel, args.step))
 
 
 def _ref_stats_args(p: argparse.ArgumentParser) -> None:

@@ -114,13 +114,33 @@ def coefficients(snapshots: list[tuple[int, float]], sigma_rel: float, step: int
 def reconstruct(run_dir, sigma_rel: float, step: int | None = None) -> dict[str, torch.Tensor]:
     """The parameters of a power EMA of `sigma_rel` at `step` (default: the last snapshot's), combined
     from the snapshots in <run_dir>/ema_snapshots up to that step."""
+    from bench.errors import ConfigError  # reason: only the refusals need it
+
     files = sorted((Path(run_dir) / "ema_snapshots").glob("*.pt"))
     snaps = [torch.load(f, map_location="cpu", weights_only=True) for f in files]
     if not snaps:
-        from bench.errors import ConfigError  # reason: only this refusal needs it
-
         raise ConfigError(f"{run_dir} has no ema_snapshots/: train power_ema with snapshot_every > 0")
-    step = snaps[-1]["step"] if step is None else int(step)
+    saved = [s["step"] for s in snaps]
+    step = saved[-1] if step is None else int(step)
+    if step not in saved:  # later updates are in no snapshot: the average could not be formed
+        raise ConfigError(f"step {step} has no snapshot in {run_dir}/ema_snapshots; use one of "
+                          f"{', '.join(map(str, saved))}")
     items = [(s["step"], sr, avg) for s in snaps if s["step"] <= step for sr, avg in zip(s["sigma_rels"], s["averages"])]
     c = coefficients([(st, sr) for st, sr, _ in items], sigma_rel, step)
     return {k: sum(float(ci) * avg[k].double() for ci, (_, _, avg) in zip(c, items)).float() for k in items[0][2]}
+
+
+def write_reconstruction(run_dir, sigma_rel: float, step: int | None = None) -> Path:
+    """`run_bench.py posthoc-ema`: the EMA of `sigma_rel` at `step` as a model state_dict (buffers from the
+    run's checkpointed EMA) in <run_dir>/ema_posthoc/; an existing file is kept, never overwritten."""
+    from bench.fileio import atomic_write  # reason: only the command writes
+
+    run_dir = Path(run_dir)
+    params = reconstruct(run_dir, sigma_rel, step)
+    step = step or max(int(p.stem) for p in (run_dir / "ema_snapshots").glob("*.pt"))
+    out = run_dir / "ema_posthoc" / f"sigma{sigma_rel:g}-step{step:08d}.pt"
+    if out.exists():
+        return out
+    saved = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)["ema"]
+    atomic_write(out, lambda f: torch.save({**saved, **params}, f))
+    return out

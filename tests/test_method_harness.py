@@ -120,6 +120,20 @@ def test_power_ema_snapshots_reconstruct_the_evaluated_average(tmp_path):
     rebuilt = power_ema.reconstruct(tmp_path, 0.10, 12)
     for k, v in rebuilt.items():
         torch.testing.assert_close(v, ema[k], rtol=1e-5, atol=1e-6)
+    # The command writes a loadable EMA of another width at a saved step, and never overwrites it.
+    cli = [sys.executable, "run_bench.py", "posthoc-ema", str(tmp_path), "--sigma-rel", "0.07", "--step", "8"]
+    out = subprocess.run(cli, cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    written = tmp_path / "ema_posthoc" / "sigma0.07-step00000008.pt"
+    assert out.stdout.strip() == str(written) and written.stat().st_size > 0
+    state = torch.load(written, weights_only=True)
+    assert state.keys() == ema.keys()
+    torch.testing.assert_close(state["conv_in.weight"], power_ema.reconstruct(tmp_path, 0.07, 8)["conv_in.weight"])
+    mtime = written.stat().st_mtime_ns
+    assert subprocess.run(cli, cwd=REPO, capture_output=True, text=True).returncode == 0
+    assert written.stat().st_mtime_ns == mtime
+    bad = subprocess.run(cli[:-1] + ["10"], cwd=REPO, capture_output=True, text=True)
+    assert bad.returncode == 2 and "step 10 has no snapshot" in bad.stderr and bad.stderr.count("\n") == 1
     rows = fileio.read_jsonl(tmp_path / "steps.jsonl")
     gamma = power_ema.sigma_rel_to_gamma(0.10)
     assert [r["ema_decay"] for r in rows] == pytest.approx([(1 - 1 / s) ** (gamma + 1) for s in range(1, 13)])

@@ -86,7 +86,9 @@ def test_paper_cifar10_matches_methods_md():
         (2e-4, 5000, 1.0, 128, 0.9999, 800_000)
     assert (cfg["schedule"], cfg["T"], cfg["target"], cfg["weight_decay"]) == ("linear", 1000, "eps", 0.0)
     assert cfg["eval"]["metrics"] == ["fid"] and cfg["eval"]["num_images"] == 50_000
-    assert {m.name for m in s.methods} == {"baseline", "p2", "min_snr", "clts", "mdlrc", "combined"}
+    assert {m.name for m in s.methods} == {"baseline", "p2", "min_snr", "clts", "mdlrc", "combined", "speed", "edm",
+                                           "logit_normal", "soft_min_snr", "debiased", "loss_aware", "immiscible",
+                                           "repa", "power_ema"}
     assert s.slurm["partition"] and s.slurm["gpus"] == 1 and parse_slurm_time(s.slurm["time"]) == 48 * 60
 
 
@@ -376,4 +378,4 @@ def test_the_cost_model_prices_paper_imagenet128s_evaluation_within_2x_of_a_flop
     assert 0.5 < c.eval_s / counted < 2.0
     assert c.eval_s < 0.5 * c.train_s  # a fraction of training, not the 80x under-pricing of a training rate
     text = describe_plan(s)
-    assert "(training 13.3 days, evaluation " in text and re.search(r"\btrain +eval +est. time\n", text)
+    assert "(training 33.3 days, evaluation " in text  # 15 methods (the field's 9 beside the paper's 6) x 3 seeds and re.search(r"\btrain +eval +est. time\n", text)

@@ -190,6 +190,20 @@ def to_latex(df: pd.DataFrame, caption: str, label: str) -> str:
     lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}", ""]
     return "\n".join(lines)
 
+#: how a method's loss weights are scaled (method_trace.json's weight_scale; see bench/core/spec.py)
+WEIGHT_SCALE_TEXT = {"normalised": "normalised: mean 1 under its own t sampling", "source": "as its source writes them",
+                     None: "-"}
+
+
+def _weight_scale(run: dict) -> str:
+    """The method's weight scale as the report states it (runs that predate the record: the harness
+    then used every method's weights as written)."""
+    trace = read_json_or_none(run["dir"] / "method_trace.json") if run.get("dir") else None
+    if not trace or "weight_scale" not in trace:
+        return "-" if "weighting" not in (run["config"].get("method_slots") or []) else WEIGHT_SCALE_TEXT["source"]
+    return WEIGHT_SCALE_TEXT.get(trace["weight_scale"], str(trace["weight_scale"]))
+
+
 def method_table(runs: list[dict]) -> pd.DataFrame:
     seen = {}
     for r in runs:
@@ -201,6 +215,7 @@ def method_table(runs: list[dict]) -> pd.DataFrame:
             "label": r["label"], "method": cfg.get("method", ""),
             "slots": ", ".join(cfg.get("method_slots") or []) or "-",
             "hyperparameters": ", ".join(f"{k}={v}" for k, v in sorted(params.items())) or "-",
+            "loss weights": _weight_scale(r),
             "source": cfg.get("method_source", ""),
         }
     return pd.DataFrame(list(seen.values()))
