@@ -86,6 +86,29 @@ def test_two_processes_train_like_one(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("method, extra", [
+    ("loss_aware", ["--set", "history=2", "--T", "16", "--schedule", "cosine"]),  # feedback: every rank's losses
+    ("repa", ["--set", "proj_dim=32"]),  # an extra trainable module inside DDP
+])
+def test_two_processes_train_like_one_with_a_feedback_or_aux_method(tmp_path, method, extra):
+    one, two = tmp_path / "one", tmp_path / "two"
+    args = ["train", *TINY, "--method", method, *extra]
+    assert cli(1, *args, "--out", str(one)).returncode == 0
+    r = cli(2, *args, "--out", str(two))
+    assert r.returncode == 0, r.stderr[-2000:]
+    for x, y in zip(steps(one), steps(two)):
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-5, abs=1e-8)
+    sa, sb = state(one), state(two)
+    for part in ("model", "aux") if method == "repa" else ("model",):
+        for name, w in sa[part].items():
+            assert torch.allclose(w, sb[part][name], rtol=0, atol=5e-5), (part, name)
+    if method == "loss_aware":  # both processes fed back the whole global batch: one table, the one-process one's
+        assert torch.equal(sa["method_state"]["counts"], sb["method_state"]["counts"])
+        torch.testing.assert_close(sa["method_state"]["losses"], sb["method_state"]["losses"], rtol=1e-5, atol=1e-7)
+        assert int(sb["method_state"]["counts"].sum()) > 16  # some t were seen twice: the table filled
+
+
+@pytest.mark.slow
 def test_two_process_checkpoint_resumes_bit_for_bit_and_one_process_is_refused(tmp_path):
     args = ["train", *TINY[:4], "--iters", "8", "--batch-size", "8", "--warmup", "0", "--lr", "1e-3",
             "--ckpt-every", "4", "--method", "faulty", "--plugins", str(PLUGINS / "faulty.py")]

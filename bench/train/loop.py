@@ -223,7 +223,10 @@ def step(state: RunState) -> PendingRow:
 
     # Log: the objective, the unweighted MSE per timestep quartile (global batch), the optimizer's state;
     # kept on the device (no host sync: bincount and .item() would wait for the step).
-    logged_loss = loss.detach() if rt.world_size == 1 else (batch.weights_global * mse_all).mean()
+    if rt.world_size == 1:
+        logged_loss = loss.detach()
+    else:  # the global batch's objective (with an aux method's extra loss, each process's share gathered)
+        logged_loss = (batch.weights_global * mse_all).mean() if extra is None else gather_slices(per_sample.detach()).mean()
     quart = batch.t_global * 4 // cfg.T
     q_sum = torch.zeros(4, device=mse_all.device).index_add_(0, quart, mse_all)
     q_cnt = torch.zeros(4, device=mse_all.device).index_add_(0, quart, torch.ones_like(mse_all))
