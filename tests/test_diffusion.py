@@ -73,3 +73,21 @@ def test_bad_schedule_names():
         make_schedule("quadratic")
     with pytest.raises(ConfigError, match="unknown prediction target"):
         make_schedule().target("score", torch.zeros(1), torch.zeros(1), torch.zeros(1, dtype=torch.long))
+
+
+def test_a_linear_schedule_too_short_for_its_betas_is_refused(tmp_path):
+    """beta_max = 0.02 x 1000 / T: at T = 16 it is 1.25 and every loss would be NaN; refused in one line."""
+    with pytest.raises(ConfigError, match=r"^T=16 puts the linear schedule's largest beta at 1\.25 \(>= 1.*use T >= 21 "
+                                          r"or the cosine schedule$"):
+        make_schedule("linear", 16)
+    assert make_schedule("linear", 21).betas.max() < 1 and make_schedule("cosine", 16).betas.max() < 1
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    out = subprocess.run([sys.executable, "run_bench.py", "train", "--dataset", "synthetic", "--arch", "unet-tiny",
+                          "--T", "16", "--iters", "2", "--out", str(tmp_path / "run")], cwd=REPO, capture_output=True,
+                         text=True)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "T=16" in out.stderr
+    assert not (tmp_path / "run").exists()  # refused before anything was written

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from bench.core.config import TrainConfig
+from bench.core.diffusion import make_schedule
 from bench.core.eval_steps import evaluates
 from bench.core.registry import get_method
 from bench.core.spec import Method
@@ -61,6 +62,7 @@ def _resolve(key: str, cache_env: str | None) -> ResolvedRun:
 
     cfg = TrainConfig.from_dict(json.loads(key))
     dataset_info(cfg.dataset)
+    make_schedule(cfg.schedule, cfg.T, cfg.zero_terminal_snr)  # a schedule with no valid noise levels
     method = get_method(cfg.method, cfg.method_params, cfg.plugins)
     # Hyperparameters as the method typed them ("3" from the command line -> 3.0), so config.json,
     # the label and the method agree whatever the entry point.
