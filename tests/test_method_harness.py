@@ -64,6 +64,8 @@ def test_every_method_resumes_bit_for_bit(tmp_path, name):
             assert_equal(whole[key], parts[key], key)
     assert strip_timing(fileio.read_jsonl(tmp_path / "whole" / "steps.jsonl")) == \
         strip_timing(fileio.read_jsonl(tmp_path / "parts" / "steps.jsonl"))
+    assert fileio.read_json(tmp_path / "whole" / "method_trace.json") == \
+        fileio.read_json(tmp_path / "parts" / "method_trace.json")  # the cold start's, however the run went
     snaps = sorted(p.name for p in (tmp_path / "whole").glob("ema_snapshots/*.pt"))
     assert snaps == sorted(p.name for p in (tmp_path / "parts").glob("ema_snapshots/*.pt"))
     for s in snaps:

@@ -380,7 +380,8 @@ def train(run: ResolvedRun | TrainConfig, out_dir, events: TrainEvents | None = 
         resume(state, ckpt_path)
     if main:
         fileio.write_json(out / "method_trace.json",
-                          trace(method, state.schedule, cfg.target, cfg.beta1, cfg.beta2, cfg.ema_decay, iters=cfg.iters))
+                          trace(copy.deepcopy(run.method), state.schedule, cfg.target, cfg.beta1, cfg.beta2,  # cold start
+                                cfg.ema_decay, iters=cfg.iters))
         fileio.trim_jsonl(out / "steps.jsonl", state.step)
         fileio.trim_jsonl(out / "evals.jsonl", state.step)
         _record_runtime(out, rt, state.step)
