@@ -19,17 +19,25 @@ def power_beta(gamma: float, step: int) -> float:
     return (1.0 - 1.0 / step) ** (gamma + 1.0)
 
 
+MAX_PROFILE = 100_000  # longer runs: profiles summed over blocks of steps (memory and time stay bounded)
+
+
 def profile(gamma: float, step: int, length: int) -> np.ndarray:
     """Weights of the parameters after updates 1..length in a power EMA of exponent gamma read after
     update `step` (zero after `step`): (1 - beta_k) prod_{j = k+1..step} beta_j, exact for the discrete
-    updates (EDM2's reconstruction integrates the continuous power function instead)."""
+    updates (EDM2's reconstruction integrates the continuous power function instead). beta_k =
+    (1 - 1/k)^(gamma + 1), so the product is ((k / step))^(gamma + 1) in closed form."""
+    k = np.arange(1, step + 1, dtype=np.float64)
     w = np.zeros(length)
-    keep = 1.0
-    for k in range(step, 0, -1):
-        beta = power_beta(gamma, k)
-        w[k - 1] = (1.0 - beta) * keep
-        keep *= beta
+    w[:step] = (1.0 - (1.0 - 1.0 / k) ** (gamma + 1.0)) * (k / step) ** (gamma + 1.0)
     return w
+
+
+def blocked(w: np.ndarray, block: int) -> np.ndarray:
+    """The profile summed over consecutive blocks of `block` updates (treating the parameters as constant
+    within a block, as a continuous-time reconstruction does)."""
+    pad = (-len(w)) % block
+    return np.pad(w, (0, pad)).reshape(-1, block).sum(axis=1)
 
 
 class PowerEMA(Method):
@@ -86,6 +94,8 @@ class PowerEMA(Method):
             for sigma, avg in zip(self.tracked, self.averages):
                 beta = power_beta(sigma_rel_to_gamma(sigma), step)
                 for k, v in params.items():
+                    if avg[k].device != v.device:  # restored from a checkpoint, which loads on the CPU
+                        avg[k] = avg[k].to(v.device)
                     avg[k].lerp_(v.detach(), 1.0 - beta)
 
     def ema_snapshot(self, step):
@@ -106,8 +116,9 @@ def coefficients(snapshots: list[tuple[int, float]], sigma_rel: float, step: int
     combination's profile is closest to a power EMA of `sigma_rel` read at `step` (EDM2's
     solve_posthoc_coefficients, on the discrete profiles)."""
     length = max([step] + [s for s, _ in snapshots])
-    A = np.stack([profile(sigma_rel_to_gamma(sr), s, length) for s, sr in snapshots], axis=1)
-    b = profile(sigma_rel_to_gamma(sigma_rel), step, length)
+    block = -(-length // MAX_PROFILE)  # 1 (exact) up to MAX_PROFILE updates
+    A = np.stack([blocked(profile(sigma_rel_to_gamma(sr), s, length), block) for s, sr in snapshots], axis=1)
+    b = blocked(profile(sigma_rel_to_gamma(sigma_rel), step, length), block)
     return np.linalg.lstsq(A, b, rcond=None)[0]
 
 

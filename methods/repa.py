@@ -35,7 +35,10 @@ def default_layer(model: nn.Module) -> str:
         return "mid.0"
     if hasattr(model, "blocks"):
         return f"blocks.{max(0, len(model.blocks) // 3 - 1)}"
-    return ""
+    from bench.errors import HyperparameterError  # reason: only this refusal needs it
+
+    raise HyperparameterError("method 'repa': this network has neither a middle block ('mid') nor 'blocks'; set "
+                              "layer= to one of its module names")
 
 
 class REPA(Method):
@@ -90,13 +93,20 @@ class REPA(Method):
             except (TypeError, ValueError, RuntimeError):  # a class-conditional network wants labels
                 model(x, t, labels)
         handle.remove()
-        out = caught["out"]
+        out = caught.get("out")
+        if not torch.is_tensor(out) or out.ndim not in (3, 4):
+            from bench.errors import HyperparameterError  # reason: only this refusal needs it
+
+            what = "is never called in a forward pass" if out is None else f"outputs {tuple(getattr(out, 'shape', ()))}"
+            raise HyperparameterError(f"method 'repa': layer {layer!r} {what}; set layer= to a module whose output is a "
+                                      "feature map [B, C, H, W] or tokens [B, N, D], e.g. mid.0 or blocks.3")
         return out.shape[1] if out.ndim == 4 else out.shape[-1]
 
     def aux_loss(self, aux, activation, x0):
-        with torch.no_grad():
-            target = aux.teacher(x0.float())
-        z = aux.proj(tokens(activation).float())  # [B, N, teacher width]
-        grid = (activation.shape[-2:] if activation.ndim == 4 else (int(z.shape[1] ** 0.5),) * 2)
-        target = tokens(F.adaptive_avg_pool2d(target, grid))  # [B, N, teacher width]
-        return -self.hp["lam"] * F.cosine_similarity(z, target, dim=-1).mean(dim=1)
+        with torch.autocast(x0.device.type, enabled=False):  # the alignment in fp32, whatever the network's precision
+            with torch.no_grad():
+                target = aux.teacher(x0.float())
+            z = aux.proj(tokens(activation).float())  # [B, N, teacher width]
+            grid = (activation.shape[-2:] if activation.ndim == 4 else (int(z.shape[1] ** 0.5),) * 2)
+            target = tokens(F.adaptive_avg_pool2d(target, grid))  # [B, N, teacher width]
+            return -self.hp["lam"] * F.cosine_similarity(z, target, dim=-1).mean(dim=1)

@@ -103,13 +103,27 @@ def test_repa_module_joins_the_optimizer_the_checkpoint_and_the_gradient(tmp_pat
     assert not torch.equal(saved["proj.0.weight"], state.aux.module.proj[0].weight.detach())
 
 
-def test_a_bad_repa_layer_is_one_line(tmp_path):
-    cfg = TrainConfig(method="repa", method_params={"layer": "nope"}, **{**SMALL, "iters": 2})
-    out = subprocess.run([sys.executable, "run_bench.py", "train", "--method", "repa", "--set", "layer=nope",
-                          "--dataset", "synthetic", "--arch", "unet-tiny", "--iters", "2", "--out", str(tmp_path / "r")],
+@pytest.mark.parametrize("layer, why", [("nope", "no layer 'nope'"), ("mid", "'mid' is never called"),
+                                        ("temb", "'temb' outputs (1, 128)")])
+def test_a_bad_repa_layer_is_one_line_and_leaves_nothing(tmp_path, layer, why):
+    run = tmp_path / "r"
+    out = subprocess.run([sys.executable, "run_bench.py", "train", "--method", "repa", "--set", f"layer={layer}",
+                          "--dataset", "synthetic", "--arch", "unet-tiny", "--iters", "2", "--out", str(run)],
                          cwd=REPO, capture_output=True, text=True)
-    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "no layer 'nope'" in out.stderr, out.stderr
-    assert cfg.method_params == {"layer": "nope"}
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and why in out.stderr, out.stderr
+    assert not any(run.iterdir())  # no config.json left to refuse the corrected run
+    fixed = TrainConfig(method="repa", method_params={"layer": "mid.0", "proj_dim": 8}, **{**SMALL, "iters": 2})
+    assert train(fixed, run)["state"] == "done"
+
+
+def test_a_combination_without_a_timesteps_part_draws_uniform_t(tmp_path):
+    """combined = p2 + lr_control fills weighting and optimizer: t stays the baseline's draw."""
+    cfg = TrainConfig(method="combined", method_params={"parts": "p2+lr_control"}, **{**SMALL, "iters": 3})
+    assert train(cfg, tmp_path / "c")["state"] == "done"
+    base = TrainConfig(method="p2", **{**SMALL, "iters": 3})
+    train(base, tmp_path / "p2")
+    first = [fileio.read_jsonl(tmp_path / d / "steps.jsonl")[0] for d in ("c", "p2")]
+    assert first[0]["loss"] == first[1]["loss"]  # step 1: same t, weights and lr (lr_control's factor is 1 at p = 0)
 
 
 def test_power_ema_snapshots_reconstruct_the_evaluated_average(tmp_path):

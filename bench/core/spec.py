@@ -268,7 +268,7 @@ def sample_timesteps_at(method: Method, u: np.ndarray, p: float, schedule) -> to
     """The global batch's timesteps from its uniforms: the method's if it fills ``timesteps``."""
     if "timesteps" in method.slots:
         return method.sample_timesteps(u, p, schedule)
-    return Method.sample_timesteps(method, u, p, schedule)
+    return inverse_cdf(Method.timestep_probs(method, p, schedule), u)  # uniform (not a combination's own hook)
 
 
 def raw_loss_weights_at(method: Method, t: torch.Tensor, p: float, schedule, target: str) -> torch.Tensor:

@@ -26,7 +26,8 @@ from bench.models.networks import build_model  # noqa: E402
 from bench.train.loop import setup, train_step  # noqa: E402
 from bench.train.resolve import resolve_run  # noqa: E402
 
-METHODS = ["baseline", "p2", "min_snr", "clts", "mdlrc", "combined"]
+METHODS = ["baseline", "p2", "min_snr", "clts", "mdlrc", "combined", "speed", "edm", "logit_normal", "soft_min_snr",
+           "debiased", "loss_aware", "immiscible", "repa", "power_ema"]
 
 
 def minimal_loop(images, steps, batch, arch, seed=0):

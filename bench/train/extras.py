@@ -44,7 +44,8 @@ def build_aux(method: Method, model: torch.nn.Module, image_shape: tuple, datase
     their own seed, so the global random stream (dropout) stays the one every other method has."""
     if "aux_loss" not in method.slots:
         return None
-    with torch.random.fork_rng(devices=[]):
+    device = next(model.parameters()).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # manual_seed seeds CUDA too
         torch.manual_seed(seed * 1_000_003 + 77)
         return method.build_aux(model, tuple(image_shape), dataset, data_dir)
 

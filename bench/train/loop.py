@@ -59,7 +59,7 @@ from bench.core.spec import (
     uses_ema_warmup,
 )
 from bench.data.loading import is_memory_mapped, load_dataset, to_model_range
-from bench.errors import ConfigError, DivergenceError
+from bench.errors import BenchError, ConfigError, DivergenceError
 from bench.eval.evaluate import Evaluator, check_eval_data
 from bench.eval.reference import TRAIN_COMPUTE_LIMIT, evaluators_of
 from bench.models.networks import build_model
@@ -369,12 +369,19 @@ def train(run: ResolvedRun | TrainConfig, out_dir, events: TrainEvents | None = 
     tune_allocator()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    fresh = not (out / "config.json").exists()
     done = open_run_folder(cfg, out, run.record, rt)
     if done:
         return done
 
-    # Build the run, or resume it; anything logged after the checkpoint will be redone: drop it.
-    state = setup(cfg, method, rt)
+    # Build the run, or resume it; anything logged after the checkpoint will be redone: drop it. A new
+    # folder that cannot be built (e.g. a method's bad layer name) is left as it was found.
+    try:
+        state = setup(cfg, method, rt)
+    except BenchError:
+        if fresh and main:
+            (out / "config.json").unlink(missing_ok=True)
+        raise
     ckpt_path = out / "checkpoint.pt"
     if ckpt_path.exists():
         resume(state, ckpt_path)
