@@ -288,3 +288,22 @@ def test_the_noise_floor_line_reads_an_extended_baseline_at_the_budget():
                           "noise_floor_source": "8 real test images", "num_gen": 8})
     floor = [line for line in limits_lines(evals, [], "baseline", "proxy_fd", 4, {}) if "Noise floor" in line]
     assert len(floor) == 1 and "ends the budget at 4, 8.0x the floor" in floor[0]
+
+
+def test_scores_across_workloads_appear_with_two_workloads(results, tmp_path):
+    """A one-workload report has no score section; with the same workload twice, every method's ratio is
+    the same on both, the best method scores 1, and the profile figure is written."""
+    import shutil
+
+    root, report = results
+    assert "Scores across workloads" not in report.read_text()
+    two = tmp_path / "two"
+    shutil.copytree(root, two)
+    shutil.copytree(two / WORKLOAD, two / "copy-16_unet-tiny")
+    text = build_report(two).read_text()
+    assert "## Scores across workloads (AlgoPerf's rules)" in text and "figures/performance_profiles.png" in text
+    table = pd.read_csv(two / "tables" / "scores.csv")
+    ratio_cols = [c for c in table.columns if c.startswith("r: ")]
+    assert len(ratio_cols) == 2 and (table[ratio_cols[0]].astype(str) == table[ratio_cols[1]].astype(str)).all()
+    assert table.score.max() == 1.0 and set(table.method) == {"baseline", "fast", "slow"}
+    assert (two / "figures" / "performance_profiles.png").is_file()

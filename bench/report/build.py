@@ -32,9 +32,16 @@ import pandas as pd
 
 from bench.errors import ConfigError
 from bench.fileio import atomic_write_bytes
-from bench.report.figures import figure_curves, figure_loss_quartiles, figure_optimizer, figure_timesteps, safe_filename
+from bench.report.figures import (
+    figure_curves,
+    figure_loss_quartiles,
+    figure_optimizer,
+    figure_timesteps,
+    safe_filename,
+)
 from bench.report.intervals import BOOTSTRAP_MIN_SEEDS
 from bench.report.noise import metric_noise, noise_lines, sampler_robustness
+from bench.report.scores import scores_lines
 from bench.report.speedup import lower_is_better
 from bench.report.stats import (
     PLACEBO,
@@ -129,6 +136,7 @@ def build_report(suite_dir: str | os.PathLike, out_dir: str | os.PathLike | None
     for w in sorted({r["workload"] for r in ctx.runs}):
         sections += _workload_section(ctx, w, fr)
     _write_parts(ctx)
+    sections += _scores_section(ctx)
     lines = _header_lines(ctx) + sections + _footer_lines(ctx)
     path = ctx.out / "report.md"
     _write_text(path, "\n".join(lines))
@@ -255,6 +263,14 @@ def _write_parts(ctx: _Report) -> None:
     _write_text(tab / "fractions.md", "\n".join(p["md_fr"]) or "_(no evaluations)_\n")
     _write_text(tab / "speedup.tex", "\n".join(p["tex_sp"]))
     _write_text(tab / "fractions.tex", "\n".join(p["tex_fr"]))
+
+
+def _scores_section(ctx: _Report) -> list[str]:
+    """One score per method across the workloads, when there are several (bench/report/scores.py)."""
+    sp = pd.concat(ctx.parts["sp"], ignore_index=True) if ctx.parts["sp"] else pd.DataFrame()
+    if sp.empty or sp.workload.nunique() < 2 or not ctx.primary:
+        return []
+    return scores_lines(sp, ctx.primary, ctx.tab_dir, ctx.fig_dir)
 
 
 def _header_lines(ctx: _Report) -> list[str]:

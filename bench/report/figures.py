@@ -126,3 +126,18 @@ def figure_loss_quartiles(binned: pd.DataFrame, workload: str, order: list[str],
         legend_done = True
     fig.suptitle(f"{workload}: training MSE per timestep quartile (bin means; band: sd over seeds)")
     return _save(fig, fig_dir, f"loss_quartiles_{safe_filename(workload)}")
+
+
+def figure_profiles(tau, rho: pd.DataFrame, fig_dir: Path) -> str | None:
+    """AlgoPerf's performance profiles: the share of workloads within a factor tau of the best method."""
+    if rho.empty:
+        return None
+    plt, _ = _plt()
+    fig, ax = plt.subplots(figsize=(5.5, 3.6), layout="constrained")
+    for label in rho.columns:
+        ax.step(tau, rho[label], where="post", label=label)
+    ax.set_xlabel("tau (time-to-target / the best method's)")
+    ax.set_ylabel("share of workloads within tau of the best")
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend(fontsize=6, ncol=2)
+    return _save(fig, fig_dir, "performance_profiles")
