@@ -13,7 +13,8 @@ from bench.suite.grid import available_suites, load_suite
 from bench.suite.schema import SuiteError, parse_slurm_time
 
 REPO = Path(__file__).resolve().parent.parent
-SHIPPED = ["mini", "smoke", "paper-cifar10", "ablation-clts", "ablation-mdlrc", "cpu-reference", "cpu-reference-pilot"]
+SHIPPED = ["mini", "smoke", "paper-cifar10", "ablation-clts", "ablation-mdlrc", "cpu-reference", "cpu-reference-pilot",
+           "comparison", "cpu-workloads"]
 
 VALID = """
 [suite]
@@ -379,3 +380,11 @@ def test_the_cost_model_prices_paper_imagenet128s_evaluation_within_2x_of_a_flop
     assert c.eval_s < 0.5 * c.train_s  # a fraction of training, not the 80x under-pricing of a training rate
     text = describe_plan(s)
     assert "(training 33.3 days, evaluation " in text  # 15 methods (the field's 9 beside the paper's 6) x 3 seeds and re.search(r"\btrain +eval +est. time\n", text)
+
+
+def test_the_comparison_suite_lists_every_registered_method():
+    from bench.core.registry import load_plugins
+
+    s = load_suite("comparison")
+    assert {m.name for m in s.methods} == set(load_plugins())
+    assert len(s.seeds) >= 3 and s.report["baseline"] == "baseline"
