@@ -122,12 +122,19 @@ def coefficients(snapshots: list[tuple[int, float]], sigma_rel: float, step: int
     return np.linalg.lstsq(A, b, rcond=None)[0]
 
 
+def snapshot_files(run_dir) -> list[Path]:
+    """The run's snapshot files in step order (bench/train/extras.py writes them)."""
+    from bench.train.extras import SNAPSHOT_DIR  # reason: the folder's name has one home
+
+    return sorted((Path(run_dir) / SNAPSHOT_DIR).glob("*.pt"))
+
+
 def reconstruct(run_dir, sigma_rel: float, step: int | None = None) -> dict[str, torch.Tensor]:
     """The parameters of a power EMA of `sigma_rel` at `step` (default: the last snapshot's), combined
     from the snapshots in <run_dir>/ema_snapshots up to that step."""
     from bench.errors import ConfigError  # reason: only the refusals need it
 
-    files = sorted((Path(run_dir) / "ema_snapshots").glob("*.pt"))
+    files = snapshot_files(run_dir)
     snaps = [torch.load(f, map_location="cpu", weights_only=True) for f in files]
     if not snaps:
         raise ConfigError(f"{run_dir} has no ema_snapshots/: train power_ema with snapshot_every > 0")
@@ -147,11 +154,11 @@ def write_reconstruction(run_dir, sigma_rel: float, step: int | None = None) -> 
     from bench.fileio import atomic_write  # reason: only the command writes
 
     run_dir = Path(run_dir)
-    params = reconstruct(run_dir, sigma_rel, step)
-    step = step or max(int(p.stem) for p in (run_dir / "ema_snapshots").glob("*.pt"))
+    step = step or max((int(p.stem) for p in snapshot_files(run_dir)), default=0)
     out = run_dir / "ema_posthoc" / f"sigma{sigma_rel:g}-step{step:08d}.pt"
-    if out.exists():
+    if out.exists():  # made before: nothing to redo
         return out
+    params = reconstruct(run_dir, sigma_rel, step or None)  # no snapshot at all, or none at `step`: one error line
     saved = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)["ema"]
     atomic_write(out, lambda f: torch.save({**saved, **params}, f))
     return out

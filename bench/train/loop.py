@@ -182,7 +182,9 @@ def step(state: RunState) -> PendingRow:
         else:
             pred, extra = state.net(x_t, t) if batch.labels is None else state.net(x_t, t, batch.labels), None
     mse = (pred.float() - schedule.target(cfg.target, x0, eps, t)).square().mean(dim=(1, 2, 3))
-    per_sample = batch.weights_global[mine] * mse if extra is None else batch.weights_global[mine] * mse + extra.float()
+    per_sample = batch.weights_global[mine] * mse
+    if extra is not None:
+        per_sample = per_sample + extra.float()
     loss = per_sample.mean()
 
     # Backward (DDP averages the gradients over processes), clip, and step with the method's
