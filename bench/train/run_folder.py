@@ -226,9 +226,14 @@ def check_conflict(config: dict, run_dir: Path) -> str | None:
     return "; ".join(details) + (f"; and {len(changed) - 4} more" if len(changed) > 4 else "")
 
 
+#: `eval` settings that change what an evaluation writes, not what it measures
+EVAL_OUTPUT_KEYS = ("save_samples", "verbose")
+
+
 def config_diff(old: dict, new: dict) -> list[str]:
     """The keys in which two config.json records differ (compared as JSON), sorted. Settings of how
-    a run executes (device, precision, ...: config.RUNTIME_KEYS) never differ, and a setting that
+    a run executes (device, precision, ...: config.RUNTIME_KEYS) never differ, nor do the evaluation's
+    output switches (EVAL_OUTPUT_KEYS: saving samples turned on for a finished run keeps it), and a setting that
     is missing from `old` (added to the harness since that run began) differs only from a
     non-default value."""
     # torch on first use: the runner and display read run folders without torch
@@ -236,6 +241,9 @@ def config_diff(old: dict, new: dict) -> list[str]:
 
     defaults = json.loads(fileio.dumps(TrainConfig().to_dict()))
     old, new = json.loads(fileio.dumps(old)), json.loads(fileio.dumps(new))
+    for record in (old, new):  # what an evaluation writes or prints beside its numbers, not what it measures
+        if isinstance(record.get("eval"), dict):
+            record["eval"] = {k: v for k, v in record["eval"].items() if k not in EVAL_OUTPUT_KEYS}
 
     def differs(k: str) -> bool:
         if k in RUNTIME_KEYS:
