@@ -56,7 +56,7 @@ def cmd_list(args) -> None:
 def cmd_describe(args) -> None:
     # imported per command: the CLI starts without torch
     from bench.core.config import TrainConfig
-    from bench.core.describe import describe
+    from bench.core.describe import describe, print_importance
     from bench.core.diffusion import make_schedule
     from bench.core.registry import get_method, load_plugins
 
@@ -73,7 +73,7 @@ def cmd_describe(args) -> None:
         if args.json:
             print(json.dumps(rows))
         else:
-            _print_importance(rows)
+            print_importance(rows)
         return
     method = get_method(args.method, parse_sets(args.set), args.plugins)
     d = describe(method, args.progress, schedule, args.target, base.beta1, base.beta2, base.ema_decay, base.iters)
@@ -102,25 +102,6 @@ def cmd_describe(args) -> None:
         table.add_row(f"{lo}-{hi - 1}", f"{sum(probs[lo:hi]):.4f}", f"{sum(w[lo:hi]) / (hi - lo):.4g}",
                       f"{sum(imp[lo:hi]):.4f}")
     console.print(table)
-
-
-def _print_importance(rows: dict) -> None:
-    """Every method's implied importance density p(t) w(t) (normalised), in 10 bins of T."""
-    from rich.console import Console
-    from rich.table import Table
-
-    first = next(iter(rows.values()))
-    T = first["T"]
-    table = Table(title=f"p(t) w(t) per tenth of T at progress {first['progress']:g} ({first['schedule']} schedule, "
-                        f"target {first['target']}); weights: normalised unless marked 'source'")
-    table.add_column("method")
-    for b in range(10):
-        table.add_column(f"{b * T // 10}-", justify="right")
-    for name, d in rows.items():
-        imp = d["importance"]
-        mark = " (source)" if d["weight_scale"] == "source" else ""
-        table.add_row(name + mark, *(f"{sum(imp[b * T // 10:(b + 1) * T // 10]):.3f}" for b in range(10)))
-    Console(width=max(Console().width, 132)).print(table)  # eleven columns: wider than a pipe's 80
 
 
 #: `train` switches: flag -> (TrainConfig key, the value the flag sets)
@@ -302,6 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sigma-rel", type=float, required=True, help="relative width, e.g. 0.07")
     p.add_argument("--step", type=int, help="a snapshot's step (default: the last)")
     p.set_defaults(func=cmd_posthoc_ema)
+    _consistency_args(sub.add_parser("consistency", parents=[plugin_opt],
+                                     help="do models map the same noise to the same image? (the seed paper's consistency)"))
     # imported per command: the CLI starts without torch
     from bench.data.prepare import add_prepare_parser
 
@@ -397,6 +380,28 @@ def cmd_posthoc_ema(args) -> None:
         raise ConfigError(f"--sigma-rel {args.sigma_rel} is outside (0, 0.289), the widths a power EMA can have")
     module = sys.modules[get_method_class("power_ema", args.plugins).__module__]
     print(module.write_reconstruction(args.run, args.sigma_rel, args.step))
+
+
+def _consistency_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("targets", nargs="+", metavar="TARGET",
+                   help="run folders, or a suite (name under --results, or its results folder) narrowed by:")
+    for flag, kind in (("--method", str), ("--seed", int), ("--arch", str), ("--dataset", str)):
+        p.add_argument(flag, action="append", type=kind, default=[], help="keep runs with this value (repeatable)")
+    p.add_argument("--name", help="the output's name (default from the selectors, e.g. method-baseline)")
+    p.add_argument("--out", help="output folder (default: <suite results>/consistency/<name>)")
+    p.add_argument("--num-images", type=int, help="samples per model (default: the evaluation's num_images)")
+    p.add_argument("--x0-images", type=int, default=256, help="real images for the per-timestep predictions")
+    p.add_argument("--t-points", type=int, default=20, help="timesteps, evenly spread over 0..T-1")
+    p.add_argument("--grid-columns", type=int, default=8, help="noises in the image grid")
+    p.add_argument("--device", default="auto", help="auto (CUDA when torch sees a GPU), cpu, cuda or cuda:K")
+    p.set_defaults(func=cmd_consistency)
+
+
+def cmd_consistency(args) -> None:
+    # imported per command: the CLI starts without torch
+    from bench.tools.consistency import cmd_consistency as run
+
+    run(args)
 
 
 def _ref_stats_args(p: argparse.ArgumentParser) -> None:

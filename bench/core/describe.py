@@ -54,3 +54,22 @@ def trace(method: Method, schedule: Schedule, target: str, beta1: float, beta2: 
     keys = ("timestep_probs", "loss_weights", "importance", "lr_scale", "beta1", "beta2", "ema_decay")
     return {"label": method.label, "weight_scale": rows[0]["weight_scale"], "progress": ps,
             **{k: [r[k] for r in rows] for k in keys}}
+
+
+def print_importance(rows: dict) -> None:
+    """Every method's implied importance density p(t) w(t) (normalised), in 10 bins of T."""
+    from rich.console import Console
+    from rich.table import Table
+
+    first = next(iter(rows.values()))
+    T = first["T"]
+    table = Table(title=f"p(t) w(t) per tenth of T at progress {first['progress']:g} ({first['schedule']} schedule, "
+                        f"target {first['target']}); weights: normalised unless marked 'source'")
+    table.add_column("method")
+    for b in range(10):
+        table.add_column(f"{b * T // 10}-", justify="right")
+    for name, d in rows.items():
+        imp = d["importance"]
+        mark = " (source)" if d["weight_scale"] == "source" else ""
+        table.add_row(name + mark, *(f"{sum(imp[b * T // 10:(b + 1) * T // 10]):.3f}" for b in range(10)))
+    Console(width=max(Console().width, 132)).print(table)  # eleven columns: wider than a pipe's 80

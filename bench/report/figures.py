@@ -141,3 +141,86 @@ def figure_profiles(tau, rho: pd.DataFrame, fig_dir: Path) -> str | None:
     ax.set_ylim(-0.02, 1.02)
     ax.legend(fontsize=6, ncol=2)
     return _save(fig, fig_dir, "performance_profiles")
+
+
+def figure_consistency_matrix(pairs: pd.DataFrame, labels: list[str], fig_dir: Path) -> str:
+    """Same-noise agreement and RMSE between every two models (diagonal: RMSE for different noise)."""
+    plt, sns = _plt()
+    agree = pairs.pivot(index="model_a", columns="model_b", values="agreement").reindex(index=labels, columns=labels)
+    rmse = pairs.pivot(index="model_a", columns="model_b", values="rmse_same").reindex(index=labels, columns=labels)
+    diag = pairs[pairs.model_a == pairs.model_b].set_index("model_a").rmse_different
+    for m in labels:  # a model against itself: its own diversity, the reference level
+        rmse.loc[m, m] = diag.get(m, np.nan)
+    size = max(4.0, 0.55 * len(labels) + 2.5)
+    fig, axes = plt.subplots(1, 2, figsize=(2 * size, size), layout="constrained")
+    sns.heatmap(agree, vmin=0, vmax=1, annot=len(labels) <= 12, fmt=".2f", cmap="viridis", ax=axes[0])
+    axes[0].set_title("agreement: 1 - MSE same noise / MSE different noise")
+    sns.heatmap(rmse, annot=len(labels) <= 12, fmt=".3f", cmap="magma_r", ax=axes[1])
+    axes[1].set_title("RMSE same noise (diagonal: different noise)")
+    for ax in axes:
+        ax.set_xlabel("")
+        ax.set_ylabel("")
+    return _save(fig, fig_dir, "consistency_matrix")
+
+
+def figure_consistency_over_t(summary: pd.DataFrame, errors: pd.DataFrame | None, T: int, fig_dir: Path) -> str:
+    """Per-timestep agreement of the models' predictions (mean over pairs; band: min..max) and the RMSEs."""
+    plt, _ = _plt()
+    t = summary.index.to_numpy() / T
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8), layout="constrained")
+    for col, label in (("agreement_truth", "vs truth (same errors)"), ("agreement_inputs", "x0 vs different inputs"),
+                       ("agreement_inputs_eps", "eps vs different inputs")):
+        axes[0].plot(t, summary[(col, "mean")], marker="o", ms=3, label=label)
+        axes[0].fill_between(t, summary[(col, "min")], summary[(col, "max")], alpha=0.2)
+    low = min(float(np.nanmin(summary[(c, "min")])) for c in ("agreement_truth", "agreement_inputs", "agreement_inputs_eps"))
+    axes[0].set_ylim(min(0.0, low) - 0.02, 1.02)
+    axes[0].set_ylabel("agreement between models")
+    axes[0].legend(fontsize=7)
+    axes[1].plot(t, summary[("rmse_same", "mean")], marker="o", ms=3, label="between models, same x_t")
+    if errors is not None:
+        axes[1].plot(errors.index.to_numpy() / T, errors.rmse_truth.to_numpy(), marker="s", ms=3, label="model to truth")
+        axes[2].plot(errors.index.to_numpy() / T, errors.eps_rmse_truth.to_numpy(), marker="s", ms=3, color="C2")
+    axes[1].set_ylabel("x0 RMSE (pixels in [0, 1])")
+    axes[1].legend(fontsize=7)
+    axes[2].set_ylabel("eps RMSE to truth (mean over models)")
+    for ax in axes:
+        ax.set_xlabel("t / T (1 = pure noise)")
+    return _save(fig, fig_dir, "consistency_over_t")
+
+
+def figure_consistency_over_training(summary: pd.DataFrame, fig_dir: Path) -> str:
+    """Same-noise agreement of the models' evaluation samples at each saved step."""
+    plt, _ = _plt()
+    step = summary.index.to_numpy()
+    fig, ax = plt.subplots(figsize=(5.5, 3.6), layout="constrained")
+    ax.plot(step, summary[("agreement", "mean")], marker="o", label="pixels")
+    ax.fill_between(step, summary[("agreement", "min")], summary[("agreement", "max")], alpha=0.2)
+    if ("cosine_same", "mean") in summary:
+        ax.plot(step, summary[("cosine_same", "mean")], marker="s", label="feature cosine, same noise")
+        ax.plot(step, summary[("cosine_different", "mean")], ls="--", label="feature cosine, different noise")
+    ax.set_xlabel("iterations")
+    ax.set_ylabel("agreement")
+    ax.legend(fontsize=7)
+    return _save(fig, fig_dir, "consistency_over_training")
+
+
+def figure_consistency_grid(images: np.ndarray, labels: list[str], fig_dir: Path) -> str:
+    """images uint8 [models, columns, H, W, C]: one row per model, one column per noise."""
+    plt, _ = _plt()
+    rows, cols = images.shape[:2]
+    fig, axes = plt.subplots(rows, cols, figsize=(0.9 * cols + 1.6, 0.9 * rows + 0.3), squeeze=False)
+    for r in range(rows):
+        for c in range(cols):
+            ax = axes[r, c]
+            img = images[r, c]
+            ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray" if img.shape[-1] == 1 else None,
+                      vmin=0, vmax=255, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.grid(False)
+            if c == 0:
+                ax.set_ylabel(labels[r], rotation=0, ha="right", va="center", fontsize=7)
+            if r == 0:
+                ax.set_title(f"noise {c}", fontsize=7)
+    fig.subplots_adjust(wspace=0.05, hspace=0.05)
+    return _save(fig, fig_dir, "consistency_grid")
