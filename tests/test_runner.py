@@ -181,6 +181,16 @@ def test_results_of_another_config_are_never_mixed(tmp_path, calls):
     assert len(calls()) == 1 and (d / "config.json").read_text() == before
 
 
+def test_saving_samples_does_not_change_what_a_run_is():
+    """A finished suite whose [eval] now saves samples keeps its runs; a change of what is measured does not."""
+    from bench.train.run_folder import config_diff
+
+    old = {"lr": 1e-3, "eval": {"metrics": ["proxy_fd"], "num_images": 400, "save_samples": False}}
+    assert config_diff(old, {**old, "eval": {**old["eval"], "save_samples": True, "verbose": True}}) == []
+    assert config_diff(old, {**old, "eval": {**old["eval"], "num_images": 800}}) == ["eval"]
+    assert old["eval"]["save_samples"] is False  # the caller's records are left as they were
+
+
 def test_dry_run_prints_the_plan_and_runs_nothing(tmp_path, calls):
     suite = make_suite(tmp_path)
     events = []

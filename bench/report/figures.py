@@ -160,6 +160,8 @@ def figure_consistency_matrix(pairs: pd.DataFrame, labels: list[str], fig_dir: P
     for ax in axes:
         ax.set_xlabel("")
         ax.set_ylabel("")
+        ax.tick_params(axis="x", labelrotation=90)
+        ax.tick_params(axis="y", labelrotation=0)
     return _save(fig, fig_dir, "consistency_matrix")
 
 
