@@ -93,6 +93,15 @@ def test_frechet_eigen_route_matches_scipy_sqrtm():
     assert abs(F.frechet_distance(np.zeros(d), np.eye(d), np.zeros(d), np.eye(d))) < 1e-9
 
 
+def test_a_distance_is_never_below_0():
+    """One set against itself: round-off took the old formula to about -3e-5 (issue 19, D4)."""
+    feats = np.random.default_rng(1).random((20, 64)) * 50  # rank deficient, as 20 images in 2048 dimensions
+    for _ in range(3):
+        assert F.fid_from_feats(feats, feats.copy()) >= 0.0
+    mu, sigma = F.feature_stats(feats)
+    assert F.frechet_distance(mu, sigma, mu, sigma) == pytest.approx(0.0, abs=1e-6)
+
+
 def test_kid_matches_cleanfid_and_is_reproducible():
     from cleanfid.fid import kernel_distance as cf_kid
 
@@ -264,6 +273,10 @@ def test_cli_rejects_bad_arguments(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(BenchError, match="no images"):
         F.folder_features(CountingExtractor(), tmp_path / "empty")
+    (tmp_path / "fake").mkdir()
+    (tmp_path / "fake" / "a.png").write_bytes(b"not an image at all")
+    with pytest.raises(BenchError, match=r"a\.png is not a readable image \(UnidentifiedImageError\); remove it"):
+        F.folder_features(CountingExtractor(), tmp_path / "fake")
 
 
 

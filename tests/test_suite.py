@@ -218,6 +218,9 @@ BAD = [
     ('num_images = 16', 'num_images = 16\nsampler2 = { sampler = "euler" }', "'eval'", "sampler2: unknown sampler"),
     ('num_images = 16', 'num_images = 16\nsampler2 = { steps = 50 }', "'eval'", "sampler2 has unknown key 'steps'"),
     ('num_images = 16', 'num_images = 16\nsampler2 = 50', "'eval'", "sampler2 must be a table"),
+    ('archs = ["unet-tiny"]', 'archs = ["unet-huge"]', "'grid.archs'", "unknown architecture 'unet-huge'"),
+    ('datasets = ["synthetic"]\narchs = ["unet-tiny"]', 'datasets = [{name = "synthetic", resolution = 18}]\n'
+     'archs = ["dit-s/4"]', "'grid.archs'", "divisible by its patch size 4; got 18"),
 ]
 
 
@@ -233,6 +236,13 @@ def test_invalid_suites_name_file_key_and_reason(tmp_path, old, new, key, reason
     assert reason in msg, msg
     assert "\n" not in msg.strip() or "not valid TOML" in msg
     assert isinstance(info.value, ConfigError)
+
+
+def test_a_binary_suite_file_is_one_line(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")
+    with pytest.raises(SuiteError, match=rf"^{re.escape(str(path))}: not a text file \(byte 0 is not UTF-8\)"):
+        load_suite(path)
 
 
 def test_unknown_suite_name_lists_the_shipped_ones():

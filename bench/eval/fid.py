@@ -54,7 +54,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
 
     Tr((S1 S2)^{1/2}) is the sum of the square roots of the eigenvalues of S1^{1/2} S2 S1^{1/2}
     (similar to S1 S2, symmetric positive semi-definite): two symmetric eigen-decompositions
-    instead of scipy.linalg.sqrtm. Round-off negatives are clipped to 0.
+    instead of scipy.linalg.sqrtm. Round-off negatives (eigenvalues and the distance) are clipped to 0.
     """
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
@@ -66,7 +66,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     ev = np.linalg.eigvalsh((m + m.T) / 2)
     tr_covmean = np.sqrt(np.clip(ev, 0, None)).sum()
     diff = mu1 - mu2
-    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * tr_covmean)
+    # A distance is >= 0: round-off takes identical sets to about -1e-5, reported as 0.
+    return max(0.0, float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * tr_covmean))
 
 def fid_from_feats(feats1: np.ndarray, feats2: np.ndarray) -> float:
     return frechet_distance(*feature_stats(feats1), *feature_stats(feats2))
@@ -232,10 +233,14 @@ class _FolderImages:
         return len(self.files)
 
     def __getitem__(self, i):
-        from PIL import Image
+        from PIL import Image, UnidentifiedImageError
 
-        with Image.open(self.files[i]) as im:
-            return np.array(im.convert("RGB"))
+        try:
+            with Image.open(self.files[i]) as im:
+                return np.array(im.convert("RGB"))
+        except (UnidentifiedImageError, OSError, ValueError) as exc:
+            raise ConfigError(f"{self.files[i]} is not a readable image ({type(exc).__name__}); remove it from the "
+                              "folder or replace it") from None
 
 def folder_features(extractor, folder, num: int | None = None) -> np.ndarray:
     files = list_images(folder)

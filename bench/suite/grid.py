@@ -235,7 +235,13 @@ def load_suite(name_or_path: str | os.PathLike = DEFAULT_SUITE, *, validate: boo
     run from its config, load them too.
     """
     path = suite_path(name_or_path, suites_dir)
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise SuiteError(f"{path}: not a text file (byte {exc.start} is not UTF-8); a suite is a TOML file such as "
+                         "suites/mini.toml") from None
+    except OSError as exc:
+        raise SuiteError(f"{path}: cannot be read ({exc.strerror}); check the path and its permissions") from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -352,12 +358,31 @@ def _lr_sweep_entries(grid: dict, methods: list[MethodEntry], baseline: str, tra
     return out
 
 
+def _check_networks(suite: Suite, ck: Checker) -> None:
+    """Every architecture of the grid builds at its workload's resolution (on the meta device: nothing
+    allocated, no data read), so a bad one fails before any run folder is written."""
+    # torch on first use: a suite loads (report, dry run, runner) without torch
+    import torch
+
+    from bench.data.loading import dataset_info
+    from bench.models.networks import build_model
+
+    for w in suite.workloads:
+        info = dataset_info(w.dataset)
+        try:
+            with torch.device("meta"):
+                build_model(w.arch, info.CHANNELS, w.resolution or info.RESOLUTION)
+        except BenchError as exc:
+            ck.fail("grid.archs", f"{exc} (workload {w.name})")
+
+
 def _validate_runs(suite: Suite, ck: Checker) -> None:
     """Resolve every run (bench.train.resolve, the one validation of methods, plugins, datasets and the
     evaluation spec); an [eval] problem is named as the table's, anything else as the run's."""
     # torch on first use: a suite loads (report, dry run, runner) without torch
     from bench.train.resolve import resolve_run
 
+    _check_networks(suite, ck)
     seen = set()
     for run in suite.runs():
         if (run.workload, run.label) in seen:  # the checks do not depend on the seed
