@@ -140,6 +140,7 @@ def cmd_train(args) -> None:
     # imported per command: the CLI starts without torch
     from bench.core.runtime import finish_processes, is_main
     from bench.data.loading import dataset_info
+    from bench.fileio import check_output_folder
     from bench.train.loop import TrainEvents, train
     from bench.train.resolve import resolve_run
     from bench.train.run_folder import workload_name
@@ -149,6 +150,7 @@ def cmd_train(args) -> None:
     resolution = cfg.resolution or dataset_info(cfg.dataset).RESOLUTION
     out = Path(args.out) if args.out else (Path(args.results) / "train" / workload_name(cfg.dataset, resolution, cfg.arch)
                                            / run.method.label / f"seed{cfg.seed}")
+    check_output_folder(out, "--out" if args.out else "--results")
     console = Console(quiet=not is_main())  # under torchrun, rank 0 speaks for all
     console.print(f"training {cfg.method} -> {out}")
 
@@ -176,7 +178,7 @@ def cmd_run(args) -> int:
     from bench.suite.runner import run_suite
 
     suite = load_suite(args.suite, plugins=args.plugins)
-    result = run_suite(suite, executor=args.executor, jobs=args.jobs or suite.jobs, dry_run=args.dry_run, results_root=args.results,
+    result = run_suite(suite, executor=args.executor, jobs=suite.jobs if args.jobs is None else args.jobs, dry_run=args.dry_run, results_root=args.results,
                        slurm=parse_sets(args.slurm) or None, retry_failed=args.retry_failed, only=args.only or None,
                        wait=not args.no_wait)
     return 0 if args.dry_run or args.no_wait or result.ok else 1
@@ -430,6 +432,11 @@ def main(argv=None) -> int:
         return (args.func if args.command else cmd_default)(args) or 0
     except BenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # the file system refused a write (full disk, permissions): what was done is kept
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"error: {exc.strerror or exc}{where}; finished work is saved: free space or fix the path, then run "
+              "the same command again to resume", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: finished work is saved; run the same command again to resume", file=sys.stderr)

@@ -25,6 +25,11 @@ class DatasetError(BenchError):
     """A dataset that is unknown or cannot be found on this machine."""
 
 
+class MethodOutputError(ConfigError):
+    """A method's hook returned what the contract forbids (a non-finite, negative or massless
+    distribution, weights of the wrong shape, timesteps out of range)."""
+
+
 class CheckpointError(BenchError):
     """A checkpoint that cannot be read or does not belong to this run."""
 

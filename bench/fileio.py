@@ -34,6 +34,31 @@ def atomic_write(path: Path, write) -> None:
         raise
 
 
+def check_output_folder(path, option: str) -> None:
+    """Refuse, in one line, an output folder that cannot be made or written: a file in its place or
+    on its path, no write permission, a read-only file system. Checked before anything is written."""
+    from bench.errors import ConfigError
+
+    path = Path(path)
+    probe = path
+    while not probe.exists():  # the nearest part of the path that exists decides
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise ConfigError(f"{option} {path}: {probe} is a file, not a folder; pass another {option}")
+    if probe.exists() and not os.access(probe, os.W_OK | os.X_OK):
+        why = "is on a read-only file system" if _read_only(probe) else "is not writable by this user"
+        raise ConfigError(f"{option} {path}: {probe} {why}; pass another {option} or fix its permissions")
+
+
+def _read_only(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     atomic_write(path, lambda f: f.write(data))
 

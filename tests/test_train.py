@@ -164,7 +164,7 @@ def test_clts_steers_sampled_timesteps(tmp_path, monkeypatch):
 
 def test_divergence_is_recorded(tmp_path):
     cfg = TrainConfig(method="baseline", **{**SMALL, "lr": 1e30, "warmup": 0, "grad_clip": 0.0})
-    with pytest.raises(DivergenceError, match=r"^training diverged: loss (nan|inf) at step \d+; lower lr or check the "
+    with pytest.raises(DivergenceError, match=r"^training diverged: non-finite loss \((nan|inf)\) at step \d+; lower lr or check the "
                                               r"method's hyperparameters$"):
         train(cfg, tmp_path)
     status = fileio.read_json(tmp_path / "status.json")

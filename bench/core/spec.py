@@ -47,13 +47,14 @@ run resumes bit for bit. Each run trains its own copy of the method.
 """
 
 import inspect
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
-from bench.errors import ConfigError, HyperparameterError
+from bench.errors import ConfigError, HyperparameterError, MethodOutputError
 
 SLOTS = ("timesteps", "weighting", "optimizer", "ema", "streams", "noise", "feedback", "aux_loss")
 #: the hooks each slot fills
@@ -246,9 +247,26 @@ class Method:
         return "-".join(parts)
 
 
+def distribution_problem(probs, T: int) -> str | None:
+    """What is wrong with a distribution over the T timesteps, or None: a float tensor [T], finite,
+    non-negative, with positive mass."""
+    if not isinstance(probs, torch.Tensor) or tuple(probs.shape) != (T,):
+        return f"has shape {tuple(getattr(probs, 'shape', ()))}, not ({T},)"
+    if not bool(torch.isfinite(probs).all()):
+        return "is not finite (NaN or Inf)"
+    if bool((probs < 0).any()):
+        return f"has negative entries (min {float(probs.min()):.3g})"
+    if not float(probs.sum()) > 0:
+        return "has no mass (all zero)"
+    return None
+
+
 def inverse_cdf(probs: torch.Tensor, u) -> torch.Tensor:
     """One index of `probs` per uniform in `u`, by inverse CDF (uniform u maps to the same quantile of
     every distribution, and the draw does not depend on how a generator is consumed)."""
+    problem = distribution_problem(probs, len(probs) if isinstance(probs, torch.Tensor) and probs.ndim == 1 else -1)
+    if problem:
+        raise MethodOutputError(f"a timestep distribution {problem}; it must be finite, non-negative, with mass")
     cdf = torch.cumsum(probs.double(), 0)
     u = torch.as_tensor(u, dtype=torch.float64) * cdf[-1]
     return torch.searchsorted(cdf, u, right=True).clamp_(max=len(probs) - 1)
@@ -257,25 +275,54 @@ def inverse_cdf(probs: torch.Tensor, u) -> torch.Tensor:
 # -- slot dispatch: the only way the harness calls a method ----------------------------------------
 
 
+def _refuse(method: Method, hook: str, p: float, problem: str, rule: str) -> None:
+    raise MethodOutputError(f"method {method.label}: {hook} at progress {p:g} {problem}; {rule}: fix the plugin "
+                            "(the contract: bench/core/spec.py)")
+
+
 def timestep_probs_at(method: Method, p: float, schedule) -> torch.Tensor:
     """The distribution over t at progress p: the method's if it fills ``timesteps``, else uniform."""
-    if "timesteps" in method.slots:
-        return method.timestep_probs(p, schedule)
-    return Method.timestep_probs(method, p, schedule)
+    if "timesteps" not in method.slots:
+        return Method.timestep_probs(method, p, schedule)
+    probs = method.timestep_probs(p, schedule)
+    problem = distribution_problem(probs, schedule.T)
+    if problem:
+        _refuse(method, "timestep_probs", p, problem, "a distribution over t must be finite, non-negative, with mass")
+    return probs
 
 
 def sample_timesteps_at(method: Method, u: np.ndarray, p: float, schedule) -> torch.Tensor:
     """The global batch's timesteps from its uniforms: the method's if it fills ``timesteps``."""
-    if "timesteps" in method.slots:
-        return method.sample_timesteps(u, p, schedule)
-    return inverse_cdf(Method.timestep_probs(method, p, schedule), u)  # uniform (not a combination's own hook)
+    if "timesteps" not in method.slots:
+        return inverse_cdf(Method.timestep_probs(method, p, schedule), u)  # uniform (not a combination's own hook)
+    t = method.sample_timesteps(u, p, schedule)
+    if (not isinstance(t, torch.Tensor) or tuple(t.shape) != (len(u),) or t.dtype.is_floating_point
+            or (len(t) and (int(t.min()) < 0 or int(t.max()) >= schedule.T))):
+        _refuse(method, "sample_timesteps", p, f"returned {type(t).__name__} {tuple(getattr(t, 'shape', ()))}",
+                f"it must return {len(u)} integer timesteps in 0..{schedule.T - 1}")
+    return t
 
 
 def raw_loss_weights_at(method: Method, t: torch.Tensor, p: float, schedule, target: str) -> torch.Tensor:
     """The weights as the method writes them (before normalisation); 1 without ``weighting``."""
-    if "weighting" in method.slots:
-        return method.loss_weights(t, p, schedule, target)
-    return torch.ones(t.shape, dtype=torch.float64)
+    if "weighting" not in method.slots:
+        return torch.ones(t.shape, dtype=torch.float64)
+    w = method.loss_weights(t, p, schedule, target)
+    if not isinstance(w, torch.Tensor) or w.shape != t.shape:
+        _refuse(method, "loss_weights", p, f"has shape {tuple(getattr(w, 'shape', ()))} for {tuple(t.shape)} timesteps",
+                "one weight per sample")
+    elif not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
+        _refuse(method, "loss_weights", p, "has non-finite or negative weights", "weights must be finite and >= 0")
+    return w
+
+
+def check_outputs(method: Method, schedule, target: str) -> None:
+    """Every hook that returns a distribution, timesteps or weights, called at the start, middle and end
+    of training over all T steps: a broken plugin fails when a run is resolved, not mid-training."""
+    t = torch.arange(schedule.T)
+    for p in (0.0, 0.5, 1.0):
+        timestep_probs_at(method, p, schedule)
+        loss_weights_at(method, t, p, schedule, target)  # the raw weights, and their mean when normalised
 
 
 def weight_norm_at(method: Method, p: float, schedule, target: str) -> float:
@@ -284,7 +331,11 @@ def weight_norm_at(method: Method, p: float, schedule, target: str) -> float:
     if "weighting" not in method.slots or method.weight_scale == "source":
         return 1.0
     w = raw_loss_weights_at(method, torch.arange(schedule.T), p, schedule, target)
-    return float((timestep_probs_at(method, p, schedule) * w).sum())
+    norm = float((timestep_probs_at(method, p, schedule) * w).sum())
+    if not (math.isfinite(norm) and norm > 0):
+        _refuse(method, "loss_weights", p, f"has mean {norm:g} under the method's own sampling",
+                "normalised weights need a positive, finite mean (or weight_scale = \"source\")")
+    return norm
 
 
 def loss_weights_at(method: Method, t: torch.Tensor, p: float, schedule, target: str) -> torch.Tensor:

@@ -27,7 +27,10 @@ def _plt():
 def _save(fig, fig_dir: Path, stem: str) -> str:
     fig_dir.mkdir(parents=True, exist_ok=True)
     for ext in ("png", "pdf"):
-        atomic_write(fig_dir / f"{stem}.{ext}", lambda f, ext=ext: fig.savefig(f, dpi=150, bbox_inches="tight", format=ext))
+        # No creation date in a PDF: the same results give the same bytes, so a rerun shows no change.
+        meta = {"CreationDate": None} if ext == "pdf" else None
+        atomic_write(fig_dir / f"{stem}.{ext}", lambda f, ext=ext, meta=meta: fig.savefig(
+            f, dpi=150, bbox_inches="tight", format=ext, metadata=meta))
     import matplotlib.pyplot as plt
 
     plt.close(fig)

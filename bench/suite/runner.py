@@ -79,6 +79,7 @@ def run_suite(suite: Suite | str | os.PathLike, executor: str = "local", jobs: i
         raise ConfigError(f"jobs={jobs} must be >= 1")
     if not isinstance(suite, Suite):
         suite = load_suite(suite)
+    fileio.check_output_folder(results_root, "--results")
     suite_dir = Path(results_root) / suite.name
     runs = _select(suite, only)
     dirs = {r.key: r.run_dir(results_root) for r in runs}

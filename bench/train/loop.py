@@ -345,12 +345,13 @@ def _read_rows(state: RunState, launched: list[PendingRow], since: float, events
         rows.append(row)
         if events:
             events.on_step(row["step"], state.cfg.iters, row)
-        if not math.isfinite(row["loss"]):
+        bad = [f"{k} ({row[k]})" for k in ("loss", "grad_norm") if row.get(k) is not None and not math.isfinite(row[k])]
+        if bad:  # a non-finite gradient norm too: the clipped step would be zero, Adam would never move
             if state.rt.rank == 0:
                 fileio.append_jsonl(out / "steps.jsonl", unwritten + rows)
-                write_status(out, "failed", row["step"], f"non-finite loss ({row['loss']}) at step {row['step']}",
+                write_status(out, "failed", row["step"], f"non-finite {bad[0]} at step {row['step']}",
                              error="divergence", **state.clocks)
-            raise DivergenceError(row["step"], f"training diverged: loss {row['loss']} at step {row['step']}; "
+            raise DivergenceError(row["step"], f"training diverged: non-finite {bad[0]} at step {row['step']}; "
                                                "lower lr or check the method's hyperparameters")
     return rows
 

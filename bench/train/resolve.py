@@ -23,7 +23,7 @@ from bench.core.config import TrainConfig
 from bench.core.diffusion import make_schedule
 from bench.core.eval_steps import evaluates
 from bench.core.registry import get_method
-from bench.core.spec import Method
+from bench.core.spec import Method, check_outputs
 from bench.data.loading import dataset_info
 from bench.errors import BenchError, ConfigError
 from bench.eval.spec import resolve_spec
@@ -62,8 +62,9 @@ def _resolve(key: str, cache_env: str | None) -> ResolvedRun:
 
     cfg = TrainConfig.from_dict(json.loads(key))
     dataset_info(cfg.dataset)
-    make_schedule(cfg.schedule, cfg.T, cfg.zero_terminal_snr)  # a schedule with no valid noise levels
+    schedule = make_schedule(cfg.schedule, cfg.T, cfg.zero_terminal_snr)  # a schedule with no valid noise levels
     method = get_method(cfg.method, cfg.method_params, cfg.plugins)
+    check_outputs(copy.deepcopy(method), schedule, cfg.target)  # a broken plugin fails here, before any folder
     # Hyperparameters as the method typed them ("3" from the command line -> 3.0), so config.json,
     # the label and the method agree whatever the entry point.
     cfg = dataclasses.replace(cfg, method_params={k: method.hp.get(k, v) for k, v in cfg.method_params.items()})

@@ -1,0 +1,178 @@
+"""Issue 19: bad input, broken plugins and full or wrong output paths. Each case gets one `error:` line
+naming the problem and the fix, a non-zero exit, and nothing written (in-process `main`, no clock)."""
+
+import os
+import textwrap
+
+import pytest
+
+from bench.cli import main
+
+PLUGIN = """
+import torch
+from bench.core.spec import Method
+
+
+class Broken(Method):
+    name = "broken"
+    slots = frozenset({{"timesteps", "weighting"}})
+    source = "test"
+    weight_scale = {scale!r}
+
+    def timestep_probs(self, p, schedule):
+        return {probs}
+
+    def loss_weights(self, t, p, schedule, target):
+        return {weights}
+"""
+GOOD_PROBS = "torch.full((schedule.T,), 1.0 / schedule.T, dtype=torch.float64)"
+GOOD_WEIGHTS = "torch.ones(t.shape, dtype=torch.float64)"
+
+# (name, plugin slot, probs, weights, what the error says)
+PLUGINS = [
+    ("all-zero distribution", "timesteps", "torch.zeros(schedule.T, dtype=torch.float64)", GOOD_WEIGHTS,
+     "timestep_probs at progress 0 has no mass (all zero)"),
+    ("negative distribution", "timesteps", "torch.full((schedule.T,), -1.0, dtype=torch.float64)", GOOD_WEIGHTS,
+     "has negative entries"),
+    ("NaN distribution", "timesteps", "torch.full((schedule.T,), float('nan'), dtype=torch.float64)", GOOD_WEIGHTS,
+     "is not finite"),
+    ("short distribution", "timesteps", "torch.ones(3, dtype=torch.float64)", GOOD_WEIGHTS, "has shape (3,), not (16,)"),
+    ("weights of the wrong shape", "weighting", GOOD_PROBS, "torch.ones(3, dtype=torch.float64)",
+     "loss_weights at progress 0 has shape (3,) for (16,) timesteps"),
+    ("NaN weights", "weighting", GOOD_PROBS, "torch.full(t.shape, float('nan'), dtype=torch.float64)",
+     "non-finite or negative weights"),
+    ("negative weights", "weighting", GOOD_PROBS, "-torch.ones(t.shape, dtype=torch.float64)",
+     "non-finite or negative weights"),
+    ("all-zero normalised weights", "weighting", GOOD_PROBS, "torch.zeros(t.shape, dtype=torch.float64)",
+     "has mean 0 under the method's own sampling"),
+]
+
+
+def write_plugin(tmp_path, slot, probs, weights, scale="normalised"):
+    """A plugin filling both slots; `slot` names the one the case breaks (the other is well-formed)."""
+    path = tmp_path / "broken_plugin.py"
+    path.write_text(textwrap.dedent(PLUGIN.format(probs=probs, weights=weights, scale=scale)))
+    return path
+
+
+def one_line_error(capsys, argv, needle):
+    rc = main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2, (argv, err)
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert needle in err, err
+    return err
+
+
+@pytest.mark.parametrize("name,slot,probs,weights,needle", PLUGINS, ids=[p[0] for p in PLUGINS])
+def test_a_broken_plugin_is_refused_before_any_folder_and_by_describe(tmp_path, capsys, name, slot, probs, weights,
+                                                                      needle):
+    plugin = write_plugin(tmp_path, slot, probs, weights)
+    out = tmp_path / "run"
+    one_line_error(capsys, ["--plugins", str(plugin), "train", "--method", "broken", "--dataset", "synthetic",
+                            "--arch", "unet-micro", "--T", "16", "--schedule", "cosine", "--iters", "2",
+                            "--out", str(out)], needle)
+    assert not out.exists()
+    one_line_error(capsys, ["--plugins", str(plugin), "describe", "broken", "--T", "16", "--schedule", "cosine"],
+                   needle.replace("(16,)", "(16,)"))
+
+
+def test_huge_source_scale_weights_stop_the_run_as_diverged(tmp_path):
+    """Weights of 1e30 (kept at the source's scale): a finite loss in float64 once, but a non-finite
+    gradient norm, on which Adam would never move; recorded as diverged at step 1 (D15)."""
+    from bench import fileio
+    from bench.core.registry import load_plugins
+    from bench.errors import DivergenceError
+    from bench.train.loop import TrainConfig, train
+
+    plugin = write_plugin(tmp_path, "weighting", GOOD_PROBS, "torch.full(t.shape, 1e30, dtype=torch.float64)",
+                          scale="source")
+    load_plugins([str(plugin)])
+    cfg = TrainConfig(method="broken", plugins=[str(plugin)], dataset="synthetic", arch="unet-micro", iters=4,
+                      batch_size=4, ckpt_every=2)
+    with pytest.raises(DivergenceError, match=r"training diverged: non-finite grad_norm \(inf\) at step 1") as info:
+        train(cfg, tmp_path / "run")
+    assert info.value.step == 1
+    status = fileio.read_json(tmp_path / "run" / "status.json")
+    assert status["state"] == "failed" and status["error"] == "divergence" and status["step"] == 1
+
+
+BAD_ARGS = [
+    (["train", "--method", "nope"], "unknown method 'nope'"),
+    (["train", "--method", "p2", "--set", "gamma=-3"], "gamma=-3 is out of range"),
+    (["train", "--set", "gamma"], "is not KEY=VALUE"),
+    (["train", "--dataset", "imagenet-1k"], "unknown dataset"),
+    (["train", "--arch", "unet-huge"], "unknown architecture 'unet-huge'"),
+    (["train", "--arch", "dit-s/4", "--resolution", "18"], "divisible by its patch size 4; got 18"),
+    (["train", "--iters", "0"], "iters=0 must be >= 1"),
+    (["train", "--lr", "-1"], "lr=-1.0 must be > 0"),
+    (["train", "--T", "10"], "T"),
+    (["train", "--schedule", "sigmoid"], "schedule='sigmoid' is not one of linear, cosine"),
+    (["train", "--precision", "fp16"], "precision='fp16' is not one of auto, fp32, bf16"),
+    (["train", "--device", "tpu"], "device='tpu' is not auto, cpu, cuda or cuda:K"),
+    (["train", "--p-uncond", "0.1"], "class_cond"),
+    (["describe", "clts", "--progress", "2"], "outside [0, 1]"),
+    (["describe", "all", "--set", "gamma=3"], "describe all takes no --set"),
+    (["describe", "nope"], "unknown method 'nope'"),
+    (["run", "nosuch"], "unknown suite 'nosuch'"),
+    (["run", "smoke", "--jobs", "0"], "jobs=0 must be >= 1"),
+    (["run", "smoke", "--only", "nomatch/*"], "nomatch"),
+    (["report", "nosuch"], "no results for 'nosuch'"),
+    (["fid", "{tmp}/nowhere", "{tmp}/nowhere"], "neither a folder nor a dataset statistic"),
+    (["ref-stats", "nosuch"], "neither a suite"),
+    (["posthoc-ema", "{tmp}", "--sigma-rel", "0.5"], "outside (0, 0.289)"),
+    (["consistency", "{tmp}/nowhere", "{tmp}/nowhere2"], "neither a run folder nor a suite"),
+    (["prepare", "nosuch", "{tmp}"], "unknown prepare kind 'nosuch'"),
+    (["--plugins", "{tmp}/none.py", "list"], "is not a .py file or a folder"),
+]
+
+
+@pytest.mark.parametrize("argv,needle", BAD_ARGS, ids=[" ".join(a[:3]) for a, _ in BAD_ARGS])
+def test_bad_arguments_are_one_line_and_write_nothing(tmp_path, capsys, argv, needle):
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    results = tmp_path / "results"
+    if argv[0] == "train":
+        argv += ["--out", str(tmp_path / "run")] + ([] if "--dataset" in argv else ["--dataset", "synthetic"])
+    one_line_error(capsys, ["--results", str(results)] + argv if argv[0] != "--plugins" else argv, needle)
+    assert not (tmp_path / "run").exists() and not results.exists()
+
+
+def test_a_plugin_that_fails_to_import_is_one_line(tmp_path, capsys):
+    bad = tmp_path / "broken.py"
+    bad.write_text("x = (\n")
+    one_line_error(capsys, ["--plugins", str(bad), "list"], "failed to import: SyntaxError")
+
+
+def test_an_output_path_through_a_file_is_refused_before_anything(tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    one_line_error(capsys, ["--results", str(blocker), "run", "smoke"], f"{blocker} is a file, not a folder")
+    one_line_error(capsys, ["train", "--dataset", "synthetic", "--out", str(blocker / "run")],
+                   f"--out {blocker / 'run'}: {blocker} is a file, not a folder")
+    assert blocker.read_text() == "not a folder"
+
+
+def test_an_unwritable_or_read_only_output_folder_is_refused(tmp_path, capsys, monkeypatch):
+    """As root every folder is writable: the permission answer is simulated, the message is real."""
+    from bench import fileio
+
+    monkeypatch.setattr(fileio.os, "access", lambda path, mode: False)
+    one_line_error(capsys, ["--results", str(tmp_path), "run", "smoke"], "is not writable by this user")
+    monkeypatch.setattr(fileio, "_read_only", lambda path: True)
+    one_line_error(capsys, ["--results", str(tmp_path), "run", "smoke"], "is on a read-only file system")
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_full_disk_is_one_line_and_keeps_what_was_written(tmp_path, capsys, monkeypatch):
+    """A write that fails with ENOSPC: one line saying so, and the command can be rerun (D14)."""
+    import errno
+
+    from bench.report import build
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "x"))
+
+    (tmp_path / "mini").mkdir()
+    monkeypatch.setattr(build, "build_report", full)
+    err = one_line_error(capsys, ["--results", str(tmp_path), "report", "mini"], "No space left on device")
+    assert "run the same command again" in err
