@@ -143,7 +143,7 @@ def cmd_train(args) -> None:
     from bench.fileio import check_output_folder
     from bench.train.loop import TrainEvents, train
     from bench.train.resolve import resolve_run
-    from bench.train.run_folder import workload_name
+    from bench.train.run_folder import claim_run_folder, workload_name
 
     run = resolve_run(train_config_from_args(args), where="command line")
     cfg = run.config
@@ -165,7 +165,8 @@ def cmd_train(args) -> None:
                 console.print(f"  eval @ {step}: {r.get('metric')} = {r.get('value'):.4f}")
 
     try:
-        status = train(run, out, Printer())
+        with claim_run_folder(out, int(os.environ.get("RANK", 0))):  # one process trains a folder at a time
+            status = train(run, out, Printer())
     finally:
         finish_processes()
     console.print(f"{status['state']} at step {status['step']}: train {status['train_seconds']:.1f} s, "

@@ -176,3 +176,43 @@ def test_a_full_disk_is_one_line_and_keeps_what_was_written(tmp_path, capsys, mo
     monkeypatch.setattr(build, "build_report", full)
     err = one_line_error(capsys, ["--results", str(tmp_path), "report", "mini"], "No space left on device")
     assert "run the same command again" in err
+
+
+TRAIN = ["train", "--dataset", "synthetic", "--arch", "unet-micro", "--iters", "2", "--batch-size", "4"]
+
+
+def test_two_trainings_into_one_folder_are_refused_not_run_twice(tmp_path, capsys):
+    """A second `train` into a folder another process trains is one line (D9); the claim is the
+    runner's lock, so `run` and `train` exclude each other too."""
+    from bench.train.run_folder import try_lock
+
+    out = tmp_path / "run"
+    out.mkdir()
+    held = try_lock(out)  # another process's claim (flock: a second open file excludes even in one process)
+    try:
+        one_line_error(capsys, [*TRAIN, "--out", str(out)], "is being trained by another process")
+    finally:
+        held.close()
+    assert sorted(p.name for p in out.iterdir()) == [".lock"]  # nothing trained
+    assert main([*TRAIN, "--out", str(out)]) == 0
+    assert len((out / "steps.jsonl").read_text().splitlines()) == 2
+
+
+def test_a_run_refused_inside_training_leaves_no_folder(tmp_path, capsys):
+    """The network is built against the data inside training, after the folder was claimed: the claim
+    takes its folder back with it."""
+    out = tmp_path / "deep" / "run"
+    one_line_error(capsys, [*TRAIN, "--arch", "dit-s/4", "--resolution", "18", "--out", str(out)],
+                   "divisible by its patch size 4")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("name,fix", [("status.json", "delete it: the run resumes from its checkpoint"),
+                                      ("config.json", "restore it, or delete the run folder")])
+def test_a_corrupt_run_record_is_one_line_naming_file_and_fix(tmp_path, capsys, name, fix):
+    out = tmp_path / "run"
+    assert main([*TRAIN, "--iters", "2", "--out", str(out)]) == 0
+    capsys.readouterr()
+    (out / name).write_bytes(b'{"state": "do\xff')
+    err = one_line_error(capsys, [*TRAIN, "--iters", "2", "--out", str(out)], f"{out / name} is corrupt")
+    assert fix in err

@@ -5,6 +5,7 @@ an outcome is built from it by :func:`outcome_from_status`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -273,16 +274,51 @@ def try_lock(run_dir: Path):
     return f
 
 
+@contextlib.contextmanager
+def claim_run_folder(out: Path, rank: int = 0):
+    """The `train` command's claim on its folder, held by rank 0 while training: a second process
+    training into the same folder is refused in one line instead of training it twice. A folder this
+    claim created and training left empty (a run refused before it began) is removed again."""
+    if rank != 0:
+        yield
+        return
+    fresh = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    lock = try_lock(out)
+    if lock is None:
+        raise ConfigError(f"{out} is being trained by another process (its folder is locked); wait for it to "
+                          "finish, or train into another --out")
+    try:
+        yield
+    finally:
+        lock.close()
+        if fresh and [p.name for p in out.iterdir()] == [".lock"]:
+            (out / ".lock").unlink()
+            out.rmdir()
+
+
+def read_run_file(path: Path, fix: str) -> dict:
+    """A run folder's JSON record, or one ConfigError line naming the file and the fix."""
+    try:
+        data = fileio.read_json(path)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path} is corrupt ({type(exc).__name__}); {fix}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} is corrupt (not a JSON object); {fix}")
+    return data
+
+
 def open_run_folder(cfg: TrainConfig, out: Path, record: dict, rt: Runtime) -> dict | None:
     """Write config.json (rank 0), or refuse a folder that holds another config; the final status
     of a finished run (nothing to do), else None."""
-    status = fileio.read_json(out / "status.json") if (out / "status.json").exists() else None
+    status = read_run_file(out / "status.json", "delete it: the run resumes from its checkpoint") \
+        if (out / "status.json").exists() else None
     done = status if status and status.get("state") == "done" else None
     if not (out / "config.json").exists():
         if rt.rank == 0:
             fileio.write_json(out / "config.json", {**record, "runtime": []})
         return done
-    old = fileio.read_json(out / "config.json")
+    old = read_run_file(out / "config.json", "restore it, or delete the run folder to train the run again")
     changed = config_diff(old, record)
     if done and set(changed) <= {"gpus"}:  # finished: how many processes trained it no longer matters
         return done
