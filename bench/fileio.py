@@ -101,12 +101,32 @@ def iter_jsonl(path: Path):
     is skipped; a missing file has no rows)."""
     if not Path(path).exists():
         return
-    with open(path) as f:
+    with open(path, "rb") as f:
         for line in f:
             try:
-                yield json.loads(line)
-            except json.JSONDecodeError:
+                row = json.loads(line)
+            except ValueError:  # torn or garbage: never data (callers that must know ask unreadable_lines)
                 continue
+            if isinstance(row, dict):
+                yield row
+
+
+def unreadable_lines(path: Path) -> tuple[list[int], bool]:
+    """(1-based numbers of the lines of a JSON-lines file that are not a JSON object, whether the file
+    ends in a line cut short: no final newline, as a write killed half-way leaves it)."""
+    if not Path(path).exists():
+        return [], False
+    bad, last = [], "\n"
+    with open(path, "rb") as f:
+        for n, line in enumerate(f, 1):
+            last = line
+            try:
+                ok = isinstance(json.loads(line), dict)
+            except ValueError:  # JSONDecodeError, and bytes that are not UTF-8
+                ok = False
+            if not ok:
+                bad.append(n)
+    return bad, not last.endswith(b"\n") if isinstance(last, bytes) else False
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -1,6 +1,7 @@
 """Issue 19: bad input, broken plugins and full or wrong output paths. Each case gets one `error:` line
 naming the problem and the fix, a non-zero exit, and nothing written (in-process `main`, no clock)."""
 
+import json
 import os
 import textwrap
 
@@ -216,3 +217,29 @@ def test_a_corrupt_run_record_is_one_line_naming_file_and_fix(tmp_path, capsys, 
     (out / name).write_bytes(b'{"state": "do\xff')
     err = one_line_error(capsys, [*TRAIN, "--iters", "2", "--out", str(out)], f"{out / name} is corrupt")
     assert fix in err
+
+
+def test_a_hole_in_the_logs_before_the_checkpoint_refuses_the_resume(tmp_path, capsys):
+    """A garbage line among the rows the checkpoint already holds cannot be redone: the resume is
+    refused naming file and line; a torn last line (a write cut short) is dropped and redone (D12)."""
+    out = tmp_path / "run"
+    argv = [*TRAIN, "--iters", "4", "--ckpt-every", "2", "--out", str(out)]
+    from conftest import train_until
+
+    from bench.train.loop import TrainConfig
+
+    cfg = TrainConfig(dataset="synthetic", arch="unet-micro", iters=4, batch_size=4, ckpt_every=2)
+    train_until(cfg, out, 3)  # checkpoint at 2, rows of step 3 never written
+    steps = out / "steps.jsonl"
+    clean = steps.read_text()
+    steps.write_text(clean + '{"step": 3, "lo')  # a write cut short after the checkpoint: redone
+    assert main(argv) == 0
+    assert [json.loads(x)["step"] for x in steps.read_text().splitlines()] == [1, 2, 3, 4]
+    capsys.readouterr()
+
+    lines = steps.read_text().splitlines(keepends=True)
+    steps.write_text(lines[0] + "garbage\n" + "".join(lines[1:]))
+    (out / "status.json").write_text(json.dumps({"state": "running", "step": 4}))
+    one_line_error(capsys, argv, f"{steps} line 2 is unreadable (not a torn last line)")
+    steps.write_text("".join(lines[:1] + lines[2:]))  # step 2's row gone
+    one_line_error(capsys, argv, f"{steps} has no row for step 2 (1 missing)")

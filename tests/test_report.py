@@ -222,6 +222,28 @@ def test_find_runs_skips_report_and_torn_lines(results):
     assert len(evaluations_table(root, runs)) == 50
 
 
+def test_an_unreadable_evaluation_row_is_never_data_and_is_named(tmp_path):
+    """A finished run's evals.jsonl cut short (its final value lost) or holding garbage: the run is
+    left out of every table and listed with the line, not read with its last value missing (D12)."""
+    root = tmp_path / "demo"
+    for seed in (0, 1):
+        write_run(root, "baseline", seed)
+        write_run(root, "fast", seed)
+    cut = root / WORKLOAD / "fast" / "seed1" / "evals.jsonl"
+    cut.write_text(cut.read_text()[:-30])  # the final row torn
+    junk = root / WORKLOAD / "baseline" / "seed0" / "evals.jsonl"
+    lines = junk.read_text().splitlines(keepends=True)
+    junk.write_text("".join(lines[:1] + ["\x00garbage\n"] + lines[1:]))
+    runs = {(r["label"], r["seed"]): r for r in find_runs(root)}
+    assert runs[("fast", 1)]["status"]["state"] == "failed"
+    assert "evals.jsonl line 4 is unreadable (cut short)" in runs[("fast", 1)]["status"]["reason"]
+    assert "evals.jsonl line 2 is unreadable (not JSON)" in runs[("baseline", 0)]["status"]["reason"]
+    table = evaluations_table(root)
+    assert set(zip(table.method_label, table.seed)) == {("fast", 0), ("baseline", 1)}
+    text = build_report(root).read_text()
+    assert "## Failed runs" in text and "evals.jsonl line 4 is unreadable" in text
+
+
 def test_report_of_an_empty_or_unfinished_suite(tmp_path):
     root = tmp_path / "empty"
     root.mkdir()

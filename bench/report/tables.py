@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from bench.fileio import iter_jsonl, read_jsonl
+from bench.fileio import iter_jsonl, read_jsonl, unreadable_lines
 from bench.report.curves import complete_points, values_at_fractions
 from bench.report.stats import seed_curves
 
@@ -42,12 +42,27 @@ def find_runs(suite_dir: Path) -> list[dict]:
             seed = int(run_dir.name.removeprefix("seed"))
         except ValueError:
             continue
+        status = status or {"state": "unknown"}
+        problem = _log_problem(run_dir / "evals.jsonl", status)
+        if problem:  # never read as data: the run is left out and listed with its reason
+            status = {**status, "state": "failed", "reason": problem}
         runs.append({
             "workload": run_dir.parts[-3], "label": run_dir.parts[-2], "seed": seed, "dir": run_dir,
-            "config": config, "status": status or {"state": "unknown"},
+            "config": config, "status": status, "unreadable_log": bool(problem),
             "machine": read_json_or_none(run_dir / "machine.json"),
         })
     return runs
+
+def _log_problem(path: Path, status: dict) -> str | None:
+    """Why a run's evaluation log cannot be read whole, or None. A running run may end in a line cut
+    short (its write in progress); any other unreadable line loses evaluations."""
+    bad, torn = unreadable_lines(path)
+    if torn and status.get("state") == "running":
+        bad = bad[:-1]
+    if not bad:
+        return None
+    return (f"evals.jsonl line {bad[0]} is unreadable ({'cut short' if torn and bad[-1] == bad[0] else 'not JSON'}): "
+            "its evaluations are left out of this report; delete the run folder and run the suite again")
 
 def run_budget(cfg: dict) -> int | None:
     """The workload's budget N of a run's config: its iters, or budget_iters for an extended baseline."""
@@ -59,6 +74,8 @@ def evaluations_table(suite_dir: Path, runs: list[dict] | None = None) -> pd.Dat
     runs = find_runs(suite_dir) if runs is None else runs
     rows = []
     for r in runs:
+        if r.get("unreadable_log"):
+            continue
         cfg = r["config"]
         iters, batch, budget = cfg.get("iters"), cfg.get("batch_size"), run_budget(cfg)
         for e in read_jsonl(r["dir"] / "evals.jsonl"):

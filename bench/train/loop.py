@@ -67,7 +67,7 @@ from bench.train.batches import draw_batch
 from bench.train.checkpoint import resume, save_checkpoint
 from bench.train.extras import build_aux, write_ema_snapshot
 from bench.train.resolve import ResolvedRun, resolve_run
-from bench.train.run_folder import open_run_folder, write_status
+from bench.train.run_folder import open_run_folder, trim_logs, write_status
 from bench.train.state import RunState, Streams
 
 # Steps between host syncs: each one drains a GPU's queue; a CPU has none, so it reads every step at once.
@@ -392,8 +392,7 @@ def train(run: ResolvedRun | TrainConfig, out_dir, events: TrainEvents | None = 
         fileio.write_json(out / "method_trace.json",
                           trace(copy.deepcopy(run.method), state.schedule, cfg.target, cfg.beta1, cfg.beta2,  # cold start
                                 cfg.ema_decay, iters=cfg.iters))
-        fileio.trim_jsonl(out / "steps.jsonl", state.step)
-        fileio.trim_jsonl(out / "evals.jsonl", state.step)
+        trim_logs(out, state.step)  # rows past the checkpoint are redone; a hole before it refuses the run
         _record_runtime(out, rt, state.step)
         _set_status(out, "running", state.step, state.clocks)
     evaluator = None

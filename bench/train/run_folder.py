@@ -297,6 +297,29 @@ def claim_run_folder(out: Path, rank: int = 0):
             out.rmdir()
 
 
+def trim_logs(out: Path, step: int) -> None:
+    """Before a run resumes from its checkpoint at `step`: keep the log rows up to it, drop the rest
+    (redone). Only the last line may be unreadable (a write cut short, always after the checkpoint):
+    any other unreadable line, or a step the checkpoint trained with no row, refuses the run, naming
+    the file, since the checkpoint cannot redo those steps."""
+    for name in ("steps.jsonl", "evals.jsonl"):
+        path = out / name
+        bad, torn = fileio.unreadable_lines(path)
+        lines = sum(1 for _ in open(path, "rb")) if bad else 0
+        inner = [n for n in bad if not (torn and n == lines)]
+        if inner:
+            raise ConfigError(f"{path} line {inner[0]} is unreadable (not a torn last line): the rows it held cannot "
+                              f"be redone from the checkpoint at step {step}; delete the run folder to train the run again")
+    steps = {r.get("step") for r in fileio.iter_jsonl(out / "steps.jsonl")}
+    missing = [k for k in range(1, step + 1) if k not in steps]
+    if missing:
+        raise ConfigError(f"{out / 'steps.jsonl'} has no row for step {missing[0]} ({len(missing)} missing) that "
+                          f"checkpoint.pt (step {step}) trained: the logs and the checkpoint are of different runs "
+                          "or the log was cut; delete the run folder to train the run again")
+    fileio.trim_jsonl(out / "steps.jsonl", step)
+    fileio.trim_jsonl(out / "evals.jsonl", step)
+
+
 def read_run_file(path: Path, fix: str) -> dict:
     """A run folder's JSON record, or one ConfigError line naming the file and the fix."""
     try:
