@@ -243,3 +243,31 @@ def test_a_hole_in_the_logs_before_the_checkpoint_refuses_the_resume(tmp_path, c
     one_line_error(capsys, argv, f"{steps} line 2 is unreadable (not a torn last line)")
     steps.write_text("".join(lines[:1] + lines[2:]))  # step 2's row gone
     one_line_error(capsys, argv, f"{steps} has no row for step 2 (1 missing)")
+
+
+def test_a_checkpoint_of_another_run_is_refused_by_name(tmp_path):
+    """A checkpoint.pt copied in from another run is named and refused, not resumed as this run's (D13)."""
+    from conftest import train_until
+
+    from bench.errors import CheckpointError
+    from bench.train.loop import TrainConfig, train
+
+    small = dict(dataset="synthetic", arch="unet-micro", iters=4, batch_size=4, ckpt_every=2)
+    train(TrainConfig(seed=0, **small), tmp_path / "a")
+    train_until(TrainConfig(seed=1, **small), tmp_path / "b", 3)
+    mine = (tmp_path / "b" / "checkpoint.pt").read_bytes()
+    (tmp_path / "b" / "checkpoint.pt").write_bytes((tmp_path / "a" / "checkpoint.pt").read_bytes())
+    with pytest.raises(CheckpointError, match=r"checkpoint .*b/checkpoint\.pt belongs to another run \(it differs in "
+                                              r"seed\); put back this run's checkpoint"):
+        train(TrainConfig(seed=1, **small), tmp_path / "b")
+    (tmp_path / "b" / "checkpoint.pt").write_bytes(mine)
+    assert train(TrainConfig(seed=1, **small), tmp_path / "b")["state"] == "done"
+
+
+def test_a_failed_run_says_where_it_resumes(tmp_path):
+    from bench.train.run_folder import read_status, write_failed, write_status
+
+    write_status(tmp_path, "running", 4)  # after the checkpoint at step 4
+    write_failed(tmp_path, 8, "could not write checkpoint.pt at step 8", "exception")
+    status = read_status(tmp_path)
+    assert status["state"] == "failed" and status["step"] == 8 and status["resumes_from"] == 4

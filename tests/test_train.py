@@ -195,9 +195,11 @@ def test_a_checkpoint_write_that_fails_keeps_the_previous_one_and_no_partial_fil
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", disk_full)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(CheckpointError, match=r"could not write .*checkpoint\.pt at step 8 \(OSError: \[Errno 28\] No "
+                                              r"space left on device; \d+ MiB free there\); the previous checkpoint is kept"):
         train(TrainConfig(**SMALL), out)  # resumes at 4, fails writing the checkpoint at 8
     assert (out / "checkpoint.pt").read_bytes() == before
+    assert fileio.read_json(out / "status.json")["step"] == 4  # what the kept checkpoint holds (D14)
     assert sorted(p.name for p in out.iterdir() if "tmp" in p.name) == []
 
     # A write killed with its process leaves its temporary file; the next checkpoint removes it.

@@ -5,13 +5,18 @@ with that device's floating point). Loaded with weights_only: never a pickled mo
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import torch
 
+from bench import fileio
+from bench.core.config import RUNTIME_KEYS
 from bench.core.runtime import Runtime, gather_objects
 from bench.errors import CheckpointError
 from bench.fileio import atomic_write
+from bench.train.run_folder import config_diff
 from bench.train.state import RunState
 
 CHECKPOINT_FORMAT = 3  # 3: draws keyed by (seed, step, sample), no generator states; world_size since
@@ -48,14 +53,26 @@ def save_checkpoint(state: RunState, path: Path) -> None:
     data = {"format": CHECKPOINT_FORMAT, "step": state.step, "world_size": state.rt.world_size,
             "model": state.model.state_dict(), "ema": state.ema.state_dict(), "opt": state.opt.state_dict(),
             "rng_torch": rngs[0]["cpu"], "rng_processes": rngs, "clocks": state.clocks,
-            "method_state": state.method.state_dict()}  # what a method learned (feedback, tracked averages)
+            "method_state": state.method.state_dict(),  # what a method learned (feedback, tracked averages)
+            "run": run_identity(state)}  # whose checkpoint this is: a foreign one is refused on resume
     if state.aux is not None:  # an aux_loss method's extra module
         data["aux"] = state.aux.module.state_dict()
     # A failed write (a full disk) leaves the previous checkpoint and no partial file behind; a write
     # killed with its process leaves its temporary file (fileio.atomic_write's name), removed here.
     for stale in path.parent.glob(f".{path.name}.*.tmp"):
         stale.unlink(missing_ok=True)
-    atomic_write(path, lambda f: torch.save(data, f))
+    try:
+        atomic_write(path, lambda f: torch.save(data, f))
+    except (OSError, RuntimeError) as exc:  # torch reports a full disk as a RuntimeError of its zip writer
+        free_mb = shutil.disk_usage(path.parent).free / 2**20
+        raise CheckpointError(f"could not write {path} at step {state.step} ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0][:100]}; {free_mb:.0f} MiB free there); the previous "
+                              "checkpoint is kept: free space and run the same command again to resume") from None
+
+
+def run_identity(state: RunState) -> dict:
+    """What makes a run this run (its config without how it executes), saved in its checkpoints."""
+    return {k: v for k, v in json.loads(fileio.dumps(state.cfg.to_dict())).items() if k not in RUNTIME_KEYS}
 
 
 def _use_optimizer_kernel(opt: torch.optim.Optimizer, fused: bool) -> None:
@@ -73,6 +90,11 @@ def resume(state: RunState, path: Path) -> None:
     """Restore a run from its checkpoint, so it goes on bit-for-bit as if never stopped (on the
     CPU; a checkpoint also resumes on another device, with that device's floating point)."""
     ckpt = load_checkpoint(path)
+    if "run" in ckpt:  # checkpoints from before identities were saved resume as they always did
+        changed = config_diff(ckpt["run"], run_identity(state))
+        if changed:
+            raise CheckpointError(f"checkpoint {path} belongs to another run (it differs in {', '.join(changed[:4])}); "
+                                  "put back this run's checkpoint, or delete it to restart the run")
     saved = int(ckpt.get("world_size", 1))
     if saved != state.rt.world_size:
         raise CheckpointError(

@@ -152,8 +152,12 @@ def should_run(status: dict | None, retry_failed: bool) -> bool:
 
 def write_failed(run_dir: Path, step: int, reason: str, error: str) -> None:
     """Record a failure, keeping the clocks bench.train.loop had recorded; `error` is its kind
-    (divergence, oom, exception)."""
-    write_status(run_dir, "failed", step, reason, error=error)
+    (divergence, oom, exception). `step` is where it failed; `resumes_from` the step of the kept
+    checkpoint (a running run's status names it after every checkpoint), where a retry starts."""
+    prev = read_status(run_dir) or {}
+    kept = {"resumes_from": prev["step"]} if prev.get("state") == "running" and isinstance(prev.get("step"), int) \
+        else {}
+    write_status(run_dir, "failed", step, reason, error=error, **kept)
 
 
 #: instruction-set extensions that change which floating-point kernels run (and so the last bits)
