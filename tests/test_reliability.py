@@ -271,3 +271,74 @@ def test_a_failed_run_says_where_it_resumes(tmp_path):
     write_failed(tmp_path, 8, "could not write checkpoint.pt at step 8", "exception")
     status = read_status(tmp_path)
     assert status["state"] == "failed" and status["step"] == 8 and status["resumes_from"] == 4
+
+
+def blocking_train(run, out_dir, events=None):
+    """A worker's training that announces itself and waits for a signal (no clock)."""
+    import signal
+    from pathlib import Path
+
+    Path(os.environ["DIFFBENCH_TEST_PIDS"], f"{os.getpid()}.pid").write_text(str(os.getpid()))
+    while True:
+        signal.pause()
+
+
+RUNNER = """
+import sys
+from bench.suite.runner import run_suite
+run_suite(sys.argv[1], jobs=2, results_root=sys.argv[2], progress=False, train_fn="test_reliability:blocking_train")
+"""
+
+SUITE = """
+[suite]
+name = "orphans"
+[grid]
+methods = ["baseline"]
+datasets = ["synthetic"]
+archs = ["unet-micro"]
+seeds = [0, 1]
+[budget]
+iters = 2
+batch_size = 2
+[eval]
+every = 2
+metrics = ["proxy_fd"]
+num_images = 8
+sampler_steps = 2
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGKILL"])
+def test_workers_never_outlive_their_runner(tmp_path, sig):
+    """`run --jobs 2`, its runner killed while both workers train: the workers end too (D8)."""
+    import select
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    (tmp_path / "orphans.toml").write_text(SUITE)
+    env = {**os.environ, "DIFFBENCH_TEST_PIDS": str(pids),
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    runner = subprocess.Popen([sys.executable, "-c", RUNNER, str(tmp_path / "orphans.toml"), str(tmp_path / "r")],
+                              env=env, cwd=Path(__file__).parents[1])
+    # Both workers announce themselves; inotify-free: each wait is on the runner too, bounded to catch a hang.
+    fd = os.pidfd_open(runner.pid)
+    while len(list(pids.iterdir())) < 2:
+        assert runner.poll() is None, "the runner ended before its workers started"
+        select.select([fd], [], [], 0.5)
+    workers = [int(p.read_text()) for p in pids.iterdir()]
+    runner.send_signal(getattr(signal, sig))
+    runner.wait(timeout=120)
+    for pid in workers:
+        try:
+            wfd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            continue
+        readable, _, _ = select.select([wfd], [], [], 120)
+        os.close(wfd)
+        assert readable, f"worker {pid} trains on after its runner got {sig}"
+    os.close(fd)

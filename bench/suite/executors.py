@@ -197,6 +197,8 @@ def classify_exception(exc: BaseException) -> tuple[str, str]:
 def _worker_main(payload_path: str) -> int:
     """Entry point of a local worker process: ``python -m bench.suite.executors worker PAYLOAD.json``."""
     payload = json.loads(Path(payload_path).read_text())
+    if payload.get("parent_pid"):
+        die_with_parent(int(payload["parent_pid"]))
     # torch on first use: the runner and its worker pool start without torch
     from bench.core.perf import tune_allocator
 
@@ -218,6 +220,23 @@ def _worker_main(payload_path: str) -> int:
     return 1 if out.get("state") == "failed" and int(os.environ.get("WORLD_SIZE", 1)) > 1 else 0
 
 
+def die_with_parent(parent: int) -> None:
+    """Linux: the kernel sends this process SIGTERM when the runner that started it ends, however it
+    ends (SIGKILL included), so a worker never trains on as an orphan; SIGTERM checkpoints and stops
+    a run like a Slurm pre-emption. Elsewhere a no-op."""
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(1, int(signal.SIGTERM), 0, 0, 0) != 0:  # 1: PR_SET_PDEATHSIG
+            return
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the runner ended before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def _start_worker(run: RunSpec, run_dir: Path, train_fn: str, retry_failed: bool, threads: int,
                   visible_gpus: list[int] | None = None):
     """A fresh Python process for one run (nothing inherited but the environment and sys.path), or
@@ -229,8 +248,10 @@ def _start_worker(run: RunSpec, run_dir: Path, train_fn: str, retry_failed: bool
     gpus = int(run.config.get("gpus", 1))
     threads = max(1, threads // gpus)
     payload = run_dir / ".worker.json"
+    # One process per run: it ends with the runner (torchrun's processes have torchrun as their parent).
     fileio.write_json(payload, {"run": run.to_dict(), "run_dir": str(run_dir), "train_fn": train_fn,
-                            "retry_failed": retry_failed, "threads": threads})
+                            "retry_failed": retry_failed, "threads": threads,
+                            "parent_pid": os.getpid() if gpus == 1 else None})
     env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}  # the worker's processes are its own
     if visible_gpus is not None:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, visible_gpus))
