@@ -342,3 +342,26 @@ def test_workers_never_outlive_their_runner(tmp_path, sig):
         os.close(wfd)
         assert readable, f"worker {pid} trains on after its runner got {sig}"
     os.close(fd)
+
+
+def test_a_cpu_resume_under_another_thread_count_is_refused(tmp_path):
+    """--jobs 1 and --jobs 2 give a run 2 and 1 threads, which order sums differently: a run begun
+    under one count and resumed under another would mix the two in silence, so it is refused."""
+    import torch
+    from conftest import train_until
+
+    from bench.errors import ConfigError
+    from bench.train.loop import TrainConfig, train
+
+    cfg = TrainConfig(dataset="synthetic", arch="unet-micro", iters=4, batch_size=4, ckpt_every=2)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        train_until(cfg, tmp_path / "run", 3)
+        torch.set_num_threads(2)
+        with pytest.raises(ConfigError, match=r"trained to step 2 with 1 CPU thread\(s\) and this process has 2"):
+            train(cfg, tmp_path / "run")
+        torch.set_num_threads(1)
+        assert train(cfg, tmp_path / "run")["state"] == "done"
+    finally:
+        torch.set_num_threads(threads)

@@ -67,7 +67,7 @@ from bench.train.batches import draw_batch
 from bench.train.checkpoint import resume, save_checkpoint
 from bench.train.extras import build_aux, write_ema_snapshot
 from bench.train.resolve import ResolvedRun, resolve_run
-from bench.train.run_folder import open_run_folder, trim_logs, write_status
+from bench.train.run_folder import open_run_folder, record_runtime, trim_logs, write_status
 from bench.train.state import RunState, Streams
 
 # Steps between host syncs: each one drains a GPU's queue; a CPU has none, so it reads every step at once.
@@ -271,16 +271,6 @@ def train_step(state: RunState) -> dict:
     return settle(state, [step(state)], since)[0]
 
 
-def _record_runtime(out: Path, rt: Runtime, step: int) -> None:
-    """Append this stretch's device and fast path to config.json's `runtime` list when they differ
-    from the last stretch's (a run resumed on another device, or with another precision)."""
-    record = fileio.read_json(out / "config.json")
-    stretches = record.get("runtime") or []
-    now = rt.record(step)
-    if not stretches or {**stretches[-1], "from_step": step} != now:
-        fileio.write_json(out / "config.json", {**record, "runtime": [*stretches, now]})
-
-
 def _prepared_in_turn(evaluator: Evaluator, rt: Runtime) -> Evaluator:
     """Prepare `evaluator` (feature extractors, reference statistics, noise floor); with several
     processes rank 0 first (it fills the caches), then the others read them."""
@@ -393,7 +383,7 @@ def train(run: ResolvedRun | TrainConfig, out_dir, events: TrainEvents | None = 
                           trace(copy.deepcopy(run.method), state.schedule, cfg.target, cfg.beta1, cfg.beta2,  # cold start
                                 cfg.ema_decay, iters=cfg.iters))
         trim_logs(out, state.step)  # rows past the checkpoint are redone; a hole before it refuses the run
-        _record_runtime(out, rt, state.step)
+        record_runtime(out, rt, state.step)
         _set_status(out, "running", state.step, state.clocks)
     evaluator = None
     if run.eval_spec is not None:  # every rank samples and scores its share of each evaluation

@@ -324,6 +324,28 @@ def trim_logs(out: Path, step: int) -> None:
     fileio.trim_jsonl(out / "evals.jsonl", step)
 
 
+def record_runtime(out: Path, rt: Runtime, step: int) -> None:
+    """Append this stretch's device, fast path and CPU threads to config.json's `runtime` list when they
+    differ from the last stretch's (a run resumed on another device, or with another precision). On a
+    CPU the thread count changes how sums are ordered, and so the last digits of every number: a
+    resume under another count is refused rather than mixed in silence."""
+    import torch
+
+    record = fileio.read_json(out / "config.json")
+    stretches = record.get("runtime") or []
+    now = rt.record(step)
+    if now.get("device", "").startswith("cpu"):
+        now["cpu_threads"] = torch.get_num_threads()
+        before = stretches[-1].get("cpu_threads") if stretches else None
+        if before is not None and before != now["cpu_threads"]:
+            raise ConfigError(f"{out} trained to step {step} with {before} CPU thread(s) and this process has "
+                              f"{now['cpu_threads']}: the numbers would differ from an uninterrupted run; resume it "
+                              f"with {before} (a suite's --jobs J gives each run CPUs / J threads; `train`: "
+                              f"OMP_NUM_THREADS={before}), or delete the folder to train it again")
+    if not stretches or {**stretches[-1], "from_step": step} != now:
+        fileio.write_json(out / "config.json", {**record, "runtime": [*stretches, now]})
+
+
 def read_run_file(path: Path, fix: str) -> dict:
     """A run folder's JSON record, or one ConfigError line naming the file and the fix."""
     try:
