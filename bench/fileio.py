@@ -16,6 +16,29 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+#: DIFFBENCH_FAULT=<point>[@<k>]: the process kills itself (SIGKILL) the k-th time (default 1st) it
+#: reaches <point>; the reliability tests use it to stop a run exactly there, with no clock involved.
+FAULT = os.environ.get("DIFFBENCH_FAULT", "")
+_fault_hits: dict[str, int] = {}
+
+
+def fault_point(name: str) -> None:
+    """A named place where a test may kill this process (see FAULT); nothing otherwise."""
+    if not FAULT or FAULT.split("@")[0] != name:
+        return
+    _fault_hits[name] = _fault_hits.get(name, 0) + 1
+    if _fault_hits[name] == int(FAULT.split("@")[1] if "@" in FAULT else 1):
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def remove_stale_temporaries(folder: Path) -> None:
+    """Remove the temporary files of atomic writes killed with their process (`.<name>.<random>.tmp`)."""
+    for stale in Path(folder).glob(".*.tmp"):
+        stale.unlink(missing_ok=True)
+
+
 def atomic_write(path: Path, write) -> None:
     """Write a file through `write(fileobj)` to a temporary name in the same folder, then rename."""
     path = Path(path)
@@ -26,6 +49,7 @@ def atomic_write(path: Path, write) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+            fault_point(f"write:{path.name}")  # the bytes are out, the rename not done
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; results are shared like any file
         os.replace(tmp, path)
     except BaseException:
@@ -91,7 +115,13 @@ def append_jsonl(path: Path, rows: list[dict]) -> None:
     if not rows:
         return
     with open(path, "a") as f:
-        f.write("".join(dumps(r) + "\n" for r in rows))
+        text = "".join(dumps(r) + "\n" for r in rows)
+        if FAULT:  # a kill half-way through the rows: a line cut short
+            f.write(text[:len(text) // 2])
+            f.flush()
+            fault_point(f"append:{Path(path).name}")
+            text = text[len(text) // 2:]
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
 

@@ -365,3 +365,90 @@ def test_a_cpu_resume_under_another_thread_count_is_refused(tmp_path):
         assert train(cfg, tmp_path / "run")["state"] == "done"
     finally:
         torch.set_num_threads(threads)
+
+
+KILL_SUITE = """
+[suite]
+name = "killed"
+[grid]
+methods = ["baseline", "p2"]
+datasets = ["synthetic"]
+archs = ["unet-micro"]
+seeds = [0]
+[budget]
+iters = 8
+batch_size = 2
+[train]
+ckpt_every = 2
+[eval]
+every = 4
+metrics = ["proxy_fd"]
+num_images = 8
+sampler_steps = 2
+batch_size = 8
+"""
+
+
+def _logged(run_dir, name):
+    """A log's rows without the clock's fields (the only ones a rerun may change)."""
+    rows = [json.loads(x) for x in (run_dir / name).read_text().splitlines()]
+    return [{k: v for k, v in r.items() if not (k.endswith("seconds") or k.endswith("per_s"))} for r in rows]
+
+
+def _bench(args, env_extra=None, cwd=None):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "DIFFBENCH_FAULT"}
+    env.update(env_extra or {})
+    return subprocess.run([sys.executable, "run_bench.py", *args], cwd=cwd or Path(__file__).parents[1], env=env,
+                          capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    root = tmp_path_factory.mktemp("kill")
+    (root / "killed.toml").write_text(KILL_SUITE)
+    out = _bench(["--results", str(root / "clean"), "run", str(root / "killed.toml"), "--jobs", "1"])
+    assert out.returncode == 0, out.stderr[-2000:]
+    return root
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", ["train_step@5", "write:checkpoint.pt@2", "append:steps.jsonl@2",
+                                   "append:evals.jsonl@1", "write:status.json@3"])
+def test_a_runner_killed_anywhere_resumes_to_the_uninterrupted_results(uninterrupted, tmp_path, point):
+    """SIGKILL at a named point (DIFFBENCH_FAULT: no clock), then the same command again: every log row
+    equals an uninterrupted run's, none twice or missing, and no temporary file is left (item 1)."""
+    import signal
+
+    suite = uninterrupted / "killed.toml"
+    killed = _bench(["--results", str(tmp_path), "run", str(suite), "--jobs", "1"], {"DIFFBENCH_FAULT": point})
+    assert killed.returncode == -signal.SIGKILL, (point, killed.stderr[-2000:])
+    again = _bench(["--results", str(tmp_path), "run", str(suite), "--jobs", "1"])
+    assert again.returncode == 0, again.stderr[-2000:]
+    for label in ("baseline", "p2"):
+        clean = uninterrupted / "clean" / "killed" / "synthetic-16_unet-micro" / label / "seed0"
+        resumed = tmp_path / "killed" / "synthetic-16_unet-micro" / label / "seed0"
+        for log in ("steps.jsonl", "evals.jsonl"):
+            assert _logged(resumed, log) == _logged(clean, log), (point, label, log)
+        assert [r["step"] for r in _logged(resumed, "steps.jsonl")] == list(range(1, 9))
+        assert not list(resumed.glob(".*.tmp"))
+
+
+@pytest.mark.slow
+def test_a_report_killed_half_way_is_rewritten_whole(uninterrupted, tmp_path):
+    import shutil
+    import signal
+
+    results = tmp_path / "results"
+    shutil.copytree(uninterrupted / "clean", results)
+    killed = _bench(["--results", str(results), "report", "killed"], {"DIFFBENCH_FAULT": "write:curves.csv"})
+    assert killed.returncode == -signal.SIGKILL
+    assert list((results / "killed" / "tables").glob(".*.tmp"))  # what the kill left
+    assert _bench(["--results", str(results), "report", "killed"]).returncode == 0
+    assert not list((results / "killed").rglob(".*.tmp"))
+    assert _bench(["--results", str(uninterrupted / "clean"), "report", "killed"]).returncode == 0
+    for name in ("tables/evaluations.csv", "tables/curves.csv", "tables/speedup.csv"):
+        assert (results / "killed" / name).read_text() == (uninterrupted / "clean" / "killed" / name).read_text()

@@ -255,11 +255,15 @@ def test_a_run_locked_by_another_process_is_left_alone(tmp_path, calls):
     suite = make_suite(tmp_path, methods=["baseline"], seeds=[0])
     d = tmp_path / "r" / "rt" / WORKLOAD / "baseline" / "seed0"
     d.mkdir(parents=True)
+    events = []
     with open(d / ".lock", "a") as held:
         fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        res = run_suite(suite, results_root=tmp_path / "r", progress=False, train_fn=logged_train)
+        res = run_suite(suite, results_root=tmp_path / "r", progress=events.append, train_fn=logged_train)
     assert calls() == [] and res.outcomes[0].action == "skipped"
     assert "another process" in res.outcomes[0].reason
+    # This invocation's own work (none) succeeded: the exit status says so, and a line says what was left.
+    assert res.ok and res.elsewhere == res.outcomes
+    assert any(e["event"] == "message" and "being trained by another process" in e["text"] for e in events)
     assert run_suite(suite, results_root=tmp_path / "r", progress=False, train_fn=logged_train).ok
 
 

@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 
 from bench.errors import ConfigError
-from bench.fileio import atomic_write_bytes
+from bench.fileio import atomic_write_bytes, remove_stale_temporaries
 from bench.report.figures import (
     figure_curves,
     figure_loss_quartiles,
@@ -127,6 +127,8 @@ def build_report(suite_dir: str | os.PathLike, out_dir: str | os.PathLike | None
         raise ConfigError(f"no results folder {suite_dir}; run the suite first")
     ctx = _read_results(suite_dir, Path(out_dir) if out_dir else suite_dir)
     ctx.tab_dir.mkdir(parents=True, exist_ok=True)
+    for folder in (ctx.out, ctx.tab_dir, ctx.fig_dir):  # what a report killed half-way left
+        remove_stale_temporaries(folder)
     fr = fractions_table(ctx.evals, ctx.runs, ctx.fractions)
     _write_text(ctx.tab_dir / "evaluations.csv", ctx.evals.to_csv(index=False))
     _write_text(ctx.tab_dir / "fractions.csv", fr.to_csv(index=False))

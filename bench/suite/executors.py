@@ -22,6 +22,7 @@ from bench.errors import BenchError, DivergenceError
 from bench.suite.grid import RunSpec
 from bench.suite.poller import FilePoller
 from bench.train.run_folder import (
+    LOCKED,
     RunOutcome,
     last_step,
     machine_info,
@@ -76,7 +77,7 @@ def execute_run(run: RunSpec | dict, run_dir: str | os.PathLike, train_fn: str |
     run_dir.mkdir(parents=True, exist_ok=True)
     lock = try_lock(run_dir)
     if lock is None:
-        return skipped_outcome(run, run_dir, "running in another process (its folder is locked)")
+        return skipped_outcome(run, run_dir, LOCKED)
     try:
         return _execute_locked(run, run_dir, train_fn, retry_failed, events)
     finally:
@@ -106,7 +107,7 @@ def _execute_rank(run: RunSpec, run_dir: Path, train_fn, retry_failed: bool, eve
         run_dir.mkdir(parents=True, exist_ok=True)
         lock = try_lock(run_dir)
         if lock is None:
-            why = "running in another process (its folder is locked)"
+            why = LOCKED
         elif not should_run(read_status(run_dir), retry_failed):  # finished meanwhile
             why = "done"
     why = broadcast(why)

@@ -116,6 +116,9 @@ def run_suite(suite: Suite | str | os.PathLike, executor: str = "local", jobs: i
         outcomes.update(runner.outcomes)
         result = SuiteResult(suite.name, suite_dir, [outcomes[r.key] for r in runs if r.key in outcomes])
         reporter.suite_end(result)
+        if result.elsewhere:
+            reporter.message(f"{len(result.elsewhere)} run(s) were being trained by another process and were left to "
+                             "it (not trained twice); run the same command again once it has finished")
     return result
 
 

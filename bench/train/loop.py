@@ -400,6 +400,7 @@ def train(run: ResolvedRun | TrainConfig, out_dir, events: TrainEvents | None = 
     stepping(True)
     while state.step < cfg.iters:
         launched.append(step(state))
+        fileio.fault_point("train_step")  # the reliability tests' kill inside training (nothing otherwise)
         snapshot = ema_snapshot_at(method, state.step) if main else None
         if snapshot is not None:  # e.g. a power EMA's tracked averages, for post-hoc reconstruction
             write_ema_snapshot(out, state.step, snapshot)

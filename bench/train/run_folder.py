@@ -26,6 +26,10 @@ class ResultsConflictError(ConfigError):
     """A run folder holds results of another configuration."""
 
 
+#: the reason of a run skipped because another process holds its folder
+LOCKED = "running in another process (its folder is locked)"
+
+
 @dataclass
 class RunOutcome:
     """What happened to one run in this invocation."""
@@ -54,8 +58,14 @@ class SuiteResult:
         return [o for o in self.outcomes if o.state == state]
 
     @property
+    def elsewhere(self) -> list[RunOutcome]:
+        """Runs another process was training (their folders locked): its work, not this invocation's."""
+        return [o for o in self.outcomes if o.action == "skipped" and o.reason == LOCKED]
+
+    @property
     def ok(self) -> bool:
-        return all(o.state == "done" for o in self.outcomes)
+        """Whether this invocation's own work succeeded: every run done, or left to the process training it."""
+        return all(o.state == "done" or o in self.elsewhere for o in self.outcomes)
 
 
 def outcome_from_dict(d: dict) -> RunOutcome:
@@ -360,6 +370,8 @@ def read_run_file(path: Path, fix: str) -> dict:
 def open_run_folder(cfg: TrainConfig, out: Path, record: dict, rt: Runtime) -> dict | None:
     """Write config.json (rank 0), or refuse a folder that holds another config; the final status
     of a finished run (nothing to do), else None."""
+    if rt.rank == 0:  # the temporary files of writes killed with their process (the folder is this run's)
+        fileio.remove_stale_temporaries(out)
     status = read_run_file(out / "status.json", "delete it: the run resumes from its checkpoint") \
         if (out / "status.json").exists() else None
     done = status if status and status.get("state") == "done" else None
