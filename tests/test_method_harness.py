@@ -111,7 +111,7 @@ def test_a_bad_repa_layer_is_one_line_and_leaves_nothing(tmp_path, layer, why):
                           "--dataset", "synthetic", "--arch", "unet-tiny", "--iters", "2", "--out", str(run)],
                          cwd=REPO, capture_output=True, text=True)
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and why in out.stderr, out.stderr
-    assert not any(run.iterdir())  # no config.json left to refuse the corrected run
+    assert not run.exists()  # no folder, so no config.json left to refuse the corrected run
     fixed = TrainConfig(method="repa", method_params={"layer": "mid.0", "proj_dim": 8}, **{**SMALL, "iters": 2})
     assert train(fixed, run)["state"] == "done"
 

@@ -1,7 +1,7 @@
 """A test plugin: the baseline, unless the FAULTS environment variable (comma-separated
 "<tag>:<kind>[@<step>]") names this instance's tag; then at that step (progress step / 8, the
 tests' budget) it fails the chosen way: oom, error, kill (SIGKILL), interrupt (Ctrl-C) or
-diverge (infinite loss weights). Read at every call, so worker processes and jobs see it too."""
+diverge (loss weights finite in float64 but infinite in the float32 loss). Read at every call, so worker processes and jobs see it too."""
 
 import os
 import signal
@@ -34,7 +34,7 @@ class Faulty(Method):
             if kind == "interrupt":
                 raise KeyboardInterrupt(f"faulty {self.hp['tag']}: interrupt at step {at}")
             if kind == "diverge":
-                return torch.full(t.shape, float("inf"), dtype=torch.float64)
+                return torch.full(t.shape, 1e300, dtype=torch.float64)
         return torch.ones(t.shape, dtype=torch.float64)
 
     def _fault(self) -> tuple[str, int]:
