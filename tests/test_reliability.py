@@ -255,12 +255,14 @@ def test_a_checkpoint_of_another_run_is_refused_by_name(tmp_path):
     small = dict(dataset="synthetic", arch="unet-micro", iters=4, batch_size=4, ckpt_every=2)
     train(TrainConfig(seed=0, **small), tmp_path / "a")
     train_until(TrainConfig(seed=1, **small), tmp_path / "b", 3)
-    mine = (tmp_path / "b" / "checkpoint.pt").read_bytes()
-    (tmp_path / "b" / "checkpoint.pt").write_bytes((tmp_path / "a" / "checkpoint.pt").read_bytes())
+    mine = {n: (tmp_path / "b" / n).read_bytes() for n in ("checkpoint.pt", "checkpoint.sha256")}
+    for name in mine:  # the other run's checkpoint with its own digest: whole, but not this run's
+        (tmp_path / "b" / name).write_bytes((tmp_path / "a" / name).read_bytes())
     with pytest.raises(CheckpointError, match=r"checkpoint .*b/checkpoint\.pt belongs to another run \(it differs in "
                                               r"seed\); put back this run's checkpoint"):
         train(TrainConfig(seed=1, **small), tmp_path / "b")
-    (tmp_path / "b" / "checkpoint.pt").write_bytes(mine)
+    for name, data in mine.items():
+        (tmp_path / "b" / name).write_bytes(data)
     assert train(TrainConfig(seed=1, **small), tmp_path / "b")["state"] == "done"
 
 
@@ -452,3 +454,39 @@ def test_a_report_killed_half_way_is_rewritten_whole(uninterrupted, tmp_path):
     assert _bench(["--results", str(uninterrupted / "clean"), "report", "killed"]).returncode == 0
     for name in ("tables/evaluations.csv", "tables/curves.csv", "tables/speedup.csv"):
         assert (results / "killed" / name).read_text() == (uninterrupted / "clean" / "killed" / name).read_text()
+
+
+@pytest.mark.parametrize("damage", ["altered", "truncated", "foreign", "missing digest"])
+def test_a_bad_checkpoint_is_named_and_the_previous_one_used(tmp_path, capsys, damage):
+    """The last two checkpoints are kept with their SHA-256: a damaged newest one is named, set aside,
+    and the run resumes from the one before, to the same numbers as an uninterrupted run (item 3)."""
+    from conftest import train_until
+
+    from bench.train.loop import TrainConfig, train
+
+    small = dict(dataset="synthetic", arch="unet-micro", iters=8, batch_size=4, ckpt_every=2)
+    train(TrainConfig(**small), tmp_path / "clean")
+    run = tmp_path / "run"
+    train_until(TrainConfig(**small), run, 7)  # checkpoints at 6 (checkpoint.pt) and 4 (checkpoint.prev.pt)
+    assert {p.name for p in run.glob("checkpoint*")} == {"checkpoint.pt", "checkpoint.prev.pt", "checkpoint.sha256",
+                                                        "checkpoint.prev.sha256"}
+    ckpt = run / "checkpoint.pt"
+    data = bytearray(ckpt.read_bytes())
+    if damage == "altered":
+        data[len(data) // 2] ^= 0xFF
+    elif damage == "truncated":
+        data = data[: len(data) // 2]
+    elif damage == "foreign":
+        train(TrainConfig(seed=5, **small), tmp_path / "other")
+        data = (tmp_path / "other" / "checkpoint.pt").read_bytes()
+        json_digest = json.loads((tmp_path / "other" / "checkpoint.sha256").read_text())
+        (run / "checkpoint.sha256").write_text(json.dumps(json_digest))  # even with a matching digest
+    else:
+        (run / "checkpoint.sha256").unlink()
+    ckpt.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert train(TrainConfig(**small), run)["state"] == "done"
+    err = capsys.readouterr().err
+    assert "moved to checkpoint.rejected.pt, resuming from checkpoint.prev.pt" in err
+    assert (run / "checkpoint.rejected.pt").read_bytes() == bytes(data)
+    assert _logged(run, "steps.jsonl") == _logged(tmp_path / "clean", "steps.jsonl")

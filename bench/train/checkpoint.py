@@ -1,12 +1,20 @@
 """checkpoint.pt: a run's whole state (state_dicts, every RNG state, the step, the clocks, and what the
 method keeps: its state_dict and an aux_loss method's extra module),
 written atomically by rank 0 and restored exactly (bit for bit on the CPU; on another device,
-with that device's floating point). Loaded with weights_only: never a pickled module."""
+with that device's floating point). Loaded with weights_only: never a pickled module.
+
+The last two are kept: checkpoint.pt and checkpoint.prev.pt, each with its SHA-256 in a
+checkpoint*.sha256 file and the run's identity inside. A resume takes the newest one that is whole
+(its digest is known), readable and this run's; a bad one is named, moved to
+checkpoint.rejected.pt, and the previous one used (the steps since are redone)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -61,13 +69,74 @@ def save_checkpoint(state: RunState, path: Path) -> None:
     # killed with its process leaves its temporary file (fileio.atomic_write's name), removed here.
     for stale in path.parent.glob(f".{path.name}.*.tmp"):
         stale.unlink(missing_ok=True)
+    following = path.with_name(NEXT)
     try:
-        atomic_write(path, lambda f: torch.save(data, f))
+        atomic_write(following, lambda f: torch.save(data, f))
+        digest = sha256_file(following)
     except (OSError, RuntimeError) as exc:  # torch reports a full disk as a RuntimeError of its zip writer
+        following.unlink(missing_ok=True)
         free_mb = shutil.disk_usage(path.parent).free / 2**20
         raise CheckpointError(f"could not write {path} at step {state.step} ({type(exc).__name__}: "
                               f"{str(exc).splitlines()[0][:100]}; {free_mb:.0f} MiB free there); the previous "
                               "checkpoint is kept: free space and run the same command again to resume") from None
+    # Keep the last two. At every point between these renames a kill leaves at least one checkpoint
+    # whose digest some .sha256 file holds (resume_latest accepts a digest from either file).
+    previous = path.with_name(PREVIOUS)
+    if path.exists():
+        os.replace(path, previous)
+    if _digest_file(path).exists():
+        os.replace(_digest_file(path), _digest_file(previous))
+    os.replace(following, path)
+    fileio.write_json(_digest_file(path), {"step": state.step, "sha256": digest})
+
+
+NEXT, PREVIOUS, REJECTED = "checkpoint.next.pt", "checkpoint.prev.pt", "checkpoint.rejected.pt"
+
+
+def _digest_file(path: Path) -> Path:
+    return path.with_suffix(".sha256")
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def resume_latest(state: RunState, out: Path) -> Path | None:
+    """Resume from the newest good checkpoint in `out` (None: there is none, a fresh start). A bad
+    checkpoint.pt is named on stderr, moved aside, and the previous one used; with no good one left,
+    one CheckpointError line names what is wrong."""
+    out = Path(out)
+    digests = set()
+    for sidecar in out.glob("checkpoint*.sha256"):
+        try:
+            digests.add(fileio.read_json(sidecar)["sha256"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    verified = bool(list(out.glob("checkpoint*.sha256")))  # a run from before digests: nothing to check against
+    problems = []
+    for path in (out / "checkpoint.pt", out / PREVIOUS):
+        if not path.exists():
+            continue
+        try:
+            if verified and sha256_file(path) not in digests:
+                raise CheckpointError(f"checkpoint {path} is altered or was never completed (its SHA-256 is not the "
+                                      "one recorded)")
+            resume(state, path)
+        except CheckpointError as exc:
+            problems.append(str(exc))
+            if path.name == "checkpoint.pt" and (out / PREVIOUS).exists() and state.rt.rank == 0:
+                os.replace(path, out / REJECTED)  # kept for a look; the next checkpoint is written afresh
+                print(f"warning: {exc}; moved to {REJECTED}, resuming from {PREVIOUS}", file=sys.stderr)
+            continue
+        return path
+    if problems:
+        raise CheckpointError("; and ".join(problems) + "; no good checkpoint is left: delete it to restart the run "
+                              "from scratch (or put back a good copy)")
+    return None
 
 
 def run_identity(state: RunState) -> dict:

@@ -19,7 +19,8 @@ Run folder:
   steps.jsonl          a row per iteration (loss, MSE per timestep quartile, lr, beta1, ...)
   evals.jsonl          a row per evaluation and metric (written by the evaluation hook)
   method_trace.json    what the method does at p = 0, 0.1, ..., 1 (for the report)
-  checkpoint.pt        state_dicts of model, EMA, optimizer, every RNG state, step, clocks
+  checkpoint.pt        state_dicts of model, EMA, optimizer, every RNG state, step, clocks (and the
+                       previous one, checkpoint.prev.pt; their SHA-256 in checkpoint*.sha256)
   status.json          running | done | failed, with step and reason
 """
 
@@ -64,7 +65,7 @@ from bench.eval.evaluate import Evaluator, check_eval_data
 from bench.eval.reference import TRAIN_COMPUTE_LIMIT, evaluators_of
 from bench.models.networks import build_model
 from bench.train.batches import draw_batch
-from bench.train.checkpoint import resume, save_checkpoint
+from bench.train.checkpoint import resume_latest, save_checkpoint
 from bench.train.extras import build_aux, write_ema_snapshot
 from bench.train.resolve import ResolvedRun, resolve_run
 from bench.train.run_folder import open_run_folder, record_runtime, trim_logs, write_status
@@ -376,8 +377,7 @@ def train(run: ResolvedRun | TrainConfig, out_dir, events: TrainEvents | None = 
             (out / "config.json").unlink(missing_ok=True)
         raise
     ckpt_path = out / "checkpoint.pt"
-    if ckpt_path.exists():
-        resume(state, ckpt_path)
+    resume_latest(state, out)  # the newest good one of the last two (a bad one is named and set aside)
     if main:
         fileio.write_json(out / "method_trace.json",
                           trace(copy.deepcopy(run.method), state.schedule, cfg.target, cfg.beta1, cfg.beta2,  # cold start
