@@ -418,7 +418,7 @@ def uninterrupted(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("point", ["train_step@5", "write:checkpoint.pt@2", "append:steps.jsonl@2",
+@pytest.mark.parametrize("point", ["train_step@5", "write:checkpoint.next.pt@2", "append:steps.jsonl@2",
                                    "append:evals.jsonl@1", "write:status.json@3"])
 def test_a_runner_killed_anywhere_resumes_to_the_uninterrupted_results(uninterrupted, tmp_path, point):
     """SIGKILL at a named point (DIFFBENCH_FAULT: no clock), then the same command again: every log row

@@ -326,14 +326,16 @@ from bench.core.spec import Method
 
 
 class Explode(Method):
-    """A test method whose loss weights are infinite: training diverges at its first step."""
+    """A test method whose loss weights overflow float32 (finite in float64, so the plugin checks pass):
+    training diverges at its first step."""
 
     name = "explode"
     slots = frozenset({"weighting"})
     source = "tests/test_runner.py"
+    weight_scale = "source"  # as written: normalised, a constant weight would be 1
 
     def loss_weights(self, t, p, schedule, target):
-        return torch.full(t.shape, float("inf"), dtype=torch.float64)
+        return torch.full(t.shape, 1e300, dtype=torch.float64)
 '''
 
 
