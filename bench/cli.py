@@ -188,13 +188,9 @@ def cmd_run(args) -> int:
 def cmd_report(args) -> None:
     # imported per command: the CLI starts without torch
     from bench.report.build import build_report
+    from bench.suite.grid import results_folder
 
-    suite_dir = Path(args.suite)
-    if not suite_dir.exists():
-        suite_dir = Path(args.results) / args.suite
-    if not suite_dir.exists():
-        raise ConfigError(f"no results for {args.suite!r} under {args.results}; run `python run_bench.py run {args.suite}` first")
-    print(build_report(suite_dir))
+    print(build_report(results_folder(args.suite, Path(args.results))))
 
 
 def cmd_fid(args) -> None:

@@ -490,3 +490,24 @@ def test_a_bad_checkpoint_is_named_and_the_previous_one_used(tmp_path, capsys, d
     assert "moved to checkpoint.rejected.pt, resuming from checkpoint.prev.pt" in err
     assert (run / "checkpoint.rejected.pt").read_bytes() == bytes(data)
     assert _logged(run, "steps.jsonl") == _logged(tmp_path / "clean", "steps.jsonl")
+
+
+def test_report_takes_the_suite_file_run_took(tmp_path, capsys):
+    """`run PATH.toml` writes <results>/<its name>; `report PATH.toml` reads the same folder."""
+    suite = tmp_path / "my-suite.toml"
+    suite.write_text(SUITE)  # [suite] name = "orphans"
+    (tmp_path / "results" / "orphans").mkdir(parents=True)
+    assert main(["--results", str(tmp_path / "results"), "report", str(suite)]) == 0
+    assert (tmp_path / "results" / "orphans" / "report.md").is_file()
+    one_line_error(capsys, ["--results", str(tmp_path / "nowhere"), "report", str(suite)],
+                   "looked for " + str(tmp_path / "nowhere" / "orphans"))
+
+
+def test_emulated_bf16_is_said_before_it_costs(capsys):
+    from bench.core.runtime import make_runtime
+    from bench.train.loop import TrainConfig
+
+    rt = make_runtime(TrainConfig(dataset="synthetic", device="cpu", precision="bf16"))
+    assert rt.precision == "bf16" and "warning: bf16 on cpu is emulated" in capsys.readouterr().err
+    make_runtime(TrainConfig(dataset="synthetic", device="cpu"))
+    assert capsys.readouterr().err == ""

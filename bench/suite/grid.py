@@ -210,6 +210,24 @@ def available_suites(suites_dir: Path = SUITES_DIR) -> list[str]:
     return sorted(p.stem for p in Path(suites_dir).glob("*.toml"))
 
 
+def results_folder(target: str, results_root: Path) -> Path:
+    """The results folder `report` reads for a target: a folder as given, or <results_root>/<suite
+    name> for a suite's name or TOML file (the name inside the file, as `run` writes it)."""
+    if Path(target).is_dir():
+        return Path(target)
+    name = target
+    if target.endswith(".toml") and Path(target).is_file():
+        try:
+            name = tomllib.loads(Path(target).read_text(encoding="utf-8")).get("suite", {}).get("name") or Path(target).stem
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError):
+            name = Path(target).stem
+    folder = Path(results_root) / name
+    if not folder.is_dir():
+        raise SuiteError(f"no results for {target!r} under {results_root} (looked for {folder}); run `python "
+                         f"run_bench.py run {target}` first")
+    return folder
+
+
 def suite_path(name_or_path: str | os.PathLike, suites_dir: Path = SUITES_DIR) -> Path:
     """A suite file from a name (suites/<name>.toml) or a path."""
     p = Path(name_or_path)
