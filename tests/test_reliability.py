@@ -60,9 +60,12 @@ def one_line_error(capsys, argv, needle):
     rc = main(argv)
     err = capsys.readouterr().err
     assert rc == 2, (argv, err)
-    assert err.startswith("error: ") and err.count("\n") == 1, err
-    assert needle in err, err
-    return err
+    # One error line, the last; only `fid` says before it which Inception weights it loaded.
+    lines = err.splitlines()
+    assert lines and lines[-1].startswith("error: ") and sum(x.startswith("error: ") for x in lines) == 1, err
+    assert len(lines) == 1 or ("fid" in argv and lines[0].startswith("inception weights:") and len(lines) == 2), err
+    assert needle in lines[-1], err
+    return lines[-1] + "\n"
 
 
 @pytest.mark.parametrize("name,slot,probs,weights,needle", PLUGINS, ids=[p[0] for p in PLUGINS])
@@ -124,6 +127,10 @@ BAD_ARGS = [
     (["posthoc-ema", "{tmp}", "--sigma-rel", "0.5"], "outside (0, 0.289)"),
     (["consistency", "{tmp}/nowhere", "{tmp}/nowhere2"], "neither a run folder nor a suite"),
     (["prepare", "nosuch", "{tmp}"], "unknown prepare kind 'nosuch'"),
+    (["prepare", "folder:{tmp}/empty", "--out", "{tmp}/results", "--resolution", "8"], "no images in"),
+    (["prepare", "folder:{tmp}/junk", "--out", "{tmp}/results", "--resolution", "8"], "could be decoded"),
+    (["fid", "{tmp}/junk", "{tmp}/junk"], "a.png is not a readable image"),
+    (["train", "--device", "cuda"], "asks for a CUDA GPU, but torch"),
     (["--plugins", "{tmp}/none.py", "list"], "is not a .py file or a folder"),
 ]
 
@@ -131,6 +138,10 @@ BAD_ARGS = [
 @pytest.mark.parametrize("argv,needle", BAD_ARGS, ids=[" ".join(a[:3]) for a, _ in BAD_ARGS])
 def test_bad_arguments_are_one_line_and_write_nothing(tmp_path, capsys, argv, needle):
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "junk").mkdir()
+    for name in ("a.png", "b.png"):
+        (tmp_path / "junk" / name).write_bytes(b"not an image")
     results = tmp_path / "results"
     if argv[0] == "train":
         argv += ["--out", str(tmp_path / "run")] + ([] if "--dataset" in argv else ["--dataset", "synthetic"])
