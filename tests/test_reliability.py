@@ -175,19 +175,35 @@ def test_an_unwritable_or_read_only_output_folder_is_refused(tmp_path, capsys, m
     assert os.listdir(tmp_path) == []
 
 
-def test_a_full_disk_is_one_line_and_keeps_what_was_written(tmp_path, capsys, monkeypatch):
-    """A write that fails with ENOSPC: one line saying so, and the command can be rerun (D14)."""
+def test_a_report_on_a_full_disk_is_one_line_and_keeps_the_previous_one(tmp_path, capsys, monkeypatch):
+    """A figure that cannot be written (ENOSPC) half-way through a report: one line saying so, the
+    previous report and its tables exactly as they were, nothing staged left (D14)."""
     import errno
 
-    from bench.report import build
+    from test_report import write_run
 
-    def full(*args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "x"))
+    from bench.report import figures
 
-    (tmp_path / "mini").mkdir()
-    monkeypatch.setattr(build, "build_report", full)
-    err = one_line_error(capsys, ["--results", str(tmp_path), "report", "mini"], "No space left on device")
+    root = tmp_path / "demo"
+    for seed in (0, 1, 2):
+        write_run(root, "baseline", seed)
+        write_run(root, "fast", seed)
+    assert main(["--results", str(tmp_path), "report", "demo"]) == 0
+    before = {p: p.read_bytes() for p in root.rglob("*") if p.is_file() and "seed" not in p.parent.name}
+    write_run(root, "slow", 0)  # new results: the next report would differ everywhere
+    real = figures.atomic_write
+
+    def full(path, write):
+        if str(path).endswith(".pdf"):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(path, write)
+
+    monkeypatch.setattr(figures, "atomic_write", full)
+    capsys.readouterr()
+    err = one_line_error(capsys, ["--results", str(tmp_path), "report", "demo"], "No space left on device")
     assert "run the same command again" in err
+    after = {p: p.read_bytes() for p in root.rglob("*") if p.is_file() and "seed" not in p.parent.name}
+    assert after == before and not (root / ".report-staging").exists()
 
 
 TRAIN = ["train", "--dataset", "synthetic", "--arch", "unet-micro", "--iters", "2", "--batch-size", "4"]
@@ -457,10 +473,14 @@ def test_a_report_killed_half_way_is_rewritten_whole(uninterrupted, tmp_path):
 
     results = tmp_path / "results"
     shutil.copytree(uninterrupted / "clean", results)
+    assert _bench(["--results", str(results), "report", "killed"]).returncode == 0
+    before = {p: p.read_bytes() for p in (results / "killed").rglob("*") if p.is_file() and "seed" not in str(p)}
     killed = _bench(["--results", str(results), "report", "killed"], {"DIFFBENCH_FAULT": "write:curves.csv"})
     assert killed.returncode == -signal.SIGKILL
-    assert list((results / "killed" / "tables").glob(".*.tmp"))  # what the kill left
+    assert list((results / "killed" / ".report-staging").rglob(".*.tmp"))  # what the kill left, set apart
+    assert all(p.read_bytes() == data for p, data in before.items())  # the previous report as it was
     assert _bench(["--results", str(results), "report", "killed"]).returncode == 0
+    assert not (results / "killed" / ".report-staging").exists()
     assert not list((results / "killed").rglob(".*.tmp"))
     assert _bench(["--results", str(uninterrupted / "clean"), "report", "killed"]).returncode == 0
     for name in ("tables/evaluations.csv", "tables/curves.csv", "tables/speedup.csv"):

@@ -23,6 +23,7 @@ Reads files only: never imports torch (the report can be built on a laptop).
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,12 +40,10 @@ from bench.report.figures import (
     figure_timesteps,
     safe_filename,
 )
-from bench.report.intervals import BOOTSTRAP_MIN_SEEDS
 from bench.report.noise import metric_noise, noise_lines, sampler_robustness
 from bench.report.scores import scores_lines
 from bench.report.speedup import lower_is_better
 from bench.report.stats import (
-    PLACEBO,
     early_targets,
     final_values,
     limits_lines,
@@ -68,7 +67,7 @@ from bench.report.tables import (
     to_latex,
     to_markdown,
 )
-from bench.report.text import machine_lines, protocol_lines, runtime_lines, training_lines
+from bench.report.text import machine_lines, protocol_lines, runtime_lines, speedup_text, training_lines
 from bench.suite.schema import REPORT_DEFAULTS
 
 
@@ -121,14 +120,30 @@ def _read_results(suite_dir: Path, out: Path) -> _Report:
 
 
 def build_report(suite_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> Path:
-    """Write tables, figures and report.md for results/<suite>; return the path of report.md."""
+    """Write tables, figures and report.md for results/<suite>; return the path of report.md. All of it
+    is written into a staging folder first and moved into place when whole: a report that fails half-way
+    (a full disk) leaves the previous one as it was."""
     suite_dir = Path(suite_dir)
     if not suite_dir.is_dir():
         raise ConfigError(f"no results folder {suite_dir}; run the suite first")
-    ctx = _read_results(suite_dir, Path(out_dir) if out_dir else suite_dir)
-    ctx.tab_dir.mkdir(parents=True, exist_ok=True)
-    for folder in (ctx.out, ctx.tab_dir, ctx.fig_dir):  # what a report killed half-way left
+    out = Path(out_dir) if out_dir else suite_dir
+    staging = out / ".report-staging"
+    shutil.rmtree(staging, ignore_errors=True)  # what a report killed before its moves left
+    try:
+        _build_into(suite_dir, staging)
+        for f in sorted(p for p in staging.rglob("*") if p.is_file()):
+            (out / f.relative_to(staging)).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(f, out / f.relative_to(staging))  # renames: no space needed
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    for folder in (out, out / "tables", out / "figures"):  # temporaries of reports before staging
         remove_stale_temporaries(folder)
+    return out / "report.md"
+
+
+def _build_into(suite_dir: Path, out: Path) -> Path:
+    ctx = _read_results(suite_dir, out)
+    ctx.tab_dir.mkdir(parents=True, exist_ok=True)
     fr = fractions_table(ctx.evals, ctx.runs, ctx.fractions)
     _write_text(ctx.tab_dir / "evaluations.csv", ctx.evals.to_csv(index=False))
     _write_text(ctx.tab_dir / "fractions.csv", fr.to_csv(index=False))
@@ -184,7 +199,7 @@ def _metric_section(ctx: _Report, w: str, w_evals: pd.DataFrame, budget: int, me
             ctx.parts["md_sp"] += [f"### {tag}", "", to_markdown(disp), ""]
             ctx.parts["tex_sp"].append(to_latex(disp, f"Paired speed-up over {ctx.baseline} ({metric}, {w})",
                                                 f"tab:speedup:{safe_filename(w)}:{safe_filename(metric)}"))
-            sec += _speedup_text(rows, ctx.baseline, metric, budget, extend, early, ctx.stats_kw,
+            sec += speedup_text(rows, ctx.baseline, metric, budget, extend, early, ctx.stats_kw,
                                  _baseline_slots(ctx, w))
             sec += [to_markdown(disp), ""]
             sec += _noise_section(ctx, w_evals, metric, budget, main)
@@ -323,57 +338,6 @@ def _footer_lines(ctx: _Report) -> list[str]:
                     "- metric at fractions of the budget: [CSV](tables/fractions.csv), [Markdown](tables/fractions.md), "
                     "[LaTeX](tables/fractions.tex)",
                     "- [figures/](figures/): PNG and PDF of every figure", ""]
-
-
-def _speedup_text(rows, baseline, metric, budget, extend, early, kw, baseline_slots) -> list[str]:
-    """What the speed-up table's numbers are, with this suite's budget, extension and seed counts."""
-    n = rows[0]["n_paired"]
-    conf = 100 * kw["confidence"]
-    how = ("a t-interval on log speed-up (n - 1 degrees of freedom)" if 3 <= n < BOOTSTRAP_MIN_SEEDS else
-           f"a paired bootstrap over seeds ({kw['n_boot']} resamples, RNG seed {kw['seed']})"
-           if n >= BOOTSTRAP_MIN_SEEDS and kw["n_boot"] > 0 else
-           "a t-interval on log speed-up" if n >= 3 else "no interval: fewer than 3 paired seeds (\"too few seeds\")")
-    better = "negative" if lower_is_better(metric) else "positive"
-    family = [r for r in rows if not r["is_baseline"] and not r["is_control"]]
-    controls = [r["method_label"] for r in rows if r["is_control"]]
-    ext = (f"`{baseline}` trained on to {extend:g}x the budget ({extend * budget:g} iterations) with the same "
-           "evaluation grid, so a method can be worth up to that much" if extend > 1 else
-           f"`{baseline}` was not extended past the budget ([budget] baseline_extend = 1), so no speed-up above 1x "
-           "can be shown (a seed that beats its baseline seed is '>= 1x')")
-    same_run = ("; its schedule does not depend on training progress (warm-up and EMA warm-up count iterations), "
-                "so its first iterations are those of a run that stops at the budget" if not baseline_slots else
-                f"; it fills the slots {', '.join(baseline_slots)}, whose schedules follow training progress, so the "
-                f"extended baseline is its own run at {extend:g}x the budget, not the budget's run continued")
-    text = [f"### Paired speed-up over `{baseline}` ({metric})",
-            f"Seeds are paired: seed k of a method shares initialisation, data order, timestep draws' random "
-            f"numbers and noise with seed k of `{baseline}`. **Headline: the baseline-equivalent speed-up at the "
-            f"budget**, the paper's reading of \"2x\": per seed, the iterations `{baseline}`'s seed k needs to "
-            f"reach the method's seed-k {metric} at the {budget}-iteration budget, divided by {budget} (read on "
-            f"the baseline's curve, interpolated in log-iterations). {ext}{same_run if extend > 1 else ''}. "
-            f"Geometric mean over {n} paired seeds with {how}, {conf:g}%, in brackets. Bounds get no interval: "
-            f"'>= x', some seeds were better than the baseline's whole curve; '<= x', some ended no better than "
-            f"the baseline's first evaluation. 'final - baseline' is the paired difference of the {metric} at the "
-            f"budget ({better} is better), mean [t-interval]."]
-    if family:
-        text += [f"**Holm-adjusted** columns correct for the {len(family)} method{'s' * (len(family) != 1)} tested against `{baseline}` "
-                 f"(controls are outside that family): each is the t-interval at the level Holm's step-down gives it "
-                 f"(between {conf:g}% and {100 - (100 - conf) / len(family):.3g}%), with the adjusted p-value; an "
-                 "adjusted interval excludes 1 (or 0) exactly when Holm rejects, so the claims it separates from "
-                 f"the null hold together at a family-wise error of at most {100 - conf:g}%. Read claims from these; "
-                 "their ends are not simultaneous bounds on every method's size (Bonferroni's level, "
-                 f"{100 - (100 - conf) / len(family):.3g}% for all, would give those)."]
-    if controls:
-        text += [f"Controls: {', '.join(f'`{c}`' for c in controls)}"
-                 + (" (the baseline with its timestep and noise streams re-seeded: same initialisation and data, so "
-                    "every difference is noise; its intervals should cover 1 and 0)" if PLACEBO in controls else "")
-                 + "."]
-    if early:
-        shown = ", ".join(f"{100 * f:g}%" for f in early)
-        text += [f"Secondary, the **early-training rate**: each seed's own baseline value at a fraction f of the "
-                 f"budget ({shown}) is the target F*(f); speed-up = iterations the baseline seed needs / "
-                 f"iterations the method's seed needs to reach it (unadjusted intervals). It measures how fast "
-                 f"training starts, not the quality at the budget. Per-seed values are in tables/speedup.csv."]
-    return [line for t in text for line in (t, "")]
 
 
 def _baseline_extend(ctx: _Report, w: str, budget: int) -> float:

@@ -11,7 +11,9 @@ import platform
 
 import pandas as pd
 
+from bench.report.intervals import BOOTSTRAP_MIN_SEEDS
 from bench.report.speedup import lower_is_better
+from bench.report.stats import PLACEBO
 
 
 def machine_lines(runs: list[dict]) -> list[str]:
@@ -131,3 +133,54 @@ def training_lines(runs: list[dict]) -> list[str]:
                      f"architecture {cfg.get('arch')}; budget {cfg.get('iters')} iterations x batch "
                      f"{cfg.get('batch_size')} = {images:,} images for every method{more}; {settings}")
     return lines
+
+
+def speedup_text(rows, baseline, metric, budget, extend, early, kw, baseline_slots) -> list[str]:
+    """What the speed-up table's numbers are, with this suite's budget, extension and seed counts."""
+    n = rows[0]["n_paired"]
+    conf = 100 * kw["confidence"]
+    how = ("a t-interval on log speed-up (n - 1 degrees of freedom)" if 3 <= n < BOOTSTRAP_MIN_SEEDS else
+           f"a paired bootstrap over seeds ({kw['n_boot']} resamples, RNG seed {kw['seed']})"
+           if n >= BOOTSTRAP_MIN_SEEDS and kw["n_boot"] > 0 else
+           "a t-interval on log speed-up" if n >= 3 else "no interval: fewer than 3 paired seeds (\"too few seeds\")")
+    better = "negative" if lower_is_better(metric) else "positive"
+    family = [r for r in rows if not r["is_baseline"] and not r["is_control"]]
+    controls = [r["method_label"] for r in rows if r["is_control"]]
+    ext = (f"`{baseline}` trained on to {extend:g}x the budget ({extend * budget:g} iterations) with the same "
+           "evaluation grid, so a method can be worth up to that much" if extend > 1 else
+           f"`{baseline}` was not extended past the budget ([budget] baseline_extend = 1), so no speed-up above 1x "
+           "can be shown (a seed that beats its baseline seed is '>= 1x')")
+    same_run = ("; its schedule does not depend on training progress (warm-up and EMA warm-up count iterations), "
+                "so its first iterations are those of a run that stops at the budget" if not baseline_slots else
+                f"; it fills the slots {', '.join(baseline_slots)}, whose schedules follow training progress, so the "
+                f"extended baseline is its own run at {extend:g}x the budget, not the budget's run continued")
+    text = [f"### Paired speed-up over `{baseline}` ({metric})",
+            f"Seeds are paired: seed k of a method shares initialisation, data order, timestep draws' random "
+            f"numbers and noise with seed k of `{baseline}`. **Headline: the baseline-equivalent speed-up at the "
+            f"budget**, the paper's reading of \"2x\": per seed, the iterations `{baseline}`'s seed k needs to "
+            f"reach the method's seed-k {metric} at the {budget}-iteration budget, divided by {budget} (read on "
+            f"the baseline's curve, interpolated in log-iterations). {ext}{same_run if extend > 1 else ''}. "
+            f"Geometric mean over {n} paired seeds with {how}, {conf:g}%, in brackets. Bounds get no interval: "
+            f"'>= x', some seeds were better than the baseline's whole curve; '<= x', some ended no better than "
+            f"the baseline's first evaluation. 'final - baseline' is the paired difference of the {metric} at the "
+            f"budget ({better} is better), mean [t-interval]."]
+    if family:
+        text += [f"**Holm-adjusted** columns correct for the {len(family)} method{'s' * (len(family) != 1)} tested against `{baseline}` "
+                 f"(controls are outside that family): each is the t-interval at the level Holm's step-down gives it "
+                 f"(between {conf:g}% and {100 - (100 - conf) / len(family):.3g}%), with the adjusted p-value; an "
+                 "adjusted interval excludes 1 (or 0) exactly when Holm rejects, so the claims it separates from "
+                 f"the null hold together at a family-wise error of at most {100 - conf:g}%. Read claims from these; "
+                 "their ends are not simultaneous bounds on every method's size (Bonferroni's level, "
+                 f"{100 - (100 - conf) / len(family):.3g}% for all, would give those)."]
+    if controls:
+        text += [f"Controls: {', '.join(f'`{c}`' for c in controls)}"
+                 + (" (the baseline with its timestep and noise streams re-seeded: same initialisation and data, so "
+                    "every difference is noise; its intervals should cover 1 and 0)" if PLACEBO in controls else "")
+                 + "."]
+    if early:
+        shown = ", ".join(f"{100 * f:g}%" for f in early)
+        text += [f"Secondary, the **early-training rate**: each seed's own baseline value at a fraction f of the "
+                 f"budget ({shown}) is the target F*(f); speed-up = iterations the baseline seed needs / "
+                 f"iterations the method's seed needs to reach it (unadjusted intervals). It measures how fast "
+                 f"training starts, not the quality at the budget. Per-seed values are in tables/speedup.csv."]
+    return [line for t in text for line in (t, "")]
