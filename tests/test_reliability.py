@@ -542,3 +542,18 @@ def test_emulated_bf16_is_said_before_it_costs(capsys):
     assert rt.precision == "bf16" and "warning: bf16 on cpu is emulated" in capsys.readouterr().err
     make_runtime(TrainConfig(dataset="synthetic", device="cpu"))
     assert capsys.readouterr().err == ""
+
+
+def test_a_claim_left_by_a_killed_process_is_recovered(tmp_path):
+    """The claim is an flock: the kernel releases it when its holder dies, however it dies."""
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    holder = subprocess.run([sys.executable, "-c", "import os, signal, sys; from bench.train.run_folder import try_lock; "
+                             "from pathlib import Path; p = Path(sys.argv[1]); p.mkdir(); lock = try_lock(p); "
+                             "assert lock is not None; os.kill(os.getpid(), signal.SIGKILL)", str(out)],
+                            cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert holder.returncode == -signal.SIGKILL and (out / ".lock").exists()
+    assert main([*TRAIN, "--out", str(out)]) == 0
