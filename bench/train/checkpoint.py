@@ -22,7 +22,7 @@ import torch
 from bench import fileio
 from bench.core.config import RUNTIME_KEYS
 from bench.core.runtime import Runtime, gather_objects
-from bench.errors import CheckpointError
+from bench.errors import CheckpointError, ConfigError
 from bench.fileio import atomic_write
 from bench.train.run_folder import config_diff
 from bench.train.state import RunState
@@ -159,18 +159,18 @@ def resume(state: RunState, path: Path) -> None:
     """Restore a run from its checkpoint, so it goes on bit-for-bit as if never stopped (on the
     CPU; a checkpoint also resumes on another device, with that device's floating point)."""
     ckpt = load_checkpoint(path)
-    if "run" in ckpt:  # checkpoints from before identities were saved resume as they always did
-        changed = config_diff(ckpt["run"], run_identity(state))
-        if changed:
-            raise CheckpointError(f"checkpoint {path} belongs to another run (it differs in {', '.join(changed[:4])}); "
-                                  "put back this run's checkpoint, or delete it to restart the run")
     saved = int(ckpt.get("world_size", 1))
-    if saved != state.rt.world_size:
-        raise CheckpointError(
+    if saved != state.rt.world_size:  # the launch is wrong, not the checkpoint: never a reason to set it aside
+        raise ConfigError(
             f"checkpoint {path} was written by {saved} process(es) (gpus={saved}) and this run has "
             f"{state.rt.world_size}: resume it with gpus = {saved}"
             + (f" (torchrun --nproc_per_node {saved})" if saved > 1 else " (one process, no torchrun)")
             + ", or delete the run folder to restart")
+    if "run" in ckpt:  # checkpoints from before identities were saved resume as they always did
+        changed = [k for k in config_diff(ckpt["run"], run_identity(state)) if k != "gpus"]  # said above
+        if changed:
+            raise CheckpointError(f"checkpoint {path} belongs to another run (it differs in {', '.join(changed[:4])}); "
+                                  "put back this run's checkpoint, or delete it to restart the run")
     try:
         state.model.load_state_dict(ckpt["model"])
         state.ema.load_state_dict(ckpt["ema"])
