@@ -182,6 +182,10 @@ def cmd_run(args) -> int:
     result = run_suite(suite, executor=args.executor, jobs=suite.jobs if args.jobs is None else args.jobs, dry_run=args.dry_run, results_root=args.results,
                        slurm=parse_sets(args.slurm) or None, retry_failed=args.retry_failed, only=args.only or None,
                        wait=not args.no_wait)
+    if not (args.dry_run or args.no_wait or args.no_report):  # the report of what is there, failures listed
+        from bench.report.build import build_report  # reason: report code loads only when it is asked for
+
+        print(build_report(result.suite_dir))
     return 0 if args.dry_run or args.no_wait or result.ok else 1
 
 
@@ -242,15 +246,8 @@ def _num_ref(value: str | None):
 
 
 def cmd_default(args) -> int:
-    # imported per command: the CLI starts without torch
-    from bench.report.build import build_report
-    from bench.suite.grid import load_suite
-    from bench.suite.runner import run_suite
-
-    suite = load_suite("mini")
-    result = run_suite(suite, jobs=suite.jobs, results_root=args.results)
-    print(build_report(Path(args.results) / "mini"))
-    return 0 if result.ok else 1
+    """No command: `run mini`, which ends with its report."""
+    return cmd_run(build_parser().parse_args(["--results", args.results, "run", "mini"]))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -354,6 +351,7 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--slurm", action="append", default=[], metavar="KEY=VALUE",
                    help="override the suite's [slurm] table: partition, gpus, time, account, ...")
     p.add_argument("--no-wait", action="store_true", help="submit to Slurm and return")
+    p.add_argument("--no-report", action="store_true", help="do not write the report when the suite ends")
     p.set_defaults(func=cmd_run)
 
 
@@ -416,6 +414,14 @@ def _ref_stats_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir")
     p.add_argument("--fid-mode", choices=("clean", "legacy_tensorflow"))
     p.set_defaults(func=cmd_ref_stats)
+
+
+def console() -> None:
+    """The `diffbench` command (pyproject's [project.scripts]): the same as `python run_bench.py`."""
+    from bench.core.perf import tune_allocator  # reason: before torch allocates anything, as run_bench.py does
+
+    tune_allocator()
+    sys.exit(main())
 
 
 def main(argv=None) -> int:
