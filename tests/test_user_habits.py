@@ -88,3 +88,26 @@ def test_the_readme_notebook_example_runs(results):
         '"results/mini"', repr(str(results / "results" / "habits")))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 0, out.stderr[-2000:]
+
+
+def test_every_report_shows_the_samples_it_saved(results):
+    """Issue 20, item 1: the methods side by side at the budget, and each method over training, from
+    the images the evaluations saved (no extra sampling)."""
+    suite = results / "results" / "habits"
+    text = (suite / "report.md").read_text()
+    section = text.split("### Samples")[1].split("###")[0]
+    assert "At the budget (4 iterations), one row per method" in section
+    assert "![samples at the budget](figures/samples_synthetic-16_unet-micro.png)" in section
+    for m in ("baseline", "p2"):
+        assert f"![{m} over training](figures/samples_synthetic-16_unet-micro_{m}.png)" in section
+        assert (suite / "figures" / f"samples_synthetic-16_unet-micro_{m}.png").is_file()
+
+
+def test_a_report_without_saved_samples_says_how_to_get_them(tmp_path):
+    from test_report import write_run
+
+    from bench.report.build import build_report
+
+    write_run(tmp_path / "demo", "baseline", 0)
+    text = build_report(tmp_path / "demo").read_text()
+    assert "No run of this workload saved its evaluation samples (`save_samples = true`" in text

@@ -41,6 +41,7 @@ from bench.report.figures import (
     safe_filename,
 )
 from bench.report.noise import metric_noise, noise_lines, sampler_robustness
+from bench.report.samples import sample_lines
 from bench.report.scores import scores_lines
 from bench.report.speedup import lower_is_better
 from bench.report.stats import (
@@ -169,6 +170,7 @@ def _workload_section(ctx: _Report, w: str, fr: pd.DataFrame) -> list[str]:
     for metric in ctx.metrics:
         sec += _metric_section(ctx, w, w_evals, budget, metric, fr)
     sec += _figure_section(ctx, w, w_runs)
+    sec += sample_lines(w_runs, w, budget, ctx.order, ctx.fig_dir, _fig)
     fact = training_facts(w_runs, ctx.order)
     ctx.parts["facts"].append(fact.assign(workload=w))
     sec += ["### What this report does not show", ""]

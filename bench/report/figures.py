@@ -211,6 +211,13 @@ def figure_consistency_over_training(summary: pd.DataFrame, fig_dir: Path) -> st
 
 def figure_consistency_grid(images: np.ndarray, labels: list[str], fig_dir: Path) -> str:
     """images uint8 [models, columns, H, W, C]: one row per model, one column per noise."""
+    return figure_image_grid(images, labels, [f"noise {c}" for c in range(images.shape[1])], fig_dir,
+                             "consistency_grid")
+
+
+def figure_image_grid(images: np.ndarray, row_labels: list[str], col_labels: list[str], fig_dir: Path,
+                      stem: str) -> str:
+    """images uint8 [rows, columns, H, W, C] as a labelled grid, pixels as they are (no smoothing)."""
     plt, _ = _plt()
     rows, cols = images.shape[:2]
     fig, axes = plt.subplots(rows, cols, figsize=(0.9 * cols + 1.6, 0.9 * rows + 0.3), squeeze=False)
@@ -224,8 +231,8 @@ def figure_consistency_grid(images: np.ndarray, labels: list[str], fig_dir: Path
             ax.set_yticks([])
             ax.grid(False)
             if c == 0:
-                ax.set_ylabel(labels[r], rotation=0, ha="right", va="center", fontsize=7)
+                ax.set_ylabel(row_labels[r], rotation=0, ha="right", va="center", fontsize=7)
             if r == 0:
-                ax.set_title(f"noise {c}", fontsize=7)
+                ax.set_title(col_labels[c], fontsize=7)
     fig.subplots_adjust(wspace=0.05, hspace=0.05)
-    return _save(fig, fig_dir, "consistency_grid")
+    return _save(fig, fig_dir, safe_filename(stem))
