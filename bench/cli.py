@@ -255,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--plugins", action="append", default=[], metavar="PATH",
                         help="extra method plugin file or folder (repeatable)")
     parser.add_argument("--results", default=str(REPO / "results"), help="results root folder")
+    parser.add_argument("--log", choices=("tensorboard", "wandb"), help="also log runs live (bench/train/live_log.py)")
     sub = parser.add_subparsers(dest="command")
     plugin_opt = argparse.ArgumentParser(add_help=False)
     plugin_opt.add_argument("--plugins", action="append", default=argparse.SUPPRESS, metavar="PATH",
@@ -369,8 +370,6 @@ def _fid_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_posthoc_ema(args) -> None:
     # imported per command: the CLI starts without torch
-    import sys
-
     from bench.core.registry import get_method_class
 
     if not 0 < args.sigma_rel < 0.289:
@@ -432,6 +431,11 @@ def main(argv=None) -> int:
             from bench.core.registry import load_plugins
 
             load_plugins(args.plugins)
+        if args.log:  # every process of every run inherits it
+            from bench.train.live_log import LOG_ENV, check_logger  # reason: only when asked for
+
+            check_logger(args.log)
+            os.environ[LOG_ENV] = args.log
         return (args.func if args.command else cmd_default)(args) or 0
     except BenchError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -219,6 +219,7 @@ BAD = [
     ('num_images = 16', 'num_images = 16\nsampler2 = { steps = 50 }', "'eval'", "sampler2 has unknown key 'steps'"),
     ('num_images = 16', 'num_images = 16\nsampler2 = 50', "'eval'", "sampler2 must be a table"),
     ('archs = ["unet-tiny"]', 'archs = ["unet-huge"]', "'grid.archs'", "unknown architecture 'unet-huge'"),
+    ('[budget]', '[log]\nto = "mlflow"\n[budget]', "'log.to'", 'must be "tensorboard" or "wandb"'),
     ('datasets = ["synthetic"]\narchs = ["unet-tiny"]', 'datasets = [{name = "synthetic", resolution = 18}]\n'
      'archs = ["dit-s/4"]', "'grid.archs'", "divisible by its patch size 4; got 18"),
 ]

@@ -111,3 +111,87 @@ def test_a_report_without_saved_samples_says_how_to_get_them(tmp_path):
     write_run(tmp_path / "demo", "baseline", 0)
     text = build_report(tmp_path / "demo").read_text()
     assert "No run of this workload saved its evaluation samples (`save_samples = true`" in text
+
+
+# --------------------------------------------------------------------------- live logging (item 2)
+
+
+def test_a_suite_logged_to_tensorboard_leaves_event_files_with_every_scalar(tmp_path, monkeypatch):
+    """The suite's [log] table: each run's training scalars, evaluations and sample grids, read back
+    with TensorBoard's own reader, equal to its steps.jsonl and evals.jsonl."""
+    import json
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from bench.train.live_log import LOG_ENV
+
+    monkeypatch.delenv(LOG_ENV, raising=False)
+    (tmp_path / "habits.toml").write_text(SUITE + '[log]\nto = "tensorboard"\n')
+    assert main(["--results", str(tmp_path / "r"), "run", str(tmp_path / "habits.toml"), "--jobs", "1",
+                 "--no-report"]) == 0
+    assert LOG_ENV not in __import__("os").environ  # the suite's setting ends with the suite
+    for label, iters in (("baseline", 8), ("p2", 4)):
+        run = tmp_path / "r" / "habits" / "synthetic-16_unet-micro" / label / "seed0"
+        acc = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0, "images": 0})
+        acc.Reload()
+        steps = [json.loads(x) for x in (run / "steps.jsonl").read_text().splitlines()]
+        logged = acc.Scalars("train/loss")
+        assert [e.step for e in logged] == list(range(1, iters + 1))
+        assert [e.value for e in logged] == pytest.approx([r["loss"] for r in steps], rel=1e-6)
+        evals = [json.loads(x) for x in (run / "evals.jsonl").read_text().splitlines()]
+        assert [(e.step, pytest.approx(e.value, rel=1e-6)) for e in acc.Scalars("eval/proxy_fd")] == \
+            [(r["step"], r["value"]) for r in evals]
+        assert [e.step for e in acc.Images("samples")] == [r["step"] for r in evals]
+        assert {"train/lr", "train/beta1", "train/grad_norm", "train/images_per_s"} <= set(acc.Tags()["scalars"])
+
+
+def test_wandb_runs_offline_named_after_the_run_folder(tmp_path, monkeypatch):
+    """W&B is checked through a stand-in module recording what the logger asks of it (the real
+    package is an optional extra, not installed here)."""
+    import importlib.util
+    import types
+
+    from bench.train.live_log import LOG_ENV
+    from bench.train.loop import TrainConfig, train
+
+    calls = []
+
+    class Run:
+        def log(self, values, step):
+            calls.append(("log", step, values))
+
+        def finish(self):
+            calls.append(("finish",))
+
+    fake = types.ModuleType("wandb")
+    fake.init = lambda **kw: calls.append(("init", kw)) or Run()
+    fake.Image = lambda array: ("image", array.shape)
+    monkeypatch.setitem(__import__("sys").modules, "wandb", fake)
+    real_find = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "wandb" else real_find(name, *a))
+    monkeypatch.setenv(LOG_ENV, "wandb")
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    out = tmp_path / "w" / "baseline" / "seed0"
+    train(TrainConfig(dataset="synthetic", arch="unet-micro", iters=4, batch_size=4, eval_every=2,
+                      eval={"metrics": ["proxy_fd"], "num_images": 8, "sampler_steps": 2, "batch_size": 8,
+                            "save_samples": True}), out)
+    init = calls[0][1]
+    assert init["mode"] == "offline" and init["dir"] == str(out) and init["name"] == "w/baseline/seed0"
+    assert init["config"]["method"] == "baseline" and init["resume"] == "allow"
+    assert [c[1] for c in calls if c[0] == "log" and "train/loss" in c[2]] == [1, 2, 3, 4]
+    assert [c[1] for c in calls if c[0] == "log" and "eval/proxy_fd" in c[2]] == [2, 4]
+    assert [c[1] for c in calls if c[0] == "log" and "samples" in c[2]] == [2, 4]
+    assert calls[-1] == ("finish",)
+
+
+def test_a_logger_that_is_not_installed_is_one_line(monkeypatch, capsys):
+    import importlib.util
+
+    from bench.train.live_log import LOG_ENV
+
+    monkeypatch.setenv(LOG_ENV, "")  # restored after the test, whatever main sets
+    real_find = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real_find(name, *a))
+    assert main(["--log", "wandb", "list"]) == 2
+    err = capsys.readouterr().err
+    assert err == "error: --log wandb needs the wandb package, which is not installed: pip install -e '.[wandb]'\n"

@@ -53,6 +53,7 @@ from bench.suite.schema import (
     BUDGET_SCHEMA,
     COST_SCHEMA,
     GRID_SCHEMA,
+    LOG_SCHEMA,
     SLURM_SCHEMA,
     Checker,
     SuiteError,
@@ -138,6 +139,7 @@ class Suite:
     source_text: str = ""
     jobs: int = 1  # default parallel local runs (`run --jobs` overrides)
     baseline_extend: float = 1.0  # the baseline's runs train to baseline_extend x iters
+    log: dict = field(default_factory=dict)  # [log] to = "tensorboard" | "wandb": live logging of every run
     _runs: list[RunSpec] = field(default_factory=list, repr=False)
 
     @property
@@ -301,6 +303,7 @@ def parse_suite(data: dict, *, path: Path | None = None, source_text: str = "", 
                   workloads=workloads, seeds=seeds, iters=budget["iters"], batch_size=budget["batch_size"],
                   train=train, eval_every=ev.pop("every"), eval=ev, report=report,
                   cost=ck.table(data, "cost", COST_SCHEMA), slurm=ck.table(data, "slurm", SLURM_SCHEMA),
+                  log=ck.table(data, "log", LOG_SCHEMA),
                   source_text=source_text, jobs=head.get("jobs", 1),
                   baseline_extend=float(budget.get("baseline_extend", 1.0)))
     if validate:

@@ -34,6 +34,7 @@ from bench.suite.display import make_reporter
 from bench.suite.executors import Executor, InlineExecutor, WorkerPool, skipped_outcome
 from bench.suite.grid import RunSpec, Suite, load_suite
 from bench.suite.slurm import SubmititExecutor
+from bench.train.live_log import LOG_ENV, check_logger
 from bench.train.run_folder import (
     ResultsConflictError,
     RunOutcome,
@@ -80,6 +81,9 @@ def run_suite(suite: Suite | str | os.PathLike, executor: str = "local", jobs: i
     if not isinstance(suite, Suite):
         suite = load_suite(suite)
     fileio.check_output_folder(results_root, "--results")
+    log_to = None if dry_run or LOG_ENV in os.environ else suite.log.get("to")  # --log on the command line wins
+    if log_to:
+        check_logger(log_to)
     suite_dir = Path(results_root) / suite.name
     runs = _select(suite, only)
     dirs = {r.key: r.run_dir(results_root) for r in runs}
@@ -111,8 +115,12 @@ def run_suite(suite: Suite | str | os.PathLike, executor: str = "local", jobs: i
         runner = SubmititExecutor(*common, suite_name=suite.name, suite_dir=suite_dir, cluster=cluster,
                                   settings={**suite.slurm, **(slurm or {})}, wait=wait)
     try:
+        if log_to:  # for this suite's runs only (workers and jobs inherit it)
+            os.environ[LOG_ENV] = log_to
         runner.run(todo)
     finally:  # interrupted too: the runs that ended are in the result
+        if log_to:
+            os.environ.pop(LOG_ENV, None)
         outcomes.update(runner.outcomes)
         result = SuiteResult(suite.name, suite_dir, [outcomes[r.key] for r in runs if r.key in outcomes])
         reporter.suite_end(result)

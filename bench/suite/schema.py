@@ -194,7 +194,11 @@ SLURM_SCHEMA = {
     "additional": (dict, False, None),
 }
 
-TOP_LEVEL = ("suite", "grid", "budget", "train", "eval", "report", "cost", "slurm")
+LOG_SCHEMA = {  # live logging of every run (bench/train/live_log.py); --log on the command line wins
+    "to": (str, True, lambda v: None if v in ("tensorboard", "wandb") else "must be \"tensorboard\" or \"wandb\""),
+}
+
+TOP_LEVEL = ("suite", "grid", "budget", "train", "eval", "report", "cost", "slurm", "log")
 
 DATASET_KEYS = {"name": (str, True, None), "resolution": (int, False, lambda v: None if v >= 4 else "must be >= 4"),
                 "data_dir": (str, False, None), "flip": (bool, False, None)}

@@ -67,6 +67,7 @@ from bench.models.networks import build_model
 from bench.train.batches import draw_batch
 from bench.train.checkpoint import resume_latest, save_checkpoint
 from bench.train.extras import build_aux, write_ema_snapshot
+from bench.train.live_log import close_live_log, live_log
 from bench.train.resolve import ResolvedRun, resolve_run
 from bench.train.run_folder import open_run_folder, record_runtime, trim_logs, write_status
 from bench.train.state import RunState, Streams
@@ -376,7 +377,6 @@ def train(run: ResolvedRun | TrainConfig, out_dir, events: TrainEvents | None = 
         if fresh and main:
             (out / "config.json").unlink(missing_ok=True)
         raise
-    ckpt_path = out / "checkpoint.pt"
     resume_latest(state, out)  # the newest good one of the last two (a bad one is named and set aside)
     if main:
         fileio.write_json(out / "method_trace.json",
@@ -385,6 +385,7 @@ def train(run: ResolvedRun | TrainConfig, out_dir, events: TrainEvents | None = 
         trim_logs(out, state.step)  # rows past the checkpoint are redone; a hole before it refuses the run
         record_runtime(out, rt, state.step)
         _set_status(out, "running", state.step, state.clocks)
+        events = live_log(out, run.record, events, state.step)  # TensorBoard or W&B when asked (--log)
     evaluator = None
     if run.eval_spec is not None:  # every rank samples and scores its share of each evaluation
         # Every evaluation's references now (the budget's larger N too): one not cached and too large
@@ -420,7 +421,7 @@ def train(run: ResolvedRun | TrainConfig, out_dir, events: TrainEvents | None = 
             if main:
                 fileio.append_jsonl(out / "steps.jsonl", rows)
                 fileio.append_jsonl(out / "evals.jsonl", eval_rows)
-            save_checkpoint(state, ckpt_path)
+            save_checkpoint(state, out / "checkpoint.pt")
             if main:
                 _set_status(out, "running", state.step, state.clocks,
                             reason=f"stopped by a signal at step {state.step}; resumes from here" if stop else None)
@@ -434,5 +435,6 @@ def train(run: ResolvedRun | TrainConfig, out_dir, events: TrainEvents | None = 
     stepping(False)
     if main:
         _set_status(out, "done", state.step, state.clocks)
+        close_live_log(events)  # its last evaluation is in: close the event file or W&B run
     barrier()
     return fileio.read_json(out / "status.json")
