@@ -65,10 +65,14 @@ def check_output_folder(path, option: str) -> None:
 
     path = Path(path)
     probe = path
-    while not probe.exists():  # the nearest part of the path that exists decides
-        if probe.parent == probe:
-            break
-        probe = probe.parent
+    try:
+        while not probe.exists():  # the nearest part of the path that exists decides
+            if probe.parent == probe:
+                break
+            probe = probe.parent
+    except PermissionError:
+        raise ConfigError(f"{option} {path}: {probe.parent} cannot be searched by this user; pass another {option} "
+                          "or fix its permissions") from None
     if probe.exists() and not probe.is_dir():
         raise ConfigError(f"{option} {path}: {probe} is a file, not a folder; pass another {option}")
     if probe.exists() and not os.access(probe, os.W_OK | os.X_OK):

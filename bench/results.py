@@ -62,7 +62,10 @@ class Results:
     @cached_property
     def speedup(self) -> pd.DataFrame | None:
         path = self.suite_dir / "tables" / "speedup.csv"
-        return pd.read_csv(path) if path.is_file() else None
+        try:
+            return pd.read_csv(path)
+        except (FileNotFoundError, pd.errors.EmptyDataError):  # no report yet, or one with no speed-ups
+            return None
 
 
 def load(path: str | os.PathLike) -> Results:

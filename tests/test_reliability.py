@@ -445,7 +445,8 @@ def uninterrupted(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("point", ["train_step@5", "write:checkpoint.next.pt@2", "append:steps.jsonl@2",
+@pytest.mark.parametrize("point", ["train_step@5", "write:checkpoint.next.pt@2", "checkpoint:rotated@1",
+                                   "checkpoint:renamed@2", "append:steps.jsonl@2",
                                    "append:evals.jsonl@1", "write:status.json@3"])
 def test_a_runner_killed_anywhere_resumes_to_the_uninterrupted_results(uninterrupted, tmp_path, point):
     """SIGKILL at a named point (DIFFBENCH_FAULT: no clock), then the same command again: every log row
@@ -521,6 +522,11 @@ def test_a_bad_checkpoint_is_named_and_the_previous_one_used(tmp_path, capsys, d
     assert "moved to checkpoint.rejected.pt, resuming from checkpoint.prev.pt" in err
     assert (run / "checkpoint.rejected.pt").read_bytes() == bytes(data)
     assert _logged(run, "steps.jsonl") == _logged(tmp_path / "clean", "steps.jsonl")
+    # Both kept checkpoints carry their own digest again, so a later fault still finds one to resume.
+    from bench.train.checkpoint import sha256_file
+
+    for name in ("checkpoint", "checkpoint.prev"):
+        assert json.loads((run / f"{name}.sha256").read_text())["sha256"] == sha256_file(run / f"{name}.pt")
 
 
 def test_report_takes_the_suite_file_run_took(tmp_path, capsys):

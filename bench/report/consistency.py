@@ -152,8 +152,8 @@ def _header(meta: dict) -> list[str]:
     out += ["", f"Sampling: {s['sampler']}, {s['steps']} steps ({s['spacing']} spacing), noise seed {s['noise_seed']}, "
             f"{meta['num_images']} images per model; features: {meta['features'] or 'none'}. Made by "
             f"`{meta['command']}`."]
-    seeds = [m["seed"] for m in meta["models"]]
-    if len(set(seeds)) < len(seeds):
+    seeds = [(m["seed"], m["arch"]) for m in meta["models"]]
+    if len(set(seeds)) < len(seeds):  # one seed and architecture: the same initial network
         out += ["", "Models of one seed share their initial weights, data order and noise draws (paired seeds): "
                     "their agreement includes what they share; only models of different seeds measure the "
                     "paper's claim across initialisations."]
@@ -177,7 +177,7 @@ def _untrained_line(meta: dict, initial: pd.DataFrame | None) -> list[str]:
     s = summarise_pairs(initial)
     if s.empty:
         return []
-    if len({m["seed"] for m in meta["models"]}) == 1:
+    if len({(m["seed"], m["arch"]) for m in meta["models"]}) == 1:
         return ["Before training these models were one network (one seed): the step-0 agreement is 1 by construction.", ""]
     return [f"Reference before training: the same models' initial networks, sampled from the same noise, agree at "
             f"{_fmt(s.loc['mean'].agreement)} (min {_fmt(s.loc['min'].agreement)}, max {_fmt(s.loc['max'].agreement)}): "

@@ -13,6 +13,7 @@ from bench.report.figures import figure_image_grid, safe_filename
 
 COLUMNS = 10  # noise indices in the grid of methods
 ROWS = 4      # noise indices in each method's grid over training
+MAX_STEPS = 12  # evaluation steps shown in a grid over training
 SAVED = re.compile(r"step(\d+)\.npz")
 
 
@@ -54,6 +55,8 @@ def sample_lines(w_runs: list[dict], workload: str, budget: int, order: list[str
     for m in labels:
         steps = saved_samples(first[m]["dir"])
         shown = sorted(steps)
+        if len(shown) > MAX_STEPS:  # evenly spread, first and last kept
+            shown = sorted({shown[round(i * (len(shown) - 1) / (MAX_STEPS - 1))] for i in range(MAX_STEPS)})
         grid = [_first(steps[s], ROWS) for s in shown]
         n = min(len(g) for g in grid)
         images = np.stack([g[:n] for g in grid], axis=1)  # rows: noise index, columns: step

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import re
 import shlex
 import sys
@@ -90,8 +91,6 @@ def select_runs(targets: list[str], results_root: Path, *, methods=(), seeds=(),
 
 
 def _record(run: Path) -> dict:
-    import json
-
     try:
         return json.loads((run / "config.json").read_text())
     except (OSError, ValueError):
@@ -251,7 +250,7 @@ def over_training(models: list[Model], ext, initial: dict[str, torch.Tensor]) ->
     gives before any training) and at every evaluation step whose samples every run saved: (table,
     images per model, a note on what is missing)."""
     labels = [m.label for m in models]
-    seeds = {m.spec.get("noise_seed", 0) for m in models}
+    seeds = {json.dumps(sampling_settings(m.spec, m.cfg.T), sort_keys=True) for m in models}  # noise and sampler
     steps = [saved_steps(m.run) for m in models]
     missing = [m.label for m, s in zip(models, steps) if not s]
     note = ""
@@ -259,7 +258,7 @@ def over_training(models: list[Model], ext, initial: dict[str, torch.Tensor]) ->
         steps, note = [{} for _ in models], (f"Not measured after step 0: {', '.join(missing)} saved no evaluation "
                                              "samples; set `save_samples = true` in the suite's [eval] table and run it again.")
     elif len(seeds) > 1:
-        steps, note = [{} for _ in models], f"Not measured after step 0: the runs' evaluation noise seeds differ ({sorted(seeds)})."
+        steps, note = [{} for _ in models], "Not measured after step 0: the runs' evaluations used different noise or samplers."
     common = sorted(set.intersection(*(set(s) for s in steps)))
     every = sorted(set().union(*(set(s) for s in steps)))
     rows, n = [], min(len(v) for v in initial.values())

@@ -21,8 +21,8 @@ import torch
 
 from bench import fileio
 from bench.core.config import RUNTIME_KEYS
-from bench.core.runtime import Runtime, gather_objects
-from bench.errors import CheckpointError, ConfigError
+from bench.core.runtime import Runtime, broadcast, gather_objects
+from bench.errors import BenchError, CheckpointError, ConfigError
 from bench.fileio import atomic_write
 from bench.train.run_folder import config_diff
 from bench.train.state import RunState
@@ -72,22 +72,27 @@ def save_checkpoint(state: RunState, path: Path) -> None:
     following = path.with_name(NEXT)
     try:
         atomic_write(following, lambda f: torch.save(data, f))
-        digest = sha256_file(following)
+        fileio.write_json(_digest_file(following), {"step": state.step, "sha256": sha256_file(following)})
     except (OSError, RuntimeError) as exc:  # torch reports a full disk as a RuntimeError of its zip writer
         following.unlink(missing_ok=True)
         free_mb = shutil.disk_usage(path.parent).free / 2**20
         raise CheckpointError(f"could not write {path} at step {state.step} ({type(exc).__name__}: "
                               f"{str(exc).splitlines()[0][:100]}; {free_mb:.0f} MiB free there); the previous "
                               "checkpoint is kept: free space and run the same command again to resume") from None
-    # Keep the last two. At every point between these renames a kill leaves at least one checkpoint
-    # whose digest some .sha256 file holds (resume_latest accepts a digest from either file).
+    # Keep the last two, each with its own digest. The new digest is on disk before any rename, and
+    # resume_latest accepts a digest from any checkpoint*.sha256: a kill between any two renames
+    # leaves the newest whole checkpoint verifiable.
     previous = path.with_name(PREVIOUS)
     if path.exists():
         os.replace(path, previous)
-    if _digest_file(path).exists():
-        os.replace(_digest_file(path), _digest_file(previous))
+        fileio.fault_point("checkpoint:rotated")
+        if _digest_file(path).exists():
+            os.replace(_digest_file(path), _digest_file(previous))
+        else:  # resumed from it (a kill before its digest's rename, or a run from before digests)
+            fileio.write_json(_digest_file(previous), {"sha256": sha256_file(previous)})
     os.replace(following, path)
-    fileio.write_json(_digest_file(path), {"step": state.step, "sha256": digest})
+    fileio.fault_point("checkpoint:renamed")
+    os.replace(_digest_file(following), _digest_file(path))
 
 
 NEXT, PREVIOUS, REJECTED = "checkpoint.next.pt", "checkpoint.prev.pt", "checkpoint.rejected.pt"
@@ -108,8 +113,27 @@ def sha256_file(path: Path) -> str:
 def resume_latest(state: RunState, out: Path) -> Path | None:
     """Resume from the newest good checkpoint in `out` (None: there is none, a fresh start). A bad
     checkpoint.pt is named on stderr, moved aside, and the previous one used; with no good one left,
-    one CheckpointError line names what is wrong."""
+    one CheckpointError line names what is wrong. Rank 0 decides and the other processes resume
+    from its choice (it alone moves files)."""
     out = Path(out)
+    if state.rt.world_size > 1:
+        chosen = None
+        if state.rt.rank == 0:
+            try:
+                chosen = _resume_newest_good(state, out)
+                chosen = ("ok", chosen.name if chosen else None)
+            except BenchError as exc:  # every process raises it: none waits for the others in vain
+                chosen = (type(exc).__name__, str(exc))
+        kind, value = broadcast(chosen)
+        if kind != "ok":
+            raise (ConfigError if kind == "ConfigError" else CheckpointError)(value)
+        if state.rt.rank > 0 and value:
+            resume(state, out / value)
+        return out / value if value else None
+    return _resume_newest_good(state, out)
+
+
+def _resume_newest_good(state: RunState, out: Path) -> Path | None:
     digests = set()
     for sidecar in out.glob("checkpoint*.sha256"):
         try:
@@ -128,8 +152,9 @@ def resume_latest(state: RunState, out: Path) -> Path | None:
             resume(state, path)
         except CheckpointError as exc:
             problems.append(str(exc))
-            if path.name == "checkpoint.pt" and (out / PREVIOUS).exists() and state.rt.rank == 0:
+            if path.name == "checkpoint.pt" and (out / PREVIOUS).exists():
                 os.replace(path, out / REJECTED)  # kept for a look; the next checkpoint is written afresh
+                _digest_file(path).unlink(missing_ok=True)  # the digest of what it should have been
                 print(f"warning: {exc}; moved to {REJECTED}, resuming from {PREVIOUS}", file=sys.stderr)
             continue
         return path

@@ -63,12 +63,15 @@ class LiveLog:
         if kind == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter
 
-            # purge_step: a resumed run drops what was logged past its checkpoint, as its files do
-            self.writer = SummaryWriter(log_dir=str(self.out / "tensorboard"), purge_step=start_step or None)
+            # purge_step: a resumed run drops what was logged past its checkpoint (steps > start_step, and
+            # everything of an attempt killed before its first checkpoint), as its files do
+            self.writer = SummaryWriter(log_dir=str(self.out / "tensorboard"), purge_step=start_step + 1)
         else:
             import wandb
 
-            run_id = hashlib.sha1(str(self.out.resolve()).encode()).hexdigest()[:16]  # one W&B run per folder
+            # One W&B run per folder. W&B keeps steps in the order logged: the steps a resumed run redoes
+            # after its checkpoint are logged again and W&B keeps its first values of them.
+            run_id = hashlib.sha1(str(self.out.resolve()).encode()).hexdigest()[:16]
             self.writer = wandb.init(mode=os.environ.get("WANDB_MODE", "offline"), dir=str(self.out), name=self.name,
                                      id=run_id, resume="allow", config=record)
 

@@ -393,6 +393,20 @@ def train(run: ResolvedRun | TrainConfig, out_dir, events: TrainEvents | None = 
         evaluator, *_ = [_prepared_in_turn(ev, rt) for ev in
                          evaluators_of({**run.eval_spec, "num_classes": state.num_classes}, TRAIN_COMPUTE_LIMIT)]
 
+    try:
+        _run_steps(state, run, evaluator, events, out)
+        if main:
+            _set_status(out, "done", state.step, state.clocks)
+    finally:  # done, diverged, stopped or failed: what was logged live is flushed and closed
+        if main:
+            close_live_log(events)
+    barrier()
+    return fileio.read_json(out / "status.json")
+
+
+def _run_steps(state: RunState, run: ResolvedRun, evaluator, events, out: Path) -> None:
+    """The training steps from state.step to the end: evaluations, checkpoints, logs and status."""
+    cfg, method, rt, main = state.cfg, state.method, state.rt, state.rt.rank == 0
     # Steps are launched without waiting for the device; their rows are read (one host sync), checked
     # and shown every `sync_every` steps, and before every evaluation and checkpoint.
     sync_every = SYNC_EVERY_CPU if rt.torch_device.type == "cpu" else SYNC_EVERY_GPU
@@ -433,8 +447,3 @@ def train(run: ResolvedRun | TrainConfig, out_dir, events: TrainEvents | None = 
         since = time.perf_counter()
 
     stepping(False)
-    if main:
-        _set_status(out, "done", state.step, state.clocks)
-        close_live_log(events)  # its last evaluation is in: close the event file or W&B run
-    barrier()
-    return fileio.read_json(out / "status.json")

@@ -305,10 +305,10 @@ def claim_run_folder(out: Path, rank: int = 0):
     try:
         yield
     finally:
-        lock.close()
-        if fresh and [p.name for p in out.iterdir()] == [".lock"]:
+        if fresh and [p.name for p in out.iterdir()] == [".lock"]:  # removed while still held
             (out / ".lock").unlink()
             out.rmdir()
+        lock.close()
 
 
 def trim_logs(out: Path, step: int) -> None:
@@ -347,7 +347,7 @@ def record_runtime(out: Path, rt: Runtime, step: int) -> None:
     if now.get("device", "").startswith("cpu"):
         now["cpu_threads"] = torch.get_num_threads()
         before = stretches[-1].get("cpu_threads") if stretches else None
-        if before is not None and before != now["cpu_threads"]:
+        if step > 0 and before is not None and before != now["cpu_threads"]:  # step 0: nothing trained yet
             raise ConfigError(f"{out} trained to step {step} with {before} CPU thread(s) and this process has "
                               f"{now['cpu_threads']}: the numbers would differ from an uninterrupted run; resume it "
                               f"with {before} (a suite's --jobs J gives each run CPUs / J threads; `train`: "
@@ -362,6 +362,8 @@ def read_run_file(path: Path, fix: str) -> dict:
         data = fileio.read_json(path)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path} is corrupt ({type(exc).__name__}); {fix}") from None
+    except OSError as exc:
+        raise ConfigError(f"{path} cannot be read ({exc.strerror or type(exc).__name__}); {fix}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path} is corrupt (not a JSON object); {fix}")
     return data
