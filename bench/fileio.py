@@ -145,12 +145,12 @@ def iter_jsonl(path: Path):
                 yield row
 
 
-def unreadable_lines(path: Path) -> tuple[list[int], bool]:
-    """(1-based numbers of the lines of a JSON-lines file that are not a JSON object, whether the file
-    ends in a line cut short: no final newline, as a write killed half-way leaves it)."""
+def unreadable_lines(path: Path) -> tuple[list[int], int | None]:
+    """(1-based numbers of the lines of a JSON-lines file that are not a JSON object, the number of the
+    last line when it was cut short: no final newline, as a write killed half-way leaves it)."""
     if not Path(path).exists():
-        return [], False
-    bad, last = [], "\n"
+        return [], None
+    bad, n, last = [], 0, b"\n"
     with open(path, "rb") as f:
         for n, line in enumerate(f, 1):
             last = line
@@ -160,7 +160,7 @@ def unreadable_lines(path: Path) -> tuple[list[int], bool]:
                 ok = False
             if not ok:
                 bad.append(n)
-    return bad, not last.endswith(b"\n") if isinstance(last, bytes) else False
+    return bad, (n if n and not last.endswith(b"\n") else None)
 
 
 def read_jsonl(path: Path) -> list[dict]:

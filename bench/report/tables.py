@@ -58,10 +58,10 @@ def _log_problem(path: Path, status: dict) -> str | None:
     short (its write in progress); any other unreadable line loses evaluations."""
     bad, torn = unreadable_lines(path)
     if torn and status.get("state") == "running":
-        bad = bad[:-1]
+        bad = [n for n in bad if n != torn]
     if not bad:
         return None
-    return (f"evals.jsonl line {bad[0]} is unreadable ({'cut short' if torn and bad[-1] == bad[0] else 'not JSON'}): "
+    return (f"evals.jsonl line {bad[0]} is unreadable ({'cut short' if bad[0] == torn else 'not JSON'}): "
             "its evaluations are left out of this report; delete the run folder and run the suite again")
 
 def run_budget(cfg: dict) -> int | None:

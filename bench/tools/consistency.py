@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import re
 import shlex
 import sys
 from dataclasses import dataclass
@@ -41,10 +40,9 @@ from bench.eval.sampling import check_sampler_args, sample, to_uint8
 from bench.fileio import atomic_write, atomic_write_bytes, write_json
 from bench.models.networks import build_model
 from bench.report.consistency import pair_row, prediction_row, write_report
+from bench.report.samples import saved_samples
 from bench.train.checkpoint import load_checkpoint
 from bench.train.resolve import resolve_run
-
-SAMPLES = re.compile(r"step(\d+)\.npz")  # an evaluation's samples (not _final or a second sampler's)
 
 
 @dataclass
@@ -230,11 +228,6 @@ def predictions_over_t(models: list[Model], schedule: Schedule, x0_uint8: torch.
     return pd.DataFrame(pairs), pd.DataFrame(errors)
 
 
-def saved_steps(run: Path) -> dict[int, Path]:
-    return {int(m.group(1)): p for p in sorted((run / "samples").glob("step*.npz"))
-            if (m := SAMPLES.fullmatch(p.name))}
-
-
 def initial_network(m: Model) -> Model:
     """The network the run started from, rebuilt as training's setup builds it: the run's seed, then
     the architecture's initialisation (bench.train.loop.setup; a test holds the two together)."""
@@ -251,7 +244,7 @@ def over_training(models: list[Model], ext, initial: dict[str, torch.Tensor]) ->
     images per model, a note on what is missing)."""
     labels = [m.label for m in models]
     seeds = {json.dumps(sampling_settings(m.spec, m.cfg.T), sort_keys=True) for m in models}  # noise and sampler
-    steps = [saved_steps(m.run) for m in models]
+    steps = [saved_samples(m.run) for m in models]
     missing = [m.label for m, s in zip(models, steps) if not s]
     note = ""
     if missing:

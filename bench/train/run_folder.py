@@ -319,8 +319,7 @@ def trim_logs(out: Path, step: int) -> None:
     for name in ("steps.jsonl", "evals.jsonl"):
         path = out / name
         bad, torn = fileio.unreadable_lines(path)
-        lines = sum(1 for _ in open(path, "rb")) if bad else 0
-        inner = [n for n in bad if not (torn and n == lines)]
+        inner = [n for n in bad if n != torn]
         if inner:
             raise ConfigError(f"{path} line {inner[0]} is unreadable (not a torn last line): the rows it held cannot "
                               f"be redone from the checkpoint at step {step}; delete the run folder to train the run again")
