@@ -1,4 +1,4 @@
-"""Atomic file writes and JSON-lines logs.
+"""Atomic file writes, JSON-lines logs and locks.
 
 Whole files (configs, statuses, checkpoints) are written to a temporary file in the same
 folder and renamed over the target, so a reader never sees half a file. Logs are appended
@@ -6,10 +6,17 @@ line by line; a run that resumes first trims its logs back to its checkpoint's s
 also drops a line cut short by a kill.
 """
 
+import contextlib
+import errno
+import fcntl
+import hashlib
 import json
 import math
 import os
+import socket
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 _UMASK = os.umask(0)
@@ -39,14 +46,40 @@ def remove_stale_temporaries(folder: Path) -> None:
         stale.unlink(missing_ok=True)
 
 
-def atomic_write(path: Path, write) -> None:
-    """Write a file through `write(fileobj)` to a temporary name in the same folder, then rename."""
+class HashingWriter:
+    """A binary file whose every written byte also goes to a SHA-256: the digest of a large file (a
+    checkpoint) as it is streamed out, never read back. Write-only and sequential, as torch.save's
+    zip writer is."""
+
+    def __init__(self, f):
+        self._f, self._sha = f, hashlib.sha256()
+
+    def write(self, data) -> int:
+        self._sha.update(data)  # hashlib lets go of the GIL for large buffers
+        return self._f.write(data)
+
+    def flush(self) -> None:
+        self._f.flush()
+
+    def hexdigest(self) -> str:
+        return self._sha.hexdigest()
+
+
+def atomic_write(path: Path, write, sha256: bool = False) -> str | None:
+    """Write a file through `write(fileobj)` to a temporary name in the same folder, then rename.
+    With sha256, the file object hashes what is written, and its SHA-256 is returned."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    digest = None
     try:
         with os.fdopen(fd, "wb") as f:
-            write(f)
+            if sha256:
+                hashing = HashingWriter(f)
+                write(hashing)
+                digest = hashing.hexdigest()
+            else:
+                write(f)
             f.flush()
             os.fsync(f.fileno())
             fault_point(f"write:{path.name}")  # the bytes are out, the rename not done
@@ -56,6 +89,7 @@ def atomic_write(path: Path, write) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    return digest
 
 
 def check_output_folder(path, option: str) -> None:
@@ -173,3 +207,164 @@ def trim_jsonl(path: Path, max_step: int) -> None:
     if Path(path).exists():
         rows = [r for r in read_jsonl(path) if r.get("step", 0) <= max_step]
         atomic_write_bytes(path, "".join(dumps(r) + "\n" for r in rows).encode())
+
+
+# -- locks --------------------------------------------------------------------------------------------
+#
+# flock where the file system grants it: the kernel drops it when its process dies, whatever the
+# cause. Some shared file systems refuse flock itself (Lustre mounted without `-o flock`, some NFS
+# set-ups: ENOLCK, EOPNOTSUPP, EINVAL, ENOSYS); there an O_CREAT|O_EXCL owner file, atomic on any
+# POSIX file system, takes its place. It names its holder (host, pid, boot id, the pid's start time),
+# so a lock left by a process that died on this host is recognised and broken; one left on another
+# host stays until that file is removed (the refusal names it).
+
+_FLOCK_REFUSED = {errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS}
+_told_no_flock: set[str] = set()
+
+
+class HeldLock:
+    """An exclusive lock this process holds; close() releases it (so does the process's end, for
+    flock; an owner file is recognised as stale once its pid is gone)."""
+
+    def __init__(self, path: Path, handle=None, owner_file: Path | None = None, owner: dict | None = None):
+        self.path, self._handle, self._owner_file, self._owner = path, handle, owner_file, owner
+
+    @property
+    def kind(self) -> str:
+        return "flock" if self._owner_file is None else "owner file"
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+        if self._owner_file is not None:
+            if _read_owner(self._owner_file) == self._owner:  # still ours (never remove another's)
+                self._owner_file.unlink(missing_ok=True)
+            self._owner_file = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def owner_file_of(path: Path) -> Path:
+    """The O_EXCL lock file that stands for `path` where flock is refused."""
+    return Path(path).with_name(Path(path).name + ".owner")
+
+
+def try_lock(path) -> HeldLock | None:
+    """An exclusive lock on `path` (the file is created), or None while another process holds it."""
+    path = Path(path)
+    f = open(path, "a")
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return HeldLock(path, handle=f)
+    except OSError as exc:
+        f.close()
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            return None
+        if exc.errno not in _FLOCK_REFUSED:
+            raise
+        _tell_no_flock(path, exc)
+    return _try_owner_file(path)
+
+
+def lock_holder(path) -> str | None:
+    """Who holds the owner-file lock of `path` ("host H, pid P"), or None (none, or a flock)."""
+    owner = _read_owner(owner_file_of(path))
+    return f"host {owner.get('host')}, pid {owner.get('pid')}" if owner else None
+
+
+@contextlib.contextmanager
+def locked(path, poll_s: float = 0.5):
+    """Hold the lock on `path` inside, waiting for it as long as another process holds it."""
+    while (lock := try_lock(path)) is None:
+        time.sleep(poll_s)  # flock's own blocking wait is not open to the owner-file fallback
+    try:
+        yield lock
+    finally:
+        lock.close()
+
+
+def _tell_no_flock(path: Path, exc: OSError) -> None:
+    """One line per folder: why locks there are owner files."""
+    folder = str(path.parent)
+    if folder not in _told_no_flock:
+        _told_no_flock.add(folder)
+        print(f"note: the file system of {folder} refuses flock ({errno.errorcode.get(exc.errno, exc.errno)}; on "
+              "Lustre, mount it with -o flock); locking with owner files there instead", file=sys.stderr)
+
+
+def _me() -> dict:
+    return {"host": socket.gethostname(), "pid": os.getpid(), "boot": _boot_id(), "started": _start_ticks(os.getpid())}
+
+
+def _try_owner_file(path: Path) -> HeldLock | None:
+    owner_file, me = owner_file_of(path), _me()
+    for _ in range(2):  # a second try after breaking a stale owner file
+        try:
+            fd = os.open(owner_file, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666 & ~_UMASK)
+        except FileExistsError:
+            seen = _read_owner(owner_file)
+            if seen is None or not _is_stale(seen):  # unreadable: being written right now
+                return None
+            _break_stale(owner_file, seen)
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(me))
+            f.flush()
+            os.fsync(f.fileno())
+        return HeldLock(path, owner_file=owner_file, owner=me)
+    return None
+
+
+def _read_owner(owner_file: Path) -> dict | None:
+    try:
+        owner = json.loads(Path(owner_file).read_text())
+    except (OSError, ValueError):
+        return None
+    return owner if isinstance(owner, dict) else None
+
+
+def _is_stale(owner: dict) -> bool:
+    """Whether an owner file's process is gone: on this host, its pid is not running since this boot
+    with the start time it wrote (a reused pid is another process). Another host's: never known."""
+    if owner.get("host") != socket.gethostname():
+        return False
+    if owner.get("boot") != _boot_id():
+        return True
+    return _start_ticks(int(owner.get("pid", -1))) != owner.get("started")
+
+
+def _break_stale(owner_file: Path, seen: dict) -> None:
+    """Remove a stale owner file, unless another process has broken it and taken the lock meanwhile:
+    the rename moves one file at most once, and what was moved is checked before it is dropped."""
+    aside = owner_file.with_name(f"{owner_file.name}.stale-{os.getpid()}")
+    try:
+        os.rename(owner_file, aside)
+    except FileNotFoundError:  # another process broke it first
+        return
+    if _read_owner(aside) != seen:  # a live holder's file: put it back
+        with contextlib.suppress(FileExistsError):
+            os.link(aside, owner_file)
+    aside.unlink(missing_ok=True)
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _start_ticks(pid: int) -> int | None:
+    """A running process's start time (clock ticks since boot, /proc/PID/stat field 22), or None."""
+    if pid <= 0:
+        return None
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[19])

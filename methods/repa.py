@@ -52,7 +52,12 @@ class REPA(Method):
     the suite's proxy classifier for the dataset (bench/eval/proxy.py: shipped for Fashion-MNIST and the
     synthetic set, trained on the dataset's training split otherwise), its last convolutional stage
     (128 channels), average-pooled to the denoiser's grid. The default layer is the U-Net's first middle
-    block or a transformer's block at a third of its depth."""
+    block or a transformer's block at a third of its depth.
+
+    A teacher that is not shipped is trained once per dataset, resolution and cache, on the run's device
+    (its first job's: the others wait for it under a lock, then load it). A dataset without a test split
+    (imagenet128) trains it on nine tenths of its train split, holding out the rest to check its accuracy
+    on (get_proxy's rule; the record says so)."""
 
     name = "repa"
     slots = frozenset({"aux_loss"})
@@ -68,7 +73,9 @@ class REPA(Method):
 
         layer = default_layer(model) if self.hp["layer"] == "auto" else self.hp["layer"]
         width = self._probe_width(model, layer, image_shape)
-        proxy = copy.deepcopy(get_proxy(dataset, image_shape[-1], data_dir=data_dir).model)  # not the evaluator's
+        device = next(model.parameters()).device  # the run's: a teacher not shipped is trained there
+        proxy = get_proxy(dataset, image_shape[-1], data_dir=data_dir, device=device)
+        proxy = copy.deepcopy(proxy.model)  # not the evaluator's
         teacher = proxy.body[:-2]  # up to the last stage's ReLU: 4 x width channels, before pooling and flatten
         teacher_width = teacher[-3].out_channels
         return AuxModule(layer, RepaHead(width, self.hp["proj_dim"], teacher, teacher_width))

@@ -231,3 +231,30 @@ def test_reference_features_in_parallel_equal_the_serial_ones(tmp_path):
     finally:
         ext.resize_workers = default  # the extractor is shared by the process
     assert hashes[0] == hashes[1]
+
+
+def test_an_evaluation_out_of_memory_halves_its_batch_says_so_once_and_scores_the_same(cache, model, schedule,
+                                                                                         capsys):
+    """A sampling batch that runs out of CUDA memory (simulated on the CPU: the network refuses more than
+    3 images) is halved until it fits, said once in the run's log and recorded in the rows; the numbers
+    are those of an evaluation run at the smaller batch from the start."""
+
+    class OOMAbove3(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def forward(self, x, t):
+            if x.shape[0] > 3:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+            return self.inner(x, t)
+
+    ev = Evaluator(_spec(cache, batch_size=8, metrics=["proxy_fd"]))
+    rows = ev.evaluate(OOMAbove3().eval(), schedule, "eps", step=1)
+    again = ev.evaluate(OOMAbove3().eval(), schedule, "eps", step=2)  # starts at the halved batch
+    said = capsys.readouterr().err
+    assert said.count("eval: CUDA out of memory sampling 8 images at once: batches of 4 from now on") == 1
+    assert said.count("CUDA out of memory") == 1  # not again for 4 -> 2, nor on the next call
+    assert rows[0]["sample_batch_size"] == 2 and rows[0]["sample_batch_halvings"] == 2
+    plain = Evaluator(_spec(cache, batch_size=2, metrics=["proxy_fd"])).evaluate(model, schedule, "eps", step=1)
+    assert rows[0]["value"] == again[0]["value"] == plain[0]["value"] and "sample_batch_size" not in plain[0]

@@ -303,4 +303,69 @@ def test_the_threaded_resize_changes_no_feature():
     ext = I.get_inception()
     serial = ext.features(images, batch_size=3, resize_workers=1)
     assert np.array_equal(ext.features(images, batch_size=3, resize_workers=3), serial)
-    assert ext.batch_size == 50 and ext.resize_workers >= 1  # a CPU's batch; a GPU's is 500
+    assert ext.batch_size == 48 and ext.resize_workers >= 1  # a CPU's batch (12 micro-batches); a GPU's is 500
+
+
+@needs_inception
+def test_features_are_the_same_for_any_batch_split_with_or_without_overlap():
+    """The resize of batch k + 1 overlapped with the network on batch k, and any batch split (on a CPU
+    rounded up to whole micro-batches of 4): the features of one batch holding every image, bit for bit."""
+    images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    ext = I.get_inception()
+    whole = ext.features(images, batch_size=8, overlap=False)
+    for bs, overlap in ((4, True), (3, True)):
+        assert np.array_equal(ext.features(images, batch_size=bs, overlap=overlap), whole), (bs, overlap)
+
+
+def test_inception_runs_whole_batches_on_a_gpu_and_micro_batches_on_a_cpu(monkeypatch):
+    """The network sees micro-batches of 4 on a CPU (its allocator) and the whole batch elsewhere."""
+    seen = []
+
+    class Layers(torch.nn.Module):
+        def forward(self, x):
+            seen.append(len(x))
+            return torch.zeros(len(x), 2048, 1, 1)
+
+    net = I.InceptionNet(Layers(), channels_last=False)
+    net(torch.zeros(10, 3, 8, 8))
+    assert seen == [4, 4, 2]
+    seen.clear()
+    with torch.device("meta"):  # a device other than the CPU, where nothing is computed
+        net(torch.zeros(10, 3, 8, 8))
+    assert seen == [10]
+
+
+def test_merged_moments_of_shards_equal_one_process_statistics():
+    """ref-stats over several GPUs: each shard's moments in float64, merged, give numpy.cov's statistics of
+    the whole set to float64 round-off, for even, uneven and empty shards."""
+    rng = np.random.default_rng(0)
+    feats = np.abs(rng.normal(0.3, 0.4, (301, 16))).astype(np.float32)  # non-negative, as Inception's pool features
+    mu, sigma = F.feature_stats(feats)
+    # Sums of N float64 terms: relative error up to about N x 2^-53 of the summed magnitudes (|f| for
+    # the mean, |f_i f_j| for the scatter); a factor 4 covers the centring and the merge's own terms.
+    eps, n, top = 2.0**-53, len(feats), float(np.abs(feats).max())
+    for cuts in ([151], [10, 200], [0, 100, 100, 250]):
+        parts = np.split(feats, cuts)
+        m, s = F.merge_moments([F.moments(p) for p in parts if len(p)])
+        assert np.abs(m - mu).max() <= 4 * n * eps * top
+        assert np.abs(s - sigma).max() <= 4 * n * eps * top**2
+    # Merging is no plain sum of raw moments: features far from 0 (mean 1e4, spread 1) keep their covariance.
+    shifted = feats.astype(np.float64) + 1e4
+    m, s = F.merge_moments([F.moments(p) for p in np.split(shifted, [151])])
+    assert np.abs(s - F.feature_stats(shifted)[1]).max() <= 4 * n * eps * 1e4 * top
+
+
+def test_reference_statistics_over_two_shards(tmp_path):
+    """Two extractors (two GPUs on a machine that has them; here the CPU twice) each take half of the
+    reference images: the same features, statistics equal to one process's to round-off, the same
+    cache entry (a later single-device run reads it)."""
+    one = F.reference_stats(CountingExtractor(), "synthetic", "train", num=300, cache_dir=tmp_path / "one")
+    a, b = CountingExtractor(), CountingExtractor()
+    two = F.reference_stats(a, "synthetic", "train", num=300, cache_dir=tmp_path / "two", shards=[a, b])
+    assert a.calls == b.calls == 1 and two.computed and two.key == one.key
+    assert np.array_equal(two.feats, one.feats)
+    eps, top = 2.0**-53, float(np.abs(one.feats).max())
+    assert np.abs(two.mu - one.mu).max() <= 4 * 300 * eps * top
+    assert np.abs(two.sigma - one.sigma).max() <= 4 * 300 * eps * top**2
+    again = F.reference_stats(CountingExtractor(), "synthetic", "train", num=300, cache_dir=tmp_path / "two")
+    assert not again.computed and np.array_equal(again.sigma, two.sigma)

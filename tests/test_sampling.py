@@ -297,3 +297,81 @@ def test_evaluator_default_spacing_reaches_t0():
     from bench.eval.spec import DEFAULTS
 
     assert timestep_sequence(1000, DEFAULTS["sampler_steps"], DEFAULTS["timestep_spacing"])[-1] == 0
+
+
+def test_the_schedule_is_moved_to_the_device_once_per_call(linear):
+    """The tables x0_hat and eps_hat read are put on the model's device once per sample() call, not
+    at every step (on a GPU each such move of a float64 [T] table is a host-to-device copy)."""
+    from torch.overrides import TorchFunctionMode
+
+    class Moves(TorchFunctionMode):
+        count = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func is torch.Tensor.to and args[0].shape == (linear.T,) and (
+                    "device" in kwargs or any(isinstance(a, (str, torch.device)) for a in args[1:])):
+                Moves.count += 1
+            return func(*args, **kwargs)
+
+    m = GaussianOptimum(linear, kind="eps")
+    with Moves():
+        moved = sample(m, linear, "eps", 10, (1, 4, 4), batch_size=4, sampler="ddpm", steps=7)
+    assert Moves.count == 2  # sqrt(ab) and sqrt(1 - ab), for 3 batches of 7 steps
+    # The same images as the schedule's own per-step arithmetic gives, bit for bit.
+    from bench.eval.sampling import schedule_on
+
+    x, t, out = torch.randn(3, 1, 4, 4), torch.tensor([0, 500, 999]), torch.randn(3, 1, 4, 4)
+    for kind in ("eps", "x0", "v"):
+        for a, b in zip(schedule_on(linear, "cpu").predict_x0_eps(kind, x, t, out), linear.predict_x0_eps(kind, x, t, out)):
+            assert torch.equal(a, b)
+    assert torch.equal(moved, sample(m, linear, "eps", 10, (1, 4, 4), batch_size=10, sampler="ddpm", steps=7))
+
+
+class OOMAbove(nn.Module):
+    """A model that runs out of CUDA memory on batches of more than `most` images."""
+
+    def __init__(self, inner, most):
+        super().__init__()
+        self.inner, self.most = inner, most
+
+    def forward(self, x, *rest):
+        if x.shape[0] > self.most:
+            raise torch.cuda.OutOfMemoryError(f"CUDA out of memory (simulated: {x.shape[0]} > {self.most} images)")
+        return self.inner(x, *rest)
+
+
+@pytest.mark.parametrize("cfg", [dict(sampler="ddim", steps=5), dict(sampler="ddpm", steps=5)])
+def test_a_batch_out_of_memory_is_halved_and_gives_the_same_images(linear, cfg):
+    full = sample(GaussianOptimum(linear), linear, "eps", 10, (1, 4, 4), batch_size=10, noise_seed=3, **cfg)
+    halvings = []
+    halved = sample(OOMAbove(GaussianOptimum(linear), 3), linear, "eps", 10, (1, 4, 4), batch_size=10, noise_seed=3,
+                    on_halve=lambda old, new: halvings.append((old, new)), **cfg)
+    assert halvings == [(10, 5), (5, 2)]
+    assert torch.equal(halved, full)
+    with pytest.raises(torch.cuda.OutOfMemoryError):  # one image that does not fit is not hidden
+        sample(OOMAbove(GaussianOptimum(linear), 0), linear, "eps", 2, (1, 4, 4), batch_size=2, **cfg)
+
+
+def test_the_evaluation_batch_is_sized_to_fit_adm_at_128px_on_80gb():
+    """ADM at 128 px, class-conditional: the activation estimate (on the meta device, nothing
+    allocated) puts the suite's 500-image batch above what 80 GB hold beside the weights, EMA and
+    AdamW's moments, and the batch chosen fits there; a smaller network keeps the requested batch."""
+    from bench.eval.sampling import activation_bytes, fit_batch
+    from bench.models.networks import build_model
+
+    with torch.device("meta"):
+        adm = build_model("adm-unet", 3, 128, num_classes=1000)
+    weights = 4 * sum(p.numel() for p in adm.parameters())
+    per_image = activation_bytes(adm, (3, 128, 128), num_classes=1000)
+    # At least the 256-channel 128x128 feature maps that stay alive for the skip connections (3 of them
+    # at the top level, 16 MiB each in fp32), at most every one of the network's 1,000-odd tensors.
+    assert 3 * 256 * 128 * 128 * 4 < per_image < 2**30
+    free = 80 * 10**9 - 4 * weights  # weights, EMA and AdamW's two moments stay on the GPU while it samples
+    assert 500 * per_image > 0.85 * free  # the suite's batch as it stands does not fit
+    b = fit_batch(500, per_image, free)
+    assert 100 <= b < 500 and b * per_image <= 0.85 * free
+    # Guidance runs two forwards per image; a small network's requested batch fits as asked.
+    assert activation_bytes(adm, (3, 128, 128), 1000, guidance_scale=1.5) > 1.5 * per_image
+    tiny = build_model("unet-tiny", 1, 16)
+    assert fit_batch(500, activation_bytes(tiny, (1, 16, 16)), free) == 500

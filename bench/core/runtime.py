@@ -14,8 +14,8 @@ Fast path, each part recorded in config.json's ``runtime`` list and the report:
   stay fp32 (the network's output is cast back to fp32 before the loss).
 - ``tf32`` (default true): TF32 matmuls and convolutions, CUDA only.
 - ``fused_adamw`` (default true): the fused AdamW kernel, CUDA only (the CPU uses foreach).
-- ``channels_last`` (default true, as before on the CPU too): NHWC memory layout for the
-  convolutional networks.
+- ``channels_last`` (default "auto": by network and device, :data:`CHANNELS_LAST_CUDA`; on the CPU
+  on, as before): NHWC memory layout for the convolutional networks.
 - ``compile`` (default false): torch.compile of the network for training steps only (the EMA
   and evaluation use the plain module).
 
@@ -259,6 +259,28 @@ def gather_objects(obj) -> list:
 
 # -- the fast path ----------------------------------------------------------------------------------
 
+# channels_last = "auto" on a CUDA GPU, by network, from measurement: the GPU check's channels_last
+# rows (the fast path with it on, over off) decide an entry. None is measured yet (no GPU has been
+# lent), so every network is off: CUDA's GroupNorm takes NCHW only, so each of the U-Nets' norms (51 in
+# ddpm-unet, 87 in adm-unet) converts NHWC activations in and back out, and DiT has a single
+# convolution (its patch embedding) to gain from NHWC. Turn an entry on when the check measures it
+# faster. On the CPU, "auto" is on for every network: every committed CPU result was trained so, and
+# the layout changes a run's floating point.
+CHANNELS_LAST_CUDA = {
+    "unet-micro": False, "unet-tiny": False, "ddpm-unet": False, "adm-unet": False,
+    "dit-s/2": False, "dit-s/4": False, "dit-s/8": False, "dit-b/2": False, "dit-b/4": False, "dit-b/8": False,
+    "dit-l/2": False, "dit-l/4": False, "dit-l/8": False, "dit-xl/2": False, "dit-xl/4": False, "dit-xl/8": False,
+}
+
+
+def channels_last_for(arch: str, device: torch.device, setting: bool | str = "auto") -> bool:
+    """Whether a run of `arch` on `device` trains in channels_last: `setting` when it is a flag, else
+    (auto) on for the CPU and CHANNELS_LAST_CUDA's entry on a GPU (off for a network it lacks)."""
+    if isinstance(setting, bool):
+        return setting
+    return device.type != "cuda" or CHANNELS_LAST_CUDA.get(arch, False)
+
+
 
 @dataclass(frozen=True)
 class Runtime:
@@ -319,8 +341,9 @@ def make_runtime(cfg) -> Runtime:
     name = torch.cuda.get_device_name(device) if cuda else _cpu_name()
     backend = init_processes(device)
     return Runtime(device=str(device), device_name=name, precision=precision, tf32=cuda and cfg.tf32,
-                   channels_last=cfg.channels_last, fused_adamw=cuda and cfg.fused_adamw, compile=cfg.compile,
-                   world_size=size, rank=rank, backend=backend)
+                   channels_last=channels_last_for(cfg.arch, device, cfg.channels_last),
+                   fused_adamw=cuda and cfg.fused_adamw, compile=cfg.compile, world_size=size, rank=rank,
+                   backend=backend)
 
 
 def _cpu_name() -> str:
@@ -348,7 +371,7 @@ class StopRequested(BaseException):
         self.step = step
 
 
-_STOP = {"watching": False, "requested": False, "deferrable": False, "previous": None}
+_STOP = {"watching": False, "requested": False, "deferrable": False, "previous": None, "signum": None}
 
 
 def watch_stop_signal(signum: int):
@@ -363,7 +386,7 @@ def watch_stop_signal(signum: int):
         elif callable(_STOP["previous"]):
             _STOP["previous"](_signum, frame)
 
-    _STOP.update(watching=True, requested=False, deferrable=False, previous=signal.getsignal(signum))
+    _STOP.update(watching=True, requested=False, deferrable=False, previous=signal.getsignal(signum), signum=signum)
     signal.signal(signum, ask)
     return _STOP["previous"]
 
@@ -377,8 +400,13 @@ def unwatch_stop_signal(signum: int, previous) -> None:
 
 
 def stepping(on: bool) -> None:
-    """Whether the training loop will reach a step boundary soon (a watched signal can wait for it)."""
+    """Whether the training loop will reach a step boundary soon (a watched signal can wait for it).
+    Turned off (an evaluation begins) while a signal waits that no boundary has taken up: the previous
+    handler acts now, as for a signal during the evaluation, which could outlast the signal's warning."""
     _STOP["deferrable"] = on
+    if not on and _STOP["requested"] and callable(_STOP["previous"]):
+        _STOP["requested"] = False
+        _STOP["previous"](_STOP["signum"], None)
 
 
 def stop_requested(device: torch.device) -> bool:
@@ -391,4 +419,6 @@ def stop_requested(device: torch.device) -> bool:
         box = torch.tensor([1.0 if flag else 0.0], device=device)
         dist.all_reduce(box, op=dist.ReduceOp.MAX)
         flag = bool(box.item())
+    if flag:  # taken up: this boundary checkpoints and stops
+        _STOP["requested"] = False
     return flag

@@ -17,7 +17,11 @@ and also dataset, resolution, noise_seed, weights_sha1 and weights_sha256 (of th
 pinned extractor from the repository, not one trained on this machine), timestep_spacing and
 timesteps (the sampler's visited timesteps, in order), noise_floor (the same metric between
 num_gen real images, disjoint from the reference set, and the reference: what a perfect
-generator would score at this N) with noise_floor_source, sample_seconds and setup_seconds.
+generator would score at this N) with noise_floor_source (where there are not N such images, as
+for FID-50k against all of CIFAR-10's train split, noise_floor is None and the source says why,
+cached as such), sample_seconds and setup_seconds; sample_batch_size and sample_batch_halvings
+only where the sampling batch was not the spec's (sized to a GPU's free memory, or halved when it
+ran out: bench.eval.sampling.sampling_batch; the images do not depend on it).
 eval_seconds is the wall time of the whole evaluate() call, the same on every row of that
 call (do not add it up over rows); setup_seconds is the part spent once per process (loading
 Inception, training or loading the proxy, reference statistics), non-zero on the first call.
@@ -44,7 +48,14 @@ from bench.eval.fid import (
 )
 from bench.eval.inception import get_inception
 from bench.eval.proxy import get_proxy
-from bench.eval.sampling import check_sampler_args, model_device, sample, timestep_sequence, to_uint8
+from bench.eval.sampling import (
+    check_sampler_args,
+    model_device,
+    sample,
+    sampling_batch,
+    timestep_sequence,
+    to_uint8,
+)
 from bench.eval.spec import resolve_spec
 from bench.fileio import atomic_write_bytes
 
@@ -84,6 +95,8 @@ class Evaluator:
         self.compute_limit = compute_limit
         self._prepared: dict = {}
         self._variants: dict = {}
+        self._batch: int | None = None  # the sampling batch (bench.eval.sampling.sampling_batch), halved on OOM
+        self._halvings: list = []
 
     def variant(self, **change) -> "Evaluator":
         """This evaluation with some spec keys changed (another sampler, another N), made once per
@@ -118,9 +131,11 @@ class Evaluator:
         images, _ = load_dataset(s["dataset"], split=s["ref_split"], data_dir=s["data_dir"], resolution=s["resolution"])
         return images
 
-    def prepare(self, device=None) -> float:
+    def prepare(self, device=None, shard_devices: list | None = None) -> float:
         """Load feature extractors and reference statistics (cached on disk and in this object).
-        Returns the seconds spent; evaluate() calls it, so calling it first is optional."""
+        Returns the seconds spent; evaluate() calls it, so calling it first is optional.
+        `shard_devices`: Inception reference statistics not cached are computed with the images
+        split among these devices (ref-stats on every GPU of a node)."""
         t0 = time.perf_counter()
         s = self.spec
         device = torch.device(s["device"] or device or "cpu")
@@ -139,40 +154,51 @@ class Evaluator:
             ext = get_inception(s["inception"], device, verbose=s["verbose"], mode=s["fid_mode"])
             if s["ref_stats"]:  # a published reference (mu, sigma): nothing to compute, no floor
                 ref = external_stats(s["ref_stats"])
-                floor = {"source": "not computed: external reference statistics", "fd": None, "kid": None}
+                floor = {"source": "not computed: external reference statistics", "fd": None, "kid": None,
+                         "state": "not computable"}
             else:
+                shards = [get_inception(s["inception"], d, mode=s["fid_mode"]) for d in shard_devices or []]
                 ref = reference_stats(ext, s["dataset"], s["ref_split"], num=num_ref, data_dir=s["data_dir"],
                                       cache_dir=s["cache_dir"], images=images, verbose=s["verbose"],
-                                      compute_limit=self.compute_limit)
+                                      compute_limit=self.compute_limit, shards=shards or None)
                 floor = self._noise_floor(ext, ref, images, num_ref)
             self._prepared["inception"] = (ext, ref, floor)
         return time.perf_counter() - t0
 
     def _real_images(self, ref_images: torch.Tensor, num_ref: int) -> tuple[torch.Tensor | None, str]:
         """num_images real images disjoint from the reference set: from the rest of the reference
-        split when it has enough left, else from the other split (fixed subset, seed 1)."""
+        split when it has enough left, else from the other split (fixed subset, seed 1). None when
+        there are not enough, with the reason (what the report prints instead of a floor)."""
         s, n = self.spec, self.spec["num_images"]
         idx = select_subset(len(ref_images), num_ref, 0)
+        left = 0
         if idx is not None:
             rest = torch.ones(len(ref_images), dtype=torch.bool)
             rest[idx] = False
             rest = torch.nonzero(rest).flatten()
+            left = len(rest)
             if len(rest) >= n:
                 pick = rest[select_subset(len(rest), n, 1)] if len(rest) > n else rest
                 return ref_images[pick], f"{n} real {s['ref_split']} images outside the reference subset"
         other = "train" if s["ref_split"] == "test" else "test"
+        used = (f"the reference is all {len(ref_images):,} {s['ref_split']} images" if idx is None else
+                f"{left:,} {s['ref_split']} images are outside the reference subset")
         try:
             images, _ = load_dataset(s["dataset"], split=other, data_dir=s["data_dir"], resolution=s["resolution"])
-        except DatasetError:  # e.g. a prepared training set alone, all of it the reference
-            return None, f"not computed: no {other} split and no real images outside the reference set"
-        if len(images) < n:
-            return None, f"not computed: fewer than {n} real images outside the reference set"
+        except DatasetError:  # e.g. a prepared training set alone (imagenet128), all of it the reference
+            return None, f"not computed: N = {n:,} real images are needed, {used}, and there is no {other} split"
+        if len(images) < n:  # e.g. FID-50k on CIFAR-10, whose test split holds 10,000
+            return None, (f"not computed: N = {n:,} real images are needed, {used}, and the {other} split holds "
+                          f"{len(images):,}")
         pick = select_subset(len(images), n, 1)
         return (images if pick is None else images[pick]), f"{n} real {other} images"
 
     def _noise_floor(self, ext, ref, ref_images: torch.Tensor, num_ref: int) -> dict:
         """The metrics between real images and the reference at this N, cached beside the reference
-        statistics (Inception takes minutes on a CPU): the floor no generator can beat on average."""
+        statistics (Inception takes minutes on a CPU): the floor no generator can beat on average.
+        A floor without enough real images is cached too, as fd = kid = None and the reason, so
+        every job proceeds without one and the report says why. The returned dict's `state` says
+        what was done here: "computed", "cached" or "not computable" (never written to the file)."""
         import json
 
         s = self.spec
@@ -180,24 +206,26 @@ class Evaluator:
                                    f"{s['kid_subset_size']}.json") if ref.path is not None else None
         if cache is not None and cache.is_file():
             try:
-                return json.loads(cache.read_text())
+                return {**json.loads(cache.read_text()), "state": "cached"}
             except (OSError, ValueError):
                 pass
-        if self.compute_limit is not None and s["num_images"] > self.compute_limit:
-            raise ConfigError(f"the noise floor at N = {s['num_images']:,} ({ext.name}) is not cached, and a training "
-                              f"job computes at most {self.compute_limit:,} images' features: run `python run_bench.py "
-                              f"ref-stats SUITE` once")
+        # Which real images (counts only) comes first: a floor that cannot be computed is no
+        # reason to refuse a training job, whatever N is.
         images, source = self._real_images(ref_images, num_ref)
         floor = {"source": source, "fd": None, "kid": None}
         if images is not None:
+            if self.compute_limit is not None and s["num_images"] > self.compute_limit:
+                raise ConfigError(f"the noise floor at N = {s['num_images']:,} ({ext.name}) is not cached, and a "
+                                  f"training job computes at most {self.compute_limit:,} images' features: run "
+                                  f"`python run_bench.py ref-stats SUITE` once")
             feats = ext.features(images)
             mu, sigma = feature_stats(feats)
             floor["fd"] = float(frechet_distance(mu, sigma, ref.mu, ref.sigma))
             floor["kid"] = float(kernel_distance(feats, ref.features(), num_subsets=s["kid_subsets"],
                                                  max_subset_size=s["kid_subset_size"], seed=0))
-        if cache is not None and images is not None:
+        if cache is not None:
             atomic_write_bytes(cache, (json.dumps(floor) + "\n").encode())
-        return floor
+        return {**floor, "state": "computed" if images is not None else "not computable"}
 
     def _save_samples(self, images: torch.Tensor, name: str, out_dir) -> None:
         """samples/<name>.npz: arr_0 uint8 NHWC (and arr_1 the labels i mod K), the format of
@@ -251,6 +279,8 @@ class Evaluator:
             if s["num_classes"] else {}
         if s["ref_stats"] or s["fid_mode"] != "clean":  # only then: older rows stay as they were
             conditional.update(fid_mode=s["fid_mode"], ref_stats=s["ref_stats"])
+        if self._batch is not None and self._batch != s["batch_size"]:  # sized to fit, or halved on OOM
+            conditional.update(sample_batch_size=self._batch, sample_batch_halvings=len(self._halvings))
         rows = []
         for k, (metric, _, ext, ref, floor, floor_source) in enumerate(per_set[0]):
             values = [float(scores[k][1]) for scores in per_set]
@@ -279,12 +309,25 @@ class Evaluator:
         s, mine = self.spec, shard(self.spec["num_images"])
         if not len(mine):
             return torch.empty((0, *self._prepared["shape"]), dtype=torch.uint8)
+        if self._batch is None:  # on a GPU, what fits beside what is there (the CPU's is the spec's)
+            self._batch = sampling_batch(model, self._prepared["shape"], s["batch_size"], s["num_classes"],
+                                         float(s["guidance_scale"]))
         x = sample(model, schedule, target, len(mine), self._prepared["shape"], start_index=mine.start,
-                   batch_size=s["batch_size"],
+                   batch_size=self._batch, on_halve=self._halved,
                    sampler=s["sampler"], steps=steps, eta=s["eta"], noise_seed=noise_seed, clip_x0=s["clip_x0"],
                    spacing=s["timestep_spacing"], ddpm_variance=s["ddpm_variance"], num_classes=s["num_classes"],
                    guidance_scale=float(s["guidance_scale"]))
         return to_uint8(x)
+
+    def _halved(self, old: int, new: int) -> None:
+        """A sampling batch ran out of CUDA memory: later ones are smaller too; said once per evaluation."""
+        import sys
+
+        if not self._halvings:
+            print(f"eval: CUDA out of memory sampling {old} images at once: batches of {new} from now on (each "
+                  "image's noise is its own, so the images are the same)", file=sys.stderr)
+        self._halvings.append((old, new))
+        self._batch = min(self._batch, new)
 
     def _score(self, images: torch.Tensor) -> list[tuple]:
         """(metric, value, extractor, reference, noise floor, its source) per configured metric, in

@@ -10,7 +10,8 @@ bytes a PNG of them holds), so no PNG round trip is needed and the number equals
 
 Speed-ups that leave the meaning unchanged (measured by ``python -m bench.tools.speed_eval``; the
 README's "Speed" section has its output): channels_last input to the network, Inception in
-micro-batches (below), inference mode, the Fréchet trace through symmetric eigenvalues instead of
+micro-batches on a CPU and whole batches on a GPU, the resize overlapped with the network
+(bench/eval/inception.py), reference images split among GPUs (:func:`feature_shards`), inference mode, the Fréchet trace through symmetric eigenvalues instead of
 scipy's sqrtm (same value to ~1e-5), KID kernels computed once and indexed per subset, reference
 statistics computed once and cached, no PNG round trip. No reduced precision.
 
@@ -48,6 +49,40 @@ def feature_stats(feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if f.ndim != 2 or f.shape[0] < 2:
         raise ValueError(f"need at least 2 feature vectors, got shape {f.shape}")
     return f.mean(axis=0), np.cov(f, rowvar=False)
+
+def moments(feats: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
+    """One shard's (n, mean, sum over its images of (f - mean)(f - mean)^T), all in float64."""
+    f = np.asarray(feats, dtype=np.float64)
+    mean = f.mean(axis=0)
+    centred = f - mean
+    return len(f), mean, centred.T @ centred
+
+
+def merge_moments(parts: list[tuple[int, np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and unbiased covariance of the union of shards from their moments (Chan, Golub and LeVeque
+    1979): the scatter about the common mean is each shard's plus n_k (m_k - m)(m_k - m)^T. Equal to
+    feature_stats of the concatenation up to float64 round-off (no large sums cancel)."""
+    n = sum(p[0] for p in parts)
+    if n < 2:
+        raise ValueError(f"need at least 2 feature vectors, got {n}")
+    mean = sum(k * m for k, m, _ in parts) / n
+    scatter = sum(m2 + k * np.outer(m - mean, m - mean) for k, m, m2 in parts if k)
+    return mean, scatter / (n - 1)
+
+
+def feature_shards(extractors: list, images) -> list[np.ndarray]:
+    """Features of `images` split in len(extractors) contiguous shards, shard k by extractor k (one per
+    GPU), all at once in threads (the network and PIL release the GIL); in image order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from bench.core.runtime import shard_range
+
+    ranges = [shard_range(len(images), k, len(extractors)) for k in range(len(extractors))]
+    if len(extractors) == 1:
+        return [extractors[0].features(images)]
+    with ThreadPoolExecutor(len(extractors)) as pool:
+        return list(pool.map(lambda er: er[0].features(images[er[1].start:er[1].stop]), zip(extractors, ranges)))
+
 
 def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     """||mu1 - mu2||^2 + Tr(S1) + Tr(S2) - 2 Tr((S1 S2)^{1/2}).
@@ -176,14 +211,16 @@ def stats_path(cache_dir, key: dict) -> Path:
 def reference_stats(extractor, dataset: str, split: str = "train", *, num: int | None = None,
                     resolution: int | None = None, data_dir=None, cache_dir=None,
                     subset_seed: int = 0, images=None, verbose: bool = False,
-                    compute_limit: int | None = None) -> RefStats:
+                    compute_limit: int | None = None, shards: list | None = None) -> RefStats:
     """Statistics of `num` images (None: all) of a dataset split in `extractor`'s feature space,
     read from the cache when an entry with exactly this key exists, else computed and cached.
 
     `images` (uint8 [N, C, H, W]) can be passed to skip loading the dataset (they must be that
     split at that resolution); the subset is then drawn from them. `compute_limit`: statistics of
     more images than this that are not cached are an error naming ``run_bench.py ref-stats`` (a
-    training job computes small references only).
+    training job computes small references only). `shards`: extractors of the same network on
+    several devices (every GPU), each given a contiguous share of the images; the shares' moments
+    are merged (:func:`merge_moments`), the same statistics to float64 round-off, under the same key.
     """
     if images is None:
         images, _ = load_dataset(dataset, split=split, data_dir=data_dir, resolution=resolution)
@@ -207,8 +244,10 @@ def reference_stats(extractor, dataset: str, split: str = "train", *, num: int |
             f"{dataset} ...) once, where the runs will read them ({path.parent})")
     t0 = time.perf_counter()
     subset = images if idx is None else images[idx]
-    feats = extractor.features(subset)
-    mu, sigma = feature_stats(feats)
+    parts = feature_shards(shards or [extractor], subset)
+    feats = np.concatenate(parts)
+    # One shard: numpy.cov as before (the committed numbers); several: their moments merged.
+    mu, sigma = feature_stats(feats) if len(parts) == 1 else merge_moments([moments(p) for p in parts if len(p)])
     atomic_write(path, lambda f: np.savez(f, mu=mu, sigma=sigma, feats=feats.astype(np.float32),
                                            key=np.array(json.dumps(key, sort_keys=True))))
     if verbose:

@@ -255,7 +255,9 @@ class InceptionNet(nn.Module):
         self.channels_last = channels_last
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Micro-batches of MICRO_BATCH images keep each activation (64 x 147 x 147 floats per
+        if x.device.type != "cpu":  # a GPU: the whole evaluation batch in one forward
+            return self._features(x)
+        # On a CPU, micro-batches of MICRO_BATCH images keep each activation (64 x 147 x 147 floats per
         # image) under glibc's 32 MiB mmap threshold, so freed memory is reused instead of being
         # mapped and unmapped at every layer (the speed-up is in bench.tools.speed_eval's output).
         return torch.cat([self._features(c) for c in x.split(MICRO_BATCH)])
@@ -306,7 +308,7 @@ class InceptionExtractor:
         self.source = self.weights.describe()
         # Small batches on a CPU (its allocator), large ones on a GPU; the resize in threads (PIL releases
         # the GIL), each image resized alone, so neither changes a feature.
-        self.batch_size = int(batch_size or (500 if self.device.type == "cuda" else 50))
+        self.batch_size = int(batch_size or (500 if self.device.type == "cuda" else 12 * MICRO_BATCH))
         self.resize_workers = max(1, int(resize_workers or min(8, os.cpu_count() or 1)))
         self.mode = mode
         if mode == "legacy_tensorflow":
@@ -336,19 +338,45 @@ class InceptionExtractor:
         return torch.from_numpy(np.ascontiguousarray(out.transpose(2, 0, 1))).float()  # legacy: uint8 as is
 
     @torch.inference_mode()
-    def features(self, images, batch_size: int | None = None, resize_workers: int | None = None) -> np.ndarray:
+    def features(self, images, batch_size: int | None = None, resize_workers: int | None = None,
+                 overlap: bool = True) -> np.ndarray:
+        """Features of `images` in batches of `batch_size`; with `overlap`, batch k + 1 is resized in the
+        threads while the network runs on batch k. Neither the overlap nor the batch split changes a
+        feature on a CPU: the batch is rounded up to whole micro-batches there, so the network always
+        sees the same micro-batches (on a GPU a batch is one forward, as the device computes it)."""
         bs = int(batch_size or self.batch_size)
+        if self.device.type == "cpu" and self.mode == "clean":
+            bs = -(-bs // MICRO_BATCH) * MICRO_BATCH
         workers = int(resize_workers or self.resize_workers)
         n = len(images)
         out = np.empty((n, 2048), dtype=np.float32)
         with warnings.catch_warnings(), ThreadPoolExecutor(workers) as pool:
             warnings.simplefilter("ignore", DeprecationWarning)  # PIL's mode= argument (process-wide, so in the pool too)
+
+            def resizing(lo: int) -> list:  # futures of batch [lo, lo + bs)'s resized images, in order
+                return [pool.submit(lambda i: self._resize_one(images[i]), i) for i in range(lo, min(lo + bs, n))]
+
+            pending = resizing(0)
             for lo in range(0, n, bs):
-                batch = torch.stack(list(pool.map(lambda i: self._resize_one(images[i]), range(lo, min(lo + bs, n)))))
-                batch = batch.to(self.device)
-                feats = self.net(batch) if self.mode == "clean" else self.net(batch, return_features=True)
-                out[lo:lo + len(batch)] = feats.reshape(len(batch), 2048).float().cpu().numpy()
+                batch = torch.stack([f.result() for f in pending])
+                if overlap:
+                    pending = resizing(lo + bs)  # the threads resize the next batch during this forward
+                batch = batch.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else batch
+                out[lo:lo + len(batch)] = self._forward(batch).reshape(len(batch), 2048).float().cpu().numpy()
+                if not overlap:
+                    pending = resizing(lo + bs)
         return out
+
+    def _forward(self, batch: torch.Tensor) -> torch.Tensor:
+        """The network on one batch; on a GPU that runs out of memory, on its two halves in turn."""
+        try:
+            return self.net(batch) if self.mode == "clean" else self.net(batch, return_features=True)
+        except torch.cuda.OutOfMemoryError:
+            if len(batch) == 1:
+                raise
+        half = len(batch) // 2  # outside the except clause: the failed forward's memory is released first
+        torch.cuda.empty_cache()
+        return torch.cat([self._forward(batch[:half]), self._forward(batch[half:])])
 
 _EXTRACTORS: dict = {}
 

@@ -17,6 +17,11 @@ Only a (dataset, resolution, seed) without a shipped extractor is trained here, 
 training split at the evaluation resolution, and cached under ``<cache_dir>/proxy/`` with the
 same kind of record; its numbers are then only comparable with rows that carry the same
 weights_sha256 (recorded in every row). Features are the penultimate layer (128-d, after ReLU).
+Trained once per cache, under a lock: concurrent jobs (a grid, DDP ranks) wait for the first one and
+load its files; on the GPU when there is one. A dataset without a test split (imagenet128) holds out
+a tenth of its train split (at most HELD_OUT_MAX images, by a fixed permutation) to check the accuracy
+on, rather than check it on images it trained on (record: accuracy_split, held_out_images); one with a
+test split trains on all its training images, as it always did.
 
 To ship a new extractor: ``get_proxy(dataset, res, seed=seed, cache_dir=<tmp>, retrain=True)``,
 copy the two files from ``<tmp>/proxy/`` into bench/eval/proxy_weights/, and pin the .pt's SHA-256
@@ -43,6 +48,7 @@ models see them: x / 127.5 - 1.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -57,12 +63,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bench import fileio
 from bench.data.loading import dataset_info, eval_cache_dir, load_dataset
 from bench.errors import ConfigError, DatasetError
 from bench.fileio import atomic_write
 
 PROXY_VERSION = "cnn-v1"
 FEATURE_DIM = 128
+HELD_OUT_MAX = 10_000  # the held-out part of a train split without a test split (module docstring)
 SHORT_NAMES = {"fashion-mnist": "fmnist"}
 
 # Committed extractors: (dataset, resolution, proxy seed) -> SHA-256 of
@@ -123,29 +131,44 @@ def _prep(images_uint8: torch.Tensor) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def accuracy(model: ProxyCNN, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 1000) -> float:
+def accuracy(model: ProxyCNN, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 1000,
+             indices: torch.Tensor | None = None) -> float:
+    """Share of `images` (only those at `indices`, if given) classified right, on the model's device."""
     model.eval()
-    correct = 0
-    for lo in range(0, len(images), batch_size):
-        pred = model(_prep(images[lo:lo + batch_size])).argmax(1)
-        correct += int((pred == labels[lo:lo + batch_size]).sum())
-    return correct / len(images)
+    correct, n, device = 0, len(images) if indices is None else len(indices), next(model.parameters()).device
+    for lo in range(0, n, batch_size):
+        rows = slice(lo, lo + batch_size) if indices is None else indices[lo:lo + batch_size]
+        pred = model(_prep(images[rows].to(device))).argmax(1).cpu()
+        correct += int((pred == labels[rows]).sum())
+    return correct / n
+
+
+def held_out_split(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(training rows, held-out rows) of a train split without a test split: a tenth held out, at most
+    HELD_OUT_MAX, by permutation seed + 2 (the data order's is seed + 1); sorted (memory maps read in order)."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 2))
+    k = min(HELD_OUT_MAX, n // 10)
+    return perm[k:].sort().values, perm[:k].sort().values
 
 
 def train_proxy(train_images: torch.Tensor, train_labels: torch.Tensor, *, seed: int = 0, epochs: int | None = None,
-                batch_size: int = 128, lr: float = 3e-3, verbose: bool = False) -> ProxyCNN:
-    """Train the proxy classifier deterministically; leaves the global RNG state untouched."""
+                batch_size: int = 128, lr: float = 3e-3, verbose: bool = False, indices: torch.Tensor | None = None,
+                device=None) -> ProxyCNN:
+    """Train the proxy classifier deterministically; leaves the global RNG state untouched. Only on the
+    rows `indices` if given; on `device` (default the CPU), where the model stays."""
     n, c, h, w = train_images.shape
     if h != w:
         raise ConfigError(f"the proxy classifier expects square images, got {h}x{w}")
+    rows, device = None if indices is None else torch.as_tensor(indices), torch.device(device or "cpu")
+    n = n if rows is None else len(rows)
     epochs = epochs or default_epochs(h)
     num_classes = int(train_labels.max()) + 1
     steps_per_epoch = n // batch_size
     if steps_per_epoch < 1:
         raise ConfigError(f"need at least {batch_size} training images for the proxy, got {n}")
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # manual_seed seeds CUDA too
         torch.manual_seed(seed)
-        model = ProxyCNN(c, h, num_classes).to(memory_format=torch.channels_last)
+        model = ProxyCNN(c, h, num_classes).to(device, memory_format=torch.channels_last)
         opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=5e-4)
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps_per_epoch, pct_start=0.2)
         g = torch.Generator().manual_seed(seed + 1)
@@ -153,12 +176,13 @@ def train_proxy(train_images: torch.Tensor, train_labels: torch.Tensor, *, seed:
         for ep in range(epochs):
             model.train()
             perm = torch.randperm(n, generator=g)
+            perm = perm if rows is None else rows[perm]
             for i in range(steps_per_epoch):
                 idx = perm[i * batch_size:(i + 1) * batch_size]
-                x = _prep(train_images[idx])
-                flip = torch.rand(len(idx), generator=g) < 0.5
+                x = _prep(train_images[idx].to(device))  # (on the CPU, .to is the tensor itself)
+                flip = (torch.rand(len(idx), generator=g) < 0.5).to(device)
                 x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-                loss = F.cross_entropy(model(x), train_labels[idx])
+                loss = F.cross_entropy(model(x), train_labels[idx].to(device))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -175,8 +199,9 @@ SCALE_IMAGES = 5000
 def feature_scale(model: ProxyCNN, train_images: torch.Tensor) -> float:
     """1 / sqrt(mean ||f||^2 / d) over the first SCALE_IMAGES training images (deterministic)."""
     model.eval()
-    x = train_images[:SCALE_IMAGES]
-    f = torch.cat([model.features(_prep(x[lo:lo + 1000])).double() for lo in range(0, len(x), 1000)])
+    x, device = train_images[:SCALE_IMAGES], next(model.parameters()).device
+    f = torch.cat([model.features(_prep(x[lo:lo + 1000].to(device))).double().cpu()
+                   for lo in range(0, len(x), 1000)])
     ms = float((f * f).sum(1).mean() / f.shape[1])
     return 1.0 / math.sqrt(ms) if ms > 0 else 1.0
 
@@ -207,7 +232,8 @@ class ProxyExtractor:
         self.resolution = info["resolution"]
         self.in_ch = info["in_ch"]
         origin = "shipped" if self.shipped else "trained here"
-        self.source = (f"{self.name} ({origin}, test accuracy {info['test_accuracy']:.4f}, "
+        checked = "held-out" if info.get("accuracy_split", "test") != "test" else "test"
+        self.source = (f"{self.name} ({origin}, {checked} accuracy {info['test_accuracy']:.4f}, "
                        f"sha256 {self.weights_sha256[:12]})")
         self.device = torch.device("cpu")
 
@@ -290,14 +316,15 @@ _LOADED: dict = {}
 
 
 def get_proxy(dataset: str, resolution: int | None = None, *, data_dir=None, cache_dir=None,
-              seed: int = 0, retrain: bool = False, verbose: bool = False) -> ProxyExtractor:
+              seed: int = 0, retrain: bool = False, verbose: bool = False, device=None) -> ProxyExtractor:
     """The proxy extractor for (dataset, resolution, seed); resolution None: the dataset's own.
 
     In order: from memory; the shipped extractor when SHIPPED has one (checked against its pinned
     SHA-256; no dataset is loaded); from the cache (weights checked against the recorded hashes);
-    else trained now and cached. `retrain=True` skips memory, shipped and cache and trains into
-    the cache (for tests); it never writes to WEIGHTS_DIR. `data_dir` only says where to find the
-    dataset when one must be trained; a shipped extractor is used whatever it is.
+    else trained now, on `device` (default: CUDA when there is one, else the CPU), and cached, under a
+    lock: of concurrent calls one trains, the others wait and load its files; it comes back on the CPU.
+    `retrain=True` skips memory, shipped and cache and trains into the cache (for tests); it never writes
+    to WEIGHTS_DIR. `data_dir` only says where to find the dataset when one must be trained.
     """
     res = int(resolution) if resolution else int(dataset_info(dataset).RESOLUTION)
     if not retrain and (dataset, res, seed) in SHIPPED:
@@ -317,13 +344,35 @@ def get_proxy(dataset: str, resolution: int | None = None, *, data_dir=None, cac
     if not retrain and key in _LOADED:
         return _LOADED[key]
     loader = _TrainSplit(dataset, data_dir, res)
-    if not retrain and pt_path.is_file() and json_path.is_file():
-        cached = _load_cached(pt_path, json_path, loader, verbose)
-        if cached is not None:
-            _LOADED[key] = cached
-            return cached
-    _LOADED[key] = _train_and_cache(dataset, res, seed, data_dir, loader, pt_path, json_path, verbose)
-    return _LOADED[key]
+    # Read without the lock first: a cache that is there needs no write access to its folder.
+    ext = None if retrain else _load_cached(pt_path, json_path, loader, verbose)
+    if ext is None:
+        with training_lock(pt_path):
+            ext = None if retrain else _load_cached(pt_path, json_path, loader, verbose)  # written while we waited?
+            if ext is None:
+                device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+                ext = _train_and_cache(dataset, res, seed, data_dir, loader, pt_path, json_path, verbose, device)
+    _LOADED[key] = ext
+    return ext
+
+
+@contextlib.contextmanager
+def training_lock(pt_path: Path):
+    """Held while the extractor cached at `pt_path` is trained and written: the project's lock
+    (bench.fileio.try_lock: flock, or an owner file where the file system refuses flock, as Lustre
+    without -o flock) on <cache>/locks/proxy-<stem>.lock; it goes with its process, even a killed one."""
+    lock = pt_path.parent.parent / "locks" / f"proxy-{pt_path.stem}.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    held = fileio.try_lock(lock)
+    if held is None:
+        print(f"proxy: waiting for another process to train {pt_path.stem} ({lock})", file=sys.stderr)
+        with fileio.locked(lock):
+            yield
+        return
+    try:
+        yield
+    finally:
+        held.close()
 
 
 class _TrainSplit:
@@ -340,7 +389,9 @@ class _TrainSplit:
 
 
 def _load_cached(pt_path: Path, json_path: Path, train_split: _TrainSplit, verbose: bool):
-    """A trained-here extractor from the cache, its weights checked against its record; None if unusable."""
+    """A trained-here extractor from the cache, checked against its record; None if absent or unusable."""
+    if not (pt_path.is_file() and json_path.is_file()):
+        return None
     try:
         info = json.loads(json_path.read_text())
         data = pt_path.read_bytes()
@@ -362,29 +413,35 @@ def _load_cached(pt_path: Path, json_path: Path, train_split: _TrainSplit, verbo
 
 
 def _train_and_cache(dataset: str, res: int, seed: int, data_dir, train_split: _TrainSplit, pt_path: Path,
-                     json_path: Path, verbose: bool) -> ProxyExtractor:
+                     json_path: Path, verbose: bool, device: torch.device) -> ProxyExtractor:
     """Train the extractor here (deterministic code, machine-dependent floats) and cache it with its record."""
     train_x, train_y = train_split()
     try:
-        test_x, test_y = load_dataset(dataset, split="test", data_dir=data_dir, resolution=res)
-    except DatasetError:
-        raise ConfigError(f"proxy metrics train a classifier on {dataset} and check it on its test split, which "
-                          f"{dataset} does not have here; evaluate it with metrics = [\"fid\"]") from None
+        test, rows, held = load_dataset(dataset, split="test", data_dir=data_dir, resolution=res), None, None
+    except DatasetError:  # the train split loaded, so it is the test split that is missing: hold out part of train
+        test, (rows, held) = None, held_out_split(len(train_x), seed)
+        if verbose:
+            print(f"proxy: {dataset} has no test split; {len(held)} training images held out", file=sys.stderr)
     t0 = time.perf_counter()
-    model = train_proxy(train_x, train_y, seed=seed, verbose=verbose)
+    model = train_proxy(train_x, train_y, seed=seed, verbose=verbose, indices=rows, device=device)
     train_seconds = time.perf_counter() - t0
-    acc = accuracy(model, test_x, test_y)
+    acc = accuracy(model, *test) if held is None else accuracy(model, train_x, train_y, indices=held)
+    scale = feature_scale(model, train_x)
+    model = model.cpu()  # cached and returned on the CPU, like a shipped one
     data = _state_bytes(model)
+    checked = {"accuracy_split": "test"} if held is None else {
+        "accuracy_split": "train, held out (no test split)", "held_out_images": len(held)}
     info = {"name": proxy_name(dataset, res), "version": PROXY_VERSION, "dataset": dataset, "resolution": res,
             "in_ch": int(train_x.shape[1]), "num_classes": int(train_y.max()) + 1, "seed": seed,
-            "epochs": default_epochs(res), "train_images": len(train_x), "test_accuracy": acc,
-            "train_seconds": round(train_seconds, 2), "threads": torch.get_num_threads(),
-            "feature_scale": feature_scale(model, train_x), "torch": torch.__version__,
+            "epochs": default_epochs(res), "train_images": len(train_x) if rows is None else len(rows),
+            "test_accuracy": acc, **checked, "train_seconds": round(train_seconds, 2), "device": device.type,
+            "threads": torch.get_num_threads(), "feature_scale": scale, "torch": torch.__version__,
             "weights_sha1": hashlib.sha1(data).hexdigest(), "weights_sha256": hashlib.sha256(data).hexdigest()}
     if dataset == "fashion-mnist" and acc < 0.9:
         warnings.warn(f"proxy classifier for {dataset} at {res}px reached only {acc:.3f} test accuracy (< 0.90)")
     atomic_write(pt_path, lambda f: f.write(data))
     atomic_write(json_path, lambda f: f.write((json.dumps(info, indent=2) + "\n").encode()))
     if verbose:
-        print(f"proxy: trained {info['name']} in {train_seconds:.0f}s, test accuracy {acc:.4f}", file=sys.stderr)
+        print(f"proxy: trained {info['name']} on {device.type} in {train_seconds:.0f}s, "
+              f"{checked['accuracy_split']} accuracy {acc:.4f}", file=sys.stderr)
     return ProxyExtractor(model, info)

@@ -14,6 +14,10 @@ lands in, the training method, the training seed or the iteration being evaluate
 noise never depends on the global torch RNG. Noise is drawn on the CPU and then moved to the
 model's device, so it is also the same on every device.
 
+The schedule's tables are put on the model's device once per :func:`sample` call
+(:func:`schedule_on`). On a GPU the batch is what the memory free holds by an activation estimate
+(:func:`sampling_batch`) and is halved when it runs out of memory anyway: the images are the same.
+
 Timesteps: t in 0..T-1, t = 0 the least noisy (bench/core/diffusion.py). A sampler with S steps
 visits S timesteps in decreasing order and finishes with x0_hat at the last one.
 
@@ -24,12 +28,18 @@ add 0.5, clamp, truncate), so an in-memory uint8 batch equals what a PNG round t
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import weakref
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch.func import functional_call
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
+from bench.core.diffusion import Schedule
 from bench.errors import ConfigError
 
 SAMPLERS = ("ddim", "ddpm")
@@ -205,7 +215,8 @@ def sample_batch(model, schedule, target: str, indices, shape, *, sampler: str =
     indices = [int(i) for i in indices]
     B = len(indices)
     ts = timestep_sequence(schedule.T, steps, spacing)
-    ab_table = schedule.alphas_bar.double().tolist()
+    ab_table = schedule.alphas_bar.double().cpu().tolist()  # the step coefficients, as Python floats
+    schedule = schedule_on(schedule, device)  # x0_hat and eps_hat's per-image tables: moved once, not per step
     stochastic = sampler == "ddpm" or eta > 0
     channels_last = _wants_channels_last(model)  # feed a channels_last model (bench.train.loop's default) in kind
 
@@ -238,6 +249,28 @@ def sample_batch(model, schedule, target: str, indices, shape, *, sampler: str =
     return (x.clamp(-1.0, 1.0) if clip_x0 else x).float().cpu()
 
 
+class _ScheduleOn(Schedule):
+    """A schedule whose square-root tables are computed once and held on one device: the sampler's
+    steps index them there (schedule.predict_x0_eps would copy both tables host-to-device at every
+    step). The values are those of Schedule.sqrt_ab and sqrt_1mab, bit for bit."""
+
+    def sqrt_ab(self, t, like):
+        return self._on_device[0][t].to(like.dtype).view(-1, *([1] * (like.ndim - 1)))
+
+    def sqrt_1mab(self, t, like):
+        return self._on_device[1][t].to(like.dtype).view(-1, *([1] * (like.ndim - 1)))
+
+
+def schedule_on(schedule: Schedule, device) -> Schedule:
+    """`schedule` with its tables on `device`, once (itself when they are there already)."""
+    device = torch.device(device)
+    if isinstance(schedule, _ScheduleOn) and schedule._on_device[0].device == device:
+        return schedule
+    out = _ScheduleOn(**{f.name: getattr(schedule, f.name) for f in dataclasses.fields(Schedule)})
+    out._on_device = (schedule.alphas_bar.sqrt().to(device), (1 - schedule.alphas_bar).sqrt().to(device))
+    return out
+
+
 def _conditional(model, indices: list[int], num_classes: int, guidance_scale: float, device):
     """The network as sampling calls it, (x, t) -> output: labels i mod K, and guidance."""
     if not num_classes:
@@ -255,28 +288,115 @@ def _conditional(model, indices: list[int], num_classes: int, guidance_scale: fl
 
 
 def sample(model, schedule, target: str, num_images: int, shape, *, batch_size: int = 250,
-           start_index: int = 0, **kwargs) -> torch.Tensor:
+           start_index: int = 0, on_halve=None, **kwargs) -> torch.Tensor:
     """Generate images start_index .. start_index + num_images - 1 in batches of `batch_size`.
 
     Keyword arguments are those of :func:`sample_batch` (sampler, steps, eta, noise_seed,
     clip_x0, spacing, ddpm_variance, device, num_classes, guidance_scale). Returns float32 [N, *shape] in [-1, 1] on the CPU.
     The result does not depend on batch_size. The model is put in eval mode for the call and
-    restored afterwards.
+    restored afterwards. A batch that runs out of CUDA memory is halved and run again (down to one
+    image); `on_halve(old, new)` hears of each halving.
     """
     if num_images < 1:
         raise ConfigError(f"num_images must be >= 1, got {num_images}")
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    device = torch.device(kwargs["device"]) if kwargs.get("device") is not None else model_device(model)
+    schedule = schedule_on(schedule, device)  # once per call: every batch's steps index it there
     was_training = model.training
     model.eval()
     try:
-        chunks = []
-        for lo in range(start_index, start_index + num_images, batch_size):
-            hi = min(lo + batch_size, start_index + num_images)
-            chunks.append(sample_batch(model, schedule, target, range(lo, hi), shape, **kwargs))
+        chunks, lo, end = [], start_index, start_index + num_images
+        while lo < end:
+            hi = min(lo + batch_size, end)
+            try:
+                chunks.append(sample_batch(model, schedule, target, range(lo, hi), shape, **kwargs))
+                lo = hi
+                continue
+            except torch.cuda.OutOfMemoryError:
+                if hi - lo == 1:
+                    raise
+            # Outside the except clause, so that the failed batch's tensors are free to be released.
+            batch_size = (hi - lo) // 2  # image i's noise is its own: the images do not change
+            if on_halve is not None:
+                on_halve(hi - lo, batch_size)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
     finally:
         model.train(was_training)
     return torch.cat(chunks)
+
+
+# --------------------------------------------------------------------------- the batch that fits
+
+
+class _LiveBytes(TorchDispatchMode):
+    """The most bytes of tensors alive at once among those made inside it (views and in-place results
+    share their storage's count; a storage is free when its last tensor dies)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live, self.peak, self._refs = 0, 0, {}
+
+    def _release(self, key) -> None:
+        nbytes, count = self._refs[key]
+        if count > 1:
+            self._refs[key] = (nbytes, count - 1)
+        else:
+            del self._refs[key]
+            self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for r in tree_leaves(out):
+            if isinstance(r, torch.Tensor):
+                key = r.untyped_storage()._cdata
+                nbytes, count = self._refs.get(key, (r.untyped_storage().nbytes(), 0))
+                if not count:
+                    self.live += nbytes
+                    self.peak = max(self.peak, self.live)
+                self._refs[key] = (nbytes, count + 1)
+                weakref.finalize(r, self._release, key)
+        return out
+
+
+def activation_bytes(model, shape, num_classes: int = 0, guidance_scale: float = 1.0) -> int:
+    """Bytes of the activations alive at once while the network maps one image in one sampling step
+    (two forwards' worth with guidance), in fp32: the network run on the meta device, where the
+    shapes are computed and nothing is allocated, its tensors' lifetimes followed by _LiveBytes.
+    bf16 sampling needs less (autocast keeps the norms in fp32): an upper bound there."""
+    meta = torch.device("meta")
+    state = {n: torch.empty_like(v, device=meta) for n, v in [*model.named_parameters(), *model.named_buffers()]}
+    net = _conditional(lambda *a: functional_call(model, state, a), [0], num_classes, guidance_scale, meta)
+    with torch.inference_mode(), _LiveBytes() as live:
+        x = torch.empty((1, *shape), device=meta)
+        out = net(x, torch.zeros(1, dtype=torch.long, device=meta))
+        del x, out
+    return live.peak
+
+
+def fit_batch(requested: int, per_image: int, free_bytes: int, margin: float = 0.85) -> int:
+    """The largest batch up to `requested` whose activations (per_image each, plus the sampler's own
+    few image-sized tensors, inside it) fill at most `margin` of the free memory: the rest is left to the
+    allocator's fragmentation, cuDNN's workspaces and autocast's weight copies. At least 1."""
+    return max(1, min(int(requested), int(margin * free_bytes) // max(1, int(per_image))))
+
+
+def sampling_batch(model, shape, requested: int, num_classes: int = 0, guidance_scale: float = 1.0) -> int:
+    """The sampling batch for `model` on its device: on a CUDA GPU the requested one, or fewer when
+    the activation estimate says it does not fit in the memory free now (the allocator's cached,
+    unused blocks count as free); on a CPU the requested one (the numbers stay those of before)."""
+    device = model_device(model)
+    if device.type != "cuda":
+        return int(requested)
+    free, _ = torch.cuda.mem_get_info(device)
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    try:
+        net_bytes = activation_bytes(model, shape, num_classes, guidance_scale)
+    except Exception:  # noqa: BLE001 - an operator without a meta kernel: halving on out-of-memory remains
+        return int(requested)
+    # The sampler holds x, x0_hat, eps_hat, the update and the noise: 8 fp32 images' worth beside the network's.
+    return fit_batch(requested, net_bytes + 8 * 4 * math.prod(shape), free)
 
 
 # --------------------------------------------------------------------------- images

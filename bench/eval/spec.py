@@ -19,7 +19,9 @@ ref_split             "train"            "train" or "test"
 sampler               "ddim"             "ddim" or "ddpm" (ancestral)
 sampler_steps         25                 None: 50 for ddim, T for ddpm
 eta                   0.0                DDIM's eta (0 deterministic, 1 ancestral-like)
-batch_size            250                sampling batch (the samples do not depend on it)
+batch_size            250                sampling batch (the samples do not depend on it); on a GPU at
+                                         most this, fewer where an activation estimate says it does
+                                         not fit in free memory, halved on running out of memory
 sample_precision      None               the network's precision while sampling: "fp32", "tf32" or
                                          "bf16" (autocast); None: TF32 on a CUDA GPU (DiT's sampler),
                                          fp32 on a CPU (where TF32 does not exist); every row names

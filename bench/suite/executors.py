@@ -19,6 +19,7 @@ from typing import Any, Callable
 from bench import fileio
 from bench.core.eval_steps import evaluates, is_eval_step
 from bench.errors import BenchError, DivergenceError
+from bench.suite.exits import JobRequeued, exit_in_words, signal_in_words
 from bench.suite.grid import RunSpec
 from bench.suite.poller import FilePoller
 from bench.train.run_folder import (
@@ -62,7 +63,8 @@ def execute_run(run: RunSpec | dict, run_dir: str | os.PathLike, train_fn: str |
 
     Returns a RunOutcome as a dict. Any exception of training (divergence, out of memory, a bug)
     is written to status.json as ``failed`` with the reason and the last step, its traceback to
-    error.log. KeyboardInterrupt propagates and leaves the run resumable.
+    error.log. KeyboardInterrupt, StopRequested and submitit's requeue (JobRequeued) propagate and
+    leave the run resumable.
     """
     run = run if isinstance(run, RunSpec) else RunSpec.from_dict(run)
     run_dir = Path(run_dir)
@@ -163,7 +165,7 @@ def _execute_locked(run: RunSpec, run_dir: Path, train_fn, retry_failed: bool, e
         if not status or status.get("state") != "done":
             # train() returned normally: the run is complete even if it did not say so.
             write_status(run_dir, "done", resolved.config.iters)
-    except (KeyboardInterrupt, StopRequested):  # the run stays resumable
+    except (KeyboardInterrupt, StopRequested, JobRequeued):  # the run stays resumable
         raise
     except BaseException as exc:  # noqa: BLE001 -- one run's failure must not stop the others
         if isinstance(exc, SystemExit) and exc.code in (0, None):
@@ -192,6 +194,9 @@ def classify_exception(exc: BaseException) -> tuple[str, str]:
         return "oom", f"out of memory ({name}: {text[:200]}); lower batch_size or use a larger device"
     if isinstance(exc, BenchError):
         return "exception", text[:300]
+    if isinstance(exc, SystemExit):  # sys.exit(n) inside training: say what n means
+        return "exception", f"the run called sys.exit({exc.code!r}): " + (
+            exit_in_words(exc.code) if isinstance(exc.code, int) else "a message as the exit status")
     return "exception", f"{name}: {text[:300]}"
 
 
@@ -402,9 +407,7 @@ class WorkerPool(Executor):
         run_dir = self.dirs[run.key]
         status = read_status(run_dir)
         if code != 0 and (not status or status.get("state") not in ("done", "failed")):
-            why = (f"worker process killed by signal {-code}"
-                   + (" (SIGKILL: most often the system ran out of memory)" if code == -9 else "")
-                   if code < 0 else f"worker process exited with code {code}")
+            why = "worker process " + (signal_in_words(-code) if code < 0 else f"exited with {exit_in_words(code)}")
             write_failed(run_dir, last_step(run_dir), why + f"; see {run_dir / 'worker.log'}",
                          "oom" if code == -9 else "exception")
         self._finished(run, outcome_from_status(run.key, run_dir, action, time.time() - started))

@@ -19,7 +19,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import shlex
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +39,7 @@ from bench.eval.fid import select_subset
 from bench.eval.inception import get_inception
 from bench.eval.proxy import get_proxy
 from bench.eval.sampling import check_sampler_args, sample, to_uint8
-from bench.fileio import atomic_write, atomic_write_bytes, write_json
+from bench.fileio import atomic_write, atomic_write_bytes, check_output_folder, write_json
 from bench.models.networks import build_model
 from bench.report.consistency import pair_row, prediction_row, write_report
 from bench.report.samples import saved_samples
@@ -278,6 +280,7 @@ def run_consistency(runs: list[Path], out: Path, *, name: str, num_images: int |
                     root: Path | None = None) -> Path:
     """Measure the runs' consistency and write everything into `out`; returns report.md's path. Run
     folders under `root` (the results root) are recorded relative to it."""
+    check_output_folder(out, "--out")  # before the measurements, which take a while
     dev = resolve_device(device)
     models = [load_model(r, dev) for r in runs]
     label_models(models)
@@ -307,25 +310,69 @@ def run_consistency(runs: list[Path], out: Path, *, name: str, num_images: int |
     initial = same_noise_samples([initial_network(m) for m in models], schedule, shape, n, s)
     training, training_n, note = over_training(models, ext, initial)
 
-    # Write: tables, the grid's images, what was measured, then the report from those files alone.
-    tab = out / "tables"
-    tab.mkdir(parents=True, exist_ok=True)
-    for stem, frame in (("pairs", pairs), ("over_t", over_t), ("errors_over_t", errors), ("over_training", training)):
-        if not frame.empty:
-            atomic_write_bytes(tab / f"{stem}.csv", frame.to_csv(index=False).encode())
-        else:
-            (tab / f"{stem}.csv").unlink(missing_ok=True)
-    cols = min(grid_columns, n)
-    grid = np.stack([images[k][:cols].permute(0, 2, 3, 1).numpy() for k in labels])
-    atomic_write(out / "samples.npz", lambda f: np.savez(f, images=grid, labels=np.array(labels)))
-    write_json(out / "consistency.json", {
-        "name": name, "workload": f"{dataset} {shape[-1]} px", "T": schedule.T, "command": command,
-        "models": [{"label": m.label, "run": _shown(m.run, root), "step": m.step, "method": m.cfg.method, "seed": m.cfg.seed,
-                    "arch": m.cfg.arch} for m in models],
-        "sampling": s, "num_images": n, "features": getattr(ext, "name", None), "x0_images": len(real),
-        "x0_split": split, "t_values": t_values, "grid_columns": cols, "over_training_images": training_n,
-        "over_training_note": note})
-    return write_report(out)
+    # Write: tables, the grid's images, what was measured, then the report from those files alone; all of it
+    # into a staging folder first, moved into place when whole (a killed command leaves no half of it).
+    staging = staging_folder(out)
+    try:
+        tab = staging / "tables"
+        tab.mkdir()
+        frames = {"pairs": pairs, "over_t": over_t, "errors_over_t": errors, "over_training": training}
+        for stem, frame in frames.items():
+            if not frame.empty:
+                atomic_write_bytes(tab / f"{stem}.csv", frame.to_csv(index=False).encode())
+        cols = min(grid_columns, n)
+        grid = np.stack([images[k][:cols].permute(0, 2, 3, 1).numpy() for k in labels])
+        atomic_write(staging / "samples.npz", lambda f: np.savez(f, images=grid, labels=np.array(labels)))
+        write_json(staging / "consistency.json", {
+            "name": name, "workload": f"{dataset} {shape[-1]} px", "T": schedule.T, "command": command,
+            "models": [{"label": m.label, "run": _shown(m.run, root), "step": m.step, "method": m.cfg.method, "seed": m.cfg.seed,
+                        "arch": m.cfg.arch} for m in models],
+            "sampling": s, "num_images": n, "features": getattr(ext, "name", None), "x0_images": len(real),
+            "x0_split": split, "t_values": t_values, "grid_columns": cols, "over_training_images": training_n,
+            "over_training_note": note})
+        write_report(staging)
+    except BaseException:  # an error (a kill leaves it to the next command's sweep)
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    move_into_place(staging, out, gone=[f"tables/{stem}.csv" for stem, frame in frames.items() if frame.empty])
+    return out / "report.md"
+
+
+def staging_folder(out: Path) -> Path:
+    """A fresh folder beside `out` for this process to build into (two commands never share one); the
+    staging folders of killed commands are removed first."""
+    for stale in out.parent.glob(f".{out.name}.staging-*"):
+        pid = stale.name.rsplit("-", 1)[1]
+        if not (pid.isdigit() and _running(int(pid))) or int(pid) == os.getpid():
+            shutil.rmtree(stale, ignore_errors=True)
+    staging = out.parent / f".{out.name}.staging-{os.getpid()}"
+    staging.mkdir(parents=True)
+    return staging
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: nothing is sent, the process is only looked up
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def move_into_place(staging: Path, out: Path, gone: list[str]) -> None:
+    """A new output folder is renamed into place whole; an existing one gets each file by a rename,
+    report.md last (it is what a reader opens), and loses the files this build no longer makes."""
+    if not out.exists():
+        os.replace(staging, out)
+        return
+    files = sorted((p for p in staging.rglob("*") if p.is_file()), key=lambda p: (p.name == "report.md", str(p)))
+    for f in files:
+        (out / f.relative_to(staging)).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(f, out / f.relative_to(staging))  # renames: no space needed, no half file seen
+    for rel in gone:
+        (out / rel).unlink(missing_ok=True)
+    shutil.rmtree(staging, ignore_errors=True)
 
 
 def default_name(methods, seeds, archs, datasets) -> str:

@@ -1,28 +1,27 @@
 """The GPU check's parts (bench.tools.gpu_check runs each in its own process, so that each can be cut
-at its time guard and leaves nothing behind on the GPU):
+at its time guard, bench/tools/gpu_guard.py, and leaves nothing behind on the GPU; the measuring
+parts are in bench/tools/gpu_rows.py):
 
     python -m bench.tools.gpu_parts PART ARGS.json OUT.json
 
 PART is one of :data:`PARTS`; ARGS.json its keyword arguments; OUT.json receives its result dict.
-``imagenet_rank`` is what each torchrun process of ``imagenet_run`` executes.
+``imagenet_rank`` and ``nccl_rank`` are what each torchrun process of ``imagenet_run`` and ``nccl`` executes.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import pickle
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 from bench.core.config import TrainConfig
 from bench.core.perf import tune_allocator
-from bench.train.loop import settle, setup, step, train, train_step
-from bench.train.resolve import resolve_run
+from bench.data.generated import write_ilsvrc_like
+from bench.tools.gpu_guard import run_bounded
+from bench.tools.gpu_rows import inception, nccl_rank, sampling, train_rows
+from bench.train.loop import train
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -30,64 +29,12 @@ SIZES = {  # full check / --quick
     "batch": (128, 4), "warmup": (10, 1), "steps": (30, 2), "train_images": (10_000, 64), "test_images": (2_000, 16),
     "paper_iters": (100, 3), "fid_images": (2_000, 8), "sampler_steps": (100, 2),
     "imagenet_images": (256, 16), "imagenet_iters": (10, 2),
-    "imagenet_eval_images": (200, 6),
+    "imagenet_eval_images": (200, 6), "imagenet_sampler_steps": (20, 2),
 }
 
 
 def size(name: str, quick: bool) -> int:
     return SIZES[name][1 if quick else 0]
-
-
-def write_cifar_like(root: Path, n_train: int, n_test: int, seed: int = 0) -> Path:
-    """Smooth random colour images in cifar-10-batches-py's format (5 train batches, 1 test batch)."""
-    rng = np.random.default_rng(seed)
-    base = root / "cifar-10-batches-py"
-    base.mkdir(parents=True, exist_ok=True)
-
-    def images(n):
-        low = rng.uniform(0, 255, (n, 3, 4, 4))
-        up = np.repeat(np.repeat(low, 8, axis=2), 8, axis=3)  # blocky 32x32, then noise
-        return np.clip(up + rng.normal(0, 20, up.shape), 0, 255).astype(np.uint8).reshape(n, 3072)
-
-    per = max(1, n_train // 5)
-    for i in range(1, 6):
-        with open(base / f"data_batch_{i}", "wb") as f:
-            pickle.dump({"data": images(per), "labels": rng.integers(0, 10, per).tolist()}, f)
-    with open(base / "test_batch", "wb") as f:
-        pickle.dump({"data": images(n_test), "labels": rng.integers(0, 10, n_test).tolist()}, f)
-    with open(base / "batches.meta", "wb") as f:
-        pickle.dump({"label_names": [f"class{i}" for i in range(10)]}, f)
-    return root
-
-
-def write_ilsvrc_like(root: Path, n: int, classes: int = 4, seed: int = 0) -> Path:
-    """n JPEGs of 160 x 144 px in ILSVRC's train layout (nXXXXXXXX/<wnid>_<k>.JPEG), `classes` classes."""
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    for k in range(n):
-        wnid = f"n{1440764 + k % classes:08d}"
-        (root / wnid).mkdir(parents=True, exist_ok=True)
-        low = rng.uniform(0, 255, (9, 10, 3))
-        img = np.clip(np.repeat(np.repeat(low, 16, 0), 16, 1) + rng.normal(0, 20, (144, 160, 3)), 0, 255)
-        Image.fromarray(img.astype(np.uint8)).save(root / wnid / f"{wnid}_{k}.JPEG", quality=90)
-    return root
-
-
-def run_bounded(cmd: list[str], timeout_s: float, **kw) -> tuple[int | None, str, str]:
-    """(return code, stdout, stderr) of a command; None when it ran past `timeout_s`, and then the
-    whole process group (torchrun's workers included) is killed, leaving no process on the GPU."""
-    import signal
-
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            **kw)
-    try:
-        out, err = proc.communicate(timeout=max(1.0, timeout_s))
-        return proc.returncode, out, err
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        return None, out, err
 
 
 def error_line(text: str) -> str:
@@ -100,47 +47,6 @@ def error_line(text: str) -> str:
         if found:
             return found[-1][:300]
     return (lines[-1] if lines else "(no output)")[:300]
-
-
-def _sync(device: str) -> None:
-    import torch
-
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def throughput(arch: str, settings: dict, data_dir: str, device: str, quick: bool) -> dict:
-    """Training images/s of `arch` at the check's batch with `settings`, peak memory, data time."""
-    import torch
-
-    batch = size("batch", quick)
-    cfg = TrainConfig(dataset="cifar10", data_dir=data_dir, arch=arch, batch_size=batch, iters=1_000_000,
-                      warmup=0, lr=2e-4, flip=True, device=device, **settings)
-    out = {"arch": arch, "batch": batch, **settings}
-    cuda = device.startswith("cuda")
-    try:
-        run = resolve_run(cfg)
-        state = setup(run.config, run.method)
-        out["params_m"] = round(sum(p.numel() for p in state.model.parameters()) / 1e6, 2)
-        start = time.perf_counter()
-        for _ in range(size("warmup", quick)):  # warm-up (and compilation)
-            train_step(state)
-        _sync(device)
-        out["warmup_s"] = round(time.perf_counter() - start, 1)
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
-        steps = size("steps", quick)
-        start = time.perf_counter()
-        rows = settle(state, [step(state) for _ in range(steps)], start)  # launched as the loop does, read once
-        elapsed = time.perf_counter() - start
-        data_s = sum(r["data_seconds"] for r in rows)
-        out.update(images_per_s=round(batch * steps / elapsed, 1), step_ms=round(1000 * elapsed / steps, 2),
-                   data_ms=round(1000 * data_s / steps, 3), data_fraction=round(data_s / elapsed, 4),
-                   peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
-                   final_loss=rows[-1]["loss"])
-    except torch.cuda.OutOfMemoryError:
-        out["error"] = "out of memory"
-    return out
 
 
 def paper_run(data_dir: str, device: str, quick: bool, work: str) -> dict:
@@ -173,8 +79,9 @@ def imagenet_config(prepared: str, device: str, quick: bool, work: str) -> dict:
                 arch="unet-tiny" if quick else "adm-unet", class_cond=True, flip=True, iters=iters, batch_size=8,
                 lr=1e-4, warmup=0, ema_decay=0.9999, ckpt_every=iters, eval_every=iters, gpus=2, device=device,
                 eval={"metrics": ["fid"], "num_images": size("imagenet_eval_images", quick), "num_ref": "all",
-                      "sampler": "ddim", "sampler_steps": 5 if quick else 20, "timestep_spacing": "linspace",
-                      "batch_size": 100, "cache_dir": str(Path(work) / "eval-cache")})
+                      "sampler": "ddim", "sampler_steps": size("imagenet_sampler_steps", quick),
+                      "timestep_spacing": "linspace", "sample_precision": "bf16", "batch_size": 100,
+                      "cache_dir": str(Path(work) / "eval-cache")})
 
 
 def imagenet_rank(config: dict, out: str) -> dict:
@@ -188,18 +95,24 @@ def imagenet_rank(config: dict, out: str) -> dict:
     return {"state": status["state"], "memory_mapped": bool(is_memory_mapped(images)), "rank0": is_main()}
 
 
-def imagenet_run(device: str, quick: bool, work: str, timeout_s: float) -> dict:
-    """Prepare an ILSVRC-shaped folder as a memory-mapped set, then the ImageNet path under torchrun
-    with 2 processes (one GPU each where there are 2, else sharing one GPU through gloo, named)."""
-    import torch
-
+def prepare_imagenet(quick: bool, work: str) -> dict:
+    """An ILSVRC-shaped folder prepared as the memory-mapped imagenet128 set (the ImageNet path's and
+    adm-unet's rows' data)."""
     from bench.data.prepare import prepare
 
-    work = Path(work)
     t0 = time.perf_counter()
-    src = write_ilsvrc_like(work / "ilsvrc", size("imagenet_images", quick))
-    prepared = prepare("imagenet128", str(src), work / "prepared", 128, workers=4, progress=False)
-    res = {"prepare_s": round(time.perf_counter() - t0, 1)}
+    src = write_ilsvrc_like(Path(work) / "ilsvrc", size("imagenet_images", quick))
+    prepared = prepare("imagenet128", str(src), Path(work) / "prepared", 128, workers=4, progress=False)
+    return {"prepared": str(prepared), "images": size("imagenet_images", quick),
+            "prepare_s": round(time.perf_counter() - t0, 1)}
+
+
+def imagenet_run(device: str, quick: bool, work: str, prepared: str, timeout_s: float) -> dict:
+    """The ImageNet path on the prepared set under torchrun with 2 processes (one GPU each where there
+    are 2, and so NCCL; else sharing one GPU through gloo, named)."""
+    import torch
+
+    work, res = Path(work), {}
     config = imagenet_config(str(prepared), device, quick, str(work))
     args, rank_out, run_dir = work / "imagenet-args.json", work / "imagenet-rank.json", work / "imagenet-run"
     args.write_text(json.dumps({"config": config, "out": str(run_dir)}))
@@ -225,16 +138,40 @@ def imagenet_run(device: str, quick: bool, work: str, timeout_s: float) -> dict:
     return res
 
 
-PARTS = {"throughput": throughput, "paper_run": paper_run, "imagenet_run": imagenet_run,
-         "imagenet_rank": imagenet_rank}
+def nccl(device: str, quick: bool, work: str, timeout_s: float) -> dict:
+    """The NCCL slice, with 2 or more GPUs only: an all-reduce of adm-unet's gradients (fp32) by one
+    process per GPU (at most 8) under torchrun."""
+    import torch
+
+    if not device.startswith("cuda"):
+        return {"skipped": "no GPU in use"}
+    gpus = min(8, torch.cuda.device_count())
+    if gpus < 2:
+        return {"skipped": "one GPU"}
+    numel = 2**20 if quick else 421_500_000  # adm-unet's parameters
+    args, out = Path(work) / "nccl-args.json", Path(work) / "nccl-rank.json"
+    args.write_text(json.dumps({"numel": numel, "out": str(out)}))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}", "-m",
+           "bench.tools.gpu_parts", "nccl_rank", str(args), str(out)]
+    code, _, err = run_bounded(cmd, timeout_s, cwd=REPO)
+    if code != 0:
+        return {"error": f"cut after {timeout_s:.0f} s (its guard)" if code is None else error_line(err)}
+    return json.loads(out.read_text())
+
+
+PARTS = {"train_rows": train_rows, "sampling": sampling, "inception": inception, "prepare_imagenet": prepare_imagenet,
+         "paper_run": paper_run, "imagenet_run": imagenet_run, "imagenet_rank": imagenet_rank, "nccl": nccl,
+         "nccl_rank": nccl_rank}
 
 
 def main(argv=None) -> int:
     part, args_path, out_path = (argv or sys.argv[1:])[:3]
     tune_allocator()
     result = PARTS[part](**json.loads(Path(args_path).read_text()))
-    if part != "imagenet_rank" or result.get("rank0"):
-        Path(out_path).write_text(json.dumps(result) + "\n")
+    if not part.endswith("_rank") or result.get("rank0"):
+        tmp = Path(f"{out_path}.tmp")
+        tmp.write_text(json.dumps(result) + "\n")
+        os.replace(tmp, out_path)  # whole or not at all: the guard may cut the part at any time
     return 0
 
 

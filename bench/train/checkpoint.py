@@ -21,7 +21,7 @@ import torch
 
 from bench import fileio
 from bench.core.config import RUNTIME_KEYS
-from bench.core.runtime import Runtime, broadcast, gather_objects
+from bench.core.runtime import Runtime, broadcast, gather_objects, meet
 from bench.errors import BenchError, CheckpointError, ConfigError
 from bench.fileio import atomic_write
 from bench.train.run_folder import config_diff
@@ -54,10 +54,31 @@ def _process_rng(rt: Runtime) -> dict:
 
 def save_checkpoint(state: RunState, path: Path) -> None:
     """checkpoint.pt, atomically: state_dicts, every RNG state, the step and the clocks. Every
-    process calls it (each one's RNG state is saved); rank 0 writes."""
+    process calls it (each one's RNG state is saved); rank 0 writes, hashing the bytes as they go
+    out (a 6.7 GB checkpoint is never read back). The other ranks wait for the write at a meeting of
+    the rendezvous store, not inside the next step's all-reduce, and share its outcome: a write that
+    fails raises the same CheckpointError on every rank."""
     rngs = gather_objects(_process_rng(state.rt))
-    if state.rt.rank != 0:
-        return
+    failure = None
+    if state.rt.rank == 0:
+        try:
+            _write_checkpoint(state, path, rngs)
+        except CheckpointError as exc:
+            failure = str(exc)
+        except Exception as exc:  # noqa: BLE001 -- told to the others, then raised here as it was
+            if state.rt.world_size > 1:
+                meet()
+                broadcast(f"rank 0 failed writing {path}: {type(exc).__name__}: {str(exc)[:200]}")
+            raise
+    if state.rt.world_size > 1:
+        meet()  # through the store: bounded by DIFFBENCH_WAIT_MIN, never by a collective's timeout
+        failure = broadcast(failure)
+    if failure:
+        raise CheckpointError(failure)
+
+
+def _write_checkpoint(state: RunState, path: Path, rngs: list) -> None:
+    """Rank 0's part of save_checkpoint: the new file and its digest, then the rotation."""
     data = {"format": CHECKPOINT_FORMAT, "step": state.step, "world_size": state.rt.world_size,
             "model": state.model.state_dict(), "ema": state.ema.state_dict(), "opt": state.opt.state_dict(),
             "rng_torch": rngs[0]["cpu"], "rng_processes": rngs, "clocks": state.clocks,
@@ -71,8 +92,8 @@ def save_checkpoint(state: RunState, path: Path) -> None:
         stale.unlink(missing_ok=True)
     following = path.with_name(NEXT)
     try:
-        atomic_write(following, lambda f: torch.save(data, f))
-        fileio.write_json(_digest_file(following), {"step": state.step, "sha256": sha256_file(following)})
+        digest = atomic_write(following, lambda f: torch.save(data, f), sha256=True)  # hashed as it is written
+        fileio.write_json(_digest_file(following), {"step": state.step, "sha256": digest})
     except (OSError, RuntimeError) as exc:  # torch reports a full disk as a RuntimeError of its zip writer
         following.unlink(missing_ok=True)
         free_mb = shutil.disk_usage(path.parent).free / 2**20
@@ -88,7 +109,7 @@ def save_checkpoint(state: RunState, path: Path) -> None:
         fileio.fault_point("checkpoint:rotated")
         if _digest_file(path).exists():
             os.replace(_digest_file(path), _digest_file(previous))
-        else:  # resumed from it (a kill before its digest's rename, or a run from before digests)
+        else:  # resumed from it (a kill before its digest's rename, or a run from before digests): read once
             fileio.write_json(_digest_file(previous), {"sha256": sha256_file(previous)})
     os.replace(following, path)
     fileio.fault_point("checkpoint:renamed")
@@ -211,4 +232,4 @@ def resume(state: RunState, path: Path) -> None:
     if "cuda" in rng and state.rt.torch_device.type == "cuda":
         torch.cuda.set_rng_state(rng["cuda"], state.rt.torch_device)
     state.step, state.clocks = int(ckpt["step"]), dict(ckpt["clocks"])
-    state.prefetched = None
+    state.prefetched.clear()  # samples drawn ahead for other steps

@@ -64,7 +64,7 @@ from bench.errors import BenchError, ConfigError, DivergenceError
 from bench.eval.evaluate import Evaluator, check_eval_data
 from bench.eval.reference import TRAIN_COMPUTE_LIMIT, evaluators_of
 from bench.models.networks import build_model
-from bench.train.batches import draw_batch
+from bench.train.batches import stop_drawing, take_batch
 from bench.train.checkpoint import resume_latest, save_checkpoint
 from bench.train.extras import build_aux, write_ema_snapshot
 from bench.train.live_log import close_live_log, live_log
@@ -162,11 +162,9 @@ def step(state: RunState) -> PendingRow:
     cfg, method, rt, schedule = state.cfg, state.method, state.rt, state.dev_schedule
     k, B, p = state.step, cfg.batch_size, state.step / cfg.iters
 
-    # Draw the batch: images, optional flips, timesteps from the method, noise (this process's slice).
-    batch, data_seconds = state.prefetched, 0.0  # a prefetched batch's time is in the previous row
-    if batch is None:
-        batch = draw_batch(state, k)
-        data_seconds = batch.seconds
+    # Draw the batch: images, optional flips, timesteps from the method, noise (this process's slice);
+    # data_seconds is the wall time this step waited for it (on a GPU, drawn ahead in a thread).
+    batch, data_seconds = take_batch(state, k)
     b = B // rt.world_size
     mine = slice(rt.rank * b, (rt.rank + 1) * b)
     x0 = to_model_range(batch.images)
@@ -216,14 +214,6 @@ def step(state: RunState) -> PendingRow:
             torch._foreach_lerp_(list(state.ema.parameters()), state.params, 1.0 - decay)
         track_ema_at(method, k + 1, state.model)
     state.step += 1
-
-    # On a GPU, draw the next batch while the device works (draws are pure functions of the step; on
-    # the CPU there is nothing to overlap, and the method's hooks run within their own step).
-    if state.step < cfg.iters and rt.torch_device.type == "cuda":
-        state.prefetched = draw_batch(state, state.step)
-        data_seconds += state.prefetched.seconds
-    else:
-        state.prefetched = None
 
     # Log: the objective, the unweighted MSE per timestep quartile (global batch), the optimizer's state;
     # kept on the device (no host sync: bincount and .item() would wait for the step).
@@ -398,6 +388,7 @@ def train(run: ResolvedRun | TrainConfig, out_dir, events: TrainEvents | None = 
         if main:
             _set_status(out, "done", state.step, state.clocks)
     finally:  # done, diverged, stopped or failed: what was logged live is flushed and closed
+        stop_drawing(state)
         if main:
             close_live_log(events)
     barrier()

@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
+import inspect
 import json
 import os
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 from bench.core.config import TrainConfig
 from bench.core.diffusion import make_schedule
@@ -50,9 +53,10 @@ def resolve_run(config, where: str = "config") -> ResolvedRun:
         run = _resolve(json.dumps(cfg.to_dict(), sort_keys=True), os.environ.get("DIFFBENCH_CACHE"))
     except BenchError as exc:  # unknown method or dataset, bad hyperparameter or evaluation spec
         raise type(exc)(f"{where}: {exc}") from None
-    # Callers get their own copies (a method may learn during training: each run trains its own).
+    # Callers get their own copies (a method may learn during training: each run trains its own). The
+    # method's file is hashed again: it may have been edited since this process cached the run.
     return ResolvedRun(copy.deepcopy(run.config), copy.deepcopy(run.method), copy.deepcopy(run.eval_spec),
-                       copy.deepcopy(run.record))
+                       {**copy.deepcopy(run.record), "method_sha256": method_sha256(run.method)})
 
 
 @lru_cache(maxsize=256)
@@ -84,7 +88,14 @@ def run_record(cfg: TrainConfig, method: Method | None = None) -> dict:
     """config.json: the config plus what the method resolved to."""
     method = method or get_method(cfg.method, cfg.method_params, cfg.plugins)
     return {**cfg.to_dict(), "method_label": method.label, "method_slots": sorted(method.slots),
-            "method_resolved_params": dict(method.hp), "method_source": method.source, "draws": DRAWS}
+            "method_resolved_params": dict(method.hp), "method_source": method.source,
+            "method_sha256": method_sha256(method), "draws": DRAWS}
+
+
+def method_sha256(method: Method) -> str:
+    """SHA-256 of the file that defines the method's class (a built-in's or a plugin's): config.json keeps
+    it, so a finished run whose method's code changed since is not counted as done (run_folder.config_diff)."""
+    return hashlib.sha256(Path(inspect.getfile(type(method))).read_bytes()).hexdigest()
 
 
 def evaluator_spec(cfg: TrainConfig) -> dict:

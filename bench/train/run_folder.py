@@ -235,9 +235,7 @@ def check_conflict(config: dict, run_dir: Path) -> str | None:
     changed = config_diff(old, new)
     if not changed:
         return None
-    details = []
-    for k in changed[:4]:
-        details.append(f"{k}: {_short(old.get(k))} there, {_short(new.get(k))} requested")
+    details = [_difference(k, old, new) for k in changed[:4]]
     return "; ".join(details) + (f"; and {len(changed) - 4} more" if len(changed) > 4 else "")
 
 
@@ -261,7 +259,7 @@ def config_diff(old: dict, new: dict) -> list[str]:
             record["eval"] = {k: v for k, v in record["eval"].items() if k not in EVAL_OUTPUT_KEYS}
 
     def differs(k: str) -> bool:
-        if k in RUNTIME_KEYS:
+        if k in RUNTIME_KEYS or (k == "method_sha256" and k not in old):  # a run recorded before the hash was
             return False
         if k not in old and k in defaults:
             return new.get(k) != defaults[k]
@@ -270,22 +268,25 @@ def config_diff(old: dict, new: dict) -> list[str]:
     return sorted(k for k in set(old) | set(new) if differs(k))
 
 
+def _difference(k: str, old: dict, new: dict) -> str:
+    """One setting in which a folder's record differs from the requested one, in words."""
+    if k == "method_sha256":  # the same settings, other code: the run's results are not this code's
+        return (f"the source file of method {new.get('method')!r} changed since this run (SHA-256 "
+                f"{str(old.get(k))[:12]}... there, {str(new.get(k))[:12]}... now): delete the run folder to train "
+                "it again with this code, or restore the file")
+    return f"{k}: {_short(old.get(k))} there, {_short(new.get(k))} requested"
+
+
 def _short(v) -> str:
     s = json.dumps(v, default=str)
     return s if len(s) <= 60 else s[:57] + "..."
 
 
-def try_lock(run_dir: Path):
-    """An exclusive lock on the run folder (released when the process ends), or None if taken."""
-    import fcntl
-
-    f = open(run_dir / ".lock", "a")
-    try:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        f.close()
-        return None
-    return f
+def try_lock(run_dir: Path) -> fileio.HeldLock | None:
+    """An exclusive lock on the run folder (its .lock file; released by close() or the process's end),
+    or None if taken. Where the file system refuses flock (Lustre without -o flock), an owner file
+    beside it (fileio.try_lock)."""
+    return fileio.try_lock(Path(run_dir) / ".lock")
 
 
 @contextlib.contextmanager
@@ -302,11 +303,13 @@ def claim_run_folder(out: Path, rank: int = 0):
     if lock is None:
         raise ConfigError(f"{out} is being trained by another process (its folder is locked); wait for it to "
                           "finish, or train into another --out")
+    lock_files = {".lock", fileio.owner_file_of(out / ".lock").name}
     try:
         yield
     finally:
-        if fresh and [p.name for p in out.iterdir()] == [".lock"]:  # removed while still held
-            (out / ".lock").unlink()
+        if fresh and {p.name for p in out.iterdir()} <= lock_files:  # removed while still held
+            (out / ".lock").unlink(missing_ok=True)
+            lock.close()  # an owner file goes with its lock
             out.rmdir()
         lock.close()
 
@@ -390,6 +393,8 @@ def open_run_folder(cfg: TrainConfig, out: Path, record: dict, rt: Runtime) -> d
             f"{out} holds a run trained by {saved} process(es) (gpus={saved}) and this run asks for {cfg.gpus}: "
             f"resume it with gpus = {saved}" + (f" (torchrun --nproc_per_node {saved})" if saved > 1 else
                                                 " (one process, no torchrun)") + ", or use another output folder")
+    if "method_sha256" in changed:  # not counted as done, nor resumed, with other code
+        raise ConfigError(f"{out}: {_difference('method_sha256', old, record)}")
     if changed:
         raise ConfigError(f"{out} holds a run with a different config (differs in: {', '.join(changed)}); "
                           "use another output folder or delete that one")

@@ -74,7 +74,6 @@ class Batch:
     labels: torch.Tensor | None  # this process's slice: class labels (the null label K where dropped), or None
     t_global: torch.Tensor  # the whole global batch's timesteps (this process's are its slice)
     weights_global: torch.Tensor  # the whole global batch's loss weights
-    seconds: float  # CPU time spent drawing it
 
 
 @dataclass
@@ -102,7 +101,9 @@ class RunState:
     trainable: list = field(init=False)  # what the optimizer steps and clipping sees: params and the aux module's
     net: torch.nn.Module = field(init=False)  # what a step calls: the model (with the aux module), in DDP, compiled
     dev_schedule: Schedule = field(init=False)
-    prefetched: Batch | None = None  # the next step's batch, drawn while the device computes this one
+    prefetched: dict = field(default_factory=dict)  # step -> Future of its samples (bench.train.batches)
+    drawer: object = None  # the drawing thread (a one-worker ThreadPoolExecutor), started by the first draw
+    prefetch: bool = field(init=False)  # draw ahead in that thread: on a GPU (a CPU has no device time to overlap)
 
     def __post_init__(self):
         self.params = list(self.model.parameters())
@@ -118,5 +119,6 @@ class RunState:
         if self.rt.compile:
             self.net = torch.compile(self.net)
         dev = self.rt.torch_device
+        self.prefetch = dev.type == "cuda"
         self.dev_schedule = self.schedule if dev.type == "cpu" else dataclasses.replace(
             self.schedule, betas=self.schedule.betas.to(dev), alphas_bar=self.schedule.alphas_bar.to(dev))
