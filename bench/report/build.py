@@ -90,6 +90,7 @@ class _Report:
     targets: list[float]
     headline: float
     stats_kw: dict
+    outside: list[dict] = field(default_factory=list)  # run folders outside the suite's grid: left out
     parts: dict = field(default_factory=lambda: {k: [] for k in ("md_sp", "tex_sp", "md_fr", "tex_fr", "sp", "facts")})
 
     @property
@@ -105,7 +106,7 @@ def _read_results(suite_dir: Path, out: Path) -> _Report:
     """The results tree and the suite's report settings (suite.json), with their defaults."""
     info = read_json_or_none(suite_dir / "suite.json") or {}
     rep = {**REPORT_DEFAULTS, **(info.get("report") or {})}  # a results tree from an older suite.json
-    runs = find_runs(suite_dir)
+    runs, outside = in_grid(info, find_runs(suite_dir))
     evals = evaluations_table(suite_dir, runs)
     labels = sorted({r["label"] for r in runs})
     baseline = rep["baseline"] if rep["baseline"] in labels else None
@@ -117,7 +118,20 @@ def _read_results(suite_dir: Path, out: Path) -> _Report:
                     seed=int(rep["seed"]))
     return _Report(suite_dir, out, info, runs, evals, baseline, method_order(labels, baseline), metrics, primary,
                    rep["fractions"], info.get("lr_sweep") or {}, targets, headline,
-                   stats_kw)
+                   stats_kw, outside)
+
+
+def in_grid(info: dict, runs: list[dict]) -> tuple[list[dict], list[dict]]:
+    """The runs of the suite's grid as `run` last wrote it (suite.json: method labels, workloads, seeds),
+    and the rest: folders that a changed suite left behind, which no table nor Holm family may count.
+    A suite.json without a grid (older results) keeps every run."""
+    grid = {"label": {m.get("label") for m in info.get("methods") or []},
+            "workload": {w.get("name") for w in info.get("workloads") or []}, "seed": set(info.get("seeds") or [])}
+
+    def inside(r: dict) -> bool:
+        return all(not keep or r[key] in keep for key, keep in grid.items())
+
+    return [r for r in runs if inside(r)], [r for r in runs if not inside(r)]
 
 
 def build_report(suite_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> Path:
@@ -306,7 +320,9 @@ def _header_lines(ctx: _Report) -> list[str]:
               f"Runs: {len(runs)} found; {len(done)} done, {len(failed)} failed, "
               f"{len(unfinished)} unfinished." + (" Tables use every evaluation recorded so far; a method's "
                                                   "seed-mean curve stops where one of its seeds stops."
-                                                  if failed or unfinished else ""), "",
+                                                  if failed or unfinished else "")
+              + (f" **{len(ctx.outside)} run folder(s) outside the suite's grid are left out** of every table, "
+                 "figure and Holm family (listed under \"Runs outside the grid\")." if ctx.outside else ""), "",
               "## What the numbers are", ""]
     lines += protocol_lines(ctx.evals)
     lines += ["", "Training (identical for every method of a workload; the method changes only its slots):", ""]
@@ -332,6 +348,11 @@ def _footer_lines(ctx: _Report) -> list[str]:
         lines += ["## Unfinished runs", "", to_markdown(pd.DataFrame([{
             "run": f"{r['workload']}/{r['label']}/seed{r['seed']}", "state": r["status"].get("state"),
             "step": r["status"].get("step")} for r in unfinished])), ""]
+    if ctx.outside:  # a suite that dropped a method or seed, or changed a workload, since they ran
+        lines += ["## Runs outside the grid", "", "In the results folder but not in the suite's grid (suite.json, "
+                  "written by `run`): left out; delete them, or put them back in the suite, to end this list.", "",
+                  to_markdown(pd.DataFrame([{"run": f"{r['workload']}/{r['label']}/seed{r['seed']}",
+                                             "state": r["status"].get("state")} for r in ctx.outside])), ""]
     return lines + ["## Files", "",
                     "- [tables/evaluations.csv](tables/evaluations.csv): every evaluation, one tidy row per run, step "
                     "and metric",
