@@ -129,15 +129,53 @@ def snapshot_files(run_dir) -> list[Path]:
     return sorted((Path(run_dir) / SNAPSHOT_DIR).glob("*.pt"))
 
 
-def reconstruct(run_dir, sigma_rel: float, step: int | None = None) -> dict[str, torch.Tensor]:
-    """The parameters of a power EMA of `sigma_rel` at `step` (default: the last snapshot's), combined
-    from the snapshots in <run_dir>/ema_snapshots up to that step."""
+def _snapshot_problem(snap, path: Path, first: dict | None) -> str | None:
+    """What is wrong with a loaded snapshot, or None: the step inside must be the one its file is named
+    for (a file swapped for another step's), and its widths and tensors those of the run's first."""
+    if not (isinstance(snap, dict) and isinstance(snap.get("step"), int) and isinstance(snap.get("averages"), list)
+            and isinstance(snap.get("sigma_rels"), list) and len(snap["sigma_rels"]) == len(snap["averages"])):
+        return "is not an EMA snapshot (step, sigma_rels, averages)"
+    if not path.stem.isdigit() or int(path.stem) != snap["step"]:
+        return f"holds step {snap['step']}, not the step its name says (a snapshot renamed or copied here)"
+
+    def layout(s):
+        return [float(sr) for sr in s["sigma_rels"]], [{k: tuple(v.shape) for k, v in a.items()} for a in s["averages"]]
+
+    if first is not None and layout(snap) != layout(first):
+        return f"tracks other widths or tensors than {first['step']:08d}.pt (a snapshot of another run)"
+    return None
+
+
+def load_snapshots(run_dir) -> list[dict]:
+    """The run's snapshots in step order, each checked (:func:`_snapshot_problem`); a damaged or foreign
+    one is a one-line ConfigError naming its file."""
     from bench.errors import ConfigError  # reason: only the refusals need it
 
-    files = snapshot_files(run_dir)
-    snaps = [torch.load(f, map_location="cpu", weights_only=True) for f in files]
+    if not Path(run_dir).is_dir():
+        raise ConfigError(f"{run_dir} does not exist or is not a folder: pass the folder of a power_ema run")
+    snaps = []
+    for f in snapshot_files(run_dir):
+        try:
+            snap = torch.load(f, map_location="cpu", weights_only=True)
+        except Exception as exc:  # cut short or not a torch file: whatever the reader raises
+            raise ConfigError(f"snapshot {f} is unreadable ({type(exc).__name__}: cut short or damaged); delete it to "
+                              "reconstruct from the other snapshots") from None
+        problem = _snapshot_problem(snap, f, snaps[0] if snaps else None)
+        if problem:
+            raise ConfigError(f"snapshot {f} {problem}; delete it to reconstruct from the other snapshots")
+        snaps.append(snap)
     if not snaps:
         raise ConfigError(f"{run_dir} has no ema_snapshots/: train power_ema with snapshot_every > 0")
+    return snaps
+
+
+def reconstruct(run_dir, sigma_rel: float, step: int | None = None,
+                snaps: list[dict] | None = None) -> dict[str, torch.Tensor]:
+    """The parameters of a power EMA of `sigma_rel` at `step` (default: the last snapshot's), combined
+    from the snapshots in <run_dir>/ema_snapshots up to that step (or from `snaps`, already loaded)."""
+    from bench.errors import ConfigError  # reason: only the refusals need it
+
+    snaps = load_snapshots(run_dir) if snaps is None else snaps
     saved = [s["step"] for s in snaps]
     step = saved[-1] if step is None else int(step)
     if step not in saved:  # later updates are in no snapshot: the average could not be formed
@@ -148,17 +186,54 @@ def reconstruct(run_dir, sigma_rel: float, step: int | None = None) -> dict[str,
     return {k: sum(float(ci) * avg[k].double() for ci, (_, _, avg) in zip(c, items)).float() for k in items[0][2]}
 
 
+def _sources(run_dir: Path, step: int) -> dict[str, str]:
+    """SHA-256 of each snapshot a reconstruction at `step` reads: what an ema_posthoc file was built from."""
+    import hashlib
+
+    out = {}
+    for f in snapshot_files(run_dir):
+        if not f.stem.isdigit() or int(f.stem) <= step:
+            with open(f, "rb") as fh:
+                out[f.name] = hashlib.file_digest(fh, "sha256").hexdigest()
+    return out
+
+
 def write_reconstruction(run_dir, sigma_rel: float, step: int | None = None) -> Path:
     """`run_bench.py posthoc-ema`: the EMA of `sigma_rel` at `step` as a model state_dict (buffers from the
-    run's checkpointed EMA) in <run_dir>/ema_posthoc/; an existing file is kept, never overwritten."""
-    from bench.fileio import atomic_write  # reason: only the command writes
+    run's checkpointed EMA) in <run_dir>/ema_posthoc/, beside a record of the snapshots it was built from
+    (their SHA-256): an existing file is kept while they are unchanged, and rebuilt when one changed."""
+    import sys
+
+    from bench.errors import ConfigError  # reason: only the command writes and refuses
+    from bench.fileio import atomic_write, read_json, write_json
+    from bench.train.checkpoint import load_checkpoint
 
     run_dir = Path(run_dir)
-    step = step or max((int(p.stem) for p in snapshot_files(run_dir)), default=0)
+    if not run_dir.is_dir():
+        raise ConfigError(f"{run_dir} does not exist or is not a folder: pass the folder of a power_ema run")
+    step = step or max((int(p.stem) for p in snapshot_files(run_dir) if p.stem.isdigit()), default=0)
     out = run_dir / "ema_posthoc" / f"sigma{sigma_rel:g}-step{step:08d}.pt"
-    if out.exists():  # made before: nothing to redo
-        return out
-    params = reconstruct(run_dir, sigma_rel, step or None)  # no snapshot at all, or none at `step`: one error line
-    saved = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)["ema"]
+    record, sources = out.with_suffix(".json"), _sources(run_dir, step)
+    built_from = None
+    if out.exists():
+        try:
+            built_from = read_json(record)["snapshots"]
+        except (OSError, ValueError, KeyError, TypeError):
+            built_from = {}  # no record (a file of an older version, or a build killed before it): rebuild
+        if built_from == sources:  # made before from these very snapshots
+            return out
+    snaps = load_snapshots(run_dir)  # every snapshot checked before any is used
+    params = reconstruct(run_dir, sigma_rel, step or None, snaps)  # none at `step`: one error line
+    if not (run_dir / "checkpoint.pt").is_file():
+        raise ConfigError(f"{run_dir} has no checkpoint.pt (the EMA's buffers come from it); is it a run folder?")
+    saved = load_checkpoint(run_dir / "checkpoint.pt")["ema"]
+    bad = [k for k, v in params.items() if k not in saved or saved[k].shape != v.shape]
+    if bad:
+        raise ConfigError(f"the snapshots in {run_dir}/ema_snapshots hold {bad[0]!r}, which this run's network does "
+                          "not have in that shape: snapshots of another run")
+    if built_from is not None:  # said once the new one is ready, so a refusal stays the only line
+        why = "has no record of its snapshots" if not built_from else "was built from snapshots that changed since"
+        print(f"posthoc-ema: {out} {why}; rebuilding it", file=sys.stderr)
     atomic_write(out, lambda f: torch.save({**saved, **params}, f))
+    write_json(record, {"sigma_rel": sigma_rel, "step": step, "snapshots": sources})  # after: a kill between rebuilds
     return out

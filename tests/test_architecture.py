@@ -1,7 +1,7 @@
 """The package's shape, checked from the source alone (ast; nothing to install): bench's subpackages
 import only the ones before them in LAYERS, no module imports itself through a circle, no module
 reaches into another package's underscore names, every function-level import of a bench module
-says why it is there, and modules and functions stay readable in size. README "Architecture"
+says why it is there, and modules and functions stay readable in size. docs/architecture.md
 describes the same order."""
 
 import ast
@@ -60,7 +60,7 @@ def _edges() -> dict[str, set[str]]:
 
 def test_every_bench_module_is_in_a_declared_layer():
     unknown = sorted({_layer(m) for m in MODULES} - set(LAYERS) - {"bench"})
-    assert not unknown, f"add these packages to LAYERS (and README's Architecture): {unknown}"
+    assert not unknown, f"add these packages to LAYERS (and docs/architecture.md): {unknown}"
 
 
 def test_packages_import_only_the_ones_before_them():

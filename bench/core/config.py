@@ -4,6 +4,7 @@ the dataset, the evaluation spec) is checked by bench.train.resolve.
 """
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 from bench.core.diffusion import SCHEDULES, TARGETS
@@ -12,7 +13,10 @@ from bench.errors import ConfigError
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
 #: settings of how a run executes, not of what it is: a folder's config.json may differ in them
-RUNTIME_KEYS = ("device", "precision", "tf32", "fused_adamw", "compile", "runtime")
+RUNTIME_KEYS = ("device", "precision", "tf32", "fused_adamw", "channels_last", "compile", "runtime")
+#: the largest seed: the streams derived from it (seed x 1,000,003 + offsets, bench/train) must stay
+#: inside the 64-bit range torch.manual_seed takes, and 32 bits is what every other RNG takes too
+MAX_SEED = 2**32 - 1
 
 
 def check_device_name(name: str) -> str | None:
@@ -67,7 +71,7 @@ class TrainConfig:
     precision: str = "auto"  # auto | fp32 | bf16 (auto: bf16 autocast on CUDA, fp32 on the CPU)
     tf32: bool = True  # TF32 matmuls and convolutions (CUDA only)
     fused_adamw: bool = True  # fused AdamW kernel (CUDA only; the CPU uses foreach)
-    channels_last: bool = True
+    channels_last: bool | str = "auto"  # true | false | auto (by network and device: runtime.CHANNELS_LAST_CUDA)
     compile: bool = False  # torch.compile of the network for training steps
     gpus: int = 1  # processes (one per GPU) that share each global batch of batch_size images
 
@@ -94,6 +98,11 @@ class TrainConfig:
             if key in ("data_dir", "resolution") and value is None:
                 values[key] = None
                 continue
+            if key == "channels_last":  # a flag, or "auto": by network and device (bench/core/runtime.py)
+                if not (isinstance(value, bool) or value == "auto"):
+                    raise ConfigError(f"{where}: key 'channels_last' must be true, false or \"auto\", got {value!r}")
+                values[key] = value
+                continue
             if key == "resolution":
                 want = int
             if key == "data_dir":
@@ -102,6 +111,9 @@ class TrainConfig:
                 value = float(value)
             if not isinstance(value, want) or (want is int and isinstance(value, bool)):
                 raise ConfigError(f"{where}: key {key!r} must be {want.__name__}, got {value!r}")
+            if want is float and not math.isfinite(value):  # config.json cannot store inf or NaN
+                fix = "grad_clip = 0 turns clipping off" if key == "grad_clip" else "give a finite number"
+                raise ConfigError(f"{where}: key {key!r} must be a finite number, got {value!r}; {fix}")
             values[key] = value
         return values
 
@@ -124,6 +136,8 @@ class TrainConfig:
         for key in ("warmup", "eval_every", "threads", "seed"):
             if getattr(self, key) < 0:
                 bad(key, "must be >= 0")
+        if self.seed > MAX_SEED:
+            bad("seed", f"must be <= {MAX_SEED} (2**32 - 1): the random streams derived from it must fit torch's seeds")
         if not 0 <= self.budget_iters <= self.iters:
             bad("budget_iters", f"must be in [0, iters = {self.iters}] (0: the run's own iters)")
         if self.T < 2:
@@ -138,6 +152,8 @@ class TrainConfig:
         why = check_device_name(self.device)
         if why:
             bad("device", why)
+        if not isinstance(self.channels_last, bool) and self.channels_last != "auto":
+            bad("channels_last", "is not true, false or \"auto\"")
         if self.precision not in PRECISIONS:
             bad("precision", f"is not one of {', '.join(PRECISIONS)}")
         if not 0 <= self.p_uncond < 1:

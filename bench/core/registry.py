@@ -41,14 +41,24 @@ def _load_file(path: Path) -> None:
     sys.modules[module_name] = module
     try:
         spec.loader.exec_module(module)
-    except Exception as exc:  # a broken plugin names itself
+    except (Exception, SystemExit) as exc:  # a broken plugin names itself; its sys.exit() must not end the command
         del sys.modules[module_name]
+        if isinstance(exc, SystemExit):
+            raise ConfigError(f"plugin {path} called sys.exit({exc.code!r}) on import; a plugin file only defines "
+                              "methods: remove the call (or put it under `if __name__ == \"__main__\":`)") from None
         moved = MOVED.get(getattr(exc, "name", None) or "") if isinstance(exc, ModuleNotFoundError) else None
         fix = f"; {exc.name} is now {moved}: change the plugin's import" if moved else ""
         raise ConfigError(f"plugin {path} failed to import: {type(exc).__name__}: {exc}{fix}") from exc
     # Check every class first, so a refused file registers nothing and is refused again next time.
-    found = [cls for _, cls in inspect.getmembers(module, inspect.isclass)
-             if cls.__module__ == module_name and issubclass(cls, Method) and cls.name]
+    classes = [cls for _, cls in inspect.getmembers(module, inspect.isclass)
+               if cls.__module__ == module_name and issubclass(cls, Method)]
+    found = [cls for cls in classes if cls.name]
+    # A Method without a name is never registered: refused, unless it is the base of a named one here.
+    unnamed = [cls for cls in classes if not cls.name and not any(issubclass(f, cls) for f in found)]
+    if unnamed:
+        del sys.modules[module_name]
+        raise ConfigError(f"{path}: class {unnamed[0].__name__} is a Method without a name, so no run could use it; "
+                          "give it name = \"<method>\" (its key for --method and suites)")
     for cls in found:
         other = _loaded.get(cls.name)
         try:

@@ -124,10 +124,11 @@ class Param:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             if value != value:
                 fail("is NaN")
-            if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
-                fail("is out of range")
-            if self.high is not None and (value > self.high or (self.high_open and value == self.high)):
-                fail("is out of range")
+            low = -math.inf if self.low is None else self.low  # a missing bound is open, at -inf or inf
+            high = math.inf if self.high is None else self.high
+            if (value < low or value > high or (value == low and (self.low_open or self.low is None))
+                    or (value == high and (self.high_open or self.high is None)) or not math.isfinite(value)):
+                fail("is out of range")  # inf too (config.json cannot store it), even at a closed bound
         return value
 
 
@@ -250,8 +251,10 @@ class Method:
 def distribution_problem(probs, T: int) -> str | None:
     """What is wrong with a distribution over the T timesteps, or None: a float tensor [T], finite,
     non-negative, with positive mass."""
-    if not isinstance(probs, torch.Tensor) or tuple(probs.shape) != (T,):
-        return f"has shape {tuple(getattr(probs, 'shape', ()))}, not ({T},)"
+    if not isinstance(probs, torch.Tensor) or tuple(probs.shape) != (T,):  # a list has no shape: name its type
+        if isinstance(probs, torch.Tensor):
+            return f"has shape {tuple(probs.shape)}, not ({T},)"
+        return f"is a {type(probs).__name__}, not a tensor of shape ({T},)"
     if not bool(torch.isfinite(probs).all()):
         return "is not finite (NaN or Inf)"
     if bool((probs < 0).any()):
@@ -308,9 +311,9 @@ def raw_loss_weights_at(method: Method, t: torch.Tensor, p: float, schedule, tar
     if "weighting" not in method.slots:
         return torch.ones(t.shape, dtype=torch.float64)
     w = method.loss_weights(t, p, schedule, target)
-    if not isinstance(w, torch.Tensor) or w.shape != t.shape:
-        _refuse(method, "loss_weights", p, f"has shape {tuple(getattr(w, 'shape', ()))} for {tuple(t.shape)} timesteps",
-                "one weight per sample")
+    if not isinstance(w, torch.Tensor) or w.shape != t.shape:  # a list has no shape: name its type
+        got = f"has shape {tuple(w.shape)}" if isinstance(w, torch.Tensor) else f"is a {type(w).__name__}, not a tensor,"
+        _refuse(method, "loss_weights", p, f"{got} for {tuple(t.shape)} timesteps", "one weight per sample")
     elif not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
         _refuse(method, "loss_weights", p, "has non-finite or negative weights", "weights must be finite and >= 0")
     return w

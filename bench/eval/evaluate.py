@@ -8,7 +8,7 @@ Its spec (keys, defaults, checks) is bench/eval/spec.py's.
 
 The defaults are the fastest sensible setting on a CPU: deterministic DDIM and the proxy
 metrics; Inception FID costs far more per image (measured by ``python -m bench.tools.speed_eval``; the
-README's "Speed" section has its output).
+docs/architecture.md's "Speed" section has its output).
 
 Each row is flat: step, metric, value, feature_extractor, num_gen, ref_split, num_ref, ref_sha256
 (the reference statistics' hash: bench.eval.fid.RefStats.sha256), sampler, sampler_steps,

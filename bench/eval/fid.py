@@ -9,7 +9,7 @@ bytes a PNG of them holds), so no PNG round trip is needed and the number equals
 ``compute_fid(folder_a, folder_b, mode="clean")`` on the PNGs (tests/test_fid.py checks < 1e-3).
 
 Speed-ups that leave the meaning unchanged (measured by ``python -m bench.tools.speed_eval``; the
-README's "Speed" section has its output): channels_last input to the network, Inception in
+docs/architecture.md's "Speed" section has its output): channels_last input to the network, Inception in
 micro-batches on a CPU and whole batches on a GPU, the resize overlapped with the network
 (bench/eval/inception.py), reference images split among GPUs (:func:`feature_shards`), inference mode, the Fréchet trace through symmetric eigenvalues instead of
 scipy's sqrtm (same value to ~1e-5), KID kernels computed once and indexed per subset, reference

@@ -228,15 +228,40 @@ def _evaluator_keys() -> dict:
     return {k: v for k, v in DEFAULTS.items() if k not in EVAL_WORKLOAD_KEYS}
 
 
+def check_finite(value, key: str, ck: Checker) -> None:
+    """Refuse TOML's inf and nan (and 1e400, which reads as inf) anywhere in the suite: no setting means
+    them, and config.json would store them as null. A method's hyperparameters are left to its own
+    ranges (bench/core/spec.py), which name what they allow."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            check_finite(v, f"{key}.{k}" if key else k, ck)
+    elif isinstance(value, list) and key != "grid.methods":
+        for i, v in enumerate(value):
+            check_finite(v, f"{key}[{i}]", ck)
+    elif isinstance(value, float) and not math.isfinite(value):
+        fix = "grad_clip = 0 turns clipping off" if key == "train.grad_clip" else "give a finite number"
+        ck.fail(key, f"must be a finite number, got {value!r}; {fix}")
+
+
+#: a suite's name is a folder of the results; runs' paths below it must stay under the file system's
+#: 255-byte limit for a name and leave room for the workload, label and seed folders
+MAX_NAME = 100
+
+
 def parse_head(data: dict, ck: Checker, path: Path | None) -> tuple[str, dict]:
     """The [suite] table and the suite's name (its file's stem when not given)."""
     for k in data:
         if k not in TOP_LEVEL:
             ck.fail(k, f"unknown table; known tables: {', '.join('[' + t + ']' for t in TOP_LEVEL)}")
+    check_finite(data, "", ck)
     head = ck.table(data, "suite", SUITE_SCHEMA)
     name = head.get("name") or (path.stem if path else "")
     if not name or not _NAME_RE.match(name):
         ck.fail("suite.name", f"{name!r} is not a folder-safe name (letters, digits, '.', '_', '-')")
+    if len(name) > MAX_NAME:
+        where = "suite.name" if head.get("name") else "suite.name (the file's name, when [suite] names none)"
+        ck.fail(where, f"is {len(name)} characters long; a suite's name (its results folder) may have at most "
+                       f"{MAX_NAME}: give a shorter name = \"...\" in [suite]")
     return name, head
 
 
@@ -330,10 +355,13 @@ GRID_KEY_OWNERS = {"iters": "[budget]", "budget_iters": "[budget] baseline_exten
 
 
 def parse_seeds(grid: dict, ck: Checker) -> list[int]:
+    # torch on first use: the report reads the schema without torch
+    from bench.core.config import MAX_SEED
+
     seeds = list(grid["seeds"])
     for i, s in enumerate(seeds):
-        if s < 0:
-            ck.fail(f"grid.seeds[{i}]", "must be >= 0")
+        if not 0 <= s <= MAX_SEED:  # the streams derived from a seed must fit torch.manual_seed
+            ck.fail(f"grid.seeds[{i}]", f"{s} is not in [0, {MAX_SEED}] (2**32 - 1); pick a smaller seed")
     if len(set(seeds)) != len(seeds):
         ck.fail("grid.seeds", f"repeats a seed: {seeds}")
     return seeds
