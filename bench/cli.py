@@ -11,14 +11,15 @@ from bench.errors import BenchError, ConfigError
 REPO = Path(__file__).resolve().parent.parent
 
 
-def parse_sets(pairs: list[str]) -> dict:
-    """--set KEY=VALUE pairs -> dict of strings (each method's Param types and checks them)."""
+def parse_sets(pairs: list[str], option: str = "--set", example: str = "gamma=3") -> dict:
+    """--set (or --slurm) KEY=VALUE pairs -> dict of strings (each method's Param types and checks them)."""
     out = {}
     for pair in pairs or []:
-        if "=" not in pair:
-            raise ConfigError(f"--set {pair!r} is not KEY=VALUE; write e.g. --set gamma=3")
-        key, value = pair.split("=", 1)
-        out[key.strip()] = value.strip()
+        key, eq, value = (part.strip() for part in pair.partition("="))
+        if not eq or key in out:  # a key given twice: which value was meant is not ours to guess
+            raise ConfigError(f"{option} {pair!r} is not KEY=VALUE; write e.g. {option} {example}" if not eq else
+                              f"{option} sets {key!r} twice ({key}={out[key]} and {key}={value}); give it once")
+        out[key] = value
     return out
 
 
@@ -175,12 +176,28 @@ def cmd_train(args) -> None:
 
 def cmd_run(args) -> int:
     # imported per command: the CLI starts without torch
+    from bench.suite.cost import with_gpu_check
     from bench.suite.grid import load_suite
     from bench.suite.runner import run_suite
 
+    if args.gpu_check and not args.dry_run:
+        raise ConfigError(f"--gpu-check {args.gpu_check} prices a dry run; add --dry-run")
+    if args.rehearse:  # its own commands, at a size this machine runs (bench/suite/rehearse.py)
+        from bench.suite.rehearse import rehearse
+
+        given = [f for f, v in (("--executor", args.executor != "local"), ("--jobs", args.jobs is not None),
+                                ("--dry-run", args.dry_run), ("--only", args.only), ("--slurm", args.slurm),
+                                ("--retry-failed", args.retry_failed), ("--no-wait", args.no_wait),
+                                ("--no-report", args.no_report)) if v]
+        if given:
+            raise ConfigError(f"--rehearse runs its own commands (a dry run, ref-stats, a requeued Slurm job, run, "
+                              f"report) and takes no {given[0]}; drop {given[0]}")
+        return rehearse(args.suite, args.results, plugins=args.plugins)
     suite = load_suite(args.suite, plugins=args.plugins)
+    if args.gpu_check:  # the plan priced from a GPU check's measurements
+        suite = with_gpu_check(suite, args.gpu_check)
     result = run_suite(suite, executor=args.executor, jobs=suite.jobs if args.jobs is None else args.jobs, dry_run=args.dry_run, results_root=args.results,
-                       slurm=parse_sets(args.slurm) or None, retry_failed=args.retry_failed, only=args.only or None,
+                       slurm=parse_sets(args.slurm, "--slurm", "partition=gpu") or None, retry_failed=args.retry_failed, only=args.only or None,
                        wait=not args.no_wait)
     if not (args.dry_run or args.no_wait or args.no_report):  # the report of what is there, failures listed
         from bench.report.build import build_report  # reason: report code loads only when it is asked for
@@ -207,42 +224,10 @@ def cmd_fid(args) -> None:
 
 
 def cmd_ref_stats(args) -> None:
-    """Reference statistics (and noise floors) of a suite's evaluations, or of one dataset's."""
     # imported per command: the CLI starts without torch
-    from bench.data.loading import registry
-    from bench.eval.reference import prepare_references
-    from bench.suite.grid import SUITES_DIR, available_suites, load_suite
-    from bench.train.resolve import resolve_run
+    from bench.suite.references import ref_stats_command
 
-    target = Path(args.target)
-    if target.suffix == ".toml" or target.is_file() or (SUITES_DIR / f"{args.target}.toml").is_file():
-        suite = load_suite(args.target, plugins=args.plugins)
-        specs = [resolve_run(r.config, where=f"run {r.key}").eval_spec for r in suite.runs()]
-        if not any(specs):
-            raise ConfigError(f"suite {suite.name} evaluates nothing: it has no reference statistics to compute")
-    elif args.target not in registry():
-        raise ConfigError(f"ref-stats: {args.target!r} is neither a suite ({', '.join(available_suites())}, or a .toml "
-                          f"file) nor a dataset ({', '.join(sorted(registry()))})")
-    else:
-        spec = {"dataset": args.target, "data_dir": args.data_dir, "resolution": args.resolution,
-                "metrics": args.metrics, "num_ref": _num_ref(args.num_ref), "ref_split": args.ref_split,
-                "num_images": args.num_images, "fid_mode": args.fid_mode}
-        specs = [{k: v for k, v in spec.items() if v is not None or k in ("data_dir", "resolution")}]
-    rows = prepare_references(specs, device=None if args.device == "auto" else args.device, workers=args.workers,
-                              say=lambda m: print(m, file=sys.stderr))
-    for r in rows:
-        how = "cached" if r["cached"] else f"computed in {r['seconds']} s"
-        print(f"{r['dataset']} {r['split']} {r['resolution']} px: {r['num_ref']:,} reference images, {r['extractor']}, "
-              f"noise floor at N = {r['num_images']:,}: ref_sha256 {r['ref_sha256']} ({how})")
-
-
-def _num_ref(value: str | None):
-    if value is None or value == "all":
-        return value
-    try:
-        return int(value)
-    except ValueError:
-        raise ConfigError(f"--num-ref {value!r} is neither a number nor \"all\"") from None
+    ref_stats_command(args)
 
 
 def cmd_default(args) -> int:
@@ -353,6 +338,10 @@ def _run_args(p: argparse.ArgumentParser) -> None:
                    help="override the suite's [slurm] table: partition, gpus, time, account, ...")
     p.add_argument("--no-wait", action="store_true", help="submit to Slurm and return")
     p.add_argument("--no-report", action="store_true", help="do not write the report when the suite ends")
+    p.add_argument("--gpu-check", metavar="FILE", help="with --dry-run: price the plan from python -m bench.gpu_check's "
+                   "gpu_check.json, not the suite's [cost] assumptions")
+    p.add_argument("--rehearse", action="store_true",
+                   help="the suite end to end on this machine, only sizes shrunk (into <--results>/<suite>-rehearsal)")
     p.set_defaults(func=cmd_run)
 
 
@@ -374,8 +363,7 @@ def cmd_posthoc_ema(args) -> None:
 
     if not 0 < args.sigma_rel < 0.289:
         raise ConfigError(f"--sigma-rel {args.sigma_rel} is outside (0, 0.289), the widths a power EMA can have")
-    module = sys.modules[get_method_class("power_ema", args.plugins).__module__]
-    print(module.write_reconstruction(args.run, args.sigma_rel, args.step))
+    print(sys.modules[get_method_class("power_ema", args.plugins).__module__].write_reconstruction(args.run, args.sigma_rel, args.step))
 
 
 def _consistency_args(p: argparse.ArgumentParser) -> None:

@@ -8,6 +8,9 @@ table of K + 1 rows; row K is the null label of classifier-free guidance (the ha
 to K). y is a LongTensor [B] of values 0..K, and y=None means every label is null. With K = 0 the
 network has no table and y must be None."""
 
+import json
+import os
+
 import torch
 from torch import nn
 
@@ -91,6 +94,10 @@ ARCHS = {
 }
 
 
+#: JSON {arch: {setting: value}} merged over ARCHS' settings by build_model: set by a rehearsal only
+ARCH_OVERRIDES_ENV = "DIFFBENCH_ARCH_OVERRIDES"
+
+
 def _require_divisible(arch: str, resolution: int, factor: int, what: str) -> None:
     if resolution % factor:
         raise ConfigError(f"{arch} needs a resolution divisible by {what}; got {resolution}: "
@@ -107,6 +114,8 @@ def build_model(arch: str, in_ch: int, resolution: int, num_classes: int = 0, ou
     if num_classes < 0:
         raise ConfigError(f"num_classes must be >= 0 (0: unconditional); got {num_classes}")
     settings = dict(ARCHS[arch][0])
+    # A rehearsal's smaller networks of the same kind (bench/suite/rehearse.py): {arch: {setting: value}}.
+    settings.update(json.loads(os.environ.get(ARCH_OVERRIDES_ENV) or "{}").get(arch, {}))
     net = settings.pop("net", "ddpm")
     common = dict(in_ch=in_ch, resolution=resolution, num_classes=num_classes, out_ch=out_ch)
     if net == "adm":

@@ -308,6 +308,11 @@ def parse_suite(data: dict, *, path: Path | None = None, source_text: str = "", 
                   baseline_extend=float(budget.get("baseline_extend", 1.0)))
     if validate:
         _validate_runs(suite, ck)
+        # imported here, as the module's other checks: a stated throughput above the device's peak
+        from bench.suite.peaks import over_peak
+
+        for key, reason in over_peak(suite):
+            ck.fail(key, reason)
     return suite
 
 
