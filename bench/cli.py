@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from bench.errors import BenchError, ConfigError
+from bench.listing import cmd_list
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -21,37 +22,6 @@ def parse_sets(pairs: list[str], option: str = "--set", example: str = "gamma=3"
                               f"{option} sets {key!r} twice ({key}={out[key]} and {key}={value}); give it once")
         out[key] = value
     return out
-
-
-def cmd_list(args) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    # imported per command: the CLI starts without torch
-    from bench.core.registry import load_plugins
-    from bench.data.loading import registry as dataset_registry
-    from bench.models.networks import ARCHS
-
-    console = Console()
-    table = Table(title="Methods", show_lines=True)
-    for col in ("name", "slots", "hyperparameters (default, range)", "source"):
-        table.add_column(col)
-    for name, cls in sorted(load_plugins(args.plugins).items()):
-        params = "\n".join(f"{k} = {p.default!r}  {p.describe_range()}  {p.doc}" for k, p in cls.params.items())
-        table.add_row(name, ", ".join(sorted(cls().slots)) or "-", params or "-", cls.source)
-    console.print(table)
-    table = Table(title="Datasets")
-    for col in ("name", "channels", "resolution", "source"):
-        table.add_column(col)
-    for name, mod in sorted(dataset_registry().items()):
-        table.add_row(name, str(mod.CHANNELS), str(mod.RESOLUTION), mod.SOURCE)
-    console.print(table)
-    table = Table(title="Architectures")
-    for col in ("name", "settings", "description"):
-        table.add_column(col)
-    for name, (settings, doc) in ARCHS.items():
-        table.add_row(name, ", ".join(f"{k}={v}" for k, v in settings.items()), doc)
-    console.print(table)
 
 
 def cmd_describe(args) -> None:
@@ -235,18 +205,46 @@ def cmd_default(args) -> int:
     return cmd_run(build_parser().parse_args(["--results", args.results, "run", "mini"]))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="run_bench.py", description=__doc__)
-    parser.add_argument("--plugins", action="append", default=[], metavar="PATH",
-                        help="extra method plugin file or folder (repeatable)")
-    parser.add_argument("--results", default=str(REPO / "results"), help="results root folder")
-    parser.add_argument("--log", choices=("tensorboard", "wandb"), help="also log runs live (bench/train/live_log.py)")
-    sub = parser.add_subparsers(dest="command")
-    plugin_opt = argparse.ArgumentParser(add_help=False)
-    plugin_opt.add_argument("--plugins", action="append", default=argparse.SUPPRESS, metavar="PATH",
-                            help="extra method plugin file or folder (repeatable)")
+#: the options every command takes, before or after its name, and their defaults
+GLOBAL_OPTIONS = {
+    "--plugins": dict(action="append", metavar="PATH", help="extra method plugin file or folder (repeatable)"),
+    "--results": dict(metavar="DIR", help="results root folder (default: the checkout's results/)"),
+    "--log": dict(choices=("tensorboard", "wandb"), help="also log runs live (bench/train/live_log.py)")}
+GLOBAL_DEFAULTS = {"plugins": [], "results": str(REPO / "results"), "log": None}
+GLOBAL_TITLE = "global options (before or after the command)"
 
-    p = sub.add_parser("list", parents=[plugin_opt], help="methods, datasets and architectures")
+
+def add_global_options(group, after: bool = False) -> None:
+    """The global options on the top-level parser; with `after`, on a command's, under names of their own
+    (<name>_after, absent unless given) that GlobalParser folds into the top-level ones."""
+    for flag, kwargs in GLOBAL_OPTIONS.items():
+        name = flag.removeprefix("--")
+        group.add_argument(flag, **kwargs, **({"dest": f"{name}_after", "default": argparse.SUPPRESS} if after
+                                              else {"default": GLOBAL_DEFAULTS[name]}))
+
+
+class GlobalParser(argparse.ArgumentParser):
+    """`run_bench.py --log tensorboard run smoke` = `run_bench.py run smoke --log tensorboard`: an option
+    after the command wins over the same one before it, and --plugins of both places add up."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        ns, rest = super().parse_known_args(args, namespace)
+        for name in GLOBAL_DEFAULTS:
+            if hasattr(ns, f"{name}_after"):
+                after = ns.__dict__.pop(f"{name}_after")
+                setattr(ns, name, ns.plugins + after if name == "plugins" else after)
+        return ns, rest
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = GlobalParser(prog="run_bench.py", description=__doc__)
+    add_global_options(parser)
+    sub = parser.add_subparsers(dest="command", parser_class=argparse.ArgumentParser)
+    plugin_opt = argparse.ArgumentParser(add_help=False)  # every command takes the global options too
+    add_global_options(plugin_opt.add_argument_group(GLOBAL_TITLE), after=True)
+
+    p = sub.add_parser("list", parents=[plugin_opt], help="methods, suites, datasets and architectures, one line each")
+    p.add_argument("--long", action="store_true", help="full tables: slots, hyperparameters, ranges, sources")
     p.set_defaults(func=cmd_list)
     _describe_args(sub.add_parser("describe", parents=[plugin_opt], help="what a method does at training progress P"))
     _train_args(sub.add_parser("train", parents=[plugin_opt],
@@ -270,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     # imported per command: the CLI starts without torch
     from bench.data.prepare import add_prepare_parser
 
-    add_prepare_parser(sub)
+    add_global_options(add_prepare_parser(sub).add_argument_group(GLOBAL_TITLE), after=True)
     return parser
 
 
@@ -428,10 +426,16 @@ def main(argv=None) -> int:
     except BenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader went away (`list | head`): nothing to say, and stdout is gone
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except OSError as exc:  # the file system refused a write (full disk, permissions): what was done is kept
+        from bench.train.resolve import cache_fix  # reason: only on this error (which cache, and its variable)
+
         where = f" ({exc.filename})" if exc.filename else ""
-        print(f"error: {exc.strerror or exc}{where}; finished work is saved: free space or fix the path, then run "
-              "the same command again to resume", file=sys.stderr)
+        fix = cache_fix(exc.filename) or "free space or fix the path"
+        print(f"error: {exc.strerror or exc}{where}; finished work is saved: {fix}, then run the same command again "
+              "to resume", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: finished work is saved; run the same command again to resume", file=sys.stderr)

@@ -260,6 +260,7 @@ def try_lock(path) -> HeldLock | None:
     f = open(path, "a")
     try:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        _name_holder(f)
         return HeldLock(path, handle=f)
     except OSError as exc:
         f.close()
@@ -272,9 +273,21 @@ def try_lock(path) -> HeldLock | None:
 
 
 def lock_holder(path) -> str | None:
-    """Who holds the owner-file lock of `path` ("host H, pid P"), or None (none, or a flock)."""
-    owner = _read_owner(owner_file_of(path))
+    """Who holds the lock of `path` ("host H, pid P"): its owner file's holder, else the one an flock's
+    holder wrote into the lock file; None if neither says. Meaningful while try_lock returns None."""
+    owner = _read_owner(owner_file_of(path)) or _read_owner(Path(path))
     return f"host {owner.get('host')}, pid {owner.get('pid')}" if owner else None
+
+
+def _name_holder(f) -> None:
+    """The flock's holder writes who it is into the lock file, so that a process refused can name it
+    (the lock file's content is never what locks)."""
+    try:
+        f.truncate(0)
+        f.write(json.dumps(_me()))
+        f.flush()
+    except OSError:  # a full disk: the lock holds all the same, only unnamed
+        pass
 
 
 @contextlib.contextmanager

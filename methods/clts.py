@@ -18,6 +18,7 @@ class CLTS(Method):
 
     name = "clts"
     slots = frozenset({"timesteps"})
+    budget_dependent = True  # lam(p) follows progress = step / iters: another budget, another schedule
     source = "Xu et al. 2024 (seed paper); sigma, ramp, lam_max are the suite's reconstruction"
     params = {
         "mu": Param(0.3, "Gaussian mean as a fraction of T", low=0.0, high=1.0),

@@ -46,6 +46,7 @@ class Combined(Method):
                     )
                 self.owner[slot] = part
         self.slots = frozenset(self.owner)
+        self.budget_dependent = any(getattr(p, "budget_dependent", False) for p in self.parts)  # as its parts
         # The weights are scaled as their part says, and the EMA warm-up applies unless the EMA's part says not.
         if "weighting" in self.owner:
             self.weight_scale = self.owner["weighting"].weight_scale

@@ -13,6 +13,7 @@ class LRControl(Method):
 
     name = "lr_control"
     slots = frozenset({"optimizer"})
+    budget_dependent = True  # MDLRC's c(p) follows progress = step / iters
     source = "control for Xu et al. 2024's MDLRC (the suite's own; METHODS.md 'Controls')"
     params = {
         "beta1_start": Param(0.9, "MDLRC's beta1 at p = 0 (only shapes c(p); beta1 stays fixed)", low=0.0, high=1.0,

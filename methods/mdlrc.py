@@ -30,6 +30,7 @@ class MDLRC(Method):
 
     name = "mdlrc"
     slots = frozenset({"optimizer"})
+    budget_dependent = True  # beta1(p) follows progress = step / iters: another budget, another schedule
     source = "Xu et al. 2024 (seed paper); schedule and compensation rules are the suite's reconstruction"
     params = {
         "beta1_start": Param(0.9, "Adam beta1 at p = 0", low=0.0, high=1.0, high_open=True),

@@ -49,7 +49,9 @@ class PowerEMA(Method):
     own warm-up (beta_1 = 0), so the harness's EMA warm-up does not apply, and the configured decay is
     not used. Post-hoc EMA: with snapshot_every > 0 the method also tracks the averages `tracked` and saves
     them every snapshot_every updates (ema_snapshots/); :func:`reconstruct` combines the snapshots by
-    least squares into an average of any sigma_rel (< 0.289) at any saved step.
+    least squares into an average of any sigma_rel (< 0.289) at any saved step, the coefficients then
+    rescaled to sum to 1 as EDM2's solve_posthoc_coefficients does (``coefficients(..., rescale=False)``:
+    the raw least-squares weights, the suite's former reading).
 
     The suite's choice: the profiles are the exact discrete update weights (EDM2 uses the continuous
     power function, which matches them for long runs)."""
@@ -111,15 +113,24 @@ class PowerEMA(Method):
         self.averages = [{k: v.clone() for k, v in a.items()} for a in state.get("averages", [])]
 
 
-def coefficients(snapshots: list[tuple[int, float]], sigma_rel: float, step: int) -> np.ndarray:
+#: how the post-hoc coefficients are made (kept in each ema_posthoc record: one made otherwise is rebuilt)
+COEFFICIENT_RULE = "least squares on the discrete profiles, rescaled to sum to 1 (EDM2)"
+
+
+def coefficients(snapshots: list[tuple[int, float]], sigma_rel: float, step: int, rescale: bool = True) -> np.ndarray:
     """Least-squares weights of the snapshots (each (step, sigma_rel) of a tracked average) whose
     combination's profile is closest to a power EMA of `sigma_rel` read at `step` (EDM2's
-    solve_posthoc_coefficients, on the discrete profiles)."""
+    solve_posthoc_coefficients, on the discrete profiles), then divided by their sum as EDM2 does
+    (``X / np.sum(X, axis=0)``): a combination of averages of a constant parameter is that constant.
+    rescale=False keeps the raw least-squares weights (the suite's former reading; from 0.05 and 0.10
+    snapshots every 25 of 300 updates they sum to 0.9986 for 0.15 and 0.993 for 0.2: a constant comes back
+    that far off)."""
     length = max([step] + [s for s, _ in snapshots])
     block = -(-length // MAX_PROFILE)  # 1 (exact) up to MAX_PROFILE updates
     A = np.stack([blocked(profile(sigma_rel_to_gamma(sr), s, length), block) for s, sr in snapshots], axis=1)
     b = blocked(profile(sigma_rel_to_gamma(sigma_rel), step, length), block)
-    return np.linalg.lstsq(A, b, rcond=None)[0]
+    c = np.linalg.lstsq(A, b, rcond=None)[0]
+    return c / c.sum() if rescale else c
 
 
 def snapshot_files(run_dir) -> list[Path]:
@@ -169,10 +180,11 @@ def load_snapshots(run_dir) -> list[dict]:
     return snaps
 
 
-def reconstruct(run_dir, sigma_rel: float, step: int | None = None,
-                snaps: list[dict] | None = None) -> dict[str, torch.Tensor]:
+def reconstruct(run_dir, sigma_rel: float, step: int | None = None, snaps: list[dict] | None = None,
+                rescale: bool = True) -> dict[str, torch.Tensor]:
     """The parameters of a power EMA of `sigma_rel` at `step` (default: the last snapshot's), combined
-    from the snapshots in <run_dir>/ema_snapshots up to that step (or from `snaps`, already loaded)."""
+    from the snapshots in <run_dir>/ema_snapshots up to that step (or from `snaps`, already loaded), with
+    :func:`coefficients` (`rescale` as there)."""
     from bench.errors import ConfigError  # reason: only the refusals need it
 
     snaps = load_snapshots(run_dir) if snaps is None else snaps
@@ -182,7 +194,7 @@ def reconstruct(run_dir, sigma_rel: float, step: int | None = None,
         raise ConfigError(f"step {step} has no snapshot in {run_dir}/ema_snapshots; use one of "
                           f"{', '.join(map(str, saved))}")
     items = [(s["step"], sr, avg) for s in snaps if s["step"] <= step for sr, avg in zip(s["sigma_rels"], s["averages"])]
-    c = coefficients([(st, sr) for st, sr, _ in items], sigma_rel, step)
+    c = coefficients([(st, sr) for st, sr, _ in items], sigma_rel, step, rescale)
     return {k: sum(float(ci) * avg[k].double() for ci, (_, _, avg) in zip(c, items)).float() for k in items[0][2]}
 
 
@@ -217,8 +229,9 @@ def write_reconstruction(run_dir, sigma_rel: float, step: int | None = None) -> 
     built_from = None
     if out.exists():
         try:
-            built_from = read_json(record)["snapshots"]
-        except (OSError, ValueError, KeyError, TypeError):
+            made = read_json(record)
+            built_from = made["snapshots"] if made.get("coefficients") == COEFFICIENT_RULE else "rule"
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             built_from = {}  # no record (a file of an older version, or a build killed before it): rebuild
         if built_from == sources:  # made before from these very snapshots
             return out
@@ -232,8 +245,10 @@ def write_reconstruction(run_dir, sigma_rel: float, step: int | None = None) -> 
         raise ConfigError(f"the snapshots in {run_dir}/ema_snapshots hold {bad[0]!r}, which this run's network does "
                           "not have in that shape: snapshots of another run")
     if built_from is not None:  # said once the new one is ready, so a refusal stays the only line
-        why = "has no record of its snapshots" if not built_from else "was built from snapshots that changed since"
+        why = ("has no record of its snapshots" if not built_from else "was made by an older rule (coefficients "
+               "not rescaled to sum to 1)" if built_from == "rule" else "was built from snapshots that changed since")
         print(f"posthoc-ema: {out} {why}; rebuilding it", file=sys.stderr)
     atomic_write(out, lambda f: torch.save({**saved, **params}, f))
-    write_json(record, {"sigma_rel": sigma_rel, "step": step, "snapshots": sources})  # after: a kill between rebuilds
+    write_json(record, {"sigma_rel": sigma_rel, "step": step, "coefficients": COEFFICIENT_RULE,  # after: a kill
+                        "snapshots": sources})  # between rebuilds
     return out

@@ -28,13 +28,18 @@ def tokens(activation: torch.Tensor) -> torch.Tensor:
     return activation.flatten(2).transpose(1, 2) if activation.ndim == 4 else activation
 
 
+SOURCE_DEPTH, SOURCE_BLOCKS = 8, 28  # the source's encoder depth 8 on SiT-XL/2's 28 blocks
+
+
 def default_layer(model: nn.Module) -> str:
-    """The inner layer REPA aligns by default: a U-Net's first middle block; a transformer's block at a
-    third of its depth (REPA: block 8 of SiT-XL/2's 28)."""
+    """The inner layer REPA aligns by default: a transformer's output of block d (1-based; blocks[d - 1]), as
+    the source's encoder depth d reads it after its d-th block, d = 8 for 28 blocks and scaled to other depths
+    (d = round(8 N / 28), at least 1: the suite's reading); a U-Net's first middle block."""
     if hasattr(model, "mid"):
         return "mid.0"
     if hasattr(model, "blocks"):
-        return f"blocks.{max(0, len(model.blocks) // 3 - 1)}"
+        depth = max(1, round(SOURCE_DEPTH * len(model.blocks) / SOURCE_BLOCKS))
+        return f"blocks.{depth - 1}"
     from bench.errors import HyperparameterError  # reason: only this refusal needs it
 
     raise HyperparameterError("method 'repa': this network has neither a middle block ('mid') nor 'blocks'; set "
@@ -46,39 +51,45 @@ class REPA(Method):
 
     L = L_denoise + lam * mean over positions of -cos(teacher features of the clean image, MLP projection
     of the denoiser's inner feature map at `layer`). The projector D -> proj_dim -> proj_dim -> teacher
-    width with SiLU joins the optimizer, the checkpoint and DDP; the teacher is frozen.
+    width with SiLU joins the optimizer, the checkpoint and DDP; the teacher is frozen. The default layer
+    is the source's: the output of a transformer's 8th block of 28 (``blocks.7``; the source's encoder
+    depth d is blocks[d - 1]), scaled to other depths; a U-Net's first middle block.
 
-    Reconstruction: the source's teacher is DINOv2-B, which this suite cannot download; the teacher is
-    the suite's proxy classifier for the dataset (bench/eval/proxy.py: shipped for Fashion-MNIST and the
-    synthetic set, trained on the dataset's training split otherwise), its last convolutional stage
-    (128 channels), average-pooled to the denoiser's grid. The default layer is the U-Net's first middle
-    block or a transformer's block at a third of its depth.
-
-    A teacher that is not shipped is trained once per dataset, resolution and cache, on the run's device
-    (its first job's: the others wait for it under a lock, then load it). A dataset without a test split
-    (imagenet128) trains it on nine tenths of its train split, holding out the rest to check its accuracy
-    on (get_proxy's rule; the record says so)."""
+    Reconstruction: the source's teacher is DINOv2-B, which this suite cannot download. Like DINOv2, the
+    teacher is not the network that scores the samples: it is a classifier of the proxy's architecture
+    trained with its own seed (bench/eval/teacher.py, cached as "<proxy name>-teacher"), never the one
+    proxy_fd loads; its last convolutional stage (128 channels), average-pooled to the denoiser's grid.
+    It is trained once per dataset, resolution and cache, on the run's device (its first job's: the
+    others wait for it under a lock, then load it); a dataset without a test split (imagenet128) trains it
+    on nine tenths of its train split. The run records it (method_trace.json "aux" -> "teacher": name,
+    seed, weights' SHA-256). Option (off by default): teacher = "metric" aligns to the evaluation's own
+    proxy classifier (get_proxy, seed 0), the suite's former default: a confound for proxy_fd."""
 
     name = "repa"
     slots = frozenset({"aux_loss"})
-    source = "Yu et al. 2024 (REPA), loss.py; the proxy-classifier teacher and the layer choice are the suite's"
+    source = "Yu et al. 2024 (REPA), loss.py; the teacher (a classifier of its own, not the metric's) is the suite's"
     params = {
         "lam": Param(0.5, "weight of the alignment loss", low=0.0),
         "layer": Param("auto", "the network's inner module to align (a name from model.named_modules())"),
         "proj_dim": Param(2048, "projector hidden width", low=1),
+        "teacher": Param("separate", "separate: a classifier of its own seed; metric: proxy_fd's own network",
+                         choices=("separate", "metric")),
     }
 
     def build_aux(self, model, image_shape, dataset, data_dir):
-        from bench.eval.proxy import get_proxy  # reason: the teacher's loader, needed only when a run starts
+        from bench.eval.proxy import get_proxy  # reason: the teachers' loaders, needed only when a run starts
+        from bench.eval.teacher import get_teacher, identity  # reason: as above
 
         layer = default_layer(model) if self.hp["layer"] == "auto" else self.hp["layer"]
         width = self._probe_width(model, layer, image_shape)
-        device = next(model.parameters()).device  # the run's: a teacher not shipped is trained there
-        proxy = get_proxy(dataset, image_shape[-1], data_dir=data_dir, device=device)
-        proxy = copy.deepcopy(proxy.model)  # not the evaluator's
-        teacher = proxy.body[:-2]  # up to the last stage's ReLU: 4 x width channels, before pooling and flatten
+        device = next(model.parameters()).device  # the run's: a teacher not cached is trained there
+        load = get_teacher if self.hp["teacher"] == "separate" else get_proxy
+        ext = load(dataset, image_shape[-1], data_dir=data_dir, device=device)
+        net = copy.deepcopy(ext.model)  # not the cached instance
+        teacher = net.body[:-2]  # up to the last stage's ReLU: 4 x width channels, before pooling and flatten
         teacher_width = teacher[-3].out_channels
-        return AuxModule(layer, RepaHead(width, self.hp["proj_dim"], teacher, teacher_width))
+        return AuxModule(layer, RepaHead(width, self.hp["proj_dim"], teacher, teacher_width),
+                         record={"teacher": identity(ext, self.hp["teacher"])})
 
     @staticmethod
     def _probe_width(model, layer, image_shape) -> int:

@@ -15,7 +15,7 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 # Dependency order: a module may import modules of its own layer and of layers before it.
 LAYERS = ["errors", "fileio", "terminal", "core", "models", "data", "eval", "train", "suite", "report", "results", "tools",
-          "cli", "gpu_check"]
+          "listing", "cli", "gpu_check"]
 MAX_MODULE_LINES = 450
 MAX_FUNCTION_LINES = 90
 

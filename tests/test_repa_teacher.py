@@ -1,6 +1,7 @@
-"""REPA's teacher (the proxy classifier of bench/eval/proxy.py, when none is shipped): its rule for a
-dataset without a test split, one training per cache under a lock however many jobs ask at once, and
-the device it trains on."""
+"""REPA's teacher (a classifier of the proxy's architecture with its own seed, bench/eval/teacher.py, trained
+by bench/eval/proxy.py's code) and the proxy classifier itself when none is shipped: the rule for a dataset
+without a test split, one training per cache under a lock however many jobs ask at once, and the device it
+trains on."""
 
 import contextlib
 import hashlib
@@ -16,6 +17,7 @@ from bench.core.registry import get_method
 from bench.data.loading import load_dataset
 from bench.errors import DatasetError
 from bench.eval import proxy as P
+from bench.eval.teacher import TEACHER_SEED, get_teacher
 from bench.models.networks import build_model
 
 HANG_S = 600  # only catches a hang (a job that never signals); nothing below is timed
@@ -43,8 +45,8 @@ def digest(module: torch.nn.Module) -> str:
 
 
 def repa_teacher(res: int = 8) -> torch.nn.Module:
-    """REPA's frozen teacher for the synthetic set at `res` px (8: not shipped, so trained), built as a
-    run builds it (the network on the CPU)."""
+    """REPA's frozen teacher for the synthetic set at `res` px (a classifier of its own, never shipped: so
+    trained), built as a run builds it (the network on the CPU)."""
     model = build_model("unet-micro", 1, res)
     return get_method("repa").build_aux(model, (1, res, res), "synthetic", None).module.teacher
 
@@ -158,7 +160,7 @@ def _teacher_job(cache: str, role: str, counter: str, out: str, training, decide
         P.training_lock = announced_lock
     teacher = repa_teacher()
     Path(out).write_text(json.dumps({"teacher": digest(teacher),
-                                     "sha256": P.get_proxy("synthetic", 8).weights_sha256}))
+                                     "sha256": get_teacher("synthetic", 8).weights_sha256}))
 
 
 @pytest.mark.slow
@@ -214,6 +216,7 @@ def test_a_repa_run_trains_on_an_imagenet128_shaped_set_without_a_test_split(tmp
     cfg = TrainConfig(dataset="imagenet128", data_dir=str(prepared), arch="unet-micro", method="repa", iters=1,
                       batch_size=2, warmup=0)
     assert train(cfg, tmp_path / "run")["state"] == "done"
-    record = json.loads((tmp_path / "cache" / "eval" / "proxy" / "imagenet128-cnn-v1-r128-seed0.json").read_text())
+    teacher = f"imagenet128-cnn-v1-r128-teacher-seed{TEACHER_SEED}.json"  # REPA's own, not the metric's
+    record = json.loads((tmp_path / "cache" / "eval" / "proxy" / teacher).read_text())
     assert record["accuracy_split"] == "train, held out (no test split)"
     assert (record["held_out_images"], record["train_images"], record["num_classes"]) == (15, 135, 4)

@@ -151,7 +151,7 @@ def test_paired_speedup_numbers(results):
                  "too few seeds", "1 (reference)", "baseline-equivalent", "Holm-adjusted"):
         assert text in md, text
     tex = (report.parent / "tables" / "speedup.tex").read_text()
-    assert r"\begin{tabular}" in tex and r"\toprule" in tex and "proxy\\_fd" in tex
+    assert r"\begin{tabular}" in tex and r"\toprule" in tex and "Fréchet distance (proxy features)" in tex
     text = report.read_text()
     assert "trains on to 800 iterations (2x the budget" in text and "trained on to 2x the budget (800 iterations)" in text
 
@@ -211,7 +211,7 @@ def test_report_md_says_what_every_number_is(results):
         assert (report.parent / f).is_file()
         assert (report.parent / f.replace(".png", ".pdf")).is_file()
     names = " ".join(figs)
-    for kind in ("curves_", "timesteps_", "optimizer_", "loss_quartiles_"):
+    for kind in ("curves_", "timesteps_", "optimizer_", "loss_over_t_"):
         assert kind in names
 
 

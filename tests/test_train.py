@@ -176,7 +176,7 @@ def test_corrupt_checkpoint_refused_without_loss(tmp_path):
     train(cfg, tmp_path)
     (tmp_path / "status.json").unlink()
     (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match="altered or was never completed.*delete it to restart"):
+    with pytest.raises(CheckpointError, match="damaged .*no good checkpoint is left: delete it to restart"):
         train(cfg, tmp_path)
     assert (tmp_path / "checkpoint.pt").read_bytes() == b"not a checkpoint"  # nothing overwritten
     assert len(fileio.read_jsonl(tmp_path / "steps.jsonl")) == 4

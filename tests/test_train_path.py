@@ -41,15 +41,13 @@ def tiny_state(**kw):
 def hold_inside_draw(monkeypatch):
     """Make the next noise draw block until a helper thread lets it go; the helper first burns 50 ms of
     its own CPU time (no sleep), and returns how long, in wall time, the draw was held."""
-    from bench.train.state import Streams
-
     entered, release, held = threading.Event(), threading.Event(), {}
-    real = Streams.noise
+    real = batches._noise  # drawn here, or taken from the drawing thread's noise worker
 
-    def noise(self, *args):
+    def noise(*args):
         entered.set()
-        release.wait()  # as a page fault of the memory map or the noise's thread pool: no CPU of this thread
-        return real(self, *args)
+        release.wait()  # as a page fault of the memory map or the noise worker: no CPU of this thread
+        return real(*args)
 
     def helper():
         entered.wait()
@@ -59,7 +57,7 @@ def hold_inside_draw(monkeypatch):
         held["seconds"] = time.perf_counter() - start
         release.set()
 
-    monkeypatch.setattr(Streams, "noise", noise)
+    monkeypatch.setattr(batches, "_noise", noise)
     threading.Thread(target=helper, daemon=True).start()
     return held
 

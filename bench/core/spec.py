@@ -48,7 +48,7 @@ run resumes bit for bit. Each run trains its own copy of the method.
 
 import inspect
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
@@ -143,11 +143,13 @@ class OptimizerSettings:
 
 @dataclass(frozen=True)
 class AuxModule:
-    """What the ``aux_loss`` slot's build_aux returns: the inner module of the network whose output
-    aux_loss reads (its name in ``model.named_modules()``), and the extra trainable module."""
+    """What the ``aux_loss`` slot's build_aux returns: the inner module of the network whose output aux_loss
+    reads (its name in ``model.named_modules()``), the extra trainable module, and `record`: what the run
+    keeps of how it was built (method_trace.json's "aux", e.g. a frozen teacher's name and SHA-256)."""
 
     layer: str
     module: torch.nn.Module
+    record: dict = field(default_factory=dict)
 
 
 class Method:

@@ -30,6 +30,8 @@ KID values are raw (not multiplied by 1000).
 
 from __future__ import annotations
 
+import json
+import sys
 import time
 
 import numpy as np
@@ -83,6 +85,27 @@ def check_eval_data(spec: dict, cache: bool = True) -> None:
             except DatasetError:
                 raise exc from None
             raise ConfigError(f"eval: {why}, and {where} has no {split} split; {fix}") from None
+
+
+def read_cached_floor(path, ref_sha256: str) -> tuple[dict | None, str | None]:
+    """A cached noise floor, or None and what is wrong with it: unreadable, keys or values that are
+    not a floor's (source; fd and kid both finite numbers, or both None: not computable), or computed
+    against other reference statistics than `ref_sha256` (floors from before that was recorded: not
+    checked)."""
+    try:
+        floor = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        return None, f"unreadable: {type(exc).__name__}"
+    if not isinstance(floor, dict) or not {"source", "fd", "kid"} <= set(floor):
+        return None, "it lacks " + ("source, fd and kid" if not isinstance(floor, dict) else
+                                    ", ".join(sorted({"source", "fd", "kid"} - set(floor))))
+    values = [floor["fd"], floor["kid"]]
+    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) for v in values)
+    if not isinstance(floor["source"], str) or not (numbers or values == [None, None]):
+        return None, f"fd {floor['fd']!r}, kid {floor['kid']!r} and source {str(floor['source'])[:40]!r} are not a floor's"
+    if floor.get("ref_sha256", ref_sha256) != ref_sha256:
+        return None, "it was computed against other reference statistics"
+    return floor, None
 
 
 class Evaluator:
@@ -199,25 +222,26 @@ class Evaluator:
         A floor without enough real images is cached too, as fd = kid = None and the reason, so
         every job proceeds without one and the report says why. The returned dict's `state` says
         what was done here: "computed", "cached" or "not computable" (never written to the file)."""
-        import json
-
         s = self.spec
         cache = ref.path.with_name(f"{ref.path.stem}-floor{s['num_images']}-k{s['kid_subsets']}x"
                                    f"{s['kid_subset_size']}.json") if ref.path is not None else None
+        damage = None
         if cache is not None and cache.is_file():
-            try:
-                return {**json.loads(cache.read_text()), "state": "cached"}
-            except (OSError, ValueError):
-                pass
+            cached, damage = read_cached_floor(cache, ref.sha256)
+            if cached is not None:
+                return {**cached, "state": "cached"}
         # Which real images (counts only) comes first: a floor that cannot be computed is no
         # reason to refuse a training job, whatever N is.
         images, source = self._real_images(ref_images, num_ref)
-        floor = {"source": source, "fd": None, "kid": None}
+        floor = {"source": source, "fd": None, "kid": None, "ref_sha256": ref.sha256}
+        if images is not None and self.compute_limit is not None and s["num_images"] > self.compute_limit:
+            raise ConfigError(f"the noise floor at N = {s['num_images']:,} ({ext.name}) is "
+                              f"{'not cached' if damage is None else f'damaged in the cache ({damage})'}, and a "
+                              f"training job computes at most {self.compute_limit:,} images' features: run "
+                              f"`python run_bench.py ref-stats SUITE` once")
+        if damage is not None:
+            print(f"note: noise floor {cache} is damaged ({damage}); recomputing it", file=sys.stderr)
         if images is not None:
-            if self.compute_limit is not None and s["num_images"] > self.compute_limit:
-                raise ConfigError(f"the noise floor at N = {s['num_images']:,} ({ext.name}) is not cached, and a "
-                                  f"training job computes at most {self.compute_limit:,} images' features: run "
-                                  f"`python run_bench.py ref-stats SUITE` once")
             feats = ext.features(images)
             mu, sigma = feature_stats(feats)
             floor["fd"] = float(frechet_distance(mu, sigma, ref.mu, ref.sigma))

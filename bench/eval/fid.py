@@ -27,6 +27,7 @@ import hashlib
 import json
 import sys
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -155,10 +156,15 @@ class RefStats:
 
     def features(self) -> np.ndarray:
         """The reference's features (KID needs them), read from the cache file on first use: a cached
-        reference is loaded without them (1.28M ImageNet features are 10 GB per process)."""
+        reference is loaded without them (1.28M ImageNet features are 10 GB per process; their shape
+        was checked then, their bytes are checked now, by the zip's CRC-32)."""
         if self.feats is None and self.path is not None:
-            with np.load(self.path, allow_pickle=False) as z:
-                self.feats = z["feats"]
+            try:
+                with np.load(self.path, allow_pickle=False) as z:
+                    self.feats = z["feats"]
+            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+                raise ConfigError(f"reference statistics {self.path}: their features do not load ({type(exc).__name__}: "
+                                  "the file is damaged); delete it and run again: it is recomputed") from None
         return self.feats
 
     @property
@@ -166,10 +172,15 @@ class RefStats:
         """The statistics' own hash (of mu and sigma as float64): the same reference whatever file or
         machine it was read from; every evaluation row records it (`ref_sha256`)."""
         if "_sha256" not in self.__dict__:
-            h = hashlib.sha256(np.ascontiguousarray(self.mu, dtype=np.float64).tobytes())
-            h.update(np.ascontiguousarray(self.sigma, dtype=np.float64).tobytes())
-            self.__dict__["_sha256"] = h.hexdigest()[:16]
+            self.__dict__["_sha256"] = stats_sha256(self.mu, self.sigma)[:16]
         return self.__dict__["_sha256"]
+
+
+def stats_sha256(mu: np.ndarray, sigma: np.ndarray) -> str:
+    """The SHA-256 of a reference's mean and covariance as float64 (a cache file records it)."""
+    h = hashlib.sha256(np.ascontiguousarray(mu, dtype=np.float64).tobytes())
+    h.update(np.ascontiguousarray(sigma, dtype=np.float64).tobytes())
+    return h.hexdigest()
 
 def select_subset(n_total: int, num: int | None, seed: int = 0) -> torch.Tensor | None:
     """Indices of a fixed random subset of `num` of `n_total` items (None: all of them)."""
@@ -230,18 +241,19 @@ def reference_stats(extractor, dataset: str, split: str = "train", *, num: int |
     n = n_total if idx is None else len(idx)
     key = stats_key(extractor, dataset, split, res, n, subset_seed, data_dir)
     path = stats_path(cache_dir, key)
+    damage = None
     if path.is_file():
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                if json.loads(str(z["key"])) == key:
-                    return RefStats(z["mu"], z["sigma"], None, n, key, path, computed=False)  # features lazily
-        except (OSError, ValueError, KeyError):
-            pass  # unreadable or foreign file: recompute and overwrite
+        cached, damage = read_cached_stats(path, key)
+        if cached is not None:
+            return cached
     if compute_limit is not None and n > compute_limit:
         raise ConfigError(
-            f"reference statistics of {n:,} {dataset} {split} images ({extractor.name}) are not cached, and a training "
+            f"reference statistics of {n:,} {dataset} {split} images ({extractor.name}) are "
+            f"{'not cached' if damage is None else f'damaged in the cache ({damage})'}, and a training "
             f"job computes at most {compute_limit:,}: run `python run_bench.py ref-stats SUITE` (or ref-stats "
             f"{dataset} ...) once, where the runs will read them ({path.parent})")
+    if damage is not None:
+        print(f"note: reference statistics {path} are damaged ({damage}); recomputing them", file=sys.stderr)
     t0 = time.perf_counter()
     subset = images if idx is None else images[idx]
     parts = feature_shards(shards or [extractor], subset)
@@ -249,10 +261,39 @@ def reference_stats(extractor, dataset: str, split: str = "train", *, num: int |
     # One shard: numpy.cov as before (the committed numbers); several: their moments merged.
     mu, sigma = feature_stats(feats) if len(parts) == 1 else merge_moments([moments(p) for p in parts if len(p)])
     atomic_write(path, lambda f: np.savez(f, mu=mu, sigma=sigma, feats=feats.astype(np.float32),
-                                           key=np.array(json.dumps(key, sort_keys=True))))
+                                           key=np.array(json.dumps(key, sort_keys=True)),
+                                           sha256=np.array(stats_sha256(mu, sigma))))
     if verbose:
         print(f"reference statistics {path.name}: {n} images in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     return RefStats(mu, sigma, feats, n, key, path, computed=True)
+
+def read_cached_stats(path: Path, key: dict) -> tuple[RefStats | None, str | None]:
+    """A cache file's statistics (features read lazily), or None and what is wrong with it: cut or
+    unreadable, another key's, arrays of the wrong shape or not finite, or not the SHA-256 it records
+    (files from before it was recorded have none). Reads mu and sigma, and the features' header only."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if not {"key", "mu", "sigma", "feats"} <= set(z.files):
+                return None, f"it lacks {sorted({'key', 'mu', 'sigma', 'feats'} - set(z.files))}"
+            if json.loads(str(z["key"])) != key:
+                return None, "it holds another reference's statistics"
+            mu, sigma = z["mu"], z["sigma"]
+            with z.zip.open("feats.npy") as f:  # the shape alone: the features are read when KID needs them
+                fmt = np.lib.format
+                header = fmt.read_array_header_1_0 if fmt.read_magic(f) == (1, 0) else fmt.read_array_header_2_0
+                feats_shape = header(f)[0]
+            recorded = str(z["sha256"]) if "sha256" in z.files else None
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+        return None, f"unreadable: {type(exc).__name__}"
+    d = mu.shape[0] if mu.ndim == 1 else -1
+    if d < 1 or sigma.shape != (d, d) or feats_shape != (key["num"], d):
+        return None, f"shapes mu {mu.shape}, sigma {sigma.shape}, features {feats_shape} for {key['num']} images"
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        return None, "non-finite statistics"
+    if recorded is not None and recorded != stats_sha256(mu, sigma):
+        return None, "its statistics do not match the SHA-256 it records"
+    return RefStats(mu, sigma, None, key["num"], key, path, computed=False), None
+
 
 IMAGE_EXTENSIONS = {"bmp", "jpg", "jpeg", "pgm", "png", "ppm", "tif", "tiff", "webp"}
 

@@ -1,48 +1,41 @@
 """A fast proxy for FID: Fréchet distance and KID in the feature space of a small CNN classifier.
 
-Shipped, pinned weights. The classifier is trained by this file's deterministic code (fixed
-seed, fixed data order), but "deterministic" holds only on one machine: different CPUs, thread
-counts and torch builds round floating-point sums differently, so training the same code on two
-machines ends with different weights, and then proxy_fd / proxy_kid differ between the machines
-for the same generated images. So the extractors the shipped suites use are trained once and
-committed under ``bench/eval/proxy_weights/`` (``<name>-seed<seed>.pt``: the state_dict bytes;
-``.json``: the training record: test accuracy, feature scale, settings, SHA-1 and SHA-256 of the
-weights), and each .pt file's SHA-256 is pinned in SHIPPED below, like Inception's weights in
-bench/eval/inception.py. Loading a shipped extractor needs no dataset; a file that does not match its pin is
-an error (restore it with ``git checkout bench/eval/proxy_weights``), never a silent retraining, which
-would quietly change the feature space. Shipped: Fashion-MNIST at 12 (the embedded
+Shipped, pinned weights. The classifier is trained by this file's deterministic code (fixed seed, fixed data order),
+but "deterministic" holds only on one machine: different CPUs, thread counts and torch builds round floating-point sums
+differently, so training the same code on two machines ends with different weights, and then proxy_fd / proxy_kid
+differ between the machines for the same generated images. So the extractors the shipped suites use are trained once
+and committed under ``bench/eval/proxy_weights/`` (``<name>-seed<seed>.pt``: the state_dict bytes; ``.json``: the
+training record: test accuracy, feature scale, settings, SHA-1 and SHA-256 of the weights), and each .pt file's SHA-256
+is pinned in SHIPPED below, like Inception's weights in bench/eval/inception.py. Loading a shipped extractor needs no
+dataset; a file that does not match its pin is an error (restore it with ``git checkout bench/eval/proxy_weights``),
+never a silent retraining, which would quietly change the feature space. Shipped: Fashion-MNIST at 12 (the embedded
 default's), 16 and 28 px, the synthetic test dataset at 16 px, all seed 0.
 
-Only a (dataset, resolution, seed) without a shipped extractor is trained here, on the dataset's
-training split at the evaluation resolution, and cached under ``<cache_dir>/proxy/`` with the
-same kind of record; its numbers are then only comparable with rows that carry the same
-weights_sha256 (recorded in every row). Features are the penultimate layer (128-d, after ReLU).
-Trained once per cache, under a lock: concurrent jobs (a grid, DDP ranks) wait for the first one and
-load its files; on the GPU when there is one. A dataset without a test split (imagenet128) holds out
-a tenth of its train split (at most HELD_OUT_MAX images, by a fixed permutation) to check the accuracy
-on, rather than check it on images it trained on (record: accuracy_split, held_out_images); one with a
-test split trains on all its training images, as it always did.
+Only a (dataset, resolution, seed) without a shipped extractor is trained here, on the dataset's training split at the
+evaluation resolution, and cached under ``<cache_dir>/proxy/`` with the same kind of record; its numbers are then only
+comparable with rows that carry the same weights_sha256 (recorded in every row). Features are the penultimate layer
+(128-d, after ReLU). Trained once per cache, under a lock: concurrent jobs (a grid, DDP ranks) wait for the first one
+and load its files; on the GPU when there is one. A dataset without a test split (imagenet128) holds out a tenth of its
+train split (at most HELD_OUT_MAX images, by a fixed permutation) to check the accuracy on, rather than check it on
+images it trained on (record: accuracy_split, held_out_images); one with a test split trains on all its training
+images, as it always did. REPA's teacher is this architecture trained with its own seed and cached under its own name
+(bench/eval/teacher.py), never the extractor these metrics load. To ship a new extractor: ``get_proxy(dataset, res,
+seed=seed, cache_dir=<tmp>, retrain=True)``, copy the two files from ``<tmp>/proxy/`` into bench/eval/proxy_weights/,
+and pin the .pt's SHA-256 (the record's weights_sha256) in SHIPPED.
 
-To ship a new extractor: ``get_proxy(dataset, res, seed=seed, cache_dir=<tmp>, retrain=True)``,
-copy the two files from ``<tmp>/proxy/`` into bench/eval/proxy_weights/, and pin the .pt's SHA-256
-(the record's weights_sha256) in SHIPPED.
+"proxy_fd" is the Fréchet distance and "proxy_kid" the KID (same estimators as bench/eval/fid.py) between generated and
+reference images in that space. They are not comparable to FID numbers and are only comparable among themselves for the
+same feature extractor name and weights (recorded in every row). Measured on Fashion-MNIST: >= 90% test accuracy at
+28x28 and 16x16. Feature scale: the features are multiplied by a fixed factor, computed once from the trained weights
+and recorded with them, that makes the mean of ||f||^2 / d over the first 5000 training images equal to 1. Without it
+the features' inner products (x.y / d about 2.5) would put KID's cubic kernel (x.y / d + 1)^3 far from the regime it
+was designed for (Inception: about 0.13). The factor is part of the feature space (and of the reference-statistics
+cache key).
 
-"proxy_fd" is the Fréchet distance and "proxy_kid" the KID (same estimators as bench/eval/fid.py)
-between generated and reference images in that space. They are not comparable to FID numbers
-and are only comparable among themselves for the same feature extractor name and weights
-(recorded in every row). Measured on Fashion-MNIST: >= 90% test accuracy at 28x28 and 16x16.
-
-Feature scale: the features are multiplied by a fixed factor, computed once from the trained
-weights and recorded with them, that makes the mean of ||f||^2 / d over the first 5000 training
-images equal to 1. Without it the features' inner products (x.y / d about 2.5) would put KID's
-cubic kernel (x.y / d + 1)^3 far from the regime it was designed for (Inception: about 0.13).
-The factor is part of the feature space (and of the reference-statistics cache key).
-
-Architecture (suite's own choice, "cnn-v1"): three conv3x3-BN-ReLU stages of width 32, 64, 128,
-each followed by 2x2 max pooling (the last with ceil mode), flatten, Linear(.., 128), ReLU
-(the features), dropout 0.2, Linear(128, classes). Training: AdamW (lr 3e-3, weight decay 5e-4),
-one-cycle schedule (20% warm-up), batch 128, random horizontal flips, 4 epochs at >= 24 px,
-8 epochs below (cheap, and the smaller images need them). Inputs scaled as the diffusion
+Architecture (suite's own choice, "cnn-v1"): three conv3x3-BN-ReLU stages of width 32, 64, 128, each followed by 2x2
+max pooling (the last with ceil mode), flatten, Linear(.., 128), ReLU (the features), dropout 0.2, Linear(128,
+classes). Training: AdamW (lr 3e-3, weight decay 5e-4), one-cycle schedule (20% warm-up), batch 128, random horizontal
+flips, 4 epochs at >= 24 px, 8 epochs below (cheap, and the smaller images need them). Inputs scaled as the diffusion
 models see them: x / 127.5 - 1.
 """
 
@@ -337,6 +330,14 @@ def get_proxy(dataset: str, resolution: int | None = None, *, data_dir=None, cac
         return _LOADED[key]
 
     pt_path, json_path = proxy_paths(cache_dir, dataset, res, seed)
+    return cached_or_trained(dataset, res, seed, data_dir, pt_path, json_path, retrain=retrain, verbose=verbose,
+                             device=device)
+
+
+def cached_or_trained(dataset: str, res: int, seed: int, data_dir, pt_path: Path, json_path: Path, *, name=None,
+                      retrain: bool = False, verbose: bool = False, device=None) -> ProxyExtractor:
+    """The classifier cached at `pt_path` (memory, else disk, checked), else trained now under the lock and
+    cached there, recorded under `name` (default proxy_name): get_proxy's rule, and REPA's teacher's."""
     if pt_path.resolve().is_relative_to(WEIGHTS_DIR.resolve()):
         raise ConfigError(f"the proxy cache {pt_path.parent} is inside {WEIGHTS_DIR}; shipped weights are "
                           "never overwritten, pick another cache_dir")
@@ -351,7 +352,8 @@ def get_proxy(dataset: str, resolution: int | None = None, *, data_dir=None, cac
             ext = None if retrain else _load_cached(pt_path, json_path, loader, verbose)  # written while we waited?
             if ext is None:
                 device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-                ext = _train_and_cache(dataset, res, seed, data_dir, loader, pt_path, json_path, verbose, device)
+                ext = _train_and_cache(dataset, res, seed, data_dir, loader, (pt_path, json_path), verbose, device,
+                                       name or proxy_name(dataset, res))
     _LOADED[key] = ext
     return ext
 
@@ -412,9 +414,10 @@ def _load_cached(pt_path: Path, json_path: Path, train_split: _TrainSplit, verbo
     return None
 
 
-def _train_and_cache(dataset: str, res: int, seed: int, data_dir, train_split: _TrainSplit, pt_path: Path,
-                     json_path: Path, verbose: bool, device: torch.device) -> ProxyExtractor:
+def _train_and_cache(dataset: str, res: int, seed: int, data_dir, train_split: _TrainSplit, paths: tuple[Path, Path],
+                     verbose: bool, device: torch.device, name: str) -> ProxyExtractor:
     """Train the extractor here (deterministic code, machine-dependent floats) and cache it with its record."""
+    pt_path, json_path = paths
     train_x, train_y = train_split()
     try:
         test, rows, held = load_dataset(dataset, split="test", data_dir=data_dir, resolution=res), None, None
@@ -431,7 +434,7 @@ def _train_and_cache(dataset: str, res: int, seed: int, data_dir, train_split: _
     data = _state_bytes(model)
     checked = {"accuracy_split": "test"} if held is None else {
         "accuracy_split": "train, held out (no test split)", "held_out_images": len(held)}
-    info = {"name": proxy_name(dataset, res), "version": PROXY_VERSION, "dataset": dataset, "resolution": res,
+    info = {"name": name, "version": PROXY_VERSION, "dataset": dataset, "resolution": res,
             "in_ch": int(train_x.shape[1]), "num_classes": int(train_y.max()) + 1, "seed": seed,
             "epochs": default_epochs(res), "train_images": len(train_x) if rows is None else len(rows),
             "test_accuracy": acc, **checked, "train_seconds": round(train_seconds, 2), "device": device.type,

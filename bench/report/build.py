@@ -14,8 +14,9 @@ steps.jsonl, method_trace.json, machine.json) and the suite's suite.json, and wr
 - tables/training.csv             per method: mean learning-rate factor and share of clipped steps
 - tables/fractions.{csv,md,tex}   each metric at fixed fractions of the budget, mean and std
 - tables/curves.csv               the seed-mean and std curve of every method
-- figures/*.{png,pdf}             metric vs iterations with seed bands, timestep distribution over
-                                  training, beta1 and lr over training, loss per timestep quartile
+- tables/verdicts.csv, compare.*  the verdicts that open report.md, and [report] compare (text.py)
+- figures/*.{png,pdf}             metric vs log-iterations with the paired differences, and the slots'
+                                  figures (bench/report/figures.py: p(t), beta1 and lr, loss over t)
 
 Reads files only: never imports torch (the report can be built on a laptop).
 """
@@ -23,7 +24,7 @@ Reads files only: never imports torch (the report can be built on a laptop).
 from __future__ import annotations
 
 import os
-import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,15 +33,10 @@ import numpy as np
 import pandas as pd
 
 from bench.errors import ConfigError
-from bench.fileio import atomic_write_bytes, remove_stale_temporaries
-from bench.report.figures import (
-    figure_curves,
-    figure_loss_quartiles,
-    figure_optimizer,
-    figure_timesteps,
-    safe_filename,
-)
+from bench.fileio import atomic_write_bytes
+from bench.report.figures import CURVES_CAPTION, figure_curves, look_for, safe_filename, training_figure_lines
 from bench.report.noise import metric_noise, noise_lines, sampler_robustness
+from bench.report.publish import staged_report
 from bench.report.samples import sample_lines
 from bench.report.scores import scores_lines
 from bench.report.speedup import lower_is_better
@@ -54,13 +50,15 @@ from bench.report.stats import (
     training_display,
     training_facts,
 )
+from bench.report.study import study_lines
+from bench.report.style import runs_workload_words
 from bench.report.tables import (
-    binned_steps,
     curves_table,
     evaluations_table,
     find_runs,
     fractions_display,
     fractions_table,
+    latex_speedup,
     method_order,
     method_table,
     read_json_or_none,
@@ -68,8 +66,18 @@ from bench.report.tables import (
     to_latex,
     to_markdown,
 )
-from bench.report.text import machine_lines, protocol_lines, runtime_lines, speedup_text, training_lines
+from bench.report.text import (
+    machine_lines,
+    protocol_lines,
+    ruled,
+    runtime_lines,
+    speedup_text,
+    training_lines,
+    verdict_section,
+    workload_verdicts,
+)
 from bench.suite.schema import REPORT_DEFAULTS
+from bench.suite.study import suite_file_drift
 
 
 @dataclass
@@ -142,17 +150,8 @@ def build_report(suite_dir: str | os.PathLike, out_dir: str | os.PathLike | None
     if not suite_dir.is_dir():
         raise ConfigError(f"no results folder {suite_dir}; run the suite first")
     out = Path(out_dir) if out_dir else suite_dir
-    staging = out / ".report-staging"
-    shutil.rmtree(staging, ignore_errors=True)  # what a report killed before its moves left
-    try:
+    with staged_report(out) as staging:  # one report at a time, in its own staging folder (report/publish.py)
         _build_into(suite_dir, staging)
-        for f in sorted(p for p in staging.rglob("*") if p.is_file()):
-            (out / f.relative_to(staging)).parent.mkdir(parents=True, exist_ok=True)
-            os.replace(f, out / f.relative_to(staging))  # renames: no space needed
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    for folder in (out, out / "tables", out / "figures"):  # temporaries of reports before staging
-        remove_stale_temporaries(folder)
     return out / "report.md"
 
 
@@ -169,7 +168,14 @@ def _build_into(suite_dir: Path, out: Path) -> Path:
         sections += _workload_section(ctx, w, fr)
     _write_parts(ctx)
     sections += _scores_section(ctx)
-    lines = _header_lines(ctx) + sections + _footer_lines(ctx)
+    head = _header_lines(ctx)
+    if drift := suite_file_drift(ctx.info):  # the report follows suite.json: an edited suite file is said
+        head[2:2] = [f"**Note: {drift}.**", ""]
+        print(f"note: {drift}", file=sys.stderr)
+    for r in (r for r in ctx.runs if r.get("unreadable_log")):  # lost evaluations: here too, not only in report.md
+        print(f"note: {r['workload']}/{r['label']}/seed{r['seed']}: {r['status']['reason']}", file=sys.stderr)
+    at = head.index("## What the numbers are")  # the verdicts first
+    lines = head[:at] + verdict_section(ctx) + head[at:] + study_lines(ctx) + sections + _footer_lines(ctx)
     path = ctx.out / "report.md"
     _write_text(path, "\n".join(lines))
     return path
@@ -205,7 +211,7 @@ def _metric_section(ctx: _Report, w: str, w_evals: pd.DataFrame, budget: int, me
     if ctx.baseline:
         main = [label for label in ctx.order if label not in ctx.sweep or label == ctx.baseline]
         extend = _baseline_extend(ctx, w, budget)
-        rows = speedup_rows(w_evals, ctx.baseline, main, budget, metric, extend=extend, **ctx.stats_kw)
+        rows = speedup_rows(ruled(ctx, w_evals), ctx.baseline, main, budget, metric, extend=extend, **ctx.stats_kw)
         if rows:
             ctx.parts["sp"].append(speedup_frame(rows, ctx.targets).assign(
                 workload=w, metric=metric, baseline=ctx.baseline, budget_iters=budget, baseline_extend=extend))
@@ -213,11 +219,12 @@ def _metric_section(ctx: _Report, w: str, w_evals: pd.DataFrame, budget: int, me
             target = rows[0][f"speedup@{ctx.headline:g}"].target if ctx.headline in early else None
             disp = speedup_display(rows, ctx.targets, final_values(w_evals, metric, budget))
             ctx.parts["md_sp"] += [f"### {tag}", "", to_markdown(disp), ""]
-            ctx.parts["tex_sp"].append(to_latex(disp, f"Paired speed-up over {ctx.baseline} ({metric}, {w})",
-                                                f"tab:speedup:{safe_filename(w)}:{safe_filename(metric)}"))
+            ctx.parts["tex_sp"].append(latex_speedup(rows, metric=metric, workload=runs_workload_words(ctx.runs, w),
+                look=look_for(ctx.info, ctx.runs, ctx.baseline), confidence=ctx.stats_kw["confidence"],
+                label=f"tab:speedup:{safe_filename(w)}:{safe_filename(metric)}"))
             sec += speedup_text(rows, ctx.baseline, metric, budget, extend, early, ctx.stats_kw,
                                  _baseline_slots(ctx, w))
-            sec += [to_markdown(disp), ""]
+            sec += [to_markdown(disp), ""] + workload_verdicts(ctx, w, w_evals, rows, main, budget, metric, extend)
             sec += _noise_section(ctx, w_evals, metric, budget, main)
             sec += _sweep_section(w_evals, ctx.baseline, ctx.sweep, metric, budget, ctx.order, ctx.stats_kw,
                                   ctx.headline)
@@ -232,9 +239,11 @@ def _metric_section(ctx: _Report, w: str, w_evals: pd.DataFrame, budget: int, me
                 "'not all seeds': past the last evaluation that every seed reached.",
                 "", to_markdown(disp), ""]
     stem = figure_curves(ctx.evals, w, metric, target, ctx.order, ctx.fig_dir,
-                         f"F*: baseline at {100 * ctx.headline:g}% of the budget (early-training target)")
+                         f"F*: baseline at {100 * ctx.headline:g}% of the budget", look=look_for(
+                             ctx.info, ctx.runs, ctx.baseline), budget=budget,
+                         confidence=ctx.stats_kw["confidence"], title=runs_workload_words(ctx.runs, w))
     if stem:
-        sec += [f"![{metric} vs iterations]({_fig(stem)}.png) ([PDF]({_fig(stem)}.pdf))", ""]
+        sec += [CURVES_CAPTION, "", f"![{metric} vs iterations]({_fig(stem)}.png) ([PDF]({_fig(stem)}.pdf))", ""]
     return sec
 
 
@@ -249,8 +258,9 @@ def _final_metric_section(ctx: _Report, w: str, w_evals: pd.DataFrame, budget: i
         return []
     disp = speedup_display(rows, [], final_values(w_evals, metric, budget), with_equiv=False)
     ctx.parts["md_sp"] += [f"### {w} / {metric} (end of the budget)", "", to_markdown(disp), ""]
-    ctx.parts["tex_sp"].append(to_latex(disp, f"{metric} at the end of the budget, paired difference from "
-                                              f"{ctx.baseline} ({w})", f"tab:final:{safe_filename(w)}:{safe_filename(metric)}"))
+    ctx.parts["tex_sp"].append(latex_speedup(rows, metric=metric, workload=runs_workload_words(ctx.runs, w),
+        look=look_for(ctx.info, ctx.runs, ctx.baseline), confidence=ctx.stats_kw["confidence"],
+        label=f"tab:final:{safe_filename(w)}:{safe_filename(metric)}", with_speedup=False))
     better = "negative" if lower_is_better(metric) else "positive"
     return [f"### {metric}: the end of the budget", "",
             f"Measured once, after the last iteration, with more images than the curve's points "
@@ -260,30 +270,8 @@ def _final_metric_section(ctx: _Report, w: str, w_evals: pd.DataFrame, budget: i
 
 
 def _figure_section(ctx: _Report, w: str, w_runs: list[dict]) -> list[str]:
-    """The timestep distribution, beta1 and lr, and MSE per timestep quartile over training."""
-    traces = {}
-    for r in sorted(w_runs, key=lambda r: r["seed"]):
-        if r["label"] not in traces:
-            tr = read_json_or_none(r["dir"] / "method_trace.json")
-            if tr:
-                traces[r["label"]] = tr
-    binned = []
-    for r in w_runs:
-        b = binned_steps(r["dir"] / "steps.jsonl", run_budget(r["config"]) or 1)  # the extended baseline: to the budget
-        if not b.empty:
-            binned.append(b.assign(method_label=r["label"], seed=r["seed"]))
-    binned = pd.concat(binned, ignore_index=True) if binned else pd.DataFrame()
-    figs = [("Timestep distribution over training (from method_trace.json; colour: progress p)",
-             figure_timesteps({k: traces[k] for k in ctx.order if k in traces}, w, ctx.fig_dir)),
-            ("Adam beta1 and learning rate over training (MDLRC's schedule; from steps.jsonl)",
-             figure_optimizer(binned, w, ctx.order, ctx.fig_dir)),
-            ("Training MSE per timestep quartile (from steps.jsonl)",
-             figure_loss_quartiles(binned, w, ctx.order, ctx.fig_dir))]
-    sec = []
-    for title, stem in figs:
-        if stem:
-            sec += [f"### {title}", "", f"![{title}]({_fig(stem)}.png) ([PDF]({_fig(stem)}.pdf))", ""]
-    return sec
+    """The training figures of the slots the workload's methods use (bench/report/figures.py)."""
+    return training_figure_lines(w_runs, w, ctx.order, ctx.fig_dir, look_for(ctx.info, ctx.runs, ctx.baseline))
 
 
 def _write_parts(ctx: _Report) -> None:

@@ -6,14 +6,18 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from bench.fileio import iter_jsonl, read_jsonl, unreadable_lines
+from bench.fileio import iter_jsonl, unreadable_lines
 from bench.report.curves import complete_points, values_at_fractions
+from bench.report.speedup import lower_is_better
 from bench.report.stats import seed_curves
+from bench.report.style import metric_words
+from bench.train import logs
 
 SKIP_DIRS = {"report", "_submitit", "figures", "tables"}
 
@@ -43,7 +47,7 @@ def find_runs(suite_dir: Path) -> list[dict]:
         except ValueError:
             continue
         status = status or {"state": "unknown"}
-        problem = _log_problem(run_dir / "evals.jsonl", status)
+        problem = _log_problem(run_dir / "evals.jsonl", status, config)
         if problem:  # never read as data: the run is left out and listed with its reason
             status = {**status, "state": "failed", "reason": problem}
         runs.append({
@@ -53,16 +57,28 @@ def find_runs(suite_dir: Path) -> list[dict]:
         })
     return runs
 
-def _log_problem(path: Path, status: dict) -> str | None:
+def _log_problem(path: Path, status: dict, config: dict) -> str | None:
     """Why a run's evaluation log cannot be read whole, or None. A running run may end in a line cut
-    short (its write in progress); any other unreadable line loses evaluations."""
+    short (its write in progress); any other unreadable line loses evaluations, and so does an
+    evaluation a done or running run made (to its status's step) without its rows. Two different rows
+    for one step and metric are refused too (which is the run's is unknown); a row logged twice
+    alike is read once, with a note."""
     bad, torn = unreadable_lines(path)
     if torn and status.get("state") == "running":
         bad = [n for n in bad if n != torn]
-    if not bad:
-        return None
-    return (f"evals.jsonl line {bad[0]} is unreadable ({'cut short' if bad[0] == torn else 'not JSON'}): "
-            "its evaluations are left out of this report; delete the run folder and run the suite again")
+    again = "its evaluations are left out of this report; delete the run folder and run the suite again"
+    if bad:
+        return f"evals.jsonl line {bad[0]} is unreadable ({'cut short' if bad[0] == torn else 'not JSON'}): {again}"
+    rows, copies, conflict = logs.unique_rows(path, logs.EVAL_KEY)
+    if conflict:
+        return f"{conflict}: {again}"
+    upto = status.get("step") if status.get("state") in ("done", "running") else None
+    holes = logs.missing_evaluations(config, rows, upto) if isinstance(upto, int) else []
+    if holes:
+        return f"evals.jsonl has no row for the evaluation of {holes[0]} ({len(holes)} missing): {again}"
+    if copies:
+        print(f"note: {path}: {copies} evaluation row(s) logged twice read once (identical copies)", file=sys.stderr)
+    return None
 
 def run_budget(cfg: dict) -> int | None:
     """The workload's budget N of a run's config: its iters, or budget_iters for an extended baseline."""
@@ -78,7 +94,7 @@ def evaluations_table(suite_dir: Path, runs: list[dict] | None = None) -> pd.Dat
             continue
         cfg = r["config"]
         iters, batch, budget = cfg.get("iters"), cfg.get("batch_size"), run_budget(cfg)
-        for e in read_jsonl(r["dir"] / "evals.jsonl"):
+        for e in logs.unique_rows(r["dir"] / "evals.jsonl", logs.EVAL_KEY)[0]:  # each once (find_runs: no conflict)
             step = e.get("step")
             rows.append({
                 "workload": r["workload"], "method_label": r["label"], "method": cfg.get("method", r["label"]),
@@ -191,7 +207,8 @@ def to_markdown(df: pd.DataFrame) -> str:
     return df.to_markdown(index=False)
 
 _LATEX_ESCAPE = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
-                 "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "±": r"$\pm$"}
+                 "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "±": r"$\pm$",
+                 "×": r"$\times$", "−": r"$-$", "≥": r"$\geq$", "≤": r"$\leq$"}
 
 def latex_escape(text) -> str:
     return "".join(_LATEX_ESCAPE.get(c, c) for c in str(text))
@@ -206,6 +223,110 @@ def to_latex(df: pd.DataFrame, caption: str, label: str) -> str:
         lines.append(" & ".join(latex_escape(v) for v in row.tolist()) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}", ""]
     return "\n".join(lines)
+
+# ----------------------------------------------------------------------------------------------
+# The compact LaTeX table of a paper: method, speed-up, final difference; bounds as footnotes.
+
+_TEX_NOTES = {
+    ">=": r"$\geq$: a lower bound, the baseline's curve (to {extend:g}$\times$ the budget) did not reach the "
+          r"method's value on some seeds; no interval.",
+    "<=": r"$\leq$: an upper bound, the method ended no better than the baseline's first evaluation on some "
+          r"seeds; no interval.",
+    "~": r"$\approx$: bounds both ways (seeds beyond the baseline's curve and before its first evaluation); "
+         r"no interval.",
+    "few": r"Fewer than 3 paired seeds: no interval.",
+}
+
+
+class _Notes:
+    """Footnote marks a, b, ... in order of first use, one per kind of bound."""
+
+    def __init__(self):
+        self.used: list[str] = []
+
+    def mark(self, text: str) -> str:
+        if text not in self.used:
+            self.used.append(text)
+        return rf"\textsuperscript{{{chr(ord('a') + self.used.index(text))}}}"
+
+    def lines(self) -> list[str]:
+        return [rf"{{\footnotesize {self.mark(t)}\,{t}\par}}" for t in self.used]
+
+
+def tex_number(v: float, decimals: int) -> str:
+    """A number at a fixed precision with a typeset minus ($-$, not a hyphen); no "-0.00"."""
+    text = f"{v:.{decimals}f}"
+    if text.startswith("-") and float(text) != 0:
+        return "$-$" + text[1:]
+    return text.lstrip("-")
+
+
+def _diff_decimals(rows: list[dict]) -> int:
+    """One precision for the difference column: two significant digits of its narrowest interval's half
+    width (of its largest value without intervals), 0 to 4 decimals."""
+    halves = [(d.ci_high - d.ci_low) / 2 for d in (r["final_diff"] for r in rows) if d.ci_low is not None]
+    halves = [h for h in halves if h > 0]
+    if halves:
+        return int(np.clip(1 - math.floor(math.log10(min(halves))), 0, 4))
+    means = [abs(r["final_diff"].mean) for r in rows if r["final_diff"].mean]
+    return int(np.clip(2 - math.floor(math.log10(max(means))), 0, 4)) if means else 2
+
+
+def _tex_speedup(e, notes: _Notes) -> str:
+    if e.speedup is None:
+        return "--"
+    x = rf"{e.speedup:.2f}\times"
+    if e.lower_bound and e.upper_bound:
+        return rf"$\approx {x}$" + notes.mark(_TEX_NOTES["~"])
+    if e.lower_bound:
+        return rf"$\geq {x}$" + notes.mark(_TEX_NOTES[">="].format(extend=e.extend))
+    if e.upper_bound:
+        return rf"$\leq {x}$" + notes.mark(_TEX_NOTES["<="])
+    if e.ci_low is None:
+        return f"${x}$" + notes.mark(_TEX_NOTES["few"])
+    return rf"${x}$ [{e.ci_low:.2f}, {e.ci_high:.2f}]"
+
+
+def _tex_difference(d, decimals: int, notes: _Notes) -> str:
+    if d.mean is None:
+        return "--"
+    point = tex_number(d.mean, decimals)
+    if d.ci_low is None:
+        return point + notes.mark(_TEX_NOTES["few"])
+    return f"{point} [{tex_number(d.ci_low, decimals)}, {tex_number(d.ci_high, decimals)}]"
+
+
+def latex_speedup(rows: list[dict], *, metric: str, workload: str, look, confidence: float, label: str,
+                  with_speedup: bool = True) -> str:
+    """The paper's table of one workload and metric (booktabs): per method the baseline-equivalent
+    speed-up at the budget and the paired final difference, each with its t-interval; the controls
+    under a rule; bounds marked and explained in footnotes. `look` names the methods (bench/report/style.py)."""
+    notes, decimals = _Notes(), _diff_decimals([r for r in rows if not r["is_baseline"]])
+    n_seeds = max((r["final_diff"].n for r in rows), default=0)
+    better = "negative" if lower_is_better(metric) else "positive"
+    head = ["Method"] + (["Speed-up"] if with_speedup else []) + ["Final difference"]
+    body = {False: [], True: []}
+    for r in rows:
+        if r["is_baseline"]:
+            continue
+        name = "A/A control" if r["method_label"].startswith("A/A") else look.name(r["method_label"])
+        cells = [latex_escape(name)] + ([_tex_speedup(r["equiv"], notes)] if with_speedup else []) + \
+            [_tex_difference(r["final_diff"], decimals, notes)]
+        body[bool(r["is_control"])].append(" & ".join(cells) + r" \\")
+    base = latex_escape(look.name(look.baseline))
+    what = (f"Speed-up over {base} (iterations the baseline needs to match the method at the budget, over the "
+            "budget) and final " if with_speedup else "Final ")
+    caption = (what + f"{latex_escape(metric_words(metric))} difference, method $-$ {base} (paired over {n_seeds} "
+               f"seeds; {better} is better), on {latex_escape(workload)}. Brackets: {100 * confidence:g}\\% t-intervals.")
+    # \small and narrower column gaps: a column of 3.3 in holds a long name and two intervals
+    lines = [r"\begin{table}[t]", r"\centering", r"\small", r"\setlength{\tabcolsep}{4pt}", rf"\caption{{{caption}}}", rf"\label{{{label}}}",
+             r"\begin{tabular}{l" + "r" * (len(head) - 1) + "}", r"\toprule", " & ".join(head) + r" \\",
+             r"\midrule", *body[False]]
+    if body[True]:
+        lines += [r"\midrule", *body[True]]
+    lines += [r"\bottomrule", r"\end{tabular}", *notes.lines(), r"\end{table}", ""]
+    return "\n".join(lines)
+
 
 #: how a method's loss weights are scaled (method_trace.json's weight_scale; see bench/core/spec.py)
 WEIGHT_SCALE_TEXT = {"normalised": "normalised: mean 1 under its own t sampling", "source": "as its source writes them",

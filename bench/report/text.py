@@ -1,6 +1,6 @@
-"""The report's header text: what every number is (metric, feature extractor and its hash, N,
-reference, sampler and its timesteps), the training settings of each workload, and the machines
-the runs ran on. Files only, no torch.
+"""The report's header text: the verdicts first (bench/report/verdicts.py, compare.py), then what
+every number is (metric, feature extractor and its hash, N, reference, sampler and its timesteps),
+the training settings of each workload, and the machines the runs ran on. Files only, no torch.
 """
 
 from __future__ import annotations
@@ -11,9 +11,23 @@ import platform
 
 import pandas as pd
 
+from bench.fileio import atomic_write_bytes
+from bench.report.compare import compare_frame, compare_lines, compare_rows
 from bench.report.intervals import BOOTSTRAP_MIN_SEEDS
 from bench.report.speedup import lower_is_better
 from bench.report.stats import PLACEBO
+from bench.report.tables import read_json_or_none, to_markdown
+from bench.report.verdicts import (
+    CLIP_RATIO_MAX,
+    FASTER,
+    NO_TEST,
+    NULL,
+    OTHER_RULE,
+    SLOWER,
+    apply_rule,
+    assess,
+    settings,
+)
 
 
 def machine_lines(runs: list[dict]) -> list[str]:
@@ -184,3 +198,124 @@ def speedup_text(rows, baseline, metric, budget, extend, early, kw, baseline_slo
                  f"iterations the method's seed needs to reach it (unadjusted intervals). It measures how fast "
                  f"training starts, not the quality at the budget. Per-seed values are in tables/speedup.csv."]
     return [line for t in text for line in (t, "")]
+
+
+# ----------------------------------------------------------------------------------------------
+# The verdicts, at the top of the report.
+
+
+def ruled(ctx, evals: pd.DataFrame) -> pd.DataFrame:
+    """The evaluations with the baseline's curves under the suite's [report] baseline_curve rule."""
+    return apply_rule(evals, ctx.baseline, settings(ctx.info)["baseline_curve"])
+
+
+def workload_verdicts(ctx, w: str, w_evals: pd.DataFrame, rows: list[dict], labels: list[str], budget: float,
+                      metric: str, extend: float) -> list[str]:
+    """For the headline metric: keep the workload's verdicts for the top of the report and return the
+    section of its method comparisons ([report] compare)."""
+    if metric != ctx.primary:
+        return []
+    runs = [r for r in ctx.runs if r["workload"] == w]
+    a = assess(w, w_evals, rows, ctx.baseline, labels, budget, metric, extend, ctx.stats_kw, ctx.info, runs)
+    a.compare = compare_rows(apply_rule(w_evals, ctx.baseline, a.rule), settings(ctx.info)["compare"], rows,
+                             budget, metric, ctx.stats_kw)
+    ctx.parts.setdefault("verdicts", []).append(a)
+    note = (["The speed-ups above read each baseline seed's monotone fit ([report] baseline_curve = \"monotone\"; "
+             "raw curves are the sensitivity column of the verdicts).", ""] if a.rule == "monotone" else [])
+    return note + compare_lines(a.compare, metric, ctx.stats_kw["confidence"])
+
+
+def verdict_section(ctx) -> list[str]:
+    """The verdict paragraph of every workload with its table; writes tables/verdicts.{csv,md} and
+    tables/compare.{csv,md}."""
+    found = ctx.parts.get("verdicts") or []
+    if not found:
+        return []
+    a0, conf = found[0], ctx.stats_kw["confidence"]
+    sets = max(a.n_sets for a in found)
+    lines = ["## Verdicts", "",
+             f"On the headline, the baseline-equivalent speed-up at the budget ({a0.metric}), Holm-adjusted across "
+             f"the methods of each workload (family-wise error {100 * (1 - conf):g}%); where a speed-up is a bound, "
+             f"the Holm-adjusted final difference decides. The baseline's curve is read **{a0.rule}** (the rule "
+             f"fixed in advance, [report] baseline_curve); \"{OTHER_RULE[a0.rule]}\" is the sensitivity column. "
+             "**Fragile**: the verdict changes under the other rule"
+             + (f" or with one of the {sets} noise sets alone instead of their mean" if sets > 1 else "")
+             + ". Beside each \"not separated\": the smallest effect a test finds with 80% power at Holm's "
+             "strictest level (alpha / m, what a method separated alone needs).", ""]
+    facts = pd.concat(ctx.parts.get("facts") or [pd.DataFrame()], ignore_index=True)
+    table, comp = [], []
+    for a in found:
+        flags = _clip_flags(facts, a.workload, a.baseline)
+        lines += _workload_verdict_lines(a, flags, [r for r in ctx.runs if r["workload"] == a.workload], ctx.evals)
+        table += [{**t, "flags": flags.get(t["method"], "")} for t in a.table]
+        comp += [compare_frame(a.compare, a.workload, a.metric)] if a.compare else []
+    shown = pd.DataFrame(table)
+    lines += [to_markdown(shown.drop(columns=["metric"])) if not shown.empty else "", "",
+              "Tables: [tables/verdicts.csv](tables/verdicts.csv)" + (", [tables/compare.csv](tables/compare.csv)"
+                                                                     if comp else "") + ".", ""]
+    tab = ctx.out / "tables"
+    atomic_write_bytes(tab / "verdicts.csv", shown.to_csv(index=False).encode())
+    atomic_write_bytes(tab / "verdicts.md", (to_markdown(shown) + "\n").encode())
+    if comp:
+        frame = pd.concat(comp, ignore_index=True)
+        atomic_write_bytes(tab / "compare.csv", frame.to_csv(index=False).encode())
+        atomic_write_bytes(tab / "compare.md", (to_markdown(frame) + "\n").encode())
+    return lines
+
+
+def _workload_verdict_lines(a, flags: dict, runs: list[dict], evals: pd.DataFrame) -> list[str]:
+    out = [f"**{a.workload}** ({a.family} method{'s' * (a.family != 1)} against `{a.baseline}`, budget "
+           f"{a.budget:g} iterations, the baseline to {a.extend:g}x):", ""]
+    for key in (FASTER, SLOWER, NULL, NO_TEST, "saturated", "fragile"):
+        if a.lines.get(key):
+            out.append(f"- **{key}**: " + "; ".join(a.lines[key]))
+    if flags:
+        out.append(f"- **clipped** (more than {CLIP_RATIO_MAX:g}x the baseline's share of clipped steps: a "
+                   "confound): " + "; ".join(f"{k} {v}" for k, v in flags.items()))
+    if a.compare:
+        out.append(f"- **compared** (Holm over the {len(a.compare)} comparison{'s' * (len(a.compare) != 1)}, their "
+                   "own family): "
+                   + "; ".join(f"{r['method_label']}: {r['verdict']}" for r in a.compare))
+    if a.lines.get("control"):
+        out.append("- **control**: " + "; ".join(a.lines["control"]))
+    out += repa_lines(runs, evals, a.metric)
+    return out + [""]
+
+
+def _clip_flags(facts: pd.DataFrame, w: str, baseline: str) -> dict[str, str]:
+    """Methods whose share of clipped steps is more than CLIP_RATIO_MAX x the baseline's."""
+    if facts.empty or "workload" not in facts:
+        return {}
+    f = facts[facts.workload == w].set_index("method")
+    if baseline not in f.index:
+        return {}
+    base = float(f.loc[baseline, "clipped_fraction"])
+    return {m: f"clipped on {100 * c:.1f}% of steps (baseline {100 * base:.1f}%)"
+            for m, c in f.clipped_fraction.items() if m != baseline and c > CLIP_RATIO_MAX * base and c > 0}
+
+
+def repa_lines(runs: list[dict], evals: pd.DataFrame, metric: str) -> list[str]:
+    """REPA's teacher, named from the run's record (method_trace.json "aux" -> "teacher", written by
+    methods/repa.py; else config.json's hyperparameters), and flagged when it is the network that
+    defines the metric: the same weights' SHA-256 or name as the metric's rows, or role "metric"."""
+    g = evals[evals.metric == metric] if not evals.empty else evals
+    net = {str(v) for c in ("feature_extractor", "weights_sha256") if c in g for v in g[c].dropna().unique()}
+    out = {}
+    for r in sorted(runs, key=lambda r: r.get("seed", 0)):
+        cfg = r.get("config") or {}
+        params = cfg.get("method_resolved_params") or {}
+        if r["label"] in out or (cfg.get("method") != "repa" and not any(str(k).startswith("repa.") for k in params)):
+            continue
+        trace = (read_json_or_none(r["dir"] / "method_trace.json") or {}) if r.get("dir") else {}
+        rec = (trace.get("aux") or {}).get("teacher") or {
+            k: v for k, v in {**params, **cfg}.items() if "teacher" in str(k) and v not in (None, "")}
+        if rec:
+            shown = ", ".join(f"{k} = {v}" for k, v in rec.items())
+            same = "metric" in (rec.get("role"), rec.get("teacher")) or any(str(v) in net for v in rec.values())
+        else:
+            shown = "not recorded (a run from before the teacher was): the dataset's proxy classifier"
+            same = metric.startswith("proxy_")
+        out[r["label"]] = shown + (f": **teacher = metric network** (it also defines {metric}, so REPA trains "
+                                   "toward the metric's own features)" if same else
+                                   f"; not the network of the metric ({metric})")
+    return [f"- **REPA's teacher** ({label}): {text}" for label, text in sorted(out.items())]

@@ -22,6 +22,7 @@ from bench.errors import BenchError, DivergenceError
 from bench.suite.exits import JobRequeued, exit_in_words, signal_in_words
 from bench.suite.grid import RunSpec
 from bench.suite.poller import FilePoller
+from bench.suite.workers import die_with_parent, start_worker, worker_records
 from bench.train.run_folder import (
     LOCKED,
     RunOutcome,
@@ -37,11 +38,6 @@ from bench.train.run_folder import (
 )
 
 DEFAULT_TRAIN_FN = "bench.train.loop:train"
-
-#: the environment of a torchrun / Slurm task; a worker started from one must not inherit it
-DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-            "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID")
-
 
 def resolve_train_fn(train_fn: str | Callable | None) -> Callable:
     if callable(train_fn):
@@ -222,55 +218,17 @@ def _worker_main(payload_path: str) -> int:
         out = execute_run(payload["run"], payload["run_dir"], payload["train_fn"], payload["retry_failed"])
     finally:
         finish_processes()
+    if payload.get("outcome") and int(os.environ.get("RANK", 0)) == 0:  # the runner reads why (held elsewhere)
+        fileio.write_json(Path(payload["outcome"]), out)
     # A failed multi-process run exits non-zero, so that torchrun stops the other processes.
     return 1 if out.get("state") == "failed" and int(os.environ.get("WORLD_SIZE", 1)) > 1 else 0
 
 
-def die_with_parent(parent: int) -> None:
-    """Linux: the kernel sends this process SIGTERM when the runner that started it ends, however it
-    ends (SIGKILL included), so a worker never trains on as an orphan; SIGTERM checkpoints and stops
-    a run like a Slurm pre-emption. Elsewhere a no-op."""
-    import ctypes
-    import signal
-
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(1, int(signal.SIGTERM), 0, 0, 0) != 0:  # 1: PR_SET_PDEATHSIG
-            return
-    except (OSError, AttributeError):
-        return
-    if os.getppid() != parent:  # the runner ended before the request took effect
-        os.kill(os.getpid(), signal.SIGTERM)
-
-
-def _start_worker(run: RunSpec, run_dir: Path, train_fn: str, retry_failed: bool, threads: int,
-                  visible_gpus: list[int] | None = None):
-    """A fresh Python process for one run (nothing inherited but the environment and sys.path), or
-    torchrun's N processes for a run with gpus = N; the output goes to the run's worker.log."""
-    import subprocess
-    import sys
-
-    run_dir.mkdir(parents=True, exist_ok=True)
-    gpus = int(run.config.get("gpus", 1))
-    threads = max(1, threads // gpus)
-    payload = run_dir / ".worker.json"
-    # One process per run: it ends with the runner (torchrun's processes have torchrun as their parent).
-    fileio.write_json(payload, {"run": run.to_dict(), "run_dir": str(run_dir), "train_fn": train_fn,
-                            "retry_failed": retry_failed, "threads": threads,
-                            "parent_pid": os.getpid() if gpus == 1 else None})
-    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}  # the worker's processes are its own
-    if visible_gpus is not None:
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, visible_gpus))
-    env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
-               PYTHONPATH=os.pathsep.join(p for p in [str(Path(__file__).resolve().parents[2]), *sys.path] if p))
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}"] \
-        if gpus > 1 else [sys.executable]
-    log = open(run_dir / "worker.log", "ab")
-    try:
-        return subprocess.Popen([*launch, "-m", "bench.suite.executors", "worker", str(payload)], stdout=log,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
-    finally:
-        log.close()
+def held_elsewhere(run: RunSpec, run_dir: Path, reporter) -> RunOutcome:
+    """A run whose folder another process holds: left to it, untouched, and said with the holder."""
+    holder = fileio.lock_holder(run_dir / ".lock")
+    reporter.message(f"{run.key} is held by another process ({holder or 'its pid unknown'}): left to it")
+    return outcome_from_dict(skipped_outcome(run, run_dir, LOCKED))
 
 
 class _RunEvents:
@@ -323,7 +281,10 @@ class InlineExecutor(Executor):
             self.reporter.run_start(run)
             evaluating = evaluates(run.config.get("eval"), run.config.get("eval_every") or 0)
             events = _RunEvents(self.reporter, run, evaluating)
-            self._finished(run, outcome_from_dict(execute_run(run, self.dirs[run.key], fn, self.retry_failed, events)))
+            out = outcome_from_dict(execute_run(run, self.dirs[run.key], fn, self.retry_failed, events))
+            if out.action == "skipped" and out.reason == LOCKED:
+                out = held_elsewhere(run, self.dirs[run.key], self.reporter)
+            self._finished(run, out)
         return self.outcomes
 
 
@@ -375,11 +336,14 @@ class WorkerPool(Executor):
                 while pending or active:
                     while pending and len(active) < self.jobs:
                         run = pending.pop(0)
+                        if not self._free(run):  # no worker, nothing written: another process holds it
+                            self._finished(run, held_elsewhere(run, self.dirs[run.key], self.reporter))
+                            continue
                         if (self.dirs[run.key] / "checkpoint.pt").exists():
                             resumed.add(run.key)
                         self.reporter.run_start(run)
                         gpus = gpu_pool.take(int(run.config.get("gpus", 1)))
-                        proc = _start_worker(run, self.dirs[run.key], ref, self.retry_failed, threads, gpus)
+                        proc = start_worker(run, self.dirs[run.key], ref, self.retry_failed, threads, gpus)
                         active[run.key] = (run, proc, time.time(), gpus)
                         poller.add(run, self.dirs[run.key])
                     time.sleep(0.2)
@@ -401,15 +365,35 @@ class WorkerPool(Executor):
                         proc.kill()
         return self.outcomes
 
+    def _free(self, run: RunSpec) -> bool:
+        """Whether no other process holds the run's folder now (its worker takes the lock itself)."""
+        if not self.dirs[run.key].is_dir():
+            return True
+        lock = try_lock(self.dirs[run.key])
+        if lock is not None:
+            lock.close()
+        return lock is not None
+
     def _reap(self, run: RunSpec, code: int, action: str, started: float) -> None:
         """A worker ended with exit code `code`: its outcome, from the status it wrote (a worker that
-        died before writing one, e.g. killed for memory, gets a failed status here)."""
+        died before writing one, e.g. killed for memory, gets a failed status here, under the folder's
+        lock: a folder another process holds is its, and left to it untouched)."""
         run_dir = self.dirs[run.key]
+        payload, outcome = worker_records(run_dir)
+        told = fileio.read_json(outcome) if outcome.is_file() else {}
+        for record in (payload, outcome):
+            record.unlink(missing_ok=True)
+        if told.get("action") == "skipped" and told.get("reason") == LOCKED:
+            return self._finished(run, held_elsewhere(run, run_dir, self.reporter))
         status = read_status(run_dir)
         if code != 0 and (not status or status.get("state") not in ("done", "failed")):
-            why = "worker process " + (signal_in_words(-code) if code < 0 else f"exited with {exit_in_words(code)}")
-            write_failed(run_dir, last_step(run_dir), why + f"; see {run_dir / 'worker.log'}",
-                         "oom" if code == -9 else "exception")
+            claim = try_lock(run_dir)
+            if claim is None:  # taken by another process since: its run now
+                return self._finished(run, held_elsewhere(run, run_dir, self.reporter))
+            with claim:
+                why = "worker process " + (signal_in_words(-code) if code < 0 else f"exited with {exit_in_words(code)}")
+                write_failed(run_dir, last_step(run_dir), why + f"; see {run_dir / 'worker.log'}",
+                             "oom" if code == -9 else "exception")
         self._finished(run, outcome_from_status(run.key, run_dir, action, time.time() - started))
 
 

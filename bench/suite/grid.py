@@ -28,6 +28,8 @@ so methods are compared at equal images seen. Layout of a suite file (see suites
                (the dry-run's cost model)
     [slurm]    partition, gpus, time, account, qos, constraint, cpus_per_task, mem_gb,
                array_parallelism, max_num_timeout, setup, additional
+    [tune]     lr_factors, seeds, methods, budget    (optional: each method's learning rate chosen on
+                                                      tuning seeds first; bench/suite/tuning.py)
 
 Everything is checked when the suite is loaded, before anything runs: unknown keys, wrong
 types, unknown methods or datasets, bad hyperparameters. The error names the file, the key and
@@ -55,8 +57,10 @@ from bench.suite.schema import (
     GRID_SCHEMA,
     LOG_SCHEMA,
     SLURM_SCHEMA,
+    TUNE_SCHEMA,
     Checker,
     SuiteError,
+    check_report_labels,
     parse_dataset_entries,
     parse_eval,
     parse_head,
@@ -65,6 +69,7 @@ from bench.suite.schema import (
     parse_seeds,
     parse_train,
 )
+from bench.suite.tuning import parse_tune
 from bench.train.run_folder import workload_name
 
 SUITES_DIR = Path(__file__).resolve().parents[2] / "suites"
@@ -80,6 +85,7 @@ class MethodEntry:
     params: dict
     label: str
     train: dict = field(default_factory=dict)  # [train] settings this entry overrides (lr_sweep)
+    budget_dependent: bool = False  # its schedule reads progress = step / iters (Method.budget_dependent)
 
 
 @dataclass(frozen=True)
@@ -140,6 +146,8 @@ class Suite:
     jobs: int = 1  # default parallel local runs (`run --jobs` overrides)
     baseline_extend: float = 1.0  # the baseline's runs train to baseline_extend x iters
     log: dict = field(default_factory=dict)  # [log] to = "tensorboard" | "wandb": live logging of every run
+    tune: dict | None = None  # [tune]: tuning by rule before the headline (bench/suite/tuning.py)
+    lr_chosen: dict | None = None  # label -> learning rate, once tuning has chosen (the headline phase)
     _runs: list[RunSpec] = field(default_factory=list, repr=False)
 
     @property
@@ -191,7 +199,9 @@ class Suite:
             "name": self.name,
             "file": self.file,
             "description": self.description,
-            "methods": [{"name": m.name, "params": m.params, "label": m.label, "train": m.train} for m in self.methods],
+            "methods": [{"name": m.name, "params": m.params, "label": m.label, "train": m.train,
+                         "budget_dependent": m.budget_dependent} for m in self.methods],
+            "tune": self.tune, "lr_chosen": self.lr_chosen,
             "lr_sweep": self.lr_sweep(),
             "workloads": [{"name": w.name, "dataset": w.dataset, "resolution": w.resolution, "arch": w.arch,
                            **w.overrides} for w in self.workloads],
@@ -298,6 +308,8 @@ def parse_suite(data: dict, *, path: Path | None = None, source_text: str = "", 
         report["baseline"] = None
     if grid.get("lr_sweep"):
         methods += _lr_sweep_entries(grid, methods, report["baseline"], train, ck)
+    if validate:
+        check_report_labels(report, [m.label for m in methods], ck)
 
     suite = Suite(name=name, path=path, description=head.get("description", ""), methods=methods,
                   workloads=workloads, seeds=seeds, iters=budget["iters"], batch_size=budget["batch_size"],
@@ -305,7 +317,9 @@ def parse_suite(data: dict, *, path: Path | None = None, source_text: str = "", 
                   cost=ck.table(data, "cost", COST_SCHEMA), slurm=ck.table(data, "slurm", SLURM_SCHEMA),
                   log=ck.table(data, "log", LOG_SCHEMA),
                   source_text=source_text, jobs=head.get("jobs", 1),
-                  baseline_extend=float(budget.get("baseline_extend", 1.0)))
+                  baseline_extend=float(budget.get("baseline_extend", 1.0)),
+                  tune=parse_tune(data, ck, TUNE_SCHEMA, methods, grid, budget["iters"], report["baseline"],
+                                  lambda: train.get("lr", _default_lr())))
     if validate:
         _validate_runs(suite, ck)
         # imported here, as the module's other checks: a stated throughput above the device's peak
@@ -323,13 +337,14 @@ def _methods(raw: list[tuple[str, str, dict]], plugins: list, ck: Checker,
         return [MethodEntry(n, p, n) for _, n, p in raw], {}
     # torch on first use: a suite loads (report, dry run, runner) without torch
     from bench.core.registry import get_method
+    from bench.train.resolve import method_table_hint
 
     methods, labels = [], {}
     for key, mname, params in raw:
         try:
             method = get_method(mname, params, plugins)
-        except BenchError as exc:
-            ck.fail(key, str(exc))
+        except BenchError as exc:  # "laplace b=1": the error shows the { name = ..., b = 1 } table instead
+            ck.fail(key, method_table_hint(mname) or str(exc))
         label = method.label
         # Store hyperparameters typed as the method parsed them (gamma = 3 -> 3.0), as the CLI does.
         params = {k: method.hp.get(k, v) for k, v in params.items()}
@@ -337,7 +352,7 @@ def _methods(raw: list[tuple[str, str, dict]], plugins: list, ck: Checker,
             ck.fail(key, f"method label {label!r} is already in the grid as {labels[label]}; "
                          "every grid entry must differ in name or hyperparameters")
         labels[label] = key
-        methods.append(MethodEntry(mname, params, label))
+        methods.append(MethodEntry(mname, params, label, budget_dependent=bool(getattr(method, "budget_dependent", False))))
     return methods, labels
 
 

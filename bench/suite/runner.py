@@ -22,6 +22,7 @@ system) is recorded in its status.json with the reason and the step, and the oth
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import os
 from pathlib import Path
@@ -33,7 +34,10 @@ from bench.suite.cost import describe_plan
 from bench.suite.display import make_reporter
 from bench.suite.executors import Executor, InlineExecutor, WorkerPool, skipped_outcome
 from bench.suite.grid import RunSpec, Suite, load_suite
+from bench.suite.replicates import replicate_lines
 from bench.suite.slurm import SubmititExecutor
+from bench.suite.study import check_same_study
+from bench.suite.two_phase import run_tuned
 from bench.train.live_log import LOG_ENV, check_logger
 from bench.train.run_folder import (
     ResultsConflictError,
@@ -81,6 +85,10 @@ def run_suite(suite: Suite | str | os.PathLike, executor: str = "local", jobs: i
     if not isinstance(suite, Suite):
         suite = load_suite(suite)
     fileio.check_output_folder(results_root, "--results")
+    if suite.tune and suite.lr_chosen is None:  # two phases: tuning, then the headline (bench/suite/tuning.py)
+        return run_tuned(suite, run_suite, make_reporter(progress), dry_run=dry_run, only=only, results_root=results_root,
+                         executor=executor, jobs=jobs, slurm=slurm, retry_failed=retry_failed, train_fn=train_fn,
+                         wait=wait)
     log_to = None if dry_run or LOG_ENV in os.environ else suite.log.get("to")  # --log on the command line wins
     if log_to:
         check_logger(log_to)
@@ -88,6 +96,7 @@ def run_suite(suite: Suite | str | os.PathLike, executor: str = "local", jobs: i
     runs = _select(suite, only)
     dirs = {r.key: r.run_dir(results_root) for r in runs}
     _refuse_conflicts(runs, dirs)
+    check_same_study(suite_dir / "suite.json", suite.to_dict())  # another study of the same name: never merged
     statuses = {r.key: read_status(dirs[r.key]) for r in runs}
     reporter = make_reporter(progress)
     if dry_run:
@@ -190,6 +199,8 @@ def _plan(suite: Suite, runs: list[RunSpec], dirs: dict, statuses: dict, jobs: i
     """The dry run: every run with its state and the cost estimate; nothing runs."""
     states = {k: (s or {}).get("state", "todo") for k, s in statuses.items()}
     plan = describe_plan(suite.subset(runs), states, jobs)
+    if "/" not in suite.name:  # a phase of a tuned suite ("<suite>/tuning") is not a study of its own
+        plan += "\n" + "\n".join(replicate_lines(suite.name, [dataclasses.asdict(w) for w in suite.workloads], suite.seeds))
     reporter.message(plan)
     outcomes = [RunOutcome(r.key, str(dirs[r.key]), states[r.key], "planned",
                            (statuses[r.key] or {}).get("step")) for r in runs]

@@ -161,6 +161,15 @@ REPORT_SCHEMA = {
     "bootstrap": (int, False, _nonneg),
     "confidence": (float, False, lambda v: None if 0 < v < 1 else "must be in (0, 1)"),
     "seed": (int, False, _nonneg),
+    # pairs of grid labels compared with each other, paired over seeds (bench/report/compare.py)
+    "compare": (ListOf((list,)), False, lambda v: None if all(
+        len(p) == 2 and all(isinstance(x, str) for x in p) and p[0] != p[1] for p in v)
+        else 'must be pairs of two different method labels, e.g. [["laplace", "logit_normal"]]'),
+    # the rule fixed in advance for the baseline's curve; the other is the report's sensitivity row
+    "baseline_curve": (str, False, lambda v: None if v in ("raw", "monotone") else 'must be "raw" or "monotone"'),
+    "labels": (dict, False, lambda v: None if all(isinstance(x, str) and x for x in v.values())
+               else 'must map method labels to display names (non-empty strings), e.g. {laplace = "Laplace"}'),
+    "style": (str, False, lambda v: None if v in ("paper", "default") else 'must be "paper" or "default"'),
 }
 
 COST_SCHEMA = {
@@ -198,14 +207,23 @@ LOG_SCHEMA = {  # live logging of every run (bench/train/live_log.py); --log on 
     "to": (str, True, lambda v: None if v in ("tensorboard", "wandb") else "must be \"tensorboard\" or \"wandb\""),
 }
 
-TOP_LEVEL = ("suite", "grid", "budget", "train", "eval", "report", "cost", "slurm", "log")
+TUNE_SCHEMA = {  # tuning by rule before the headline (bench/suite/tuning.py)
+    "lr_factors": (ListOf((float,)), False, lambda v: None if v and all(x > 0 for x in v)
+                   else "must be factors > 0 of each method's learning rate, e.g. [0.5, 1, 2]"),
+    "seeds": (ListOf((int,)), True, _nonempty),
+    "methods": (ListOf((str,)), False, _nonempty),
+    "budget": (int, False, _positive),
+}
+
+TOP_LEVEL = ("suite", "grid", "budget", "train", "eval", "report", "cost", "slurm", "log", "tune")
 
 DATASET_KEYS = {"name": (str, True, None), "resolution": (int, False, lambda v: None if v >= 4 else "must be >= 4"),
                 "data_dir": (str, False, None), "flip": (bool, False, None)}
 
 REPORT_DEFAULTS = {"baseline": "baseline", "fractions": [0.25, 0.5, 0.75, 1.0], "targets": [0.5, 0.75],
                    "headline": 0.75, "bootstrap": 2000,
-                   "confidence": 0.95, "seed": 0}
+                   "confidence": 0.95, "seed": 0, "compare": [], "baseline_curve": "raw",
+                   "labels": {}, "style": "paper"}
 
 #: TrainConfig keys that the grid, the budget and [eval] set; [train] may not set them
 GRID_KEYS = ("method", "method_params", "dataset", "resolution", "arch", "seed", "iters", "budget_iters",
@@ -293,6 +311,15 @@ def parse_report(data: dict, ck: Checker, metrics: list[str]) -> dict:
     elif report["metric"] not in metrics:
         ck.fail("report.metric", f"{report['metric']!r} is not among [eval] metrics {metrics}")
     return report
+
+
+def check_report_labels(report: dict, labels, ck: Checker) -> None:
+    """[report] compare and labels name method labels of the grid (lr_sweep's included)."""
+    for key, names in [("report.compare", [x for p in report["compare"] for x in p]),
+                       ("report.labels", list(report["labels"]))]:
+        for x in names:
+            if x not in labels:
+                ck.fail(key, f"{x!r} is not a method label of the grid ({', '.join(labels)}); use one of those")
 
 
 def parse_train(data: dict, ck: Checker, path: Path | None, validate: bool) -> dict:

@@ -9,17 +9,20 @@ needs no generator state. The timesteps, flips and label drops are a few uniform
 for the whole global batch by every process (microseconds; the log reads the global timesteps).
 
 On a GPU a drawing thread draws the samples (images, flips, labels, noise) of the next steps while the
-device computes; the timesteps are drawn as each step begins. Each step logs how long it waited for
-its batch, in wall time (take_batch)."""
+device computes, and takes their noise from a worker process (bench.train.noise_worker), which draws
+it further ahead without sharing the interpreter lock with the training thread; the timesteps are
+drawn as each step begins. Each step logs how long it waited for its batch, in wall time (take_batch)."""
 
 from __future__ import annotations
 
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 from bench.core.spec import loss_weights_at, sample_timesteps_at
+from bench.train.noise_worker import NoiseWorker
 from bench.train.state import Batch, RunState
 
 DRAWS = "pcg64-seedsequence-v1"  # recorded in config.json: a run folder drawn another way is not resumed with these
@@ -53,9 +56,10 @@ def _to(x: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
     return (x.pin_memory() if device.type == "cuda" else x).to(device, non_blocking=True)
 
 
-def draw_samples(state: RunState, step: int) -> tuple:
+def draw_samples(state: RunState, step: int, drawer: Drawer | None = None) -> tuple:
     """Iteration `step`'s draws that no method changes as it learns: this process's slice of the images,
-    flips, labels (the null label where dropped) and noise, on the run's device."""
+    flips, labels (the null label where dropped) and noise, on the run's device (the noise from the
+    drawer's worker process, when the drawing thread draws)."""
     cfg, rt, B, streams = state.cfg, state.rt, state.cfg.batch_size, state.streams
     b = B // rt.world_size
     mine = range(rt.rank * b, (rt.rank + 1) * b)
@@ -73,7 +77,7 @@ def draw_samples(state: RunState, step: int) -> tuple:
             drop = torch.from_numpy(streams.uniforms("label", step, B)[sl] < cfg.p_uncond)
             labels = torch.where(drop.to(labels.device), state.num_classes, labels)
     flip = torch.from_numpy(streams.uniforms("flip", step, B)[sl] < 0.5) if cfg.flip else None
-    eps = streams.noise(step, mine, state.images.shape[1:])
+    eps = _noise(state, step, mine, drawer)
     return tuple(_to(x, rt.torch_device) for x in (images, flip, eps, labels))
 
 
@@ -97,28 +101,76 @@ def draw_batch(state: RunState, step: int) -> Batch:
 def take_batch(state: RunState, step: int) -> tuple[Batch, float]:
     """Iteration `step`'s batch, and the wall seconds the step waited for it (steps.jsonl's
     data_seconds): the whole draw, or with the drawing thread (state.prefetch: on a GPU) what was left
-    of the samples' draw, plus the timesteps'. Wall time, not this thread's CPU time: the noise's
-    thread pool and the memory map's page faults are waits as much as the drawing itself."""
+    of the samples' draw, plus the timesteps'. Wall time, not this thread's CPU time: the noise
+    worker and the memory map's page faults are waits as much as the drawing itself."""
     start = _clock()
-    samples = _drawn_ahead(state, step) if state.prefetch else draw_samples(state, step)
-    batch = Batch(*samples, *draw_timesteps(state, step))
+    if not state.prefetch:
+        return draw_batch(state, step), _clock() - start
+    batch = Batch(*_drawn_ahead(state, step), *draw_timesteps(state, step))
+    # The next steps go to the drawing thread only now: a thread starting a draw holds the interpreter
+    # lock, and each call of the timesteps' that lets it go would wait a switch interval (5 ms) for it.
+    _draw_ahead(state, range(step + 1, min(step + 1 + AHEAD, state.cfg.iters)))
     return batch, _clock() - start
 
 
 def _drawn_ahead(state: RunState, step: int) -> tuple:
-    """`step`'s samples from the drawing thread, which goes on with the next AHEAD steps' meanwhile
-    (draws are pure functions of the step: drawing early changes no number). One thread draws every
-    sample of a run in step order, so nothing else touches the permutation cache."""
-    if state.drawer is None:
-        state.drawer = ThreadPoolExecutor(1, thread_name_prefix="diffbench-draw", initializer=_on_device,
-                                          initargs=(state.rt.torch_device,))
+    """`step`'s samples from the drawing thread, which draws the next AHEAD steps' while the device
+    computes (draws are pure functions of the step: drawing early changes no number). One thread draws
+    every sample of a run in step order, so nothing else touches the permutation cache, nor the noise
+    worker."""
     pending = state.prefetched
     for k in [k for k in pending if k < step]:  # left by a caller that skipped steps: drop them
         del pending[k]
-    for k in range(step, max(step + 1, min(step + 1 + AHEAD, state.cfg.iters))):
-        if k not in pending:
-            pending[k] = state.drawer.submit(draw_samples, state, k)
+    _draw_ahead(state, [step])  # the first step, or the first after a jump
     return pending.pop(step).result()
+
+
+def _draw_ahead(state: RunState, steps) -> None:
+    """Hand `steps` to the drawing thread (started by the first), those not handed to it yet."""
+    if state.drawer is None:
+        state.drawer = Drawer(state)
+    for k in steps:
+        if k not in state.prefetched:
+            state.prefetched[k] = state.drawer.pool.submit(draw_samples, state, k, state.drawer)
+
+
+class Drawer:
+    """The drawing thread, and the noise worker process it takes the noise from (None: the thread draws
+    the noise itself, as when the worker cannot start; one warning says so)."""
+
+    def __init__(self, state: RunState):
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="diffbench-draw", initializer=_on_device,
+                                       initargs=(state.rt.torch_device,))
+        b = state.cfg.batch_size // state.rt.world_size
+        try:
+            self.noise = NoiseWorker(state.streams.stream_seed, range(state.rt.rank * b, (state.rt.rank + 1) * b),
+                                     state.images.shape[1:], state.cfg.iters, 2 * AHEAD)  # AHEAD beyond the thread
+        except OSError as exc:
+            self.noise = None
+            _without_worker(exc)
+
+    def shutdown(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        if self.noise is not None:
+            self.noise.close()
+            self.noise = None
+
+
+def _without_worker(exc: Exception) -> None:
+    warnings.warn(f"the noise worker process failed ({exc}): the drawing thread draws the noise itself "
+                  "(the same numbers; the steps may wait longer for their batches)", RuntimeWarning, stacklevel=3)
+
+
+def _noise(state: RunState, step: int, mine: range, drawer: Drawer | None) -> torch.Tensor:
+    """This process's noise at `step`: from the drawer's worker process, else drawn here."""
+    if drawer is not None and drawer.noise is not None:
+        try:
+            return torch.from_numpy(drawer.noise.take(step))
+        except OSError as exc:  # the worker is gone: this run draws its noise in the thread from now on
+            drawer.noise.close()
+            drawer.noise = None
+            _without_worker(exc)
+    return state.streams.noise(step, mine, state.images.shape[1:])
 
 
 def _on_device(device: torch.device) -> None:
@@ -128,8 +180,9 @@ def _on_device(device: torch.device) -> None:
 
 
 def stop_drawing(state: RunState) -> None:
-    """End the run's drawing thread (after what it is drawing now); the next take_batch starts another."""
+    """End the run's drawing thread (after what it is drawing now) and its noise worker; the next
+    take_batch starts others."""
     if state.drawer is not None:
-        state.drawer.shutdown(wait=True, cancel_futures=True)
+        state.drawer.shutdown()
         state.drawer = None
     state.prefetched.clear()

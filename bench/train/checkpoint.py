@@ -3,10 +3,12 @@ method keeps: its state_dict and an aux_loss method's extra module),
 written atomically by rank 0 and restored exactly (bit for bit on the CPU; on another device,
 with that device's floating point). Loaded with weights_only: never a pickled module.
 
-The last two are kept: checkpoint.pt and checkpoint.prev.pt, each with its SHA-256 in a
-checkpoint*.sha256 file and the run's identity inside. A resume takes the newest one that is whole
-(its digest is known), readable and this run's; a bad one is named, moved to
-checkpoint.rejected.pt, and the previous one used (the steps since are redone)."""
+The last two are kept: checkpoint.pt and checkpoint.prev.pt, each with the run's identity inside
+and its SHA-256 twice: sealed at the end of the file itself (after torch's zip, which torch.load
+ignores), and in a checkpoint*.sha256 file. A resume takes the newest one that is whole (its seal
+matches its bytes, and its digest is known where digest files are), readable and this run's; a bad
+one is named, moved to checkpoint.rejected.pt, and the previous one used (the steps since are
+redone). Deleting the digest files never turns the check off: the seal travels with the bytes."""
 
 from __future__ import annotations
 
@@ -83,7 +85,8 @@ def _write_checkpoint(state: RunState, path: Path, rngs: list) -> None:
             "model": state.model.state_dict(), "ema": state.ema.state_dict(), "opt": state.opt.state_dict(),
             "rng_torch": rngs[0]["cpu"], "rng_processes": rngs, "clocks": state.clocks,
             "method_state": state.method.state_dict(),  # what a method learned (feedback, tracked averages)
-            "run": run_identity(state)}  # whose checkpoint this is: a foreign one is refused on resume
+            "run": run_identity(state),  # whose checkpoint this is: a foreign one is refused on resume
+            "sealed": True}  # its bytes end in their SHA-256: one found without it lost it
     if state.aux is not None:  # an aux_loss method's extra module
         data["aux"] = state.aux.module.state_dict()
     # A failed write (a full disk) leaves the previous checkpoint and no partial file behind; a write
@@ -92,7 +95,9 @@ def _write_checkpoint(state: RunState, path: Path, rngs: list) -> None:
         stale.unlink(missing_ok=True)
     following = path.with_name(NEXT)
     try:
-        digest = atomic_write(following, lambda f: torch.save(data, f), sha256=True)  # hashed as it is written
+        sealed = []  # the whole file's SHA-256, hashed as it is written (never read back)
+        atomic_write(following, lambda f: sealed.append(_save_sealed(data, f)))
+        digest = sealed[0]
         fileio.write_json(_digest_file(following), {"step": state.step, "sha256": digest})
     except (OSError, RuntimeError) as exc:  # torch reports a full disk as a RuntimeError of its zip writer
         following.unlink(missing_ok=True)
@@ -117,6 +122,57 @@ def _write_checkpoint(state: RunState, path: Path, rngs: list) -> None:
 
 
 NEXT, PREVIOUS, REJECTED = "checkpoint.next.pt", "checkpoint.prev.pt", "checkpoint.rejected.pt"
+
+# The seal after torch's zip: this line and the SHA-256 of every byte before it, in hex. A zip is read
+# from its end record backwards, so torch.load (and unzip) skip what follows it.
+SEAL = b"\ndiffbench-checkpoint-sha256 "
+SEAL_BYTES = len(SEAL) + 64 + 1
+_ZIP_END = b"PK\x05\x06"  # a zip's end record (22 bytes, no comment: torch.save's): the file's last bytes
+
+
+class _SealingWriter:
+    """torch.save's file object: hashes every byte on its way out, then seals the file with that hash."""
+
+    def __init__(self, f):
+        self._f, self._sha = f, hashlib.sha256()
+
+    def write(self, data) -> int:
+        self._sha.update(data)
+        return self._f.write(data)
+
+    def flush(self) -> None:
+        self._f.flush()
+
+    def seal(self) -> str:
+        """Append the seal; return the SHA-256 of the whole file, seal included (its digest file's)."""
+        tail = SEAL + self._sha.hexdigest().encode() + b"\n"
+        self.write(tail)
+        return self._sha.hexdigest()
+
+
+def _save_sealed(data: dict, f) -> str:
+    """torch.save(data) into `f`, sealed; the SHA-256 of all that was written."""
+    out = _SealingWriter(f)
+    torch.save(data, out)
+    return out.seal()
+
+
+def check_seal(path: Path) -> tuple[bool | None, str]:
+    """(whether the checkpoint's bytes match the SHA-256 sealed at its end, None: no seal, the plain
+    zip a checkpoint from before seals is; the whole file's SHA-256), in one read of the file."""
+    size = Path(path).stat().st_size
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        left = max(0, size - SEAL_BYTES)
+        while left > 0 and (block := f.read(min(1 << 20, left))):
+            h.update(block)
+            left -= len(block)
+        tail = f.read()
+    carried, whole = h.hexdigest(), h.copy()
+    whole.update(tail)
+    if tail.startswith(SEAL) and len(tail) == SEAL_BYTES:
+        return tail[len(SEAL):-1] == carried.encode() and tail.endswith(b"\n"), whole.hexdigest()
+    return (None if tail[-22:].startswith(_ZIP_END) else False), whole.hexdigest()
 
 
 def _digest_file(path: Path) -> Path:
@@ -161,16 +217,20 @@ def _resume_newest_good(state: RunState, out: Path) -> Path | None:
             digests.add(fileio.read_json(sidecar)["sha256"])
         except (OSError, ValueError, KeyError, TypeError):
             continue
-    verified = bool(list(out.glob("checkpoint*.sha256")))  # a run from before digests: nothing to check against
+    verified = bool(list(out.glob("checkpoint*.sha256")))  # none: the seals alone (before seals and digests: none)
     problems = []
     for path in (out / "checkpoint.pt", out / PREVIOUS):
         if not path.exists():
             continue
         try:
-            if verified and sha256_file(path) not in digests:
+            sealed, digest = check_seal(path)
+            if sealed is False:  # the seal, which no digest file's removal switches off
+                raise CheckpointError(f"checkpoint {path} is damaged (cut or altered: its bytes do not match the "
+                                      "SHA-256 sealed at its end)")
+            if verified and digest not in digests:
                 raise CheckpointError(f"checkpoint {path} is altered or was never completed (its SHA-256 is not the "
                                       "one recorded)")
-            resume(state, path)
+            resume(state, path, sealed=bool(sealed))
         except CheckpointError as exc:
             problems.append(str(exc))
             if path.name == "checkpoint.pt" and (out / PREVIOUS).exists():
@@ -201,10 +261,14 @@ def _use_optimizer_kernel(opt: torch.optim.Optimizer, fused: bool) -> None:
                 st["step"] = st["step"].to(p.device if fused else "cpu", torch.float32)
 
 
-def resume(state: RunState, path: Path) -> None:
+def resume(state: RunState, path: Path, sealed: bool | None = None) -> None:
     """Restore a run from its checkpoint, so it goes on bit-for-bit as if never stopped (on the
-    CPU; a checkpoint also resumes on another device, with that device's floating point)."""
+    CPU; a checkpoint also resumes on another device, with that device's floating point).
+    sealed=False: its file was found without a seal (check_seal), which one written sealed has lost."""
     ckpt = load_checkpoint(path)
+    if sealed is False and ckpt.get("sealed"):
+        raise CheckpointError(f"checkpoint {path} is damaged (it was written with a SHA-256 sealed at its end, and "
+                              "that seal is gone)")
     saved = int(ckpt.get("world_size", 1))
     if saved != state.rt.world_size:  # the launch is wrong, not the checkpoint: never a reason to set it aside
         raise ConfigError(

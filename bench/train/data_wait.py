@@ -3,14 +3,16 @@
     python -m bench.train.data_wait [--steps 300] [--cold] [--json FILE]
 
 The pipeline is the training loop's own: a prepared set read through its memory map, the drawing
-thread (bench.train.batches.take_batch, as on a GPU), the noise's thread pool. Two workloads:
+thread (bench.train.batches.take_batch, as on a GPU) and its noise worker process. Two workloads:
 ddpm-unet's (batch 128 at 32 px, a 15 ms step) and adm-unet's (32 images per GPU of a global batch of
 256 on 8 GPUs, 128 px, 1000 classes, a 60 ms step). The device is a thread that takes each launched
 step and is busy for the step's time without using a CPU; the training thread takes its batch, then
 holds the interpreter for `launch_share` of the step (the kernel launches of an eager step), and waits
 for the device when it is QUEUE steps ahead (a full launch queue) and every 25 steps (the loop's host
-sync). Reported: the data wait (steps.jsonl's data_seconds) and the device's idle time, as shares of
-the step. What it leaves out: pinning and the copy to the GPU (about 1 ms for adm-unet's 8 MB per
+sync). Torch's intra-op threads are those the suite's runner gives each of a run's processes on this
+machine (CPUs // processes, bench.suite.workers; torchrun's own default is 1): with more, the timesteps'
+small CPU ops wait for a thread descheduled from a busy core. Reported: the data wait (steps.jsonl's
+data_seconds) and the device's idle time, as shares of the step. What it leaves out: pinning and the copy to the GPU (about 1 ms for adm-unet's 8 MB per
 step at PCIe speed, overlapped by the copy engine), and a first epoch read from a network file
 system (--cold reads from this machine's disk instead of its page cache).
 """
@@ -30,6 +32,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import torch
 
 from bench.core.config import TrainConfig
 from bench.core.diffusion import make_schedule
@@ -149,15 +152,21 @@ def measure(root: Path, steps: int = 300, cold: bool = False, launch_share: floa
             workloads=WORKLOADS) -> list[dict]:
     """One row per workload: the serial draw time, then the simulated run's waits."""
     rows = []
-    for name, batch, processes, resolution, classes, step_ms, n in workloads:
-        folder = write_prepared(root / f"{name}-{resolution}", n, resolution, classes)
-        state = pipeline(folder, batch, processes, classes, iters=steps)
-        wall, cpu = draw_ms(state)
-        if cold:
-            drop_from_page_cache(folder / "images.npy")
-        rows.append({"workload": name, "batch_per_process": batch, "processes": processes, "resolution": resolution,
-                     "images": n, "cold": cold, "draw_ms": wall, "draw_cpu_ms": cpu, "cpus": os.cpu_count(),
-                     "load_before": os.getloadavg()[0], **simulate(state, step_ms, steps, launch_share)})
+    threads = torch.get_num_threads()
+    try:
+        for name, batch, processes, resolution, classes, step_ms, n in workloads:
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // processes))
+            folder = write_prepared(root / f"{name}-{resolution}", n, resolution, classes)
+            state = pipeline(folder, batch, processes, classes, iters=steps)
+            wall, cpu = draw_ms(state)
+            if cold:
+                drop_from_page_cache(folder / "images.npy")
+            rows.append({"workload": name, "batch_per_process": batch, "processes": processes,
+                         "resolution": resolution, "images": n, "cold": cold, "draw_ms": wall, "draw_cpu_ms": cpu,
+                         "cpus": os.cpu_count(), "threads": torch.get_num_threads(), "load_before": os.getloadavg()[0],
+                         **simulate(state, step_ms, steps, launch_share)})
+    finally:
+        torch.set_num_threads(threads)
     return rows
 
 
@@ -176,7 +185,8 @@ def main(argv=None) -> None:
               f"{r['step_ms']:.0f} ms; one draw {r['draw_ms']:.2f} ms ({r['draw_cpu_ms']:.2f} ms CPU); "
               f"waited {r['wait_ms']:.3f} ms per step "
               f"({100 * r['wait_share']:.2f}% of the step, p95 {r['wait_p95_ms']:.2f} ms); device idle "
-              f"{100 * r['device_idle_share']:.2f}%{' (cold)' if r['cold'] else ''}; {r['cpus']} CPUs, load "
+              f"{100 * r['device_idle_share']:.2f}%{' (cold)' if r['cold'] else ''}; {r['cpus']} CPUs, "
+              f"{r['threads']} torch thread(s), load "
               f"{r['load_before']:.1f}")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")

@@ -1,6 +1,6 @@
 """Optional live logging of a run to TensorBoard or Weights & Biases, beside its files.
 
-`--log tensorboard|wandb` (before the command: `diffbench --log tensorboard run smoke`) or a suite's
+`--log tensorboard|wandb` (before or after the command: `diffbench run smoke --log tensorboard`) or a suite's
 `[log] to = "..."` sets DIFFBENCH_LOG, which every process of the run inherits (workers, torchrun,
 Slurm jobs). Rank 0 then logs, under the run's results folder name <workload>/<label>/seed<k>:
 the training scalars of steps.jsonl, every evaluation's metrics, and at each evaluation a grid of
@@ -28,12 +28,20 @@ SCALARS = ("loss", "loss_q0", "loss_q1", "loss_q2", "loss_q3", "lr", "lr_scale",
            "images_per_s")
 
 
-def check_logger(kind: str) -> None:
+def check_logger(kind: str, named: str = "--log") -> None:
     """One ConfigError line when `kind` is unknown or its package is not installed here."""
+    unset = "" if named == "--log" else f", or unset {named}"
     if kind not in LOGGERS:
-        raise ConfigError(f"unknown --log {kind!r}; use one of {', '.join(LOGGERS)}")
+        raise ConfigError(f"unknown {named} {kind!r}; use one of {', '.join(LOGGERS)}{unset}")
     if importlib.util.find_spec(kind) is None:
-        raise ConfigError(f"--log {kind} needs the {kind} package, which is not installed: pip install -e '.[{kind}]'")
+        raise ConfigError(f"{named} {kind} needs the {kind} package, which is not installed: "
+                          f"pip install -e '.[{kind}]'{unset}")
+
+
+def check_log_env() -> None:
+    """DIFFBENCH_LOG, which may come from the shell rather than --log, checked before a run writes anything."""
+    if os.environ.get(LOG_ENV):
+        check_logger(os.environ[LOG_ENV], named=LOG_ENV)
 
 
 def samples_grid(path: Path, n: int = 16) -> np.ndarray | None:

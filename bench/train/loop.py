@@ -18,7 +18,8 @@ Run folder:
                        `runtime`: the device and fast path of each stretch of the run
   steps.jsonl          a row per iteration (loss, MSE per timestep quartile, lr, beta1, ...)
   evals.jsonl          a row per evaluation and metric (written by the evaluation hook)
-  method_trace.json    what the method does at p = 0, 0.1, ..., 1 (for the report)
+  method_trace.json    what the method does at p = 0, 0.1, ..., 1 (for the report); "aux": how an aux_loss
+                       method's module was built (REPA: its teacher's name and weights' SHA-256)
   checkpoint.pt        state_dicts of model, EMA, optimizer, every RNG state, step, clocks (and the
                        previous one, checkpoint.prev.pt; their SHA-256 in checkpoint*.sha256)
   status.json          running | done | failed, with step and reason
@@ -369,9 +370,10 @@ def train(run: ResolvedRun | TrainConfig, out_dir, events: TrainEvents | None = 
         raise
     resume_latest(state, out)  # the newest good one of the last two (a bad one is named and set aside)
     if main:
-        fileio.write_json(out / "method_trace.json",
-                          trace(copy.deepcopy(run.method), state.schedule, cfg.target, cfg.beta1, cfg.beta2,  # cold start
-                                cfg.ema_decay, iters=cfg.iters))
+        cold = trace(copy.deepcopy(run.method), state.schedule, cfg.target, cfg.beta1, cfg.beta2,  # cold start
+                     cfg.ema_decay, iters=cfg.iters)
+        built = {"aux": state.aux.record} if state.aux is not None and state.aux.record else {}  # e.g. REPA's teacher
+        fileio.write_json(out / "method_trace.json", {**cold, **built})
         trim_logs(out, state.step)  # rows past the checkpoint are redone; a hole before it refuses the run
         record_runtime(out, rt, state.step)
         _set_status(out, "running", state.step, state.clocks)

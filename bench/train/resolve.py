@@ -18,6 +18,7 @@ import hashlib
 import inspect
 import json
 import os
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -27,10 +28,11 @@ from bench.core.diffusion import make_schedule
 from bench.core.eval_steps import evaluates
 from bench.core.registry import get_method
 from bench.core.spec import Method, check_outputs
-from bench.data.loading import dataset_info
+from bench.data.loading import cache_dir, dataset_info
 from bench.errors import BenchError, ConfigError
 from bench.eval.spec import resolve_spec
 from bench.train.batches import DRAWS
+from bench.train.live_log import check_log_env
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,10 @@ def resolve_run(config, where: str = "config") -> ResolvedRun:
     cfg = TrainConfig.from_dict(config, where=where)
     try:
         run = _resolve(json.dumps(cfg.to_dict(), sort_keys=True), os.environ.get("DIFFBENCH_CACHE"))
+        # The process's environment, before any folder is written (not cached: it may change).
+        check_log_env()
+        if run.eval_spec is not None:
+            check_cache(Path(run.eval_spec["cache_dir"]), explicit="cache_dir" in cfg.eval)
     except BenchError as exc:  # unknown method or dataset, bad hyperparameter or evaluation spec
         raise type(exc)(f"{where}: {exc}") from None
     # Callers get their own copies (a method may learn during training: each run trains its own). The
@@ -102,3 +108,56 @@ def evaluator_spec(cfg: TrainConfig) -> dict:
     """The evaluation spec of a run: its `eval` table, on the run's own data and resolution."""
     resolution = cfg.resolution or dataset_info(cfg.dataset).RESOLUTION
     return {"dataset": cfg.dataset, "data_dir": cfg.data_dir, "resolution": resolution, **cfg.eval}
+
+
+def method_table_hint(entry: str) -> str:
+    """For a suite's method entry with its hyperparameters written into the name ("laplace b=1"): the
+    table form that sets them, as a sentence; "" for any other entry."""
+    name, pairs = re.match(r"\s*([\w.-]*)", entry).group(1), re.findall(r"(\w+)\s*=\s*([^\s,;()]+)", entry)
+    if not name or not pairs:
+        return ""
+
+    def toml(value: str) -> str:  # a number or boolean as written, anything else as a string
+        try:
+            float(value)
+            return value
+        except ValueError:
+            return value if value in ("true", "false") else json.dumps(value.strip("'\""))
+
+    table = ", ".join([f'name = "{name}"', *(f"{k} = {toml(v)}" for k, v in pairs)])
+    return (f"method entry {entry!r} writes hyperparameters into the name; a method with hyperparameters is a "
+            f"table: methods = [{{ {table} }}]")
+
+
+def cache_origin(path: Path, explicit: bool = False) -> tuple[str, str]:
+    """(where a cache folder's path comes from, how to change it): [eval] cache_dir, $DIFFBENCH_CACHE or
+    the default under $HOME."""
+    if explicit:
+        return f"the evaluation's cache_dir {path}", "set [eval] cache_dir to a writable folder"
+    if os.environ.get("DIFFBENCH_CACHE"):
+        return (f"the cache {path} (DIFFBENCH_CACHE={os.environ['DIFFBENCH_CACHE']})",
+                "point DIFFBENCH_CACHE at a writable folder")
+    return (f"the default cache {path} (under HOME={os.environ.get('HOME', '~')})",
+            "make HOME writable, or set DIFFBENCH_CACHE to a writable folder")
+
+
+def check_cache(path: Path, explicit: bool = False) -> None:
+    """One ConfigError line when `path` cannot be made and written (a file on its way, no write permission):
+    checked before a run writes anything, so the run is not left half-started."""
+    first = path
+    while not first.exists() and first != first.parent:  # the nearest part that exists
+        first = first.parent
+    problem = (f"{first} is a file, not a folder" if not first.is_dir() else
+               f"{first} is not writable" if not os.access(first, os.W_OK | os.X_OK) else None)
+    if problem:
+        where, fix = cache_origin(path, explicit)
+        raise ConfigError(f"{where} cannot be made: {problem}; {fix}")
+
+
+def cache_fix(filename) -> str | None:
+    """For a file-system error on `filename`: which cache it is in and how to move it, or None outside the cache."""
+    root = cache_dir().absolute()
+    if filename and Path(os.fsdecode(filename)).absolute().is_relative_to(root):
+        where, fix = cache_origin(root)
+        return f"it is in {where}: {fix}"
+    return None

@@ -10,12 +10,14 @@ import json
 import os
 import platform
 import socket
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bench import fileio
 from bench.errors import ConfigError
+from bench.train import logs
 
 if TYPE_CHECKING:  # annotations only
     from bench.core.config import TrainConfig
@@ -317,8 +319,9 @@ def claim_run_folder(out: Path, rank: int = 0):
 def trim_logs(out: Path, step: int) -> None:
     """Before a run resumes from its checkpoint at `step`: keep the log rows up to it, drop the rest
     (redone). Only the last line may be unreadable (a write cut short, always after the checkpoint):
-    any other unreadable line, or a step the checkpoint trained with no row, refuses the run, naming
-    the file, since the checkpoint cannot redo those steps."""
+    any other unreadable line, a step the checkpoint trained with no row, an evaluation it made with
+    no row, or two different rows for one step refuses the run, naming the file, since the
+    checkpoint cannot redo those steps. A row logged twice alike is a copy: dropped, with a note."""
     for name in ("steps.jsonl", "evals.jsonl"):
         path = out / name
         bad, torn = fileio.unreadable_lines(path)
@@ -326,14 +329,31 @@ def trim_logs(out: Path, step: int) -> None:
         if inner:
             raise ConfigError(f"{path} line {inner[0]} is unreadable (not a torn last line): the rows it held cannot "
                               f"be redone from the checkpoint at step {step}; delete the run folder to train the run again")
-    steps = {r.get("step") for r in fileio.iter_jsonl(out / "steps.jsonl")}
-    missing = [k for k in range(1, step + 1) if k not in steps]
+    restart = "delete the run folder to train the run again (from scratch)"
+    steps, copies, conflict = logs.unique_rows(out / "steps.jsonl", logs.STEP_KEY, upto=step)
+    evals, eval_copies, eval_conflict = logs.unique_rows(out / "evals.jsonl", logs.EVAL_KEY, upto=step)
+    if conflict or eval_conflict:
+        raise ConfigError(f"{conflict or eval_conflict}, both before checkpoint.pt (step {step}): which one is this "
+                          f"run's is unknown; {restart}")
+    logged = {r.get("step") for r in steps}
+    missing = [k for k in range(1, step + 1) if k not in logged]
     if missing:
         raise ConfigError(f"{out / 'steps.jsonl'} has no row for step {missing[0]} ({len(missing)} missing) that "
                           f"checkpoint.pt (step {step}) trained: the logs and the checkpoint are of different runs "
-                          "or the log was cut; delete the run folder to train the run again")
-    fileio.trim_jsonl(out / "steps.jsonl", step)
-    fileio.trim_jsonl(out / "evals.jsonl", step)
+                          f"or the log was cut; {restart}")
+    config = read_run_file(out / "config.json", "restore it, or delete the run folder to train the run again") \
+        if (out / "config.json").exists() else {}
+    holes = logs.missing_evaluations(config, evals, step)
+    if holes:
+        raise ConfigError(f"{out / 'evals.jsonl'} has no row for the evaluation of {holes[0]} ({len(holes)} missing) "
+                          f"that checkpoint.pt (step {step}) made: the log was cut, and an evaluation is not redone "
+                          f"from a later checkpoint; {restart}")
+    for name, n in (("steps.jsonl", copies), ("evals.jsonl", eval_copies)):
+        if n:
+            print(f"note: {out / name}: {n} row(s) logged twice dropped (identical copies)", file=sys.stderr)
+    for name, rows in (("steps.jsonl", steps), ("evals.jsonl", evals)):
+        if (out / name).exists():
+            logs.rewrite_rows(out / name, rows)
 
 
 def record_runtime(out: Path, rt: Runtime, step: int) -> None:

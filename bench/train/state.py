@@ -7,7 +7,6 @@ bench.train.batches draws, bench.train.checkpoint saves and restores."""
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -17,10 +16,8 @@ from bench.core.config import TrainConfig
 from bench.core.diffusion import Schedule
 from bench.core.runtime import Runtime
 from bench.core.spec import AuxModule, Method
+from bench.train import numbers
 from bench.train.extras import WithAux
-
-_STREAM = {"noise": 1, "t": 2, "flip": 3, "label": 4}
-_THREADED_NUMBERS = 1 << 20  # noise draws at least this large are filled by several threads
 
 
 @dataclass(frozen=True)
@@ -29,15 +26,14 @@ class Streams:
     (a method's ``streams`` slot, the placebo's, re-seeds those two; data order and flips stay).
 
     Each draw has its own generator: numpy's PCG64 seeded by SeedSequence(seed, spawn_key=(stream,
-    step[, image])), numpy's own way to key independent streams (128-bit states: no two keys share
-    numbers; torch's CPU generator keeps only 32 bits of a seed)."""
+    step[, image])), numpy's own way to key independent streams (bench.train.numbers, the definition
+    in numpy alone, which the noise worker process shares)."""
 
     seed: int
     stream_seed: int
 
     def _generator(self, stream: str, *key: int) -> np.random.Generator:
-        own = self.stream_seed if stream in ("t", "noise") else self.seed
-        return np.random.Generator(np.random.PCG64(np.random.SeedSequence(int(own), spawn_key=(_STREAM[stream], *key))))
+        return numbers.generator(self.stream_seed if stream in ("t", "noise") else self.seed, stream, *key)
 
     def uniforms(self, stream: str, step: int, n: int) -> np.ndarray:
         """n uniforms in [0, 1) (float64) of `stream` at `step`: the whole global batch's."""
@@ -45,22 +41,9 @@ class Streams:
 
     def noise(self, step: int, samples: range, shape) -> torch.Tensor:
         """Standard normal noise [len(samples), *shape] (float32) of the given global sample indices at
-        `step`: sample i's is its own generator's, whichever process draws it (large draws in threads:
-        numpy releases the GIL while it fills)."""
+        `step`: sample i's is its own generator's, whichever process draws it."""
         out = np.empty((len(samples), *shape), dtype=np.float32)
-
-        def fill(k: int) -> None:
-            self._generator("noise", int(step), int(samples[k])).standard_normal(out=out[k], dtype=np.float32)
-
-        if out.size >= _THREADED_NUMBERS and len(samples) > 1:
-            from concurrent.futures import ThreadPoolExecutor
-
-            with ThreadPoolExecutor(min(8, len(samples), os.cpu_count() or 1)) as pool:
-                list(pool.map(fill, range(len(samples))))
-        else:
-            for k in range(len(samples)):
-                fill(k)
-        return torch.from_numpy(out)
+        return torch.from_numpy(numbers.fill_noise(out, self.stream_seed, step, samples))
 
 
 @dataclass
@@ -102,7 +85,7 @@ class RunState:
     net: torch.nn.Module = field(init=False)  # what a step calls: the model (with the aux module), in DDP, compiled
     dev_schedule: Schedule = field(init=False)
     prefetched: dict = field(default_factory=dict)  # step -> Future of its samples (bench.train.batches)
-    drawer: object = None  # the drawing thread (a one-worker ThreadPoolExecutor), started by the first draw
+    drawer: object = None  # the drawing thread and its noise worker (batches.Drawer), started by the first draw
     prefetch: bool = field(init=False)  # draw ahead in that thread: on a GPU (a CPU has no device time to overlap)
 
     def __post_init__(self):

@@ -1,0 +1,58 @@
+"""The report's tuning section: the tuning table (the metric at the tuning budget, mean over the tuning
+seeds, per method and learning-rate factor, the chosen one marked) and the choices the headline used,
+read from results/<suite>/tuning.json (bench/suite/tuning.py writes it and states the rule). Files
+only, no torch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from bench.report.tables import read_json_or_none, to_markdown
+
+
+def tuning_table(record: dict) -> pd.DataFrame:
+    """One row per tuned method: its score at each factor ("diverged" where a run diverged), the choice."""
+    rows = []
+    for label, m in (record.get("methods") or {}).items():
+        row = {"method": label, "base lr": f"{m.get('base_lr', float('nan')):g}"}
+        for f in record.get("lr_factors") or []:
+            key = f"{f:g}"
+            mean = (m.get("means") or {}).get(key)
+            cell = "-" if key not in (m.get("means") or {}) else "diverged" if mean is None else f"{mean:.4g}"
+            row[f"lr x{key}"] = f"**{cell}**" if float(f) == float(m.get("factor", float("nan"))) else cell
+        row["chosen lr"] = f"{m.get('lr', float('nan')):g} (x{m.get('factor', float('nan')):g})"
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def tuning_lines(suite_dir: Path, info: dict) -> list[str]:
+    """The section, or nothing for a suite without [tune]."""
+    tune = info.get("tune")
+    if not tune:
+        return []
+    record = read_json_or_none(Path(suite_dir) / "tuning.json")
+    head = ["## Tuning", ""]
+    if not record:
+        return head + [f"The suite tunes by rule ([tune]) but no choice is recorded yet (no {Path(suite_dir).name}/"
+                       "tuning.json): its tuning runs have not all finished.", ""]
+    metric, seeds = record.get("metric"), record.get("seeds") or []
+    lines = head + [
+        f"Each tuned method's learning rate was chosen before the headline, by rule: its base rate x "
+        f"{', '.join(f'{f:g}' for f in record.get('lr_factors') or [])}, trained on the tuning seeds "
+        f"{', '.join(map(str, seeds))} (held out: the headline's seeds are others) to {record.get('budget')} iterations; "
+        f"the score is the {metric} there, mean over the tuning seeds (lower is better; a diverged run loses); the "
+        f"lowest wins, a tie goes to the factor closest to 1. Bold: the choice, which the headline uses. Tuning "
+        "runs are in `tuning/`, never in the headline's tables.", "", to_markdown(tuning_table(record)), ""]
+    follow = record.get("follow") or tune.get("follow") or {}
+    if follow:
+        lines += ["Not tuned, at their leader's choice (a control must match what it controls): "
+                  + ", ".join(f"`{k}` takes `{v}`'s" for k, v in follow.items()) + ".", ""]
+    others = [m.get("label") for m in info.get("methods") or []
+              if m.get("label") not in (record.get("methods") or {}) and m.get("label") not in follow]
+    if others:
+        lines += [f"Not tuned ([tune] methods leaves them out), at the suite's learning rate: "
+                  f"{', '.join(f'`{o}`' for o in others)}.", ""]
+    return lines
