@@ -15,6 +15,15 @@ os.environ.setdefault("DIFFBENCH_CACHE", str(REPO / ".pytest_cache" / "diffbench
 if not os.environ.get("DIFFBENCH_TEST_CUDA"):
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
+# Under pytest-xdist (pyproject's -n 2) each worker gets its share of the cores for torch's intra-op
+# threads: two workers with a pool of 2 threads each on 2 cores wait in OpenMP's spin loops for
+# descheduled threads, measured 10-30x slower per test. The tests' own processes (CLI runs, torchrun)
+# choose their threads as a user's would.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    import torch
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1)))
+
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 needs_fashion = pytest.mark.skipif(not (FASHION_DIR / "train-images-idx3-ubyte.gz").exists(),
                                    reason="Debian dataset-fashion-mnist not installed (./setup.sh installs it)")

@@ -275,10 +275,11 @@ def test_a_run_resumes_under_other_runtime_settings_and_records_each_stretch(tmp
     (["--device", "gpu"], "device='gpu'"),
     (["--precision", "fp16"], "precision='fp16'"),
 ])
-def test_bad_runtime_values_are_one_error_line_and_write_nothing(tmp_path, args, what):
-    r = cli(1, "train", *TINY[:4], "--iters", "2", *args, "--out", str(tmp_path / "run"))
-    assert r.returncode == 2
-    lines = r.stderr.strip().splitlines()
+def test_bad_runtime_values_are_one_error_line_and_write_nothing(tmp_path, capsys, args, what):
+    from bench.cli import main
+
+    assert main(["train", *TINY[:4], "--iters", "2", *args, "--out", str(tmp_path / "run")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and what in lines[0]
     assert not (tmp_path / "run").exists()
 
@@ -310,10 +311,12 @@ def test_bad_runtime_settings_in_a_suite_are_refused_at_load(tmp_path, train_tab
 
 
 @no_cuda
-def test_cuda_where_there_is_none_is_one_error_line(tmp_path):
-    r = cli(1, "train", *TINY[:4], "--iters", "2", "--device", "cuda", "--out", str(tmp_path / "run"))
-    lines = r.stderr.strip().splitlines()
-    assert r.returncode == 2 and len(lines) == 1 and "sees none" in lines[0] and "--device cpu" in lines[0]
+def test_cuda_where_there_is_none_is_one_error_line(tmp_path, capsys):
+    from bench.cli import main
+
+    rc = main(["train", *TINY[:4], "--iters", "2", "--device", "cuda", "--out", str(tmp_path / "run")])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and "sees none" in lines[0] and "--device cpu" in lines[0]
     assert not (tmp_path / "run").exists()
 
 
