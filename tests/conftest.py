@@ -17,12 +17,15 @@ if not os.environ.get("DIFFBENCH_TEST_CUDA"):
 
 # Under pytest-xdist (pyproject's -n 2) each worker gets its share of the cores for torch's intra-op
 # threads: two workers with a pool of 2 threads each on 2 cores wait in OpenMP's spin loops for
-# descheduled threads, measured 10-30x slower per test. The tests' own processes (CLI runs, torchrun)
-# choose their threads as a user's would.
+# descheduled threads, measured 10-30x slower per test. The processes the tests start (CLI runs,
+# submitit jobs, torchrun) inherit the share through OMP_NUM_THREADS: a test that compares a run
+# trained here with one trained there needs both to sum in the same order.
 if os.environ.get("PYTEST_XDIST_WORKER"):
+    _share = max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1))
+    os.environ.setdefault("OMP_NUM_THREADS", str(_share))
     import torch
 
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1)))
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 needs_fashion = pytest.mark.skipif(not (FASHION_DIR / "train-images-idx3-ubyte.gz").exists(),
