@@ -269,3 +269,35 @@ def test_the_report_writes_the_compact_table_and_only_the_slots_figures(tmp_path
     assert f"loss_over_t_{W}.png" in figs and f"timesteps_{W}.pdf" in figs
     assert not any(f.startswith(("optimizer_", "loss_quartiles_")) for f in figs)
     assert f"figures/loss_over_t_{W}.png" in md and "optimizer_" not in md
+
+
+def test_a_sample_grid_fits_the_page_width_in_8_point_labels(tmp_path):
+    """Ten noises by seven runs (the mini suite's grid) within the full width, labels at print size."""
+    images = np.zeros((7, 10, 12, 12, 1), np.uint8)
+    figures.figure_image_grid(images, [f"run{r}" for r in range(7)], [f"noise {c}" for c in range(10)], tmp_path, "g")
+    width_in = _media_box_in((tmp_path / "g.pdf").read_bytes())
+    assert width_in <= FULL_IN + 0.05, width_in  # tight bbox: the labels' width decides, within 0.05 in
+
+
+def test_the_over_training_axes_read_as_plain_numbers(tmp_path, monkeypatch):
+    """Log axes labelled "200" and "0.9x", not powers of ten (a reader of a printed page)."""
+    import matplotlib.pyplot as plt
+
+    from bench.report import over_training
+
+    kept = []
+    monkeypatch.setattr(plt, "close", kept.append)
+    table = pd.DataFrame({"workload": W, "metric": "proxy_fd", "method_label": ["min_snr"] * 2, "step": [100, 200],
+                          "speedup": [1.0, 0.82], "ci_low": [np.nan, 0.78], "ci_high": [np.nan, 0.86], "bound": ["", ""]})
+    assert over_training.figure_over_training(table, W, "proxy_fd", tmp_path, Look()) is not None
+    fig = kept[0]
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    texts = [t.get_text() for t in ax.get_xticklabels(minor=False) + ax.get_yticklabels(minor=False)
+             + ax.get_yticklabels(minor=True) if t.get_text()]
+    assert "100" in texts and "200" in texts and any(t.endswith("x") for t in texts), texts
+    assert not any("10^" in t or "\\times" in t or "mathdefault" in t for t in texts), texts
+    sizes = {t.get_fontsize() for t in fig.findobj(lambda a: hasattr(a, "get_text") and hasattr(a, "get_fontsize"))
+             if t.get_text() and t.get_visible()}
+    assert min(sizes) >= 8 and max(sizes) <= 9, sizes
+    plt.close(fig)

@@ -413,7 +413,8 @@ def figure_image_grid(images: np.ndarray, row_labels: list[str], col_labels: lis
     """images uint8 [rows, columns, H, W, C] as a labelled grid, pixels as they are (no smoothing)."""
     plt, _ = _plt()
     rows, cols = images.shape[:2]
-    fig, axes = plt.subplots(rows, cols, figsize=(0.9 * cols + 1.6, 0.9 * rows + 0.3), squeeze=False)
+    cell_in = min(0.9, (FULL_IN - 1.2) / cols)  # within a page's width, 1.2 in left for the row labels
+    fig, axes = plt.subplots(rows, cols, figsize=(cell_in * cols + 1.2, cell_in * rows + 0.3), squeeze=False)
     for r in range(rows):
         for c in range(cols):
             ax = axes[r, c]
@@ -424,8 +425,8 @@ def figure_image_grid(images: np.ndarray, row_labels: list[str], col_labels: lis
             ax.set_yticks([])
             ax.grid(False)
             if c == 0:
-                ax.set_ylabel(row_labels[r], rotation=0, ha="right", va="center", fontsize=7)
+                ax.set_ylabel(row_labels[r], rotation=0, ha="right", va="center", fontsize=FONT_PT)
             if r == 0:
-                ax.set_title(col_labels[c], fontsize=7)
+                ax.set_title(col_labels[c], fontsize=FONT_PT)
     fig.subplots_adjust(wspace=0.05, hspace=0.05)
     return _save(fig, fig_dir, safe_filename(stem), tight=True)  # row labels stand left of the axes

@@ -70,13 +70,15 @@ def figure_over_training(table: pd.DataFrame, workload: str, metric: str, fig_di
     import matplotlib.pyplot as plt
 
     # the report's colours and names, the same in every figure (bench/report/style.py)
-    from bench.report.style import Look
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    from bench.report.style import Look, rc_params
 
     look = look or Look()
     t = table[(table.workload == workload) & (table.metric == metric) & table.speedup.notna()]
     if t.empty:
         return None
-    with plt.rc_context({"pdf.fonttype": 42, "font.size": 8, "legend.frameon": False}):  # print sizes, TrueType
+    with plt.rc_context(rc_params()):  # print sizes, TrueType
         fig, ax = plt.subplots(figsize=(3.3, 2.6), layout="constrained")  # one column of a paper
         for label, g in t.groupby("method_label", sort=False):
             kw = {k: v for k, v in look.line(label).items() if k in ("color", "marker", "ls", "linestyle", "lw")}
@@ -89,9 +91,15 @@ def figure_over_training(table: pd.DataFrame, workload: str, metric: str, fig_di
         ax.axhline(1.0, color="black", lw=0.7)
         ax.set_xscale("log")
         ax.set_yscale("log")
+        # plain numbers on log axes ("200", "0.9x"), not powers of ten; x ticks at the evaluations
+        ax.set_xticks(sorted(t.step.unique()))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        for axis_format in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
+            axis_format(FuncFormatter(lambda v, _: f"{v:.2g}x"))
         ax.set_xlabel("iterations N' (log scale)")
         ax.set_ylabel("baseline-equivalent speed-up at N'")
-        ax.legend(fontsize="small", ncol=2)
+        ax.legend(ncol=2)
         stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in f"over_training_{workload}_{metric}")
         fig_dir.mkdir(parents=True, exist_ok=True)
         for ext in ("png", "pdf"):
