@@ -74,15 +74,7 @@ def remove_dead_records(run_dir: Path) -> None:
     """The worker records of runners that are gone (killed before they reaped their worker)."""
     for record in [*run_dir.glob(".worker-*.json"), run_dir / ".worker.json"]:  # .worker.json: before per-runner
         pid = record.name.split(".")[1].removeprefix("worker-")
-        if not (pid.isdigit() and _running(int(pid))):
+        if not (pid.isdigit() and fileio.pid_running(int(pid))):
             record.unlink(missing_ok=True)
 
 
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # signal 0: nothing is sent, the process is only looked up
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True

@@ -39,7 +39,7 @@ from bench.eval.fid import select_subset
 from bench.eval.inception import get_inception
 from bench.eval.proxy import get_proxy
 from bench.eval.sampling import check_sampler_args, sample, to_uint8
-from bench.fileio import atomic_write, atomic_write_bytes, check_output_folder, write_json
+from bench.fileio import atomic_write, atomic_write_bytes, check_output_folder, pid_running, write_json
 from bench.models.networks import build_model
 from bench.report.consistency import pair_row, prediction_row, write_report
 from bench.report.samples import saved_samples
@@ -343,21 +343,11 @@ def staging_folder(out: Path) -> Path:
     staging folders of killed commands are removed first."""
     for stale in out.parent.glob(f".{out.name}.staging-*"):
         pid = stale.name.rsplit("-", 1)[1]
-        if not (pid.isdigit() and _running(int(pid))) or int(pid) == os.getpid():
+        if not (pid.isdigit() and pid_running(int(pid))) or int(pid) == os.getpid():
             shutil.rmtree(stale, ignore_errors=True)
     staging = out.parent / f".{out.name}.staging-{os.getpid()}"
     staging.mkdir(parents=True)
     return staging
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # signal 0: nothing is sent, the process is only looked up
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
 
 
 def move_into_place(staging: Path, out: Path, gone: list[str]) -> None:
