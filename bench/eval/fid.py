@@ -182,6 +182,7 @@ def stats_sha256(mu: np.ndarray, sigma: np.ndarray) -> str:
     h.update(np.ascontiguousarray(sigma, dtype=np.float64).tobytes())
     return h.hexdigest()
 
+
 def select_subset(n_total: int, num: int | None, seed: int = 0) -> torch.Tensor | None:
     """Indices of a fixed random subset of `num` of `n_total` items (None: all of them)."""
     if num is None or num >= n_total:
