@@ -96,6 +96,35 @@ def test_tune_names_labels_of_the_grid_and_defaults(tmp_path):
     assert json.loads(json.dumps(suite.to_dict()))["tune"]["seeds"] == [100]
 
 
+# -- the report's reading of the choice --------------------------------------------------------------
+
+
+def test_the_tuning_table_says_how_firm_each_choice_is(tmp_path):
+    from bench.report.tuning import tuning_lines
+
+    def entry(values):  # per factor: the tuning seeds' scores; the choice by the rule
+        factor, means = choose({float(k): v for k, v in values.items()})
+        return {"factor": factor, "lr": factor * 1e-3, "base_lr": 1e-3,
+                "means": {f"{k:g}": (None if math.isinf(m) else m) for k, m in means.items()},
+                "values": {k: v for k, v in values.items()}}
+
+    record = {"metric": "proxy_fd", "budget": 8, "lr_factors": [0.5, 1.0, 2.0], "seeds": [100, 101], "methods": {
+        # both seeds best at x2, the grid's edge; margin 3.0 - 2.0 = 1.0
+        "baseline": entry({"0.5": [5.0, 5.0], "1": [3.0, 3.0], "2": [2.0, 2.0]}),
+        # mean best at x1 (2.5 against 2.6) but seed 101 scores x0.5 lower: 1 of 2
+        "min_snr": entry({"0.5": [3.2, 2.0], "1": [2.5, 2.5], "2": [9.0, None]})}}
+    fileio.write_json(tmp_path / "tuning.json", record)
+    text = "\n".join(tuning_lines(tmp_path, {"tune": {"seeds": [100, 101]}, "methods": []}))
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[1:-1]]
+            for line in text.splitlines() if line.startswith("| baseline") or line.startswith("| min_snr")}
+    assert rows["baseline"][-2:] == ["1", "2 of 2"] and rows["min_snr"][-2:] == ["0.1", "1 of 2"]
+    assert "**2**" in rows["min_snr"] or "**2.5**" in rows["min_snr"]
+    edge = text.split("grid's edge")[1].split("\n")[0]
+    assert "`baseline`" in edge and "`min_snr`" not in edge
+    agree = text.split("Not every tuning seed agrees")[1].split("\n")[0]
+    assert "`min_snr`" in agree and "`baseline`" not in agree
+
+
 # -- the two phases, with a stand-in for training ---------------------------------------------------
 
 #: min_snr is best at half the learning rate, the baseline at twice it; min_snr at 2x diverges
