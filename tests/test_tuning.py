@@ -179,6 +179,29 @@ def test_tuning_runs_first_then_the_headline_at_the_chosen_rates(tmp_path):
     assert len(calls(root)) == len(order) and (root / "tn" / "tuning.json").read_bytes() == before
 
 
+def test_the_report_of_a_tuned_suite_reads_its_methods_not_a_baseline_sweep(tmp_path):
+    # Tuned methods train at learning rates of their own: that is no [grid] lr_sweep of the baseline, whose
+    # section once took every tuned method for a baseline run (and the headline table lost them).
+    from bench.report.build import _lr_sweep, build_report
+
+    suite, root = make_suite(tmp_path), tmp_path / "r"
+    assert run_suite(suite, results_root=root, progress=False, train_fn=fake_train).ok
+    for probe in (root / "tn").glob("synthetic-16_unet-micro/*/seed*/probe.json"):  # the settings the report reads
+        fileio.write_json(probe.parent / "config.json", {**json.loads(probe.read_text()), "iters": 8, "batch_size": 2})
+    info = json.loads((root / "tn" / "suite.json").read_text())
+    assert info["lr_sweep"] == {} and info["lr_chosen"]["min_snr"] == pytest.approx(5e-4)
+    text = build_report(root / "tn").read_text()
+    assert "Learning-rate sweep" not in text and "best-tuned baseline" not in text
+    paired = text.split("### Paired speed-up")[1].split("####")[0]
+    assert "| min_snr " in paired and "| placebo " in paired
+    assert "as its tuning chose (baseline 0.002, min_snr 0.0005, placebo 0.002)" in text
+    assert "chosen per method by the suite's tuning" in text and "it was not tuned per method" not in text
+    # A suite.json written before the fix listed every tuned label as a sweep entry: read as no sweep.
+    assert _lr_sweep({**info, "lr_sweep": {"baseline": 2e-3, "placebo": 2e-3, "min_snr": 5e-4}}) == {}
+    both = {**info, "lr_sweep": {"baseline": 2e-3, "baseline-lr0.01": 1e-2, "min_snr": 5e-4}}
+    assert _lr_sweep(both) == {"baseline": 2e-3, "baseline-lr0.01": 1e-2}
+
+
 def test_a_changed_tuning_result_is_said_and_changes_nothing(tmp_path):
     suite, root = make_suite(tmp_path), tmp_path / "r"
     run_suite(suite, results_root=root, progress=False, train_fn=fake_train)

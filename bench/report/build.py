@@ -125,8 +125,19 @@ def _read_results(suite_dir: Path, out: Path) -> _Report:
     stats_kw = dict(targets=targets, confidence=float(rep["confidence"]), n_boot=int(rep["bootstrap"]),
                     seed=int(rep["seed"]))
     return _Report(suite_dir, out, info, runs, evals, baseline, method_order(labels, baseline), metrics, primary,
-                   rep["fractions"], info.get("lr_sweep") or {}, targets, headline,
+                   rep["fractions"], _lr_sweep(info), targets, headline,
                    stats_kw, outside)
+
+
+def _lr_sweep(info: dict) -> dict[str, float]:
+    """[grid] lr_sweep's baseline runs (label -> lr). A tuned method's lr is its tuning's choice, never a
+    sweep entry: suite.json files written before the runner knew that listed every tuned label here."""
+    chosen = info.get("lr_chosen") or {}
+    sweep = {k: v for k, v in (info.get("lr_sweep") or {}).items() if k not in chosen}
+    base = (info.get("report") or {}).get("baseline", REPORT_DEFAULTS["baseline"])
+    if not sweep or set(sweep) == {base}:
+        return {}
+    return {base: (info.get("lr_sweep") or {}).get(base, chosen.get(base)), **sweep}
 
 
 def in_grid(info: dict, runs: list[dict]) -> tuple[list[dict], list[dict]]:
@@ -313,8 +324,11 @@ def _header_lines(ctx: _Report) -> list[str]:
                  "figure and Holm family (listed under \"Runs outside the grid\")." if ctx.outside else ""), "",
               "## What the numbers are", ""]
     lines += protocol_lines(ctx.evals)
-    lines += ["", "Training (identical for every method of a workload; the method changes only its slots):", ""]
-    lines += training_lines(runs)
+    training = training_lines(runs, ctx.sweep)
+    tuned = any("as its tuning chose" in line for line in training)
+    lines += ["", "Training (identical for every method of a workload" + (" but its learning rate, which the tuning "
+              "chose" if tuned else "") + "; the method changes only its slots):", ""]
+    lines += training
     lines += ["", "Machines:", ""] + machine_lines(runs) + runtime_lines(runs)
     lines += ["", "## Methods", "", "Every method label with its resolved hyperparameters (a label encodes the "
               "non-default ones):", "", to_markdown(method_table(runs)), ""]

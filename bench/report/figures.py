@@ -131,12 +131,14 @@ def figure_curves(evals: pd.DataFrame, workload: str, metric: str, target: float
     fig, axes = plt.subplots(1, 2 if base else 1, figsize=figsize("full" if base else "column", 2.9),
                              squeeze=False, layout="constrained")
     ax, dax = axes[0, 0], (axes[0, 1] if base else None)
+    paired_points = 0
     for m in shown:
         steps, values, _ = seed_curves(g[g.method_label == m])
         steps, values = complete_points(steps, values)
         ax.plot(steps, values.mean(axis=0), **look.line(m))
         if dax is not None and m != look.baseline:
             d = paired_difference_curve(base, seed_curves(g[g.method_label == m]), budget, confidence)
+            paired_points += len(d)
             kw = look.line(m)
             dax.plot(d[:, 0], d[:, 1], **kw)
             dax.fill_between(d[:, 0], d[:, 2], d[:, 3], color=kw["color"], alpha=0.15, lw=0)
@@ -151,6 +153,8 @@ def figure_curves(evals: pd.DataFrame, workload: str, metric: str, target: float
         dax.axhline(0, color="black", lw=0.7, zorder=1)
         dax.set_ylabel(f"{metric_short(metric)}: method − {look.name(look.baseline)}")
         look.title(dax, f"paired difference, {100 * confidence:g}% interval over seeds")
+    if dax is not None and not paired_points:
+        dax.set_xlim(ax.get_xlim())  # no paired point to draw: an empty log axis cannot scale itself
     for a in axes.flat:
         a.set_xscale("log")
         a.set_xlabel("iterations (log scale)")

@@ -123,13 +123,18 @@ def protocol_lines(evals: pd.DataFrame) -> list[str]:
 COMMON_KEYS = ("lr", "warmup", "grad_clip", "weight_decay", "beta1", "beta2", "ema_decay", "ema_warmup", "schedule", "T",
                "target", "zero_terminal_snr", "flip", "eval_every")
 
-def training_lines(runs: list[dict]) -> list[str]:
+def training_lines(runs: list[dict], sweep: dict | None = None) -> list[str]:
+    """One line per workload: its data, network, budget and the settings every method shares. A tuned
+    suite's learning rates differ by method (its tuning's choices): then lr is listed per label."""
     lines = []
     by_workload: dict[str, dict] = {}
     extended: dict[str, dict] = {}
+    lrs: dict[str, dict[str, float]] = {}
     for r in runs:
         if r["config"]:
             cfg = r["config"]
+            if cfg.get("lr") is not None and r["label"] not in (sweep or {}):
+                lrs.setdefault(r["workload"], {})[r["label"]] = cfg["lr"]
             if cfg.get("budget_iters") and cfg["budget_iters"] < cfg.get("iters", 0):
                 extended.setdefault(r["workload"], {**cfg, "label": r["label"]})
             else:
@@ -138,6 +143,10 @@ def training_lines(runs: list[dict]) -> list[str]:
         by_workload.setdefault(w, {**ext, "iters": ext["budget_iters"]})  # only the extended baseline ran
     for w, cfg in sorted(by_workload.items()):
         images = (cfg.get("iters") or 0) * (cfg.get("batch_size") or 0)
+        per_label = lrs.get(w, {})
+        if len(set(per_label.values())) > 1:
+            cfg = {**cfg, "lr": "per method, as its tuning chose (" + ", ".join(
+                f"{label} {lr:g}" for label, lr in sorted(per_label.items())) + ")"}
         settings = ", ".join(f"{k} {cfg[k]}" for k in COMMON_KEYS if k in cfg)
         ext = extended.get(w)
         more = (f"; the baseline `{ext['label']}` trains on to {ext['iters']} iterations "

@@ -160,9 +160,10 @@ class Suite:
 
     def lr_sweep(self) -> dict[str, float]:
         """Label -> learning rate of the baseline's runs in [grid] lr_sweep (empty without a sweep)."""
-        sweep = {m.label: m.train["lr"] for m in self.methods if "lr" in m.train}
+        chosen = self.lr_chosen or {}  # a tuned method's lr is its tuning's choice, not a sweep entry
+        sweep = {m.label: m.train["lr"] for m in self.methods if "lr" in m.train and m.label not in chosen}
         if sweep and self.baseline:
-            sweep = {self.baseline: float(self.train.get("lr", _default_lr())), **sweep}
+            sweep = {self.baseline: float(chosen.get(self.baseline, self.train.get("lr", _default_lr()))), **sweep}
         return sweep
 
     @property
