@@ -301,3 +301,30 @@ def test_the_over_training_axes_read_as_plain_numbers(tmp_path, monkeypatch):
              if t.get_text() and t.get_visible()}
     assert min(sizes) >= 8 and max(sizes) <= 9, sizes
     plt.close(fig)
+
+
+def test_the_over_training_legend_and_labels_overlap_nothing(tmp_path, monkeypatch):
+    """Seven methods from 0.6x to 3x: the legend sits outside the axes, no two y labels touch."""
+    import matplotlib.pyplot as plt
+
+    from bench.report import over_training
+
+    kept = []
+    monkeypatch.setattr(plt, "close", kept.append)
+    labels = ["baseline", "clts", "p2", "min_snr", "edm", "speed", "logit_normal"]
+    speed = {"baseline": 1.0, "clts": 1.3, "p2": 0.65, "min_snr": 0.9, "edm": 0.8, "speed": 1.5, "logit_normal": 3.1}
+    table = pd.DataFrame([{"workload": W, "metric": "proxy_fd", "method_label": m, "step": s, "speedup": speed[m],
+                           "ci_low": speed[m] * 0.9, "ci_high": speed[m] * 1.1, "bound": ""}
+                          for m in labels for s in (500, 1000, 1500, 2000)])
+    assert over_training.figure_over_training(table, W, "proxy_fd", tmp_path, Look()) is not None
+    fig = kept[0]
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    ax = fig.axes[0]
+    legend = fig.legends[0] if fig.legends else ax.get_legend()
+    assert not legend.get_window_extent(renderer).overlaps(ax.get_window_extent(renderer))
+    boxes = sorted((t.get_window_extent(renderer) for t in ax.get_yticklabels(minor=False) + ax.get_yticklabels(minor=True)
+                    if t.get_text() and t.get_visible() and ax.get_ylim()[0] <= t.get_position()[1] <= ax.get_ylim()[1]),
+                   key=lambda b: b.y0)
+    assert len(boxes) >= 3 and all(a.y1 <= b.y0 for a, b in zip(boxes, boxes[1:])), [(b.y0, b.y1) for b in boxes]
+    plt.close(fig)

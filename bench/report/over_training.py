@@ -79,7 +79,7 @@ def figure_over_training(table: pd.DataFrame, workload: str, metric: str, fig_di
     if t.empty:
         return None
     with plt.rc_context(rc_params()):  # print sizes, TrueType
-        fig, ax = plt.subplots(figsize=(3.3, 2.6), layout="constrained")  # one column of a paper
+        fig, ax = plt.subplots(figsize=(3.3, 3.0), layout="constrained")  # one column of a paper, legend below
         for label, g in t.groupby("method_label", sort=False):
             kw = {k: v for k, v in look.line(label).items() if k in ("color", "marker", "ls", "linestyle", "lw")}
             ax.plot(g.step, g.speedup, label=look.name(label), **kw)
@@ -95,11 +95,13 @@ def figure_over_training(table: pd.DataFrame, workload: str, metric: str, fig_di
         ax.set_xticks(sorted(t.step.unique()))
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
         ax.xaxis.set_minor_formatter(NullFormatter())
-        for axis_format in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
-            axis_format(FuncFormatter(lambda v, _: f"{v:.2g}x"))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.2g}x"))
+        # minor labels on 0.2, 0.3, 0.5, 0.6, 0.8 (x 10^k) only: 0.9x would sit on 1x, 0.7x on 0.6x and 0.8x
+        ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:.2g}x" if f"{v:e}"[0] in "23568" else ""))
         ax.set_xlabel("iterations N' (log scale)")
         ax.set_ylabel("baseline-equivalent speed-up at N'")
-        ax.legend(ncol=2)
+        # under the axes, never over a curve (the report's other figures do the same)
+        fig.legend(loc="outside lower center", ncol=3)
         stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in f"over_training_{workload}_{metric}")
         fig_dir.mkdir(parents=True, exist_ok=True)
         for ext in ("png", "pdf"):
