@@ -439,10 +439,9 @@ def _lr_lines(runs: list[dict], sweep: dict[str, float]) -> list[str]:
     lrs = sorted({c.get("lr") for c in cfgs if c.get("lr") is not None})
     shown = ", ".join(f"{lr:g}" for lr in lrs) or "?"
     if len(lrs) > 1:  # only [tune] gives grid methods learning rates of their own
-        return [f"- **Learning rate**: chosen per method by the suite's tuning (the Tuning section: {shown} among "
-                "them), each times its own lr factor (table below), with the same warm-up and gradient clipping; "
-                "only the factors of the tuning grid were tried, so a method whose best rate lies outside them is "
-                "still at a disadvantage."]
+        return [f"- **Learning rate**: chosen per method by the suite's tuning (the Tuning section: {shown}), times "
+                "its own lr factor (table below), the same warm-up and clipping; a method whose best rate lies "
+                "outside the tuning grid is still at a disadvantage."]
     text = (f"- **Learning rate**: {shown} for every method (times its own lr factor, table below), with the same "
             "warm-up and gradient clipping; it was not tuned per method, so a method that needs another learning "
             "rate is at a disadvantage.")
