@@ -325,7 +325,7 @@ def _header_lines(ctx: _Report) -> list[str]:
               "## What the numbers are", ""]
     lines += protocol_lines(ctx.evals)
     training = training_lines(runs, ctx.sweep)
-    tuned = any("as its tuning chose" in line for line in training)
+    tuned = bool(info.get("lr_chosen"))  # the headline phase of a [tune] suite: lr is per method
     lines += ["", "Training (identical for every method of a workload" + (" but its learning rate, which the tuning "
               "chose" if tuned else "") + "; the method changes only its slots):", ""]
     lines += training
